@@ -1,0 +1,256 @@
+"""Every message on the wire, as one frozen dataclass per kind, with the one place that encodes and
+decodes them.
+
+A frame is a map `{"kind": NAME, ...fields}`. Decoding checks the kind is known, every field is
+present with the declared type and no field is unknown, so the code that handles a message can trust
+its shape. Anything else is a `ProtocolError`, answered to the peer, never a crash.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, ClassVar, Union, get_args, get_origin
+
+PROTOCOL_VERSION = 1
+
+
+class ProtocolError(Exception):
+    """A well-framed message that does not match any message type; safe to send back to the peer."""
+
+
+class Message:
+    """Base of all message types; `kind` is the wire name."""
+
+    kind: ClassVar[str]
+
+    def to_wire(self) -> dict[str, Any]:
+        body = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        body["kind"] = self.kind
+        return body
+
+
+REGISTRY: dict[str, type[Message]] = {}
+_M = typing.TypeVar("_M", bound=type[Message])
+
+
+def message(kind: str):  # noqa: ANN201 - decorator
+    """Register a frozen dataclass as the message type for `kind`."""
+
+    def register(cls: _M) -> _M:
+        cls.kind = kind
+        REGISTRY[kind] = dataclasses.dataclass(frozen=True)(cls)
+        return REGISTRY[kind]  # type: ignore[return-value]
+
+    return register
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    if annotation is Any:
+        return True
+    origin = get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is list:
+        (item,) = get_args(annotation) or (Any,)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if origin is dict:
+        key, item = get_args(annotation) or (Any, Any)
+        return isinstance(value, dict) and all(_type_ok(k, key) and _type_ok(v, item) for k, v in value.items())
+    return isinstance(value, origin or annotation)
+
+
+def decode(body: dict[str, Any]) -> Message:
+    """Turn a frame body into its typed message, or raise `ProtocolError` saying what is wrong."""
+    kind = body.get("kind")
+    cls = REGISTRY.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown message kind {kind!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    extra = set(body) - names - {"kind"}
+    if extra:
+        raise ProtocolError(f"{kind}: unknown field {sorted(map(str, extra))[0]!r}")
+    values = {}
+    for name in names:
+        if name not in body:
+            raise ProtocolError(f"{kind}: missing field {name!r}")
+        if not _type_ok(body[name], hints[name]):
+            raise ProtocolError(f"{kind}: field {name!r} has the wrong type ({type(body[name]).__name__})")
+        values[name] = body[name]
+    return cls(**values)
+
+
+# --- handshake -------------------------------------------------------------------------------
+
+
+@message("hello")
+class Hello(Message):
+    """First frame of every connection, sent only after the client checked the certificate pin."""
+
+    secret: str
+    role: str  # "agent" or "client"
+    name: str
+    version: int
+
+
+@message("welcome")
+class Welcome(Message):
+    coordinator: str
+    version: int
+
+
+@message("error")
+class Error(Message):
+    """A refusal. `req` names the request it answers, None when it ends the connection."""
+
+    message: str
+    code: str
+    req: int | None
+
+
+# --- agent to coordinator ----------------------------------------------------------------------
+
+
+@message("register")
+class Register(Message):
+    """An agent's first frame after hello: what it is and which jobs it still holds."""
+
+    hostname: str
+    address: str
+    simulated: bool
+    gpus: list[dict[str, Any]]
+    jobs: list[dict[str, Any]]  # {"job", "attempt", "exit_code": int | None}
+
+
+@message("telemetry")
+class Telemetry(Message):
+    """GPU readings, once a second; also the agent's heartbeat."""
+
+    gpus: list[dict[str, Any]]
+
+
+@message("job_started")
+class JobStarted(Message):
+    job: int
+    attempt: int
+    pid: int
+
+
+@message("job_exited")
+class JobExited(Message):
+    job: int
+    attempt: int
+    exit_code: int
+    detail: str
+
+
+@message("log_chunk")
+class LogChunk(Message):
+    """Bytes of one rank's log at an offset, so a repeated chunk rewrites the same place."""
+
+    job: int
+    attempt: int
+    rank: int
+    offset: int
+    data: bytes
+
+
+@message("traffic")
+class Traffic(Message):
+    """Cumulative payload bytes of one job attempt's ranks on this node: rank -> kind -> bytes."""
+
+    job: int
+    attempt: int
+    by_rank: dict[str, dict[str, int]]
+
+
+# --- coordinator to agent ----------------------------------------------------------------------
+
+
+@message("launch")
+class Launch(Message):
+    """Start this node's ranks of one job attempt; repeating it for the same attempt does nothing."""
+
+    job: int
+    attempt: int
+    node_rank: int
+    nnodes: int
+    gpus: list[int]
+    master_addr: str
+    master_port: int
+    script_name: str  # file name of the user's script, "" for a built-in workload
+    script: bytes  # the script's contents, copied to every node of the job
+    workload: str  # built-in workload name, "" for a script
+    args: list[str]
+    workdir: str  # the submitter's directory; used when it exists on the node
+
+
+@message("kill")
+class Kill(Message):
+    job: int
+    attempt: int
+    reason: str
+
+
+@message("forget")
+class Forget(Message):
+    """The coordinator has recorded this attempt's exit; the agent may drop what it kept of it."""
+
+    job: int
+    attempt: int
+
+
+# --- clients (CLI, TUI) ------------------------------------------------------------------------
+
+
+@message("submit")
+class Submit(Message):
+    req: int
+    spec: dict[str, Any]
+
+
+@message("list_nodes")
+class ListNodes(Message):
+    req: int
+
+
+@message("list_jobs")
+class ListJobs(Message):
+    req: int
+
+
+@message("show_job")
+class ShowJob(Message):
+    req: int
+    job: int
+
+
+@message("cancel")
+class Cancel(Message):
+    req: int
+    job: int
+
+
+@message("read_logs")
+class ReadLogs(Message):
+    """Log bytes of one attempt (None: the latest) from per-rank offsets (rank as a string key)."""
+
+    req: int
+    job: int
+    attempt: int | None
+    rank: int | None
+    offsets: dict[str, int]
+
+
+@message("reply")
+class Reply(Message):
+    req: int
+    data: Any

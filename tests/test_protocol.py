@@ -1,0 +1,119 @@
+"""Framing, the message codec and the join token: round trips and every kind of hostile input."""
+
+from __future__ import annotations
+
+import struct
+
+import msgpack
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gpudeck.protocol import auth
+from gpudeck.protocol.framing import MAX_DEPTH, MAX_FRAME, FrameDecoder, FrameError, decode_body, encode_frame
+from gpudeck.protocol.messages import (
+    REGISTRY, Error, Hello, Launch, LogChunk, ProtocolError, Telemetry, Traffic, decode,
+)
+
+SAMPLES = [
+    Hello(secret="s", role="agent", name="node-a", version=1),
+    Error(message="no", code="refused", req=None),
+    Telemetry(gpus=[{"index": 0, "utilization": None, "processes": []}]),
+    LogChunk(job=3, attempt=1, rank=-1, offset=1024, data=b"\x00\xffline\n"),
+    Traffic(job=3, attempt=2, by_rank={"0": {"all_reduce": 8320}}),
+    Launch(job=1, attempt=1, node_rank=0, nnodes=2, gpus=[0, 1], master_addr="10.0.0.1", master_port=29500,
+           script_name="t.py", script=b"print()", workload="", args=["--steps", "5"], workdir="/tmp"),
+]
+
+
+@pytest.mark.parametrize("message", SAMPLES, ids=lambda m: m.kind)
+def test_every_sample_round_trips_through_a_frame(message):
+    (body,) = FrameDecoder().feed(encode_frame(message.to_wire()))
+    assert decode(body) == message
+
+
+def test_frames_fed_one_byte_at_a_time_come_out_whole_and_in_order():
+    stream = b"".join(encode_frame(m.to_wire()) for m in SAMPLES)
+    decoder, bodies = FrameDecoder(), []
+    for i in range(len(stream)):
+        bodies += decoder.feed(stream[i:i + 1])
+    assert [decode(b) for b in bodies] == SAMPLES
+
+
+@given(st.dictionaries(st.text(max_size=8), st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.text(max_size=20) | st.binary(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4),
+    max_leaves=20), max_size=6))
+def test_any_small_map_round_trips(body):
+    assert FrameDecoder().feed(encode_frame(body)) == [body]
+
+
+def test_a_huge_declared_length_is_refused_before_any_body_is_read():
+    decoder = FrameDecoder()
+    with pytest.raises(FrameError, match="over the"):
+        decoder.feed(struct.pack(">I", 0xFFFFFFFF))
+
+
+def test_an_empty_frame_is_refused():
+    with pytest.raises(FrameError, match="empty"):
+        FrameDecoder().feed(struct.pack(">I", 0))
+
+
+@pytest.mark.parametrize("payload", [
+    msgpack.packb([1, 2, 3]),             # not a map
+    msgpack.packb("text"),
+    b"\xc1",                              # a byte msgpack never uses
+    b"\x91" * 5000 + b"\xc0",             # nesting deeper than the unpacker's stack
+    msgpack.packb({1: "int key"}),        # keys must be strings
+    msgpack.packb({"a": 1}) + b"\x00",    # trailing bytes
+    b"\xdd\xff\xff\xff\xff",              # an array claiming 4 billion items
+], ids=["list", "string", "reserved-byte", "deep", "int-key", "trailing", "huge-array"])
+def test_malformed_bodies_become_frame_errors(payload):
+    with pytest.raises(FrameError):
+        decode_body(payload)
+
+
+def test_nesting_past_the_depth_limit_is_refused():
+    value: list = []
+    for _ in range(MAX_DEPTH + 2):
+        value = [value]
+    with pytest.raises(FrameError, match="deeper"):
+        decode_body(msgpack.packb({"a": value}))
+
+
+def test_a_frame_too_big_to_send_is_refused_at_the_sender():
+    with pytest.raises(FrameError):
+        encode_frame({"data": b"x" * (MAX_FRAME + 1)})
+
+
+@pytest.mark.parametrize("body, problem", [
+    ({"kind": "nonsense"}, "unknown message kind"),
+    ({"secret": "x"}, "unknown message kind"),
+    ({"kind": "hello", "secret": "s", "role": "agent", "name": "a"}, "missing field 'version'"),
+    ({"kind": "hello", "secret": 5, "role": "agent", "name": "a", "version": 1}, "'secret' has the wrong type"),
+    ({"kind": "hello", "secret": "s", "role": "agent", "name": "a", "version": True}, "'version' has the wrong type"),
+    ({"kind": "hello", "secret": "s", "role": "agent", "name": "a", "version": 1, "x": 1}, "unknown field"),
+    ({"kind": "traffic", "job": 1, "attempt": 1, "by_rank": {"0": {"all_reduce": "many"}}}, "'by_rank'"),
+    ({"kind": "launch", **{k: 0 for k in Launch.__dataclass_fields__}}, "wrong type"),
+])
+def test_wrong_messages_are_protocol_errors_with_a_reason(body, problem):
+    with pytest.raises(ProtocolError, match=problem):
+        decode(body)
+
+
+def test_every_message_kind_is_registered_once_under_its_own_name():
+    assert all(cls.kind == kind for kind, cls in REGISTRY.items())
+    assert {"hello", "welcome", "error", "register", "launch", "kill", "submit", "reply"} <= set(REGISTRY)
+
+
+def test_token_round_trip_and_refusals(tmp_path):
+    identity = auth.CoordinatorIdentity(tmp_path)
+    token = identity.ensure()
+    assert auth.JoinToken.parse(str(token)) == token
+    assert token.fingerprint == identity.fingerprint()
+    assert identity.ensure() == token, "a second start keeps the same token"
+    assert (tmp_path / "token").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "coordinator.key").stat().st_mode & 0o777 == 0o600
+    for bad in ["", "gd1.abc.def", str(token).replace("gd1", "gd2"), str(token) + "!"]:
+        with pytest.raises(auth.TokenError):
+            auth.JoinToken.parse(bad)

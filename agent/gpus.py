@@ -1,0 +1,377 @@
+"""GPU backends for the node agent: real NVML, a simulated cluster, and "no GPUs".
+
+The agent talks to one `GpuBackend` and never to pynvml directly, so a machine without NVIDIA
+hardware (a laptop, CI) runs the same code with the simulated or the empty backend. Every backend
+turns a metric the hardware cannot give into None instead of an exception: one unsupported sensor
+must never take down telemetry for the whole node.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+GIB = 1 << 30
+MIB = 1 << 20
+
+SIM_MEMORY_TOTAL = 80 * GIB
+SIM_POWER_LIMIT = 700.0
+SIM_BUSY_MEMORY = 18 * GIB
+SIM_IDLE_TEMPERATURE = 35.0
+SIM_BUSY_TEMPERATURE = 70.0
+SIM_IDLE_POWER = 60.0
+SIM_BUSY_POWER = 450.0
+SIM_UTILIZATION_RANGE = (60, 100)
+# Fraction of the gap to the target temperature/power closed per read: at a 1 s poll the
+# simulated GPU warms up over roughly ten seconds, like a real one ramping into a job.
+SIM_APPROACH = 0.2
+
+DEFAULT_PROCESS_INTERVAL = 5.0
+SIMULATE_HINT = "use --simulate-gpus N to try gpudeck without GPUs"
+
+
+@dataclass(frozen=True)
+class GpuProcess:
+    """One process holding a GPU context; memory_used is None where the driver hides it."""
+
+    pid: int
+    name: str
+    memory_used: int | None
+
+
+@dataclass(frozen=True)
+class GpuReading:
+    """One GPU's state at one poll; every metric is None when that GPU cannot report it."""
+
+    index: int
+    name: str
+    uuid: str
+    memory_total: int | None
+    memory_used: int | None
+    utilization: int | None
+    temperature: int | None
+    power: float | None
+    power_limit: float | None
+    processes: tuple[GpuProcess, ...]
+
+    def to_wire(self) -> dict:
+        """Plain msgpack-ready dict; processes become a list because msgpack has no tuple."""
+        wire = asdict(self)
+        wire["processes"] = [asdict(process) for process in self.processes]
+        return wire
+
+
+class GpuBackend(Protocol):
+    """What the agent needs from a source of GPU telemetry."""
+
+    simulated: bool
+
+    def count(self) -> int: ...
+
+    def read(self) -> list[GpuReading]: ...
+
+    def assign(self, gpu_index: int, pids: Sequence[int]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _text(value: str | bytes) -> str:
+    """Older pynvml releases return bytes for names; the rest of gpudeck wants str."""
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
+def _proc_name(pid: int) -> str | None:
+    """The kernel's short name for pid; None when it is gone or in another pid namespace."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return None
+
+
+def _plural(count: int) -> str:
+    return f"{count} GPU" if count == 1 else f"{count} GPUs"
+
+
+class EmptyBackend:
+    """A node with no usable GPUs: it still joins the cluster and runs CPU jobs."""
+
+    simulated = False
+
+    def count(self) -> int:
+        return 0
+
+    def read(self) -> list[GpuReading]:
+        return []
+
+    def assign(self, gpu_index: int, pids: Sequence[int]) -> None:
+        """Nothing to place on; the coordinator never grants GPUs of a zero-GPU node."""
+
+    def close(self) -> None:
+        """Holds no resources."""
+
+
+@dataclass
+class _Device:
+    """What NVML told us once at start: handles and identity do not change while the driver runs."""
+
+    handle: Any
+    name: str
+    uuid: str
+
+
+class NvmlBackend:
+    """Real GPUs through NVML.
+
+    Cheap metrics are read on every poll; the process lists cost milliseconds each and hold a
+    driver lock, so they are refreshed at most every `process_interval` seconds and reused between.
+    `nvml` is the pynvml module; tests pass a stand-in because CI machines have no GPU.
+    """
+
+    simulated = False
+
+    def __init__(
+        self,
+        nvml: Any = None,
+        process_interval: float = DEFAULT_PROCESS_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if nvml is None:
+            import pynvml as nvml
+        self._nvml = nvml
+        self._process_interval = process_interval
+        self._clock = clock
+        self._processes: list[tuple[GpuProcess, ...]] = []
+        self._processes_at: float | None = None
+        self._closed = False
+        nvml.nvmlInit()
+        try:
+            count = nvml.nvmlDeviceGetCount()
+        except nvml.NVMLError:
+            nvml.nvmlShutdown()
+            raise
+        self._devices = [self._open_device(index) for index in range(count)]
+
+    def _query(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Call one NVML function; an error (unsupported, GPU lost, …) means "not available"."""
+        try:
+            return fn(*args)
+        except self._nvml.NVMLError:
+            return None
+
+    def _open_device(self, index: int) -> _Device | None:
+        handle = self._query(self._nvml.nvmlDeviceGetHandleByIndex, index)
+        if handle is None:
+            return None
+        name = self._query(self._nvml.nvmlDeviceGetName, handle)
+        gpu_uuid = self._query(self._nvml.nvmlDeviceGetUUID, handle)
+        return _Device(handle, _text(name or ""), _text(gpu_uuid or ""))
+
+    @property
+    def names(self) -> list[str]:
+        """Device names for the startup log line; "unavailable" for a GPU NVML could not open."""
+        return [device.name if device else "unavailable" for device in self._devices]
+
+    def count(self) -> int:
+        return len(self._devices)
+
+    def read(self) -> list[GpuReading]:
+        """Sample every GPU; blocking (NVML is synchronous), so the agent runs it in a thread."""
+        processes = self._current_processes()
+        return [
+            self._read_device(index, device, processes[index])
+            for index, device in enumerate(self._devices)
+        ]
+
+    def _read_device(
+        self, index: int, device: _Device | None, processes: tuple[GpuProcess, ...]
+    ) -> GpuReading:
+        if device is None:
+            return GpuReading(index, "unavailable", "", None, None, None, None, None, None, ())
+        nvml, handle = self._nvml, device.handle
+        memory = self._query(nvml.nvmlDeviceGetMemoryInfo, handle)
+        rates = self._query(nvml.nvmlDeviceGetUtilizationRates, handle)
+        power = self._query(nvml.nvmlDeviceGetPowerUsage, handle)
+        limit = self._query(nvml.nvmlDeviceGetEnforcedPowerLimit, handle)
+        return GpuReading(
+            index=index,
+            name=device.name,
+            uuid=device.uuid,
+            memory_total=memory.total if memory is not None else None,
+            memory_used=memory.used if memory is not None else None,
+            utilization=rates.gpu if rates is not None else None,
+            temperature=self._query(
+                nvml.nvmlDeviceGetTemperature, handle, nvml.NVML_TEMPERATURE_GPU
+            ),
+            power=power / 1000 if power is not None else None,
+            power_limit=limit / 1000 if limit is not None else None,
+            processes=processes,
+        )
+
+    def _current_processes(self) -> list[tuple[GpuProcess, ...]]:
+        now = self._clock()
+        if self._processes_at is None or now - self._processes_at >= self._process_interval:
+            self._processes = [self._list_processes(device) for device in self._devices]
+            self._processes_at = now
+        return self._processes
+
+    def _list_processes(self, device: _Device | None) -> tuple[GpuProcess, ...]:
+        """Compute and graphics contexts merged by pid: a process may hold both on one GPU."""
+        if device is None:
+            return ()
+        memory_by_pid: dict[int, int | None] = {}
+        for fn in (
+            self._nvml.nvmlDeviceGetComputeRunningProcesses,
+            self._nvml.nvmlDeviceGetGraphicsRunningProcesses,
+        ):
+            for info in self._query(fn, device.handle) or ():
+                known = memory_by_pid.get(info.pid)
+                used = info.usedGpuMemory
+                memory_by_pid[info.pid] = used if known is None else max(known, used or 0)
+        return tuple(
+            GpuProcess(pid, self._process_name(pid), used) for pid, used in memory_by_pid.items()
+        )
+
+    def _process_name(self, pid: int) -> str:
+        """/proc first (free); NVML only for pids this namespace cannot see, as in containers."""
+        name = _proc_name(pid)
+        if name is None:
+            name = _text(self._query(self._nvml.nvmlSystemGetProcessName, pid) or "")
+        return name
+
+    def assign(self, gpu_index: int, pids: Sequence[int]) -> None:
+        """Real GPUs report their own processes; placement needs no bookkeeping here."""
+
+    def close(self) -> None:
+        """Release NVML once: overlapping shutdown paths must not unbalance nvmlInit."""
+        if not self._closed:
+            self._closed = True
+            self._query(self._nvml.nvmlShutdown)
+
+
+@dataclass
+class _SimGpu:
+    """Mutable state of one simulated GPU, advanced one step per read."""
+
+    temperature: float
+    power: float
+    utilization: int = 0
+    pids: tuple[int, ...] = ()
+
+
+class SimulatedBackend:
+    """Plausible GPUs for trying gpudeck without hardware: idle until a job is assigned, then busy.
+
+    Readings are marked by the "SIM-" uuid prefix and `simulated`, so no screen can mistake them for
+    real hardware. `seed` makes the random walk reproducible for tests; the uuid stays unique per
+    instance so two simulated agents never collide in the coordinator's registry.
+    """
+
+    simulated = True
+
+    def __init__(self, n: int, seed: int | None = None) -> None:
+        self._rng = random.Random(seed)
+        self._id = uuid.uuid4().hex[:8]
+        self._lock = threading.Lock()
+        self._gpus = [
+            _SimGpu(self._jitter(SIM_IDLE_TEMPERATURE, 0.5), self._jitter(SIM_IDLE_POWER, 1.0))
+            for _ in range(n)
+        ]
+
+    def _jitter(self, value: float, spread: float) -> float:
+        return value + self._rng.uniform(-spread, spread)
+
+    def count(self) -> int:
+        return len(self._gpus)
+
+    def assign(self, gpu_index: int, pids: Sequence[int]) -> None:
+        """Called from the event loop thread when the job runner places or releases a job."""
+        if not 0 <= gpu_index < len(self._gpus):
+            raise IndexError(f"no simulated GPU {gpu_index} (have {len(self._gpus)})")
+        with self._lock:
+            gpu = self._gpus[gpu_index]
+            if pids and not gpu.pids:
+                gpu.utilization = self._rng.randint(*SIM_UTILIZATION_RANGE)
+            gpu.pids = tuple(pids)
+
+    def read(self) -> list[GpuReading]:
+        """Advance every GPU one step under the lock, then resolve process names outside it."""
+        with self._lock:
+            steps = [self._step(index, gpu) for index, gpu in enumerate(self._gpus)]
+        return [self._reading(*step) for step in steps]
+
+    def _step(self, index: int, gpu: _SimGpu) -> tuple[int, _SimGpu, int]:
+        busy = bool(gpu.pids)
+        target_temperature = SIM_BUSY_TEMPERATURE if busy else SIM_IDLE_TEMPERATURE
+        target_power = SIM_BUSY_POWER if busy else SIM_IDLE_POWER
+        gpu.temperature += (target_temperature - gpu.temperature) * SIM_APPROACH
+        gpu.power += (target_power - gpu.power) * SIM_APPROACH
+        if busy:
+            low, high = SIM_UTILIZATION_RANGE
+            gpu.utilization = min(high, max(low, gpu.utilization + self._rng.randint(-8, 8)))
+            memory_used = SIM_BUSY_MEMORY + self._rng.randint(-64 * MIB, 64 * MIB)
+        else:
+            gpu.utilization = 0
+            memory_used = 0
+        snapshot = _SimGpu(
+            temperature=self._jitter(gpu.temperature, 0.5),
+            power=self._jitter(gpu.power, 2.0),
+            utilization=gpu.utilization,
+            pids=gpu.pids,
+        )
+        return index, snapshot, memory_used
+
+    def _reading(self, index: int, gpu: _SimGpu, memory_used: int) -> GpuReading:
+        share = memory_used // len(gpu.pids) if gpu.pids else 0
+        processes = tuple(GpuProcess(pid, _proc_name(pid) or "", share) for pid in gpu.pids)
+        return GpuReading(
+            index=index,
+            name="Simulated GPU",
+            uuid=f"SIM-{self._id}-{index}",
+            memory_total=SIM_MEMORY_TOTAL,
+            memory_used=memory_used,
+            utilization=gpu.utilization,
+            temperature=round(gpu.temperature),
+            power=round(gpu.power, 1),
+            power_limit=SIM_POWER_LIMIT,
+            processes=processes,
+        )
+
+    def close(self) -> None:
+        """Holds no resources."""
+
+
+def _no_gpus(reason: str) -> str:
+    return f"no NVIDIA GPUs found ({reason}); running with zero GPUs — {SIMULATE_HINT}"
+
+
+def _open_nvml(nvml: Any = None) -> tuple[GpuBackend, str]:
+    """NVML if it loads and sees GPUs, else the empty backend with a line that says how to go on."""
+    if nvml is None:
+        import pynvml as nvml
+    try:
+        backend = NvmlBackend(nvml)
+    except nvml.NVMLError as error:
+        reason = str(error).removeprefix("NVML ")
+        return EmptyBackend(), _no_gpus(f"NVML: {reason}")
+    if backend.count() == 0:
+        backend.close()
+        return EmptyBackend(), _no_gpus("NVML sees 0 devices")
+    models = ", ".join(dict.fromkeys(backend.names))
+    return backend, f"NVML: {_plural(backend.count())} ({models})"
+
+
+def open_backend(simulate: int | None) -> tuple[GpuBackend, str]:
+    """simulate=N>0: SimulatedBackend(N). Otherwise try NVML; on pynvml.NVMLError (no driver or
+    library) return an empty backend with zero GPUs. The str is one line for the agent's log saying
+    what was found, so an operator sees at a glance whether the node's GPUs are real."""
+    if simulate is not None and simulate > 0:
+        return (
+            SimulatedBackend(simulate),
+            f"simulated: {_plural(simulate)} (no real hardware; shown as SIM everywhere)",
+        )
+    return _open_nvml()

@@ -1,0 +1,411 @@
+"""GPU backends: the simulated backend for real, NVML through a stand-in module.
+
+This machine has no GPU, so the NVML backend's error handling is driven by a fake shaped like
+pynvml that raises the real pynvml exception classes; everything else uses the real code paths.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import fields
+from types import SimpleNamespace
+from typing import Any
+
+import pynvml
+import pytest
+
+from gpudeck.agent.gpus import (
+    GIB,
+    EmptyBackend,
+    GpuProcess,
+    GpuReading,
+    NvmlBackend,
+    SimulatedBackend,
+    _open_nvml,
+    open_backend,
+)
+
+WIRE_FIELDS = {
+    "index",
+    "name",
+    "uuid",
+    "memory_total",
+    "memory_used",
+    "utilization",
+    "temperature",
+    "power",
+    "power_limit",
+    "processes",
+}
+MISSING_PID = 99_999_999  # above any Linux pid_max, so /proc has no entry for it
+
+
+# --- simulated backend -------------------------------------------------------------------------
+
+
+def read_many(backend: SimulatedBackend, times: int) -> list[list[GpuReading]]:
+    return [backend.read() for _ in range(times)]
+
+
+def test_simulated_idle_gpus_look_idle() -> None:
+    backend = SimulatedBackend(4, seed=1)
+    assert backend.simulated and backend.count() == 4
+    for readings in read_many(backend, 20):
+        assert [r.index for r in readings] == [0, 1, 2, 3]
+        for r in readings:
+            assert r.name == "Simulated GPU"
+            assert r.uuid.startswith("SIM-") and r.uuid.endswith(f"-{r.index}")
+            assert r.memory_total == 80 * GIB and r.power_limit == 700.0
+            assert r.utilization == 0 and r.memory_used == 0 and r.processes == ()
+            assert 33 <= r.temperature <= 37
+            assert 55 <= r.power <= 65
+
+
+def test_simulated_uuid_stable_per_instance_and_unique_across_instances() -> None:
+    first, second = SimulatedBackend(2, seed=7), SimulatedBackend(2, seed=7)
+    uuids = [r.uuid for r in first.read()]
+    assert uuids == [r.uuid for r in first.read()]
+    assert len(set(uuids)) == 2
+    assert set(uuids).isdisjoint(r.uuid for r in second.read())
+
+
+def test_simulated_assigned_gpu_gets_busy_within_bounds() -> None:
+    backend = SimulatedBackend(2, seed=3)
+    backend.assign(1, [os.getpid()])
+    history = read_many(backend, 60)
+    for readings in history:
+        idle, busy = readings
+        assert idle.utilization == 0 and idle.processes == ()
+        assert 60 <= busy.utilization <= 100
+        assert 17 * GIB < busy.memory_used < 19 * GIB <= busy.memory_total
+        assert 30 <= busy.temperature <= 72 and 55 <= busy.power <= 455
+    final = history[-1][1]
+    assert final.temperature >= 68 and final.power >= 440
+    assert len({readings[1].utilization for readings in history}) > 1, "utilization should move"
+
+
+def test_simulated_processes_follow_assign_and_release() -> None:
+    backend = SimulatedBackend(1, seed=5)
+    me = os.getpid()
+    backend.assign(0, [me, MISSING_PID])
+    (reading,) = backend.read()
+    assert [p.pid for p in reading.processes] == [me, MISSING_PID]
+    own, missing = reading.processes
+    assert own.name == open(f"/proc/{me}/comm").read().strip()
+    assert missing.name == ""
+    assert own.memory_used == missing.memory_used == reading.memory_used // 2
+
+    backend.assign(0, [])
+    history = read_many(backend, 40)
+    assert all(r.processes == () and r.utilization == 0 for (r,) in history)
+    assert history[-1][0].temperature <= 37 and history[-1][0].power <= 65
+
+
+def test_simulated_assign_rejects_unknown_gpu() -> None:
+    with pytest.raises(IndexError):
+        SimulatedBackend(2).assign(2, [1])
+
+
+def test_simulated_assign_and_read_from_different_threads() -> None:
+    backend = SimulatedBackend(8, seed=11)
+    stop = threading.Event()
+    seen: list[int] = []
+
+    def reader() -> None:
+        while not stop.is_set():
+            seen.extend(len(r.processes) for r in backend.read())
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    for round_ in range(200):
+        backend.assign(round_ % 8, [MISSING_PID, MISSING_PID - 1][: round_ % 3])
+    stop.set()
+    thread.join()
+    assert seen and set(seen) <= {0, 1, 2}
+
+
+# --- wire format and the other backends --------------------------------------------------------
+
+
+def test_to_wire_has_exactly_the_field_names() -> None:
+    reading = GpuReading(
+        index=0,
+        name="n",
+        uuid="u",
+        memory_total=1,
+        memory_used=None,
+        utilization=5,
+        temperature=None,
+        power=1.5,
+        power_limit=None,
+        processes=(GpuProcess(12, "python", None),),
+    )
+    wire = reading.to_wire()
+    assert set(wire) == WIRE_FIELDS == {f.name for f in fields(GpuReading)}
+    assert wire["processes"] == [{"pid": 12, "name": "python", "memory_used": None}]
+    assert wire["memory_used"] is None and wire["power"] == 1.5
+
+
+def test_to_wire_of_simulated_reading_is_plain() -> None:
+    backend = SimulatedBackend(1, seed=2)
+    backend.assign(0, [os.getpid()])
+    wire = backend.read()[0].to_wire()
+    assert isinstance(wire["processes"], list) and isinstance(wire["processes"][0], dict)
+
+
+def test_empty_backend() -> None:
+    backend = EmptyBackend()
+    backend.assign(0, [1])
+    assert (backend.simulated, backend.count(), backend.read()) == (False, 0, [])
+    backend.close()
+
+
+def test_open_backend_without_gpus_runs_with_zero() -> None:
+    backend, message = open_backend(None)
+    assert backend.count() == 0 and backend.read() == [] and not backend.simulated
+    assert "--simulate-gpus" in message and "Library Not Found" in message
+    assert "\n" not in message
+    backend.close()
+
+
+def test_open_backend_zero_falls_back_to_nvml() -> None:
+    backend, message = open_backend(0)
+    assert backend.count() == 0 and "--simulate-gpus" in message
+
+
+def test_open_backend_simulated() -> None:
+    backend, message = open_backend(4)
+    assert backend.simulated and backend.count() == 4
+    assert message == "simulated: 4 GPUs (no real hardware; shown as SIM everywhere)"
+
+
+# --- NVML backend through a pynvml-shaped stand-in ---------------------------------------------
+
+
+class FakeNvml:
+    """Just enough of pynvml: each GPU is a dict of metric -> value, or an exception to raise."""
+
+    NVMLError = pynvml.NVMLError
+    NVML_TEMPERATURE_GPU = pynvml.NVML_TEMPERATURE_GPU
+
+    def __init__(self, gpus: list[dict[str, Any] | Exception], init_error: Exception | None = None):
+        self.gpus = gpus
+        self.init_error = init_error
+        self.calls: dict[str, int] = {}
+        self.process_names = {MISSING_PID: b"trainer"}
+
+    def _count(self, name: str) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+
+    def _metric(self, handle: int, key: str) -> Any:
+        gpu = self.gpus[handle]
+        assert isinstance(gpu, dict)
+        value = gpu[key]
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    def nvmlInit(self) -> None:
+        self._count("init")
+        if self.init_error:
+            raise self.init_error
+
+    def nvmlShutdown(self) -> None:
+        self._count("shutdown")
+
+    def nvmlDeviceGetCount(self) -> int:
+        return len(self.gpus)
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
+        self._count("handle")
+        if isinstance(self.gpus[index], Exception):
+            raise self.gpus[index]
+        return index
+
+    def nvmlDeviceGetName(self, handle: int) -> Any:
+        return self._metric(handle, "name")
+
+    def nvmlDeviceGetUUID(self, handle: int) -> Any:
+        return self._metric(handle, "uuid")
+
+    def nvmlDeviceGetMemoryInfo(self, handle: int) -> Any:
+        return self._metric(handle, "memory")
+
+    def nvmlDeviceGetUtilizationRates(self, handle: int) -> Any:
+        return self._metric(handle, "utilization")
+
+    def nvmlDeviceGetTemperature(self, handle: int, sensor: int) -> int:
+        assert sensor == pynvml.NVML_TEMPERATURE_GPU
+        return self._metric(handle, "temperature")
+
+    def nvmlDeviceGetPowerUsage(self, handle: int) -> int:
+        return self._metric(handle, "power")
+
+    def nvmlDeviceGetEnforcedPowerLimit(self, handle: int) -> int:
+        return self._metric(handle, "power_limit")
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: int) -> list[Any]:
+        self._count("processes")
+        return self._metric(handle, "compute")
+
+    def nvmlDeviceGetGraphicsRunningProcesses(self, handle: int) -> list[Any]:
+        return self._metric(handle, "graphics")
+
+    def nvmlSystemGetProcessName(self, pid: int) -> bytes:
+        if pid not in self.process_names:
+            raise pynvml.NVMLError_NotFound()
+        return self.process_names[pid]
+
+
+def proc(pid: int, used: int | None) -> SimpleNamespace:
+    return SimpleNamespace(pid=pid, usedGpuMemory=used)
+
+
+def healthy_gpu(**overrides: Any) -> dict[str, Any]:
+    gpu = {
+        "name": "NVIDIA H200",
+        "uuid": "GPU-aaaa",
+        "memory": SimpleNamespace(total=141 * GIB, used=10 * GIB, free=131 * GIB),
+        "utilization": SimpleNamespace(gpu=87, memory=40),
+        "temperature": 61,
+        "power": 412_345,
+        "power_limit": 700_000,
+        "compute": [],
+        "graphics": [],
+    }
+    gpu.update(overrides)
+    return gpu
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_nvml_reads_every_metric_and_converts_units() -> None:
+    fake = FakeNvml([healthy_gpu(name=b"NVIDIA H200", uuid=b"GPU-bytes")])
+    (reading,) = NvmlBackend(nvml=fake).read()
+    assert reading == GpuReading(
+        index=0,
+        name="NVIDIA H200",
+        uuid="GPU-bytes",
+        memory_total=141 * GIB,
+        memory_used=10 * GIB,
+        utilization=87,
+        temperature=61,
+        power=412.345,
+        power_limit=700.0,
+        processes=(),
+    )
+
+
+def test_nvml_unsupported_metrics_become_none() -> None:
+    fake = FakeNvml(
+        [
+            healthy_gpu(
+                power=pynvml.NVMLError_NotSupported(),
+                temperature=pynvml.NVMLError_NotSupported(),
+                utilization=pynvml.NVMLError_NoPermission(),
+            ),
+            healthy_gpu(
+                memory=pynvml.NVMLError_GpuIsLost(), power_limit=pynvml.NVMLError_Unknown()
+            ),
+        ]
+    )
+    first, second = NvmlBackend(nvml=fake).read()
+    assert (first.power, first.temperature, first.utilization) == (None, None, None)
+    assert first.memory_used == 10 * GIB and first.power_limit == 700.0
+    assert (second.memory_total, second.memory_used, second.power_limit) == (None, None, None)
+    assert second.utilization == 87 and second.temperature == 61 and second.power == 412.345
+
+
+def test_nvml_gpu_whose_handle_fails_is_unavailable() -> None:
+    fake = FakeNvml([pynvml.NVMLError_GpuIsLost(), healthy_gpu()])
+    backend = NvmlBackend(nvml=fake)
+    lost, good = backend.read()
+    assert backend.count() == 2
+    assert lost == GpuReading(0, "unavailable", "", None, None, None, None, None, None, ())
+    assert good.name == "NVIDIA H200" and good.utilization == 87
+    assert backend.names == ["unavailable", "NVIDIA H200"]
+
+
+def test_nvml_handles_fetched_once() -> None:
+    fake = FakeNvml([healthy_gpu(), healthy_gpu()])
+    backend = NvmlBackend(nvml=fake)
+    for _ in range(5):
+        backend.read()
+    assert fake.calls["handle"] == 2 and fake.calls["init"] == 1
+
+
+def test_nvml_processes_merged_by_pid_with_names() -> None:
+    me = os.getpid()
+    fake = FakeNvml(
+        [
+            healthy_gpu(
+                compute=[proc(me, 3 * GIB), proc(MISSING_PID, None)],
+                graphics=[
+                    proc(me, 1 * GIB),
+                    proc(MISSING_PID, 2 * GIB),
+                    proc(MISSING_PID - 1, None),
+                ],
+            ),
+            healthy_gpu(compute=pynvml.NVMLError_NotSupported(), graphics=[proc(me, None)]),
+        ]
+    )
+    first, second = NvmlBackend(nvml=fake).read()
+    comm = open(f"/proc/{me}/comm").read().strip()
+    assert first.processes == (
+        GpuProcess(me, comm, 3 * GIB),
+        GpuProcess(MISSING_PID, "trainer", 2 * GIB),
+        GpuProcess(MISSING_PID - 1, "", None),
+    )
+    assert second.processes == (GpuProcess(me, comm, None),)
+
+
+def test_nvml_process_list_refreshes_only_after_interval() -> None:
+    clock = Clock()
+    fake = FakeNvml([healthy_gpu(compute=[proc(1, GIB)])])
+    backend = NvmlBackend(nvml=fake, process_interval=5.0, clock=clock)
+    assert [p.pid for p in backend.read()[0].processes] == [1]
+    fake.gpus[0]["compute"] = [proc(2, GIB)]
+    clock.now += 4.9
+    reading = backend.read()[0]
+    assert [p.pid for p in reading.processes] == [1], "cached list reused"
+    assert fake.calls["processes"] == 1
+    clock.now += 0.1
+    assert [p.pid for p in backend.read()[0].processes] == [2]
+    assert fake.calls["processes"] == 2
+
+
+def test_nvml_close_shuts_down_once() -> None:
+    fake = FakeNvml([healthy_gpu()])
+    backend = NvmlBackend(nvml=fake)
+    backend.assign(0, [1])
+    backend.close()
+    backend.close()
+    assert fake.calls["shutdown"] == 1
+
+
+def test_open_nvml_reports_models() -> None:
+    fake = FakeNvml([healthy_gpu(), healthy_gpu(), healthy_gpu(name="NVIDIA A100")])
+    backend, message = _open_nvml(fake)
+    assert isinstance(backend, NvmlBackend) and not backend.simulated
+    assert message == "NVML: 3 GPUs (NVIDIA H200, NVIDIA A100)"
+
+
+def test_open_nvml_driver_missing_gives_empty_backend() -> None:
+    backend, message = _open_nvml(FakeNvml([], init_error=pynvml.NVMLError_DriverNotLoaded()))
+    assert isinstance(backend, EmptyBackend)
+    assert message.startswith("no NVIDIA GPUs found (NVML: Driver Not Loaded)")
+    assert "--simulate-gpus N" in message
+
+
+def test_open_nvml_zero_devices_releases_nvml() -> None:
+    fake = FakeNvml([])
+    backend, message = _open_nvml(fake)
+    assert isinstance(backend, EmptyBackend) and "--simulate-gpus" in message
+    assert fake.calls["shutdown"] == 1

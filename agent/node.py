@@ -1,0 +1,190 @@
+"""The node agent: finds the coordinator, connects out, heartbeats with telemetry, runs what it is told.
+
+It never listens for commands, so a node has no port that could run code. Its loop never blocks: NVML
+reads run in a worker thread, children are awaited by tasks, and a lost coordinator only means
+reconnecting with backoff while the jobs keep running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gpudeck.agent.gpus import GpuBackend, GpuReading
+from gpudeck.agent.runner import JobRunner
+from gpudeck.agent.traffic_sink import TrafficSink
+from gpudeck.discovery import Discovery
+from gpudeck.protocol import auth
+from gpudeck.protocol.framing import FrameError
+from gpudeck.protocol.messages import Error, Forget, Kill, Launch, Message, ProtocolError, Register, Telemetry
+from gpudeck.protocol.session import Connection, Refused, open_session
+
+log = logging.getLogger(__name__)
+TELEMETRY_INTERVAL = 1.0
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 5.0
+MDNS_WAIT = 5.0
+
+
+@dataclass
+class AgentConfig:
+    name: str
+    token: auth.JoinToken
+    state_dir: Path
+    coordinator: tuple[str, int] | None = None  # None: find it over mDNS
+    mdns_interfaces: list[str] | None = None
+    use_mdns: bool = True
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, backend: GpuBackend) -> None:
+        self.config = config
+        self.backend = backend
+        self.sink = TrafficSink()
+        self.runner = JobRunner(config.state_dir, config.name, self.sink, backend, self.send)
+        self.discovery = Discovery(config.mdns_interfaces) if config.use_mdns else None
+        self.conn: Connection | None = None
+        self.latest: list[GpuReading] = []
+        self.connected = asyncio.Event()
+        self._kills: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> None:
+        """Run until cancelled; the jobs this node runs are left running (see `stop`)."""
+        self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.sink.start(asyncio.get_running_loop())
+        self.runner.prune()
+        self.runner.adopt()
+        self.latest = await asyncio.to_thread(self.backend.read)
+        if self.discovery:
+            await self.discovery.start()
+            await self.discovery.advertise("agent", self.config.name, port=9, gpus=self.backend.count())
+        tasks = [asyncio.create_task(self._connect_forever()), asyncio.create_task(self._telemetry_loop())]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await self.stop()
+
+    async def stop(self, kill_jobs: bool = False) -> None:
+        await self.runner.shutdown(kill_jobs)
+        if self.conn:
+            await self.conn.close()
+        if self.discovery:
+            await self.discovery.close()
+        self.sink.close(asyncio.get_running_loop())
+        self.backend.close()
+
+    async def send(self, message: Message) -> bool:
+        """Send if connected; a message lost while disconnected is recovered by the next register."""
+        conn = self.conn
+        if conn is None:
+            return False
+        try:
+            await conn.send(message)
+            return True
+        except (OSError, ConnectionError, RuntimeError):
+            return False
+
+    # --- connection ----------------------------------------------------------------------------
+
+    async def _connect_forever(self) -> None:
+        delay = BACKOFF_FIRST
+        while True:
+            try:
+                await self._session()
+                delay = BACKOFF_FIRST
+            except Refused as exc:
+                log.error("the coordinator refused this agent: %s", exc)
+            except auth.PinMismatch as exc:
+                log.error("%s", exc)
+            except (OSError, ConnectionError, asyncio.TimeoutError, FrameError, ProtocolError) as exc:
+                log.info("no coordinator connection (%s); retrying in %.1f s", exc or type(exc).__name__, delay)
+            self.conn = None
+            self.connected.clear()
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, BACKOFF_MAX)
+
+    async def _candidates(self) -> list[tuple[str, int]]:
+        if self.config.coordinator:
+            return [self.config.coordinator]
+        if not self.discovery:
+            raise ConnectionError("no --coordinator given and mDNS is off")
+        found = await self.discovery.wait_for("coordinator", MDNS_WAIT)
+        if not found:
+            raise ConnectionError("no coordinator found over mDNS yet")
+        return [(a.host, a.port) for a in found]
+
+    async def _open(self) -> Connection:
+        failures = []
+        for host, port in await self._candidates():
+            try:
+                conn, _ = await open_session(host, port, self.config.token, "agent", self.config.name)
+                return conn
+            except auth.PinMismatch:
+                failures.append(f"{host}:{port} is another coordinator")
+        raise ConnectionError("; ".join(failures))
+
+    async def _session(self) -> None:
+        conn = await self._open()
+        self.conn = conn
+        self.runner.resend_everything()
+        address = conn.writer.get_extra_info("sockname")[0]
+        await conn.send(Register(hostname=socket.gethostname(), address=address,
+                                 simulated=getattr(self.backend, "simulated", False),
+                                 gpus=self._gpus_wire(), jobs=self.runner.report()))
+        log.info("joined the coordinator at %s as %s", conn.peer_host, self.config.name)
+        self.connected.set()
+        while (message := await conn.recv()) is not None:
+            await self._handle(message)
+        raise ConnectionError("the coordinator closed the connection")
+
+    async def _handle(self, message: Message) -> None:
+        if isinstance(message, Launch):
+            await self.runner.launch(message)
+        elif isinstance(message, Kill):
+            # Stopping takes up to the kill grace; the connection keeps being served meanwhile.
+            task = asyncio.create_task(self.runner.kill(message.job, message.attempt, message.reason))
+            self._kills.add(task)
+            task.add_done_callback(self._kills.discard)
+        elif isinstance(message, Forget):
+            self.runner.forget(message.job, message.attempt)
+        elif isinstance(message, Error):
+            raise Refused(message.message, message.code)
+        else:
+            log.warning("ignored an unexpected %s message from the coordinator", message.kind)
+
+    # --- telemetry -----------------------------------------------------------------------------
+
+    async def _telemetry_loop(self) -> None:
+        while True:
+            try:
+                self.latest = await asyncio.to_thread(self.backend.read)
+            except Exception:  # noqa: BLE001 - a broken reading must not stop the heartbeat
+                log.exception("reading the GPUs failed")
+            await self.send(Telemetry(gpus=self._gpus_wire()))
+            await self.runner.ship_all()
+            await asyncio.sleep(TELEMETRY_INTERVAL)
+
+    def _gpus_wire(self) -> list[dict[str, Any]]:
+        sessions = self.runner.sessions()
+        gpus = []
+        for reading in self.latest:
+            wire = reading.to_wire()
+            for process in wire["processes"]:
+                process["foreign"] = _session_of(process["pid"]) not in sessions
+            gpus.append(wire)
+        return gpus
+
+
+def _session_of(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except (ProcessLookupError, PermissionError, OSError):
+        return None

@@ -1,0 +1,319 @@
+"""The job runner: starts this node's ranks of a job attempt with torchrun and follows them.
+
+torchrun runs under a small shell in a session of its own, so a cancel, a time limit or the loss of
+another node of the job stops every rank with one signal to the process group, and the ranks outlive
+the agent: a restarted agent adopts them from the job directory, where the shell writes the exit
+code. The runner keeps each attempt until the coordinator says it recorded the exit (`forget`), so
+exits that happen while the coordinator is away are reported when it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Awaitable, Callable
+
+from gpudeck.agent.gpus import GpuBackend
+from gpudeck.agent.netif import interface_towards
+from gpudeck.agent.traffic_sink import TrafficSink
+from gpudeck.protocol.messages import JobExited, JobStarted, Launch, LogChunk, Message, Traffic
+
+log = logging.getLogger(__name__)
+KILL_GRACE = 5.0
+POLL = 0.5
+LOG_CHUNK = 64 * 1024
+KEEP_FINISHED = 50
+_RANK_LOG = re.compile(r"^rank-(\d+)\.log$")
+# The shell stays the session leader, so its pid is the process group of every rank.
+_LAUNCHER = '"$@"; code=$?; echo $code > "$GPUDECK_EXIT_FILE"; exit $code'
+
+Send = Callable[[Message], Awaitable[bool]]
+
+
+@dataclass
+class RunningJob:
+    """One attempt of one job on this node; `pgid` is the launcher's process group."""
+
+    job: int
+    attempt: int
+    node_rank: int
+    gpus: list[int]
+    directory: str
+    pgid: int = 0
+    exit_code: int | None = None
+    detail: str = ""
+    kill_reason: str = ""
+    sent_offsets: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return self.job, self.attempt
+
+    @property
+    def path(self) -> Path:
+        return Path(self.directory)
+
+    @property
+    def launcher_rank(self) -> int:
+        """Log channel of this node's torchrun: below zero, so it never collides with a rank."""
+        return -(self.node_rank + 1)
+
+    def log_files(self) -> dict[int, Path]:
+        files = {self.launcher_rank: self.path / "launcher.log"}
+        logs = self.path / "logs"
+        if logs.is_dir():
+            for path in logs.iterdir():
+                if match := _RANK_LOG.match(path.name):
+                    files[int(match.group(1))] = path
+        return files
+
+    def save(self) -> None:
+        record = {k: v for k, v in asdict(self).items() if k in ("job", "attempt", "node_rank", "gpus", "pgid")}
+        (self.path / "job.json").write_text(json.dumps(record))
+
+
+def _load_job(directory: Path) -> RunningJob | None:
+    try:
+        record = json.loads((directory / "job.json").read_text())
+        return RunningJob(directory=str(directory), **record)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def torch_available() -> bool:
+    return importlib.util.find_spec("torch") is not None
+
+
+class JobRunner:
+    def __init__(self, state_dir: Path, node: str, sink: TrafficSink, backend: GpuBackend, send: Send) -> None:
+        self.root = state_dir / "jobs"
+        self.node = node
+        self.sink = sink
+        self.backend = backend
+        self.send = send
+        self.jobs: dict[tuple[int, int], RunningJob] = {}
+        self._followers: set[asyncio.Task[None]] = set()
+
+    # --- launching -----------------------------------------------------------------------------
+
+    async def launch(self, order: Launch) -> None:
+        key = (order.job, order.attempt)
+        if key in self.jobs:
+            log.info("job %d attempt %d is already here; repeated launch ignored", *key)
+            held = self.jobs[key]
+            if held.exit_code is None and held.pgid:
+                await self.send(JobStarted(job=order.job, attempt=order.attempt, pid=held.pgid))
+            return
+        directory = self.root / f"{order.job}-{order.attempt}"
+        (directory / "logs").mkdir(parents=True, exist_ok=True)
+        job = RunningJob(order.job, order.attempt, order.node_rank, list(order.gpus), str(directory))
+        self.jobs[key] = job
+        if not torch_available():
+            await self._finish(job, 127, f"torch is not installed on {self.node}: install gpudeck[train] there")
+            return
+        self.sink.expect(order.job, order.attempt)
+        with open(directory / "launcher.log", "ab") as launcher_log:
+            process = await asyncio.create_subprocess_exec(
+                "/bin/sh", "-c", _LAUNCHER, "gpudeck-launch", *self._command(order, directory),
+                cwd=self._cwd(order, directory), env=self._env(order, directory), stdin=asyncio.subprocess.DEVNULL,
+                stdout=launcher_log, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+        job.pgid = process.pid
+        job.save()
+        for index in job.gpus:
+            self.backend.assign(index, [job.pgid])
+        log.info("job %d attempt %d: started node rank %d on GPUs %s (process group %d)", order.job, order.attempt,
+                 order.node_rank, job.gpus, job.pgid)
+        await self.send(JobStarted(job=order.job, attempt=order.attempt, pid=job.pgid))
+        self._follow(job, process)
+
+    def _command(self, order: Launch, directory: Path) -> list[str]:
+        target = ["--workload", order.workload] if order.workload else [str(self._write_script(order, directory))]
+        return [
+            sys.executable, "-m", "torch.distributed.run",
+            "--nnodes", str(order.nnodes), "--node-rank", str(order.node_rank),
+            "--nproc-per-node", str(max(1, len(order.gpus))),
+            "--master-addr", order.master_addr, "--master-port", str(order.master_port),
+            "--max-restarts", "0",
+            "-m", "gpudeck.train.run", *target, *order.args,
+        ]
+
+    @staticmethod
+    def _write_script(order: Launch, directory: Path) -> Path:
+        path = directory / os.path.basename(order.script_name)
+        path.write_bytes(order.script)
+        return path
+
+    @staticmethod
+    def _cwd(order: Launch, directory: Path) -> Path:
+        return Path(order.workdir) if order.workdir and Path(order.workdir).is_dir() else directory
+
+    def _env(self, order: Launch, directory: Path) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({
+            "CUDA_VISIBLE_DEVICES": ",".join(map(str, order.gpus)),
+            "GPUDECK_JOB_ID": str(order.job),
+            "GPUDECK_ATTEMPT": str(order.attempt),
+            "GPUDECK_NODE": self.node,
+            "GPUDECK_TRAFFIC_ADDR": self.sink.address,
+            "GPUDECK_LOG_DIR": str(directory / "logs"),
+            "GPUDECK_EXIT_FILE": str(directory / "exit_code"),
+            "GPUDECK_CHECKPOINT_DIR": str(self.root.parent / "checkpoints" / str(order.job)),
+            "PYTHONUNBUFFERED": "1",
+        })
+        interface = interface_towards(order.master_addr)
+        if interface:
+            env.setdefault("GLOO_SOCKET_IFNAME", interface)
+            env.setdefault("NCCL_SOCKET_IFNAME", interface)
+        if order.workdir and Path(order.workdir).is_dir():
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (order.workdir, env.get("PYTHONPATH", "")) if p)
+        return env
+
+    # --- following and ending ------------------------------------------------------------------
+
+    def _follow(self, job: RunningJob, process: asyncio.subprocess.Process | None = None) -> None:
+        task = asyncio.create_task(self._wait(job, process))
+        self._followers.add(task)
+        task.add_done_callback(self._followers.discard)
+
+    async def _wait(self, job: RunningJob, process: asyncio.subprocess.Process | None) -> None:
+        if process is not None:
+            code = await process.wait()
+        else:
+            while _signal_group(job.pgid, 0):
+                await asyncio.sleep(POLL)
+            code = _recorded_exit(job.path)
+        detail = f"stopped: {job.kill_reason}" if job.kill_reason else ""
+        if code is None:
+            code, detail = -1, detail or "the ranks ended while no agent was watching and left no exit code"
+        await self._finish(job, code, detail)
+
+    async def _finish(self, job: RunningJob, code: int, detail: str) -> None:
+        job.exit_code, job.detail = code, detail
+        for index in job.gpus:
+            self.backend.assign(index, [])
+        (job.path / "exit.json").write_text(json.dumps({"exit_code": code, "detail": detail}))
+        log.info("job %d attempt %d: ranks exited with code %d%s", job.job, job.attempt, code,
+                 f" ({detail})" if detail else "")
+        self.sink.drain()
+        await self.ship_traffic(job)
+        await self.ship_logs(job)
+        await self.send(JobExited(job=job.job, attempt=job.attempt, exit_code=code, detail=detail))
+
+    async def kill(self, job_id: int, attempt: int, reason: str) -> None:
+        job = self.jobs.get((job_id, attempt))
+        if job is None or not job.pgid or job.exit_code is not None:
+            return
+        job.kill_reason = reason
+        log.info("job %d attempt %d: stopping (%s)", job_id, attempt, reason)
+        _signal_group(job.pgid, signal.SIGTERM)
+        for _ in range(int(KILL_GRACE / POLL)):
+            await asyncio.sleep(POLL)
+            if not _signal_group(job.pgid, 0):
+                return
+        _signal_group(job.pgid, signal.SIGKILL)
+
+    def forget(self, job_id: int, attempt: int) -> None:
+        job = self.jobs.get((job_id, attempt))
+        if job is not None and job.exit_code is not None:
+            del self.jobs[(job_id, attempt)]
+            self.sink.forget(job_id, attempt)
+
+    # --- reporting -----------------------------------------------------------------------------
+
+    def report(self) -> list[dict[str, object]]:
+        """What a (re)connecting agent tells the coordinator it holds."""
+        return [{"job": j.job, "attempt": j.attempt, "exit_code": j.exit_code, "detail": j.detail}
+                for j in self.jobs.values()]
+
+    def sessions(self) -> set[int]:
+        """Sessions of running jobs: a GPU process in none of them is foreign to gpudeck."""
+        return {j.pgid for j in self.jobs.values() if j.pgid and j.exit_code is None}
+
+    def resend_everything(self) -> None:
+        """After a reconnect the coordinator may have missed chunks; offsets make resending harmless."""
+        for job in self.jobs.values():
+            job.sent_offsets.clear()
+
+    async def ship_logs(self, job: RunningJob) -> None:
+        for rank, path in job.log_files().items():
+            offset = job.sent_offsets.get(rank, 0)
+            try:
+                with open(path, "rb") as handle:
+                    handle.seek(offset)
+                    while data := handle.read(LOG_CHUNK):
+                        if not await self.send(LogChunk(job=job.job, attempt=job.attempt, rank=rank,
+                                                        offset=offset, data=data)):
+                            return
+                        offset += len(data)
+                        job.sent_offsets[rank] = offset
+            except FileNotFoundError:
+                continue
+
+    async def ship_traffic(self, job: RunningJob) -> None:
+        totals = self.sink.totals(job.job, job.attempt)
+        if totals:
+            await self.send(Traffic(job=job.job, attempt=job.attempt,
+                                    by_rank={str(rank): kinds for rank, kinds in totals.items()}))
+
+    async def ship_all(self) -> None:
+        for job in list(self.jobs.values()):
+            await self.ship_logs(job)
+            if job.exit_code is None:
+                await self.ship_traffic(job)
+
+    # --- the agent's own life ------------------------------------------------------------------
+
+    def adopt(self) -> None:
+        """Follow ranks an earlier agent process of this node started (a restart, an upgrade), and
+        report attempts that ended while no agent ran."""
+        if not self.root.is_dir():
+            return
+        for directory in sorted(self.root.iterdir()):
+            job = _load_job(directory)
+            if job is None or (directory / "exit.json").exists():
+                continue
+            self.jobs[job.key] = job
+            self.sink.expect(job.job, job.attempt)
+            log.info("job %d attempt %d: following the ranks an earlier agent started", job.job, job.attempt)
+            self._follow(job)
+
+    async def shutdown(self, kill_jobs: bool) -> None:
+        if kill_jobs:
+            await asyncio.gather(*(self.kill(j.job, j.attempt, "the agent is shutting down")
+                                   for j in list(self.jobs.values())))
+        for follower in list(self._followers):
+            follower.cancel()
+
+    def prune(self) -> None:
+        """Remove the directories of the oldest finished attempts beyond KEEP_FINISHED."""
+        if not self.root.is_dir():
+            return
+        finished = sorted((d for d in self.root.iterdir() if (d / "exit.json").exists()),
+                          key=lambda d: d.stat().st_mtime)
+        for directory in finished[:-KEEP_FINISHED]:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def _recorded_exit(directory: Path) -> int | None:
+    try:
+        return int((directory / "exit_code").read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _signal_group(pgid: int, sig: int) -> bool:
+    """Signal a process group; False when it no longer exists."""
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False

@@ -1,0 +1,68 @@
+"""The node's traffic sink: a loopback UDP socket where the job ranks on this node report their bytes.
+
+Ranks send cumulative totals, so the sink keeps the largest figure seen per counter; a lost or
+reordered datagram loses a sample, never bytes. A malformed datagram is counted and dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+from gpudeck.protocol.traffic import decode_report
+
+log = logging.getLogger(__name__)
+ByRank = dict[int, dict[str, int]]
+
+
+class TrafficSink:
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._sock.bind((host, 0))
+        self._sock.setblocking(False)
+        self._totals: dict[tuple[int, int], ByRank] = {}
+        self.dropped = 0
+
+    @property
+    def address(self) -> str:
+        host, port = self._sock.getsockname()
+        return f"{host}:{port}"
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.add_reader(self._sock.fileno(), self.drain)
+
+    def drain(self) -> None:
+        """Take every datagram waiting now; called by the loop and before a job's final report."""
+        while True:
+            try:
+                data = self._sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            try:
+                report = decode_report(data)
+            except ValueError as exc:
+                self.dropped += 1
+                log.debug("dropped a traffic datagram: %s", exc)
+                continue
+            ranks = self._totals.get((report.job, report.attempt))
+            if ranks is None:
+                continue
+            counters = ranks.setdefault(report.rank, {})
+            for kind, count in report.bytes.items():
+                counters[kind] = max(counters.get(kind, 0), count)
+
+    def expect(self, job: int, attempt: int) -> None:
+        """Accept reports for a job attempt running on this node; others are ignored."""
+        self._totals.setdefault((job, attempt), {})
+
+    def totals(self, job: int, attempt: int) -> ByRank:
+        return {rank: dict(kinds) for rank, kinds in self._totals.get((job, attempt), {}).items()}
+
+    def forget(self, job: int, attempt: int) -> None:
+        self._totals.pop((job, attempt), None)
+
+    def close(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        if loop is not None:
+            loop.remove_reader(self._sock.fileno())
+        self._sock.close()

@@ -1,0 +1,224 @@
+"""The life of jobs: submit, place, launch, follow, end, requeue.
+
+This is where the `JobState` transitions of `gpudeck.model` happen. Every change is stored before
+anything is sent, so a coordinator killed at any point restarts into a state the agents' reports can
+be reconciled with: a launch the agent never received is sent again, a launch it did receive is a
+no-op the second time, and ranks of an attempt the coordinator no longer wants are killed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Awaitable, Callable
+
+from gpudeck.coordinator.registry import Registry
+from gpudeck.coordinator.scheduler import GpuSlot, JobRequest, NodeSlots, Placement, impossible_reason, schedule, validate_request
+from gpudeck.coordinator.store import JobRow, Store
+from gpudeck.model import WORKLOADS, JobSpec, JobState, NodeState, format_duration
+from gpudeck.protocol.messages import Forget, Kill, Launch, Message
+
+log = logging.getLogger(__name__)
+PORT_BASE = 29500
+PORT_SPAN = 500
+
+Send = Callable[[str, Message], Awaitable[bool]]
+
+
+def request_of(row: JobRow) -> JobRequest:
+    spec = row.spec
+    return JobRequest(job_id=row.id, priority=spec.priority, gpus=spec.gpus, nodes=spec.nodes,
+                      gpus_per_node=spec.gpus_per_node)
+
+
+def _gpu_slot(gpu: dict[str, Any], busy: dict[int, int]) -> GpuSlot:
+    foreign = [p for p in gpu.get("processes", []) if p.get("foreign")]
+    described = None
+    if foreign:
+        first = foreign[0]
+        described = f"{first.get('name') or 'process'} pid {first.get('pid')}"
+    return GpuSlot(index=gpu["index"], busy_job=busy.get(gpu["index"]), foreign=described)
+
+
+def _with_history(row: JobRow, reason: str) -> str:
+    return f"requeued: {row.requeued_because}; {reason}" if row.requeued_because else reason
+
+
+class JobControl:
+    def __init__(self, store: Store, registry: Registry, send: Send, clock: Callable[[], float]) -> None:
+        self.store = store
+        self.registry = registry
+        self.send = send
+        self.clock = clock
+
+    # --- submit and schedule -------------------------------------------------------------------
+
+    def submit(self, spec: JobSpec) -> JobRow:
+        """Store a job, or raise ValueError with the reason it can never run."""
+        if spec.workload and spec.workload not in WORKLOADS:
+            known = ", ".join(sorted(WORKLOADS)) or "none in this version"
+            raise ValueError(f"there is no built-in workload {spec.workload!r} (built-in workloads: {known})")
+        request = JobRequest(job_id=0, gpus=spec.gpus, nodes=spec.nodes, gpus_per_node=spec.gpus_per_node)
+        problem = validate_request(request) or impossible_reason(request, self._capacity())
+        if problem:
+            raise ValueError(problem)
+        return self.store.job(self.store.add_job(spec, self.clock()))  # type: ignore[return-value]
+
+    def _capacity(self) -> list[NodeSlots]:
+        """Every node that has ever joined and is not down, all GPUs free: what could ever fit."""
+        nodes = []
+        for node in self.store.nodes():
+            if node.state is NodeState.DOWN:
+                continue
+            link = self.registry.link(node.name)
+            gpus = link.gpus if link else node.gpus
+            nodes.append(NodeSlots(node.name, tuple(GpuSlot(index=g["index"]) for g in gpus)))
+        return nodes
+
+    def slots(self) -> list[NodeSlots]:
+        busy: dict[str, dict[int, int]] = {}
+        for share in self.store.open_attempt_nodes():
+            for index in share.gpus:
+                busy.setdefault(share.node, {})[index] = share.job
+        return [
+            NodeSlots(name, tuple(_gpu_slot(g, busy.get(name, {})) for g in link.gpus))
+            for name, link in sorted(self.registry.links.items())
+            if self.registry.states.get(name) is NodeState.UP
+        ]
+
+    async def schedule(self) -> None:
+        pending = self.store.jobs((JobState.PENDING,))
+        if not pending:
+            return
+        decision = schedule(self.slots(), [request_of(row) for row in pending])
+        rows = {row.id: row for row in pending}
+        self.store.set_reasons({job_id: _with_history(rows[job_id], reason) for job_id, reason in decision.reasons.items()})
+        for placement in decision.placements:
+            await self._launch(rows[placement.job_id], placement)
+
+    def _free_port(self, master_addr: str) -> int:
+        used = self.store.open_master_ports(master_addr)
+        return next(PORT_BASE + i for i in range(PORT_SPAN) if PORT_BASE + i not in used)
+
+    async def _launch(self, row: JobRow, placement: Placement) -> None:
+        hosts = [(node, list(gpus)) for node, gpus in placement.hosts]
+        master = self.registry.links[hosts[0][0]].address
+        attempt = row.attempt + 1
+        self.store.start_attempt(row.id, attempt, hosts, master, self._free_port(master), self.clock())
+        log.info("job %d attempt %d placed on %s", row.id, attempt, ", ".join(n for n, _ in hosts))
+        for node, _ in hosts:
+            await self.send_launch(row.id, attempt, node)
+
+    async def send_launch(self, job_id: int, attempt: int, node: str) -> None:
+        row = self.store.job(job_id)
+        shares = self.store.attempt_nodes(job_id, attempt)
+        share = next((s for s in shares if s.node == node), None)
+        if row is None or share is None:
+            return
+        master_addr, master_port = self.store.master(job_id, attempt)
+        spec = row.spec
+        await self.send(node, Launch(
+            job=job_id, attempt=attempt, node_rank=share.node_rank, nnodes=len(shares), gpus=share.gpus,
+            master_addr=master_addr, master_port=master_port, script_name=spec.script_name, script=spec.script,
+            workload=spec.workload, args=spec.args, workdir=spec.workdir))
+
+    # --- reports from agents -------------------------------------------------------------------
+
+    def _current(self, job_id: int, attempt: int) -> JobRow | None:
+        """The job if `attempt` is its current, still active attempt."""
+        row = self.store.job(job_id)
+        if row is None or row.attempt != attempt or not row.state.active:
+            return None
+        return row
+
+    async def started(self, node: str, job_id: int, attempt: int) -> None:
+        if self._current(job_id, attempt) is None:
+            await self.send(node, Kill(job=job_id, attempt=attempt, reason="this attempt is no longer wanted"))
+            return
+        self.store.mark_started(job_id, attempt, node)
+        if all(s.started for s in self.store.attempt_nodes(job_id, attempt)):
+            self.store.update_job(job_id, state=JobState.RUNNING)
+
+    async def exited(self, node: str, job_id: int, attempt: int, exit_code: int, detail: str) -> None:
+        newly = self.store.record_exit(job_id, attempt, node, exit_code)
+        await self.send(node, Forget(job=job_id, attempt=attempt))
+        row = self._current(job_id, attempt) if newly else None
+        if row is None:
+            return
+        shares = self.store.attempt_nodes(job_id, attempt)
+        if exit_code != 0:
+            reason = f"ranks on {node} exited with code {exit_code}" + (f": {detail}" if detail else "")
+            await self._end(row, JobState.FAILED, reason, exit_code)
+        elif all(s.exit_code == 0 for s in shares):
+            await self._end(row, JobState.SUCCEEDED, "", 0)
+
+    async def _end(self, row: JobRow, state: JobState, reason: str, exit_code: int | None) -> None:
+        self.store.update_job(row.id, state=state, reason=reason, exit_code=exit_code, ended_at=self.clock())
+        log.info("job %d %s%s", row.id, state.value, f": {reason}" if reason else "")
+        await self._kill_open(row.id, row.attempt, reason or state.value)
+
+    async def _kill_open(self, job_id: int, attempt: int, reason: str) -> None:
+        for share in self.store.attempt_nodes(job_id, attempt):
+            if share.exit_code is None:
+                await self.send(share.node, Kill(job=job_id, attempt=attempt, reason=reason))
+
+    async def reconcile(self, node: str, reported: list[dict[str, Any]]) -> None:
+        """Adopt what a (re)connecting agent still runs; resend lost launches; count lost ranks."""
+        held = set()
+        for job in reported:
+            job_id, attempt, exit_code = job.get("job"), job.get("attempt"), job.get("exit_code")
+            if not isinstance(job_id, int) or not isinstance(attempt, int):
+                continue
+            held.add((job_id, attempt))
+            if isinstance(exit_code, int):
+                await self.exited(node, job_id, attempt, exit_code, str(job.get("detail", "")))
+            else:
+                await self.started(node, job_id, attempt)
+        for share in self.store.open_attempt_nodes():
+            if share.node != node or (share.job, share.attempt) in held:
+                continue
+            if not share.started and self._current(share.job, share.attempt):
+                await self.send_launch(share.job, share.attempt, node)
+            else:
+                await self._lost(share.job, share.attempt, node, f"{node} no longer runs its ranks (its agent restarted)")
+
+    async def node_down(self, node: str) -> None:
+        for share in self.store.open_attempt_nodes():
+            if share.node == node:
+                await self._lost(share.job, share.attempt, node, f"node {node} stopped answering")
+
+    async def _lost(self, job_id: int, attempt: int, node: str, why: str) -> None:
+        """A node's share of an attempt is gone: stop the other ranks, then requeue or fail the job."""
+        self.store.record_exit(job_id, attempt, node, -1)
+        row = self._current(job_id, attempt)
+        if row is None:
+            return
+        await self._kill_open(job_id, attempt, why)
+        if row.restarts < row.spec.max_restarts:
+            restarts = row.restarts + 1
+            note = f"{why} (restart {restarts} of {row.spec.max_restarts})"
+            self.store.update_job(job_id, state=JobState.PENDING, restarts=restarts, requeued_because=note,
+                                  reason=f"requeued: {note}")
+            log.info("job %d requeued: %s", job_id, why)
+        else:
+            extra = " and it has no restarts left (--max-restarts)" if row.spec.max_restarts else ""
+            self.store.update_job(job_id, state=JobState.FAILED, reason=f"{why}{extra}", ended_at=self.clock())
+            log.info("job %d failed: %s", job_id, why)
+
+    # --- user actions and the clock ------------------------------------------------------------
+
+    async def cancel(self, job_id: int) -> JobRow:
+        row = self.store.job(job_id)
+        if row is None:
+            raise LookupError(f"there is no job {job_id}")
+        if row.state.finished:
+            raise ValueError(f"job {job_id} already {row.state.value}; nothing to cancel")
+        self.store.update_job(job_id, state=JobState.CANCELLED, reason="cancelled by a user", ended_at=self.clock())
+        await self._kill_open(job_id, row.attempt, "cancelled by a user")
+        return self.store.job(job_id)  # type: ignore[return-value]
+
+    async def enforce_time_limits(self) -> None:
+        now = self.clock()
+        for row in self.store.jobs((JobState.STARTING, JobState.RUNNING)):
+            limit = row.spec.time_limit
+            if limit and row.started_at and now - row.started_at > limit:
+                await self._end(row, JobState.FAILED, f"ran past its time limit of {format_duration(limit)}", None)

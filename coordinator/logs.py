@@ -1,0 +1,53 @@
+"""Job logs as files under the coordinator's state directory, one per job attempt and rank.
+
+A rank below zero is the launcher (torchrun) of node rank -rank-1, whose output explains failures
+that happen before any rank starts. Agents send chunks with their offset in the rank's log, so a chunk sent twice (after a reconnect)
+lands on the same bytes instead of being appended again.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+READ_LIMIT = 256 * 1024
+_RANK_FILE = re.compile(r"^rank-(-?\d+)\.log$")
+
+
+class LogStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _dir(self, job: int, attempt: int) -> Path:
+        return self.root / str(job) / str(attempt)
+
+    def write(self, job: int, attempt: int, rank: int, offset: int, data: bytes) -> None:
+        directory = self._dir(job, attempt)
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(directory / f"rank-{rank}.log", os.O_WRONLY | os.O_CREAT, 0o640)
+        try:
+            os.pwrite(fd, data, offset)
+        finally:
+            os.close(fd)
+
+    def ranks(self, job: int, attempt: int) -> list[int]:
+        directory = self._dir(job, attempt)
+        if not directory.is_dir():
+            return []
+        return sorted(int(m.group(1)) for p in directory.iterdir() if (m := _RANK_FILE.match(p.name)))
+
+    def read(self, job: int, attempt: int, offsets: dict[int, int], rank: int | None = None,
+             limit: int = READ_LIMIT) -> dict[int, bytes]:
+        """Bytes after each rank's offset, at most `limit` in all, so a follower catches up in steps."""
+        chunks: dict[int, bytes] = {}
+        budget = limit
+        for r in [rank] if rank is not None else self.ranks(job, attempt):
+            path = self._dir(job, attempt) / f"rank-{r}.log"
+            if budget <= 0 or not path.exists():
+                continue
+            with open(path, "rb") as handle:
+                handle.seek(offsets.get(r, 0))
+                chunks[r] = handle.read(budget)
+            budget -= len(chunks[r])
+        return chunks

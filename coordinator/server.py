@@ -1,0 +1,304 @@
+"""The coordinator process: accepts agents and clients over TLS, and runs the control loop.
+
+Nothing is created or run for a peer before it proves the join token: the first frame of every
+connection must be `Hello` with the secret, within a deadline; anything else ends that connection with
+an error frame and touches nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import socket
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from gpudeck.coordinator.jobs import JobControl
+from gpudeck.coordinator.logs import LogStore
+from gpudeck.coordinator.registry import AgentLink, Registry
+from gpudeck.coordinator.store import Store
+from gpudeck.coordinator.views import job_json, node_view
+from gpudeck.discovery import Discovery
+from gpudeck.model import JobSpec, NodeState
+from gpudeck.protocol import auth
+from gpudeck.protocol.framing import FrameError
+from gpudeck.protocol.messages import (
+    PROTOCOL_VERSION, Cancel, Error, Hello, JobExited, JobStarted, ListJobs, ListNodes, LogChunk, Message,
+    ProtocolError, ReadLogs, Register, Reply, ShowJob, Submit, Telemetry, Traffic, Welcome,
+)
+from gpudeck.protocol.session import HANDSHAKE_TIMEOUT, Connection
+
+log = logging.getLogger(__name__)
+ENDPOINT_FILE = "endpoint.json"
+NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+TICK = 0.5
+WRONG_TOKEN_DELAY = 0.5
+
+
+class Coordinator:
+    def __init__(self, state_dir: Path, host: str = "0.0.0.0", port: int = 7070,
+                 mdns_interfaces: list[str] | None = None, use_mdns: bool = True,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.state_dir = state_dir
+        self.host, self.port = host, port
+        self.identity = auth.CoordinatorIdentity(state_dir)
+        self.clock = clock
+        self.registry = Registry()
+        self.discovery = Discovery(mdns_interfaces) if use_mdns else None
+        self.refused_hosts: dict[str, str] = {}
+        self.wake = asyncio.Event()
+        self._server: asyncio.AbstractServer | None = None
+        self._loop_task: asyncio.Task[None] | None = None
+        self._connections: set[Connection] = set()
+
+    async def start(self) -> tuple[str, int]:
+        self.token = self.identity.ensure()
+        self.store = Store(self.state_dir / "gpudeck.db")
+        self.logs = LogStore(self.state_dir / "logs")
+        self.jobs = JobControl(self.store, self.registry, self.send, self.clock)
+        now = self.clock()
+        for node in self.store.nodes():
+            state = NodeState.DOWN if node.state is NodeState.DOWN else NodeState.SUSPECT
+            self.registry.watch(node.name, state, since=now)
+        self._server = await asyncio.start_server(self._accept, self.host, self.port,
+                                                  ssl=self.identity.server_context())
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._write_endpoint()
+        if self.discovery:
+            await self.discovery.start()
+            await self.discovery.advertise("coordinator", socket.gethostname(), self.port)
+        self._loop_task = asyncio.create_task(self._control_loop())
+        log.info("coordinator listening on %s:%d (state in %s)", self.host, self.port, self.state_dir)
+        return self.host, self.port
+
+    def _write_endpoint(self) -> None:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        (self.state_dir / ENDPOINT_FILE).write_text(json.dumps({"host": host, "port": self.port, "pid": os.getpid()}))
+
+    async def stop(self) -> None:
+        """Stop serving; agents keep their jobs running and report them to the next coordinator."""
+        if self._loop_task:
+            self._loop_task.cancel()
+        if self._server:
+            self._server.close()
+        for conn in list(self._connections):
+            await conn.close()
+        if self.discovery:
+            await self.discovery.close()
+        (self.state_dir / ENDPOINT_FILE).unlink(missing_ok=True)
+        self.store.close()
+
+    # --- the control loop ----------------------------------------------------------------------
+
+    async def _control_loop(self) -> None:
+        while True:
+            try:
+                await self._tick()
+            except Exception:  # noqa: BLE001 - one bad tick must not stop the cluster
+                log.exception("control loop step failed")
+            self.wake.clear()
+            try:
+                await asyncio.wait_for(self.wake.wait(), TICK)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _tick(self) -> None:
+        for name, state in self.registry.tick(self.clock()):
+            self.store.set_node_state(name, state)
+            log.info("node %s is %s", name, state.value)
+            if state is NodeState.DOWN:
+                await self.jobs.node_down(name)
+        await self.jobs.enforce_time_limits()
+        await self.jobs.schedule()
+
+    async def send(self, node: str, message: Message) -> bool:
+        link = self.registry.link(node)
+        if link is None:
+            return False
+        try:
+            await link.conn.send(message)
+            return True
+        except (OSError, ConnectionError, RuntimeError) as exc:
+            log.info("could not send %s to %s: %s", message.kind, node, exc)
+            return False
+
+    # --- connections ---------------------------------------------------------------------------
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = Connection(reader, writer)
+        self._connections.add(conn)
+        try:
+            hello = await self._handshake(conn)
+            if hello is None:
+                return
+            await conn.send(Welcome(coordinator=socket.gethostname(), version=PROTOCOL_VERSION))
+            if hello.role == "agent":
+                await self._serve_agent(conn, hello.name)
+            else:
+                await self._serve_client(conn)
+        except (FrameError, ProtocolError) as exc:
+            await self._refuse(conn, str(exc), "bad_frame")
+        except (OSError, ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError):
+            pass
+        finally:
+            self._connections.discard(conn)
+            await conn.close()
+
+    async def _refuse(self, conn: Connection, message: str, code: str) -> None:
+        try:
+            await conn.send(Error(message=message, code=code, req=None))
+        except (OSError, ConnectionError, RuntimeError):
+            pass
+
+    async def _handshake(self, conn: Connection) -> Hello | None:
+        try:
+            hello = await asyncio.wait_for(conn.recv(), HANDSHAKE_TIMEOUT)
+        except asyncio.TimeoutError:
+            await self._refuse(conn, "no hello within the handshake deadline", "timeout")
+            return None
+        if not isinstance(hello, Hello):
+            await self._refuse(conn, "the first message must be hello", "bad_handshake")
+            return None
+        if not auth.secret_matches(hello.secret, self.token):
+            self.refused_hosts[conn.peer_host] = "it offered a wrong join token"
+            log.warning("refused %s from %s: wrong join token", hello.role, conn.peer_host)
+            await asyncio.sleep(WRONG_TOKEN_DELAY)
+            await self._refuse(conn, "the join token is wrong: print the right one with `gpudeck token` "
+                                     "on the coordinator's machine", "bad_token")
+            return None
+        problem = self._hello_problem(hello)
+        if problem:
+            await self._refuse(conn, problem, "bad_hello")
+            return None
+        return hello
+
+    @staticmethod
+    def _hello_problem(hello: Hello) -> str | None:
+        if hello.version != PROTOCOL_VERSION:
+            return (f"this coordinator speaks protocol {PROTOCOL_VERSION}, the peer {hello.version}: "
+                    "install the same gpudeck version on both")
+        if hello.role not in ("agent", "client"):
+            return f"unknown role {hello.role!r}"
+        if hello.role == "agent" and not NODE_NAME.match(hello.name):
+            return (f"{hello.name!r} is not a usable node name (letters, digits, '.', '_' and '-', "
+                    "at most 63, starting with a letter or digit)")
+        return None
+
+    # --- agents --------------------------------------------------------------------------------
+
+    async def _serve_agent(self, conn: Connection, name: str) -> None:
+        register = await asyncio.wait_for(conn.recv(), HANDSHAKE_TIMEOUT)
+        if not isinstance(register, Register):
+            await self._refuse(conn, "an agent must register after hello", "bad_handshake")
+            return
+        previous = self.registry.link(name)
+        if previous and previous.hostname != register.hostname and self.clock() - previous.last_seen < 3:
+            await self._refuse(conn, f"a node named {name} is already connected from {previous.hostname}; "
+                                     "give this agent another --name", "name_taken")
+            return
+        link = await self._join(conn, name, register)
+        try:
+            while (message := await conn.recv()) is not None:
+                await self._agent_message(link, message)
+        finally:
+            if self.registry.detach(link):
+                log.info("node %s disconnected", name)
+
+    async def _join(self, conn: Connection, name: str, register: Register) -> AgentLink:
+        now = self.clock()
+        address = register.address or conn.peer_host
+        link = AgentLink(name=name, hostname=register.hostname, address=address, simulated=register.simulated,
+                         conn=conn, gpus=register.gpus, last_seen=now)
+        previous = self.registry.attach(link)
+        if previous:
+            await previous.conn.close()
+        self.store.upsert_node(name, register.hostname, address, register.simulated, register.gpus, now)
+        self.registry.states[name] = NodeState.UP
+        self.refused_hosts.pop(conn.peer_host, None)
+        log.info("node %s joined from %s with %d GPUs%s", name, address, len(register.gpus),
+                 " (simulated)" if register.simulated else "")
+        await self.jobs.reconcile(name, register.jobs)
+        self.wake.set()
+        return link
+
+    async def _agent_message(self, link: AgentLink, message: Message) -> None:
+        self.registry.heard(link.name, self.clock())
+        if isinstance(message, Telemetry):
+            link.gpus = message.gpus
+        elif isinstance(message, JobStarted):
+            await self.jobs.started(link.name, message.job, message.attempt)
+        elif isinstance(message, JobExited):
+            await self.jobs.exited(link.name, message.job, message.attempt, message.exit_code, message.detail)
+            self.wake.set()
+        elif isinstance(message, LogChunk):
+            self.logs.write(message.job, message.attempt, message.rank, message.offset, message.data)
+        elif isinstance(message, Traffic):
+            by_rank = {int(rank): kinds for rank, kinds in message.by_rank.items() if rank.lstrip("-").isdigit()}
+            self.store.set_traffic(message.job, message.attempt, by_rank)
+        else:
+            await link.conn.send(Error(message=f"an agent may not send {message.kind}", code="bad_message", req=None))
+
+    # --- clients -------------------------------------------------------------------------------
+
+    async def _serve_client(self, conn: Connection) -> None:
+        while (message := await conn.recv()) is not None:
+            req = getattr(message, "req", None)
+            try:
+                data = await self._answer(message)
+            except (ValueError, LookupError) as exc:
+                await conn.send(Error(message=str(exc), code="refused", req=req))
+                continue
+            await conn.send(Reply(req=req, data=data) if req is not None else
+                            Error(message=f"a client may not send {message.kind}", code="bad_message", req=None))
+
+    async def _answer(self, message: Message) -> Any:
+        if isinstance(message, Submit):
+            row = self.jobs.submit(JobSpec.from_wire(message.spec))
+            self.wake.set()
+            return job_json(self.store, row)
+        if isinstance(message, ListJobs):
+            return [job_json(self.store, row) for row in self.store.jobs()]
+        if isinstance(message, ShowJob):
+            return job_json(self.store, self._job(message.job))
+        if isinstance(message, Cancel):
+            row = await self.jobs.cancel(message.job)
+            self.wake.set()
+            return job_json(self.store, row)
+        if isinstance(message, ListNodes):
+            return self._nodes()
+        if isinstance(message, ReadLogs):
+            return self._read_logs(message)
+        raise ValueError(f"a client may not send {message.kind}")
+
+    def _job(self, job_id: int):  # noqa: ANN202
+        row = self.store.job(job_id)
+        if row is None:
+            raise LookupError(f"there is no job {job_id}")
+        return row
+
+    def _nodes(self) -> dict[str, Any]:
+        jobs_on: dict[str, list[int]] = {}
+        for share in self.store.open_attempt_nodes():
+            jobs_on.setdefault(share.node, []).append(share.job)
+        now = self.clock()
+        nodes = [node_view(n, self.registry, sorted(set(jobs_on.get(n.name, []))), now) for n in self.store.nodes()]
+        joined = {n["name"] for n in nodes}
+        unjoined = []
+        for advert in self.discovery.adverts("agent") if self.discovery else []:
+            if advert.node not in joined:
+                why = self.refused_hosts.get(advert.host, "it has not connected (is it given this coordinator's token?)")
+                unjoined.append({"name": advert.node, "address": f"{advert.host}:{advert.port}",
+                                 "gpus": advert.gpus, "why": why})
+        return {"nodes": nodes, "unjoined": unjoined}
+
+    def _read_logs(self, message: ReadLogs) -> dict[str, Any]:
+        row = self._job(message.job)
+        attempt = message.attempt if message.attempt is not None else row.attempt
+        offsets = {int(k): v for k, v in message.offsets.items() if k.lstrip("-").isdigit()}
+        chunks = self.logs.read(message.job, attempt, offsets, message.rank)
+        return {"attempt": attempt, "state": row.state.value, "finished": row.state.finished,
+                "chunks": {str(rank): data for rank, data in chunks.items()}}

@@ -1,0 +1,281 @@
+"""The only code that touches SQLite: nodes, jobs, attempts and traffic in one WAL file.
+
+Durability: WAL with synchronous=FULL, so a job is on disk when its id is returned and a launch is on
+disk before it is sent. Every write is one short transaction; the coordinator is the one writer.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from gpudeck.model import JobSpec, JobState, NodeState
+
+Hosts = list[tuple[str, list[int]]]
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """A job as stored: its spec and what has happened to it so far."""
+
+    id: int
+    spec: JobSpec
+    state: JobState
+    reason: str
+    submitted_at: float
+    started_at: float | None
+    ended_at: float | None
+    attempt: int
+    exit_code: int | None
+    restarts: int
+    requeued_because: str  # why the last attempt was lost, while the job waits to run again
+    hosts: Hosts  # the current attempt's placement, node rank order; [] before the first
+
+
+@dataclass(frozen=True)
+class AttemptNode:
+    """One node's share of a job attempt."""
+
+    job: int
+    attempt: int
+    node: str
+    node_rank: int
+    gpus: list[int]
+    started: bool
+    exit_code: int | None
+
+
+@dataclass(frozen=True)
+class NodeRow:
+    name: str
+    hostname: str
+    address: str
+    simulated: bool
+    gpus: list[dict[str, Any]]
+    state: NodeState
+    joined_at: float
+    last_seen: float
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=5000")
+        conn.execute("PRAGMA foreign_keys=ON")
+        self.db = sqlite_utils.Database(conn)
+        self._create()
+
+    def _create(self) -> None:
+        db = self.db
+        with self._tx():
+            db["nodes"].create({"name": str, "hostname": str, "address": str, "simulated": int, "gpus": str,
+                                "state": str, "joined_at": float, "last_seen": float}, pk="name", if_not_exists=True)
+            db["jobs"].create({"id": int, "name": str, "spec": str, "script": bytes, "state": str, "reason": str, "priority": int,
+                               "submitted_at": float, "started_at": float, "ended_at": float, "attempt": int,
+                               "exit_code": int, "restarts": int, "requeued_because": str}, pk="id", if_not_exists=True,
+                              not_null={"name", "spec", "state", "submitted_at"})
+            db["attempts"].create({"job": int, "attempt": int, "master_addr": str, "master_port": int,
+                                   "started_at": float}, pk=("job", "attempt"), if_not_exists=True,
+                                  foreign_keys=[("job", "jobs", "id")])
+            db["attempt_nodes"].create({"job": int, "attempt": int, "node": str, "node_rank": int, "gpus": str,
+                                        "started": int, "exit_code": int}, pk=("job", "attempt", "node"),
+                                       if_not_exists=True)
+            db["traffic"].create({"job": int, "attempt": int, "rank": int, "kind": str, "bytes": int},
+                                 pk=("job", "attempt", "rank", "kind"), if_not_exists=True)
+            db["jobs"].create_index(["state"], if_not_exists=True)
+
+    def _tx(self, durable: bool = True) -> "_Transaction":
+        return _Transaction(self.db.conn, durable)
+
+    def close(self) -> None:
+        self.db.conn.close()
+
+    # --- nodes ---------------------------------------------------------------------------------
+
+    def upsert_node(self, name: str, hostname: str, address: str, simulated: bool,
+                    gpus: list[dict[str, Any]], now: float) -> None:
+        existing = self.node(name)
+        with self._tx():
+            self.db["nodes"].upsert({
+                "name": name, "hostname": hostname, "address": address, "simulated": int(simulated),
+                "gpus": json.dumps(gpus), "state": NodeState.UP.value,
+                "joined_at": existing.joined_at if existing else now, "last_seen": now,
+            }, pk="name")
+
+    def set_node_state(self, name: str, state: NodeState, last_seen: float | None = None) -> None:
+        updates: dict[str, Any] = {"state": state.value}
+        if last_seen is not None:
+            updates["last_seen"] = last_seen
+        with self._tx():
+            self.db["nodes"].update(name, updates)
+
+    def node(self, name: str) -> NodeRow | None:
+        rows = list(self.db["nodes"].rows_where("name = ?", [name]))
+        return _node_row(rows[0]) if rows else None
+
+    def nodes(self) -> list[NodeRow]:
+        return [_node_row(r) for r in self.db["nodes"].rows_where(order_by="name")]
+
+    # --- jobs ----------------------------------------------------------------------------------
+
+    def add_job(self, spec: JobSpec, now: float) -> int:
+        with self._tx():
+            table = self.db["jobs"].insert({
+                "name": spec.name, "spec": _spec_json(spec), "script": spec.script, "state": JobState.PENDING.value, "reason": "waiting for the scheduler",
+                "priority": spec.priority, "submitted_at": now, "attempt": 0, "restarts": 0,
+            })
+        return int(table.last_pk)
+
+    def job(self, job_id: int) -> JobRow | None:
+        rows = list(self.db["jobs"].rows_where("id = ?", [job_id]))
+        return self._job_row(rows[0]) if rows else None
+
+    def jobs(self, states: tuple[JobState, ...] | None = None) -> list[JobRow]:
+        if states:
+            marks = ",".join("?" * len(states))
+            rows = self.db["jobs"].rows_where(f"state in ({marks})", [s.value for s in states], order_by="id")
+        else:
+            rows = self.db["jobs"].rows_where(order_by="id")
+        return [self._job_row(r) for r in rows]
+
+    def update_job(self, job_id: int, **fields: Any) -> None:
+        values = {k: (v.value if isinstance(v, JobState) else v) for k, v in fields.items()}
+        with self._tx():
+            self.db["jobs"].update(job_id, values)
+
+    def set_reasons(self, reasons: dict[int, str]) -> None:
+        """Store the scheduler's reasons for pending jobs, only where they changed."""
+        with self._tx():
+            for job_id, reason in reasons.items():
+                self.db.conn.execute("UPDATE jobs SET reason = ? WHERE id = ? AND reason IS NOT ?",
+                                     [reason, job_id, reason])
+
+    def _job_row(self, row: dict[str, Any]) -> JobRow:
+        return JobRow(
+            id=row["id"], spec=_spec_from_row(row), state=JobState(row["state"]), reason=row["reason"] or "",
+            submitted_at=row["submitted_at"], started_at=row["started_at"], ended_at=row["ended_at"],
+            attempt=row["attempt"] or 0, exit_code=row["exit_code"], restarts=row["restarts"] or 0,
+            requeued_because=row["requeued_because"] or "",
+            hosts=[(n.node, n.gpus) for n in self.attempt_nodes(row["id"], row["attempt"] or 0)],
+        )
+
+    # --- attempts ------------------------------------------------------------------------------
+
+    def start_attempt(self, job_id: int, attempt: int, hosts: Hosts, master_addr: str, master_port: int,
+                      now: float) -> None:
+        """Store a placement before any launch is sent, so a restart knows what may be running."""
+        with self._tx():
+            self.db["attempts"].insert({"job": job_id, "attempt": attempt, "master_addr": master_addr,
+                                        "master_port": master_port, "started_at": now})
+            self.db["attempt_nodes"].insert_all(
+                {"job": job_id, "attempt": attempt, "node": node, "node_rank": rank, "gpus": json.dumps(gpus),
+                 "started": 0, "exit_code": None}
+                for rank, (node, gpus) in enumerate(hosts)
+            )
+            self.db["jobs"].update(job_id, {"state": JobState.STARTING.value, "attempt": attempt, "reason": "",
+                                            "requeued_because": "", "started_at": now, "exit_code": None})
+
+    def master(self, job_id: int, attempt: int) -> tuple[str, int]:
+        row = self.db["attempts"].get((job_id, attempt))
+        return row["master_addr"], row["master_port"]
+
+    def attempt_nodes(self, job_id: int, attempt: int) -> list[AttemptNode]:
+        rows = self.db["attempt_nodes"].rows_where("job = ? and attempt = ?", [job_id, attempt], order_by="node_rank")
+        return [_attempt_node(r) for r in rows]
+
+    def open_attempt_nodes(self) -> list[AttemptNode]:
+        """Shares of attempts whose ranks have not been reported ended: they hold their GPUs."""
+        rows = self.db["attempt_nodes"].rows_where("exit_code IS NULL", order_by="job, attempt, node_rank")
+        return [_attempt_node(row) for row in rows]
+
+    def open_master_ports(self, master_addr: str) -> set[int]:
+        """Rendezvous ports in use on one address by attempts that still hold GPUs."""
+        sql = ("SELECT DISTINCT a.master_port FROM attempts a JOIN attempt_nodes n "
+               "ON n.job = a.job AND n.attempt = a.attempt WHERE n.exit_code IS NULL AND a.master_addr = ?")
+        return {row["master_port"] for row in self.db.query(sql, [master_addr])}
+
+    def mark_started(self, job_id: int, attempt: int, node: str) -> None:
+        with self._tx():
+            self.db.conn.execute("UPDATE attempt_nodes SET started = 1 WHERE job = ? AND attempt = ? AND node = ?",
+                                 [job_id, attempt, node])
+
+    def record_exit(self, job_id: int, attempt: int, node: str, exit_code: int) -> bool:
+        """Record one node's exit once; False when it was already recorded (a repeated report)."""
+        with self._tx():
+            cur = self.db.conn.execute(
+                "UPDATE attempt_nodes SET exit_code = ? WHERE job = ? AND attempt = ? AND node = ? AND exit_code IS NULL",
+                [exit_code, job_id, attempt, node])
+        return cur.rowcount == 1
+
+    # --- traffic -------------------------------------------------------------------------------
+
+    def set_traffic(self, job_id: int, attempt: int, by_rank: dict[int, dict[str, int]]) -> None:
+        """Store cumulative counters; a counter never goes down, so a stale report changes nothing.
+
+        Not synced to disk per commit: these arrive every second per job and node, and a power loss
+        costing the last seconds of a counter is fine (jobs and nodes stay synchronous=FULL)."""
+        with self._tx(durable=False):
+            for rank, kinds in by_rank.items():
+                for kind, count in kinds.items():
+                    self.db.conn.execute(
+                        "INSERT INTO traffic (job, attempt, rank, kind, bytes) VALUES (?, ?, ?, ?, ?) "
+                        "ON CONFLICT (job, attempt, rank, kind) DO UPDATE SET bytes = max(bytes, excluded.bytes)",
+                        [job_id, attempt, rank, kind, count])
+
+    def traffic(self, job_id: int) -> dict[int, dict[str, int]]:
+        """Payload bytes of a job summed over its attempts: rank -> kind -> bytes."""
+        totals: dict[int, dict[str, int]] = {}
+        cur = self.db.conn.execute("SELECT rank, kind, sum(bytes) FROM traffic WHERE job = ? GROUP BY rank, kind",
+                                   [job_id])
+        for rank, kind, count in cur.fetchall():
+            totals.setdefault(rank, {})[kind] = count
+        return totals
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, so each write is one transaction, durable unless told otherwise."""
+
+    def __init__(self, conn: sqlite3.Connection, durable: bool) -> None:
+        self.conn = conn
+        self.durable = durable
+
+    def __enter__(self) -> sqlite3.Connection:
+        if not self.durable:
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+        if not self.durable:
+            self.conn.execute("PRAGMA synchronous=FULL")
+
+
+def _spec_json(spec: JobSpec) -> str:
+    data = spec.to_wire()
+    del data["script"]
+    return json.dumps(data)
+
+
+def _spec_from_row(row: dict[str, Any]) -> JobSpec:
+    return JobSpec(**json.loads(row["spec"]), script=row["script"] or b"")
+
+
+def _node_row(row: dict[str, Any]) -> NodeRow:
+    return NodeRow(name=row["name"], hostname=row["hostname"], address=row["address"],
+                   simulated=bool(row["simulated"]), gpus=json.loads(row["gpus"] or "[]"),
+                   state=NodeState(row["state"]), joined_at=row["joined_at"], last_seen=row["last_seen"])
+
+
+def _attempt_node(row: dict[str, Any]) -> AttemptNode:
+    return AttemptNode(job=row["job"], attempt=row["attempt"], node=row["node"], node_rank=row["node_rank"],
+                       gpus=json.loads(row["gpus"]), started=bool(row["started"]), exit_code=row["exit_code"])
+

@@ -1,0 +1,5 @@
+import sys
+
+from gpudeck.cli import main
+
+sys.exit(main())

@@ -1,0 +1,304 @@
+"""The `gpudeck` command. Exit codes: 0 success, 1 the request was refused (reason on stderr), 2 usage."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+from gpudeck import __version__, config, output
+from gpudeck.client import NoCoordinator, connect, find_endpoint
+from gpudeck.model import WORKLOADS, JobSpec, parse_duration
+from gpudeck.protocol import auth
+from gpudeck.protocol.messages import Cancel, ListJobs, ListNodes, ReadLogs, ShowJob, Submit
+from gpudeck.protocol.session import ClientSession, Refused, split_address
+
+
+class Failure(Exception):
+    """A refusal to report on stderr with exit code 1."""
+
+
+# --- argument parsing ----------------------------------------------------------------------------
+
+
+def _client_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--coordinator", metavar="HOST:PORT", help="the coordinator (default: $GPUDECK_COORDINATOR, "
+                        "the coordinator of this machine's data dir, or one found over mDNS)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--token", help="the cluster's join token (default: $GPUDECK_TOKEN)")
+    group.add_argument("--token-file", metavar="F", help="a file holding the join token")
+
+
+def _mdns_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-mdns", action="store_true", help="do not use multicast DNS at all")
+    parser.add_argument("--mdns-interface", action="append", metavar="IP",
+                        help="multicast only on the interface with this address (repeatable; default: all)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gpudeck", description="Run your own GPU cluster from a terminal.",
+        epilog="Start here: `gpudeck up --simulate-gpus 4` runs a whole cluster on this machine.")
+    parser.add_argument("--version", action="version", version=f"gpudeck {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    up = sub.add_parser("up", help="run a coordinator and an agent on this machine (loopback only)")
+    up.add_argument("--simulate-gpus", type=int, metavar="N", help="give the local agent N simulated GPUs")
+    up.add_argument("--port", type=int, default=config.DEFAULT_PORT, help="coordinator port (default: %(default)s)")
+    up.add_argument("--lan", action="store_true", help="listen and advertise on the LAN instead of loopback only")
+
+    coord = sub.add_parser("coordinator", help="run the coordinator (headless, for systemd)")
+    coord.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s)")
+    coord.add_argument("--port", type=int, default=config.DEFAULT_PORT, help="port (default: %(default)s)")
+    coord.add_argument("--state-dir", type=Path, help="where the database, certificate and token live "
+                       "(default: the data dir's coordinator/)")
+    _mdns_flags(coord)
+
+    agent = sub.add_parser("agent", help="run a node agent (headless, for systemd)")
+    agent.add_argument("--coordinator", metavar="HOST:PORT", help="the coordinator (default: $GPUDECK_COORDINATOR or mDNS)")
+    group = agent.add_mutually_exclusive_group()
+    group.add_argument("--token", help="the cluster's join token (default: $GPUDECK_TOKEN)")
+    group.add_argument("--token-file", metavar="F", help="a file holding the join token")
+    agent.add_argument("--name", help="this node's name in the cluster (default: the host name)")
+    agent.add_argument("--simulate-gpus", type=int, metavar="N", help="N simulated GPUs instead of NVML, shown as SIM")
+    agent.add_argument("--state-dir", type=Path, help="job directories and logs (default: the data dir's agent/)")
+    _mdns_flags(agent)
+
+    token = sub.add_parser("token", help="print the join token of the coordinator on this machine")
+    token.add_argument("--state-dir", type=Path, help="the coordinator's state dir (default: the data dir's coordinator/)")
+
+    submit = sub.add_parser("submit", help="queue a job; prints its id",
+                            description="Queue a torchrun job. Everything after SCRIPT is passed to it.")
+    submit.add_argument("--name", help="a name for the job (default: the script's or workload's name)")
+    submit.add_argument("--gpus", type=int, metavar="G", help="G GPUs on as few nodes as possible (default: 1)")
+    submit.add_argument("--nodes", type=int, metavar="N", help="exactly N nodes (with --gpus-per-node)")
+    submit.add_argument("--gpus-per-node", type=int, metavar="G", help="G GPUs on each of the --nodes")
+    submit.add_argument("--priority", type=int, default=0, help="higher runs first (default: 0)")
+    submit.add_argument("--time-limit", metavar="DUR", help="stop the job after this long (90s, 10m, 2h)")
+    submit.add_argument("--max-restarts", type=int, default=0, metavar="K",
+                        help="requeue the job up to K times when one of its nodes is lost (default: 0)")
+    submit.add_argument("--workload", choices=sorted(WORKLOADS) or None, metavar="W",
+                        help="a built-in workload instead of a script")
+    submit.add_argument("--json", action="store_true", help="print the job as JSON")
+    submit.add_argument("script", nargs="?", metavar="SCRIPT", help="a Python training script, as for torchrun")
+    submit.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="arguments for the script")
+    _client_flags(submit)
+
+    for name, text in (("jobs", "list jobs"), ("nodes", "list nodes and their GPUs")):
+        listing = sub.add_parser(name, help=text)
+        listing.add_argument("--json", action="store_true", help="print JSON with stable field names")
+        _client_flags(listing)
+
+    show = sub.add_parser("show", help="one job in detail, with its traffic")
+    show.add_argument("job", type=int, metavar="JOB")
+    show.add_argument("--json", action="store_true", help="print JSON with stable field names")
+    _client_flags(show)
+
+    cancel = sub.add_parser("cancel", help="cancel a job, stopping its ranks")
+    cancel.add_argument("job", type=int, metavar="JOB")
+    _client_flags(cancel)
+
+    logs = sub.add_parser("logs", help="a job's output, every rank's lines prefixed with its rank")
+    logs.add_argument("job", type=int, metavar="JOB")
+    logs.add_argument("--rank", type=int, metavar="R", help="only rank R")
+    logs.add_argument("--attempt", type=int, metavar="A", help="an earlier attempt (default: the latest)")
+    logs.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    logs.add_argument("--launcher", action="store_true", help="include torchrun's own output (always shown for failed jobs)")
+    _client_flags(logs)
+    return parser
+
+
+# --- client commands -----------------------------------------------------------------------------
+
+
+async def _with_session(args: argparse.Namespace, work: Callable[[ClientSession], Awaitable[int]]) -> int:
+    token = config.find_token(args.token, args.token_file)
+    endpoint = await find_endpoint(args.coordinator)
+    async with connect(endpoint, token) as session:
+        return await work(session)
+
+
+def _read_script(path: str) -> tuple[str, bytes]:
+    script = Path(path)
+    try:
+        data = script.read_bytes()
+    except OSError as exc:
+        raise Failure(f"cannot read the script {path}: {exc.strerror}") from None
+    return script.name, data
+
+
+def spec_from_args(args: argparse.Namespace) -> JobSpec:
+    if args.workload and args.script:
+        raise Failure("give a script or --workload, not both")
+    if not args.workload and not args.script:
+        raise Failure("nothing to run: give a script (gpudeck submit train.py) or --workload NAME")
+    if args.gpus is not None and (args.nodes is not None or args.gpus_per_node is not None):
+        raise Failure("use either --gpus G, or --nodes N with --gpus-per-node G, not both")
+    if (args.nodes is None) != (args.gpus_per_node is None):
+        raise Failure("--nodes and --gpus-per-node go together")
+    script_name, script = _read_script(args.script) if args.script else ("", b"")
+    try:
+        time_limit = parse_duration(args.time_limit) if args.time_limit else None
+    except ValueError as exc:
+        raise Failure(f"--time-limit: {exc}") from None
+    spec = JobSpec(
+        name=args.name or (Path(args.script).stem if args.script else args.workload),
+        gpus=None if args.nodes is not None else (args.gpus if args.gpus is not None else 1),
+        nodes=args.nodes, gpus_per_node=args.gpus_per_node, priority=args.priority, time_limit=time_limit,
+        max_restarts=args.max_restarts, script_name=script_name, script=script, workload=args.workload or "",
+        args=list(args.args), workdir=os.getcwd())
+    try:
+        spec.check()
+    except ValueError as exc:
+        raise Failure(str(exc)) from None
+    return spec
+
+
+async def cmd_submit(args: argparse.Namespace) -> int:
+    spec = spec_from_args(args)
+
+    async def work(session: ClientSession) -> int:
+        job = await session.request(Submit, spec=spec.to_wire())
+        print(json.dumps(job, indent=2) if args.json else job["id"])
+        return 0
+
+    return await _with_session(args, work)
+
+
+async def cmd_listing(args: argparse.Namespace) -> int:
+    async def work(session: ClientSession) -> int:
+        if args.command == "jobs":
+            data = await session.request(ListJobs)
+            print(json.dumps(data, indent=2) if args.json else output.jobs_table(data))
+        elif args.command == "nodes":
+            data = await session.request(ListNodes)
+            print(json.dumps(data["nodes"], indent=2) if args.json else output.nodes_table(data))
+        elif args.command == "show":
+            data = await session.request(ShowJob, job=args.job)
+            print(json.dumps(data, indent=2) if args.json else output.job_detail(data))
+        else:
+            data = await session.request(Cancel, job=args.job)
+            print(f"job {data['id']} cancelled")
+        return 0
+
+    return await _with_session(args, work)
+
+
+async def cmd_logs(args: argparse.Namespace) -> int:
+    async def work(session: ClientSession) -> int:
+        printer = output.LogPrinter(sys.stdout, include_launcher=args.launcher or args.rank is not None and args.rank < 0)
+        offsets: dict[str, int] = {}
+        while True:
+            reply = await session.request(ReadLogs, job=args.job, attempt=args.attempt, rank=args.rank, offsets=offsets)
+            printer.include_launcher |= reply["state"] == "failed"
+            for rank, data in sorted(reply["chunks"].items(), key=lambda kv: int(kv[0])):
+                offsets[rank] = offsets.get(rank, 0) + len(data)
+                printer.feed(int(rank), data)
+            more = any(reply["chunks"].values())
+            if not more and (not args.follow or reply["finished"]):
+                break
+            if not more:
+                await asyncio.sleep(0.5)
+        printer.flush()
+        return 0
+
+    return await _with_session(args, work)
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    identity = auth.CoordinatorIdentity(args.state_dir or config.coordinator_dir())
+    print(identity.token())
+    return 0
+
+
+# --- services ------------------------------------------------------------------------------------
+
+
+async def _until_signalled(main: Awaitable[Any]) -> None:
+    task = asyncio.ensure_future(main)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+
+
+async def cmd_coordinator(args: argparse.Namespace) -> int:
+    from gpudeck.coordinator.server import Coordinator
+
+    coordinator = Coordinator(args.state_dir or config.coordinator_dir(), args.host, args.port,
+                              mdns_interfaces=args.mdns_interface, use_mdns=not args.no_mdns)
+    await coordinator.start()
+    try:
+        await _until_signalled(asyncio.Event().wait())
+    finally:
+        await coordinator.stop()
+    return 0
+
+
+def _agent_token(args: argparse.Namespace) -> auth.JoinToken:
+    text = args.token or os.environ.get("GPUDECK_TOKEN")
+    path = args.token_file or os.environ.get("GPUDECK_TOKEN_FILE")
+    return auth.read_token_text(text, path) if text or path else config.find_token(None, None)
+
+
+async def cmd_agent(args: argparse.Namespace) -> int:
+    import socket
+
+    from gpudeck.agent.gpus import open_backend
+    from gpudeck.agent.node import Agent, AgentConfig
+
+    token = _agent_token(args)
+    address = args.coordinator or os.environ.get("GPUDECK_COORDINATOR")
+    coordinator = split_address(address, config.DEFAULT_PORT) if address else None
+    if coordinator is None and args.no_mdns:
+        raise Failure("with --no-mdns the agent needs --coordinator HOST:PORT")
+    backend, found = open_backend(args.simulate_gpus)
+    logging.getLogger("gpudeck.agent").info("%s", found)
+    agent = Agent(AgentConfig(name=args.name or socket.gethostname().split(".")[0], token=token,
+                              state_dir=args.state_dir or config.agent_dir(), coordinator=coordinator,
+                              mdns_interfaces=args.mdns_interface, use_mdns=not args.no_mdns), backend)
+    await _until_signalled(agent.run())
+    return 0
+
+
+# --- entry point ---------------------------------------------------------------------------------
+
+ASYNC_COMMANDS = {"submit": cmd_submit, "jobs": cmd_listing, "nodes": cmd_listing, "show": cmd_listing,
+                  "cancel": cmd_listing, "logs": cmd_logs, "coordinator": cmd_coordinator, "agent": cmd_agent}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        if args.command == "token":
+            return cmd_token(args)
+        if args.command == "up":
+            from gpudeck.local import run_up
+            return asyncio.run(run_up(args))
+        return asyncio.run(ASYNC_COMMANDS[args.command](args))
+    except (Failure, Refused, auth.TokenError, auth.PinMismatch, NoCoordinator, ValueError) as exc:
+        print(f"gpudeck: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

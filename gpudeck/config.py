@@ -1,0 +1,65 @@
+"""Where gpudeck keeps its files, and how a client finds the coordinator and its token.
+
+The data dir is `$GPUDECK_HOME`, else `$XDG_DATA_HOME/gpudeck`, else `~/.local/share/gpudeck`. A
+coordinator started with its state there (as `gpudeck up` does) leaves its address and token where
+clients on the same machine find them without flags.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from gpudeck.protocol import auth
+
+DEFAULT_PORT = 7070
+ENDPOINT_FILE = "endpoint.json"
+
+
+def data_dir() -> Path:
+    if home := os.environ.get("GPUDECK_HOME"):
+        return Path(home).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "gpudeck"
+
+
+def coordinator_dir() -> Path:
+    return data_dir() / "coordinator"
+
+
+def agent_dir() -> Path:
+    return data_dir() / "agent"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+    how: str  # where the address came from, for messages
+
+
+def local_endpoint(state_dir: Path | None = None) -> Endpoint | None:
+    """The address a coordinator using `state_dir` (default: this data dir) wrote when it started."""
+    path = (state_dir or coordinator_dir()) / ENDPOINT_FILE
+    try:
+        data = json.loads(path.read_text())
+        return Endpoint(str(data["host"]), int(data["port"]), f"the local coordinator ({path})")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def find_token(text: str | None, path: str | None) -> auth.JoinToken:
+    """The token from --token, --token-file, $GPUDECK_TOKEN, $GPUDECK_TOKEN_FILE, or the local coordinator."""
+    text = text or os.environ.get("GPUDECK_TOKEN")
+    path = path or os.environ.get("GPUDECK_TOKEN_FILE")
+    if text or path:
+        return auth.read_token_text(text, path)
+    local = coordinator_dir() / auth.TOKEN_FILE
+    if local.exists():
+        return auth.read_token_text(path=str(local))
+    raise auth.TokenError(
+        "no join token: pass --token or --token-file, or set GPUDECK_TOKEN "
+        "(print it with `gpudeck token` on the coordinator's machine)"
+    )

@@ -1,0 +1,47 @@
+"""`gpudeck up`: a coordinator and an agent in one process on this machine, for trying gpudeck out
+and for a single workstation. It stays on loopback (no LAN multicast) unless asked for the LAN."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import socket
+
+from gpudeck import config
+
+log = logging.getLogger("gpudeck.up")
+
+
+async def run_up(args: argparse.Namespace) -> int:
+    from gpudeck.agent.gpus import open_backend
+    from gpudeck.agent.node import Agent, AgentConfig
+    from gpudeck.coordinator.server import Coordinator
+
+    host = "0.0.0.0" if args.lan else "127.0.0.1"
+    interfaces = None if args.lan else ["127.0.0.1"]
+    coordinator = Coordinator(config.coordinator_dir(), host, args.port, mdns_interfaces=interfaces)
+    try:
+        await coordinator.start()
+    except OSError as exc:
+        print(f"gpudeck: cannot listen on port {args.port} ({exc.strerror}): is gpudeck already up? "
+              "Try another --port.")
+        return 1
+    backend, found = open_backend(args.simulate_gpus)
+    name = socket.gethostname().split(".")[0]
+    agent = Agent(AgentConfig(name=name, token=coordinator.token, state_dir=config.agent_dir(),
+                              coordinator=("127.0.0.1", coordinator.port), mdns_interfaces=interfaces), backend)
+    runner = asyncio.create_task(agent.run())
+    print(f"gpudeck is up: coordinator on {host}:{coordinator.port}, node {name}: {found}.\n"
+          f"State is in {config.data_dir()}. In another terminal try:\n"
+          f"  gpudeck nodes\n  gpudeck submit --gpus 1 train.py\n  gpudeck jobs\n"
+          "Press Ctrl-C to stop; running jobs keep running and are adopted on the next `gpudeck up`.", flush=True)
+    try:
+        await runner
+    except asyncio.CancelledError:
+        pass
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        await coordinator.stop()
+    return 0

@@ -1,0 +1,144 @@
+"""A real cluster for tests: a coordinator and agents as separate `python -m gpudeck` processes on
+loopback, driven through the same command line a user types."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.3) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@dataclass
+class Cluster:
+    root: Path
+    port: int = field(default_factory=free_port)
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    token: str = ""
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({"GPUDECK_HOME": str(self.root / "home"), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+        env.pop("GPUDECK_COORDINATOR", None)
+        env.pop("GPUDECK_TOKEN", None)
+        return env
+
+    def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        log = open(self.root / f"{name}.log", "ab")
+        proc = subprocess.Popen([sys.executable, "-m", "gpudeck", *args], stdout=log, stderr=subprocess.STDOUT,
+                                env=self.env, cwd=self.root)
+        self.procs[name] = proc
+        return proc
+
+    def start_coordinator(self) -> None:
+        self.spawn("coordinator", "coordinator", "--host", "127.0.0.1", "--port", str(self.port),
+                   "--state-dir", str(self.root / "coord"), "--no-mdns")
+        self.token = wait_until(self._read_token, 20, "the coordinator's token")
+        wait_until(self._accepting, 20, "the coordinator to listen")
+
+    def _read_token(self) -> str:
+        result = self.cli("token", "--state-dir", str(self.root / "coord"), check=False, client=False)
+        return result.stdout.strip() if result.returncode == 0 else ""
+
+    def _accepting(self) -> bool:
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def start_agent(self, name: str, gpus: int = 2) -> None:
+        self.spawn(name, "agent", "--coordinator", f"127.0.0.1:{self.port}", "--token", self.token, "--name", name,
+                   "--simulate-gpus", str(gpus), "--no-mdns", "--state-dir", str(self.root / name))
+
+    def cli(self, *args: str, check: bool = True, client: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        flags = ["--coordinator", f"127.0.0.1:{self.port}", "--token", self.token] if client else []
+        result = subprocess.run([sys.executable, "-m", "gpudeck", *args, *flags], capture_output=True, text=True,
+                                env=self.env, cwd=self.root, timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"gpudeck {' '.join(args)} exited {result.returncode}: {result.stderr}")
+        return result
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.cli(*args, "--json").stdout)
+
+    def nodes(self) -> list[dict[str, Any]]:
+        return self.json("nodes")
+
+    def wait_nodes(self, state: str, count: int, timeout: float = 30) -> list[dict[str, Any]]:
+        def reached() -> list[dict[str, Any]] | None:
+            nodes = [n for n in self.nodes() if n["state"] == state]
+            return nodes if len(nodes) == count else None
+
+        return wait_until(reached, timeout, f"{count} nodes {state}")
+
+    def job(self, job_id: int) -> dict[str, Any]:
+        return self.json("show", str(job_id))
+
+    def wait_job(self, job_id: int, states: tuple[str, ...], timeout: float = 90) -> dict[str, Any]:
+        def reached() -> dict[str, Any] | None:
+            job = self.job(job_id)
+            return job if job["state"] in states else None
+
+        return wait_until(reached, timeout, f"job {job_id} to be {' or '.join(states)}", interval=0.5)
+
+    def submit(self, *args: str) -> int:
+        """Submit; client flags go before the script so they are not taken as its arguments."""
+        flags = ["--coordinator", f"127.0.0.1:{self.port}", "--token", self.token]
+        result = subprocess.run([sys.executable, "-m", "gpudeck", "submit", "--json", *flags, *args],
+                                capture_output=True, text=True, env=self.env, cwd=self.root, timeout=60)
+        if result.returncode != 0:
+            raise AssertionError(f"submit exited {result.returncode}: {result.stderr}")
+        return json.loads(result.stdout)["id"]
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs.pop(name)
+        proc.send_signal(sig)
+        proc.wait(timeout=30)
+
+    def logs_of(self, name: str) -> str:
+        path = self.root / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self.procs.clear()
+        _kill_leftover_jobs(self.root)
+
+
+def _kill_leftover_jobs(root: Path) -> None:
+    """Job ranks outlive agents by design; a test must not leave any behind."""
+    for pid_file in root.glob("*/jobs/*/job.json"):
+        try:
+            pgid = json.loads(pid_file.read_text())["pgid"]
+            os.killpg(pgid, signal.SIGKILL)
+        except (OSError, ValueError, KeyError):
+            pass

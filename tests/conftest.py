@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.cluster import Cluster
+
+SCRIPTS = Path(__file__).resolve().parent / "scripts"
+
+
+def _start(tmp: Path, agents: tuple[str, ...]) -> Cluster:
+    cluster = Cluster(tmp)
+    cluster.start_coordinator()
+    for name in agents:
+        cluster.start_agent(name)
+    cluster.wait_nodes("up", len(agents))
+    return cluster
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    """A fresh coordinator and two agents with 2 simulated GPUs each, as real processes."""
+    running = _start(tmp_path, ("node-a", "node-b"))
+    yield running
+    running.stop()
+    if request.node.rep_call.failed if hasattr(request.node, "rep_call") else False:
+        for name in ("coordinator", "node-a", "node-b"):
+            print(f"--- {name} log\n{running.logs_of(name)[-4000:]}")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report

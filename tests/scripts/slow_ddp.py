@@ -1,0 +1,27 @@
+"""An ordinary DDP script that trains slowly, so tests can act on it while it runs."""
+import argparse
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--steps", type=int, default=20)
+parser.add_argument("--sleep", type=float, default=0.5)
+parser.add_argument("--fail-at", type=int, default=-1)
+args = parser.parse_args()
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+model = DDP(torch.nn.Linear(16, 4))
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+for step in range(args.steps):
+    if step == args.fail_at:
+        raise SystemExit(3)
+    loss = model(torch.randn(8, 16)).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    print(f"rank {dist.get_rank()} step {step} loss {loss.item():.4f}", flush=True)
+    time.sleep(args.sleep)
+dist.destroy_process_group()

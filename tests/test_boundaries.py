@@ -1,0 +1,57 @@
+"""The design's import boundaries, checked on the source so a stray import fails CI, not a user.
+
+tui and agent import only the shared kernel (gpudeck.*, not each other or the coordinator);
+the coordinator never imports torch or textual; train imports none of the other parts.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PARTS = {"agent": "gpudeck.agent", "coordinator": "gpudeck.coordinator", "tui": "gpudeck.tui", "train": "gpudeck.train"}
+FORBIDDEN = {
+    "agent": ("gpudeck.coordinator", "gpudeck.tui", "gpudeck.train", "torch", "textual"),
+    "tui": ("gpudeck.coordinator", "gpudeck.agent", "gpudeck.train", "torch"),
+    "coordinator": ("gpudeck.agent", "gpudeck.tui", "gpudeck.train", "torch", "textual"),
+    "train": ("gpudeck.agent", "gpudeck.coordinator", "gpudeck.tui", "textual"),
+    "gpudeck": ("torch", "textual"),
+}
+
+
+def imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def _sources(folder: str) -> list[Path]:
+    files = sorted((ROOT / folder).rglob("*.py"))
+    if folder == "gpudeck":
+        # The command and `gpudeck up` compose the parts, importing them lazily inside functions.
+        files = [f for f in files if f.name not in ("cli.py", "local.py")]
+    return files
+
+
+@pytest.mark.parametrize("folder", sorted(FORBIDDEN))
+def test_parts_import_only_what_the_design_allows(folder):
+    offences = [
+        f"{path.relative_to(ROOT)} imports {name}"
+        for path in _sources(folder)
+        for name in imported_modules(path)
+        if any(name == bad or name.startswith(bad + ".") for bad in FORBIDDEN[folder])
+    ]
+    assert not offences, "\n".join(offences)
+
+
+def test_the_checker_sees_imports(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text("import torch\nfrom gpudeck.coordinator import store\n")
+    assert imported_modules(sample) == {"torch", "gpudeck.coordinator"}

@@ -1,0 +1,189 @@
+"""The cluster end to end on loopback: a real coordinator, real agents, real torchrun jobs on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+import struct
+
+import msgpack
+import pytest
+
+from tests.cluster import Cluster, wait_until
+from tests.conftest import SCRIPTS
+
+pytestmark = pytest.mark.slow
+GRAD_BYTES = 2080 * 4  # Linear(64, 32): 2,080 float32 parameters
+
+
+def _process_group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _job_groups(cluster: Cluster, node: str, job_id: int, attempt: int = 1) -> int:
+    record = cluster.root / node / "jobs" / f"{job_id}-{attempt}" / "job.json"
+    return json.loads(record.read_text())["pgid"]
+
+
+def test_two_node_ddp_job_succeeds_with_logs_and_exact_all_reduce_bytes(cluster: Cluster):
+    job_id = cluster.submit("--nodes", "2", "--gpus-per-node", "1", str(SCRIPTS / "ddp_linear.py"), "--steps", "5")
+    job = cluster.wait_job(job_id, ("succeeded", "failed", "cancelled"))
+    assert job["state"] == "succeeded", job
+    assert job["exit_code"] == 0 and job["attempt"] == 1
+    assert sorted(job["nodes"]) == ["node-a", "node-b"]
+    assert job["traffic"]["by_kind"]["all_reduce"] == 2 * 5 * GRAD_BYTES
+    assert {r: k["all_reduce"] for r, k in job["traffic"]["by_rank"].items()} == {"0": 5 * GRAD_BYTES, "1": 5 * GRAD_BYTES}
+    logs = cluster.cli("logs", str(job_id)).stdout
+    assert logs.count("step 4 loss") == 2
+    assert "[rank 0] rank 0 step 0" in logs and "[rank 1] rank 1 step 0" in logs
+    only_rank_1 = cluster.cli("logs", str(job_id), "--rank", "1").stdout
+    assert "rank 1 step 4" in only_rank_1 and "rank 0 step" not in only_rank_1
+
+
+def test_cancel_stops_every_rank_and_frees_the_gpus(cluster: Cluster):
+    job_id = cluster.submit("--gpus", "4", "--name", "long", str(SCRIPTS / "slow_ddp.py"), "--steps", "1000")
+    cluster.wait_job(job_id, ("running",))
+    groups = [_job_groups(cluster, node, job_id) for node in ("node-a", "node-b")]
+    blocked = cluster.submit("--gpus", "1", str(SCRIPTS / "ddp_linear.py"), "--steps", "1")
+    assert "needs 1 GPU" in cluster.job(blocked)["reason"] or cluster.job(blocked)["state"] == "pending"
+    assert cluster.cli("cancel", str(job_id)).stdout.strip() == f"job {job_id} cancelled"
+    wait_until(lambda: not any(_process_group_alive(g) for g in groups), 15, "every rank to stop")
+    assert cluster.job(job_id)["state"] == "cancelled"
+    assert cluster.wait_job(blocked, ("succeeded", "failed"))["state"] == "succeeded"
+    again = cluster.cli("cancel", str(job_id), check=False)
+    assert again.returncode == 1 and "already cancelled" in again.stderr
+
+
+def test_wrong_token_is_refused_and_creates_nothing(cluster: Cluster):
+    before = cluster.json("jobs")
+    wrong = "gd1." + "0" * 64 + "." + "A" * 43
+    for args in (["jobs"], ["nodes"]):
+        result = cluster.cli(*args, "--coordinator", f"127.0.0.1:{cluster.port}", "--token", wrong, check=False,
+                             client=False)
+        assert result.returncode == 1
+    # The same fingerprint with a wrong secret reaches the coordinator's secret check.
+    right_pin_wrong_secret = cluster.token.rsplit(".", 1)[0] + "." + "B" * 43
+    submit = cluster.cli("submit", "--coordinator", f"127.0.0.1:{cluster.port}", "--token", right_pin_wrong_secret,
+                         str(SCRIPTS / "ddp_linear.py"), check=False, client=False)
+    assert submit.returncode == 1 and "join token is wrong" in submit.stderr
+    assert "does not match the join token" in cluster.cli("jobs", "--coordinator", f"127.0.0.1:{cluster.port}",
+                                                          "--token", wrong, check=False, client=False).stderr
+    cluster.spawn("intruder", "agent", "--coordinator", f"127.0.0.1:{cluster.port}", "--token",
+                  right_pin_wrong_secret, "--name", "intruder", "--simulate-gpus", "8", "--no-mdns",
+                  "--state-dir", str(cluster.root / "intruder"))
+    wait_until(lambda: "refused" in cluster.logs_of("intruder"), 20, "the intruder to be refused")
+    assert cluster.json("jobs") == before
+    assert sorted(n["name"] for n in cluster.nodes()) == ["node-a", "node-b"]
+
+
+def _tls(port: int) -> ssl.SSLSocket:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    return ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10))
+
+
+def _answer(sock: ssl.SSLSocket) -> dict | None:
+    header = sock.recv(4)
+    if len(header) < 4:
+        return None
+    (length,) = struct.unpack(">I", header)
+    body = b""
+    while len(body) < length:
+        body += sock.recv(length - len(body))
+    return msgpack.unpackb(body)
+
+
+@pytest.mark.parametrize("garbage", [
+    struct.pack(">I", 0xFFFFFFF0),
+    struct.pack(">I", 3) + b"\xc1\xc1\xc1",
+    struct.pack(">I", 4) + msgpack.packb([1, 2]),
+    (lambda b: struct.pack(">I", len(b)) + b)(msgpack.packb({"kind": "submit", "req": 1, "spec": {}})),
+    (lambda b: struct.pack(">I", len(b)) + b)(msgpack.packb({"kind": "hello", "secret": 1, "role": "agent",
+                                                              "name": "x", "version": 1})),
+], ids=["huge-length", "bad-bytes", "not-a-map", "request-before-hello", "hello-wrong-type"])
+def test_garbage_gets_an_error_frame_and_leaves_the_cluster_serving(cluster: Cluster, garbage: bytes):
+    jobs_before = cluster.json("jobs")
+    with _tls(cluster.port) as sock:
+        sock.sendall(garbage)
+        answer = _answer(sock)
+    assert answer is not None and answer["kind"] == "error" and answer["req"] is None, answer
+    with socket.create_connection(("127.0.0.1", cluster.port), timeout=10) as plain:
+        plain.sendall(b"GET / HTTP/1.0\r\n\r\n" + os.urandom(256))
+    assert [n["state"] for n in cluster.nodes()] == ["up", "up"]
+    assert cluster.json("jobs") == jobs_before
+
+
+def test_impossible_and_malformed_requests_are_refused_with_a_reason(cluster: Cluster):
+    script = str(SCRIPTS / "ddp_linear.py")
+    cases = [
+        (["--gpus", "5", script], "needs 5 GPUs"),
+        (["--nodes", "3", "--gpus-per-node", "1", script], "only 2 nodes"),
+        (["--nodes", "1", "--gpus-per-node", "3", script], "3 GPUs"),
+        (["--gpus", "0", script], "at least 1"),
+        (["--time-limit", "soon", script], "not a duration"),
+        (["--nodes", "2", script], "go together"),
+        ([str(cluster.root / "missing.py")], "cannot read the script"),
+    ]
+    for args, reason in cases:
+        result = cluster.cli("submit", *args[:-1], "--coordinator", f"127.0.0.1:{cluster.port}", "--token",
+                             cluster.token, args[-1], check=False, client=False)
+        assert result.returncode == 1, (args, result.stdout)
+        assert reason in result.stderr, (args, result.stderr)
+    assert cluster.json("jobs") == []
+
+
+def test_failing_job_reports_its_exit_code_and_launcher_output(cluster: Cluster):
+    job_id = cluster.submit("--nodes", "2", "--gpus-per-node", "1", str(SCRIPTS / "slow_ddp.py"),
+                            "--steps", "5", "--sleep", "0", "--fail-at", "2")
+    job = cluster.wait_job(job_id, ("succeeded", "failed"))
+    assert job["state"] == "failed" and job["exit_code"] not in (0, None)
+    assert "exited with code" in job["reason"]
+    logs = cluster.cli("logs", str(job_id)).stdout
+    assert "[torchrun node" in logs, "a failed job's logs include torchrun's own output"
+
+
+def test_time_limit_stops_an_overrunning_job(cluster: Cluster):
+    job_id = cluster.submit("--gpus", "1", "--time-limit", "3s", str(SCRIPTS / "slow_ddp.py"), "--steps", "1000")
+    job = cluster.wait_job(job_id, ("succeeded", "failed"), timeout=60)
+    assert job["state"] == "failed" and "time limit of 3s" in job["reason"]
+    group = _job_groups(cluster, job["nodes"][0], job_id)
+    wait_until(lambda: not _process_group_alive(group), 15, "the ranks to stop")
+
+
+def test_coordinator_killed_and_restarted_adopts_the_running_job(cluster: Cluster):
+    job_id = cluster.submit("--nodes", "2", "--gpus-per-node", "1", str(SCRIPTS / "slow_ddp.py"),
+                            "--steps", "24", "--sleep", "0.5")
+    cluster.wait_job(job_id, ("running",))
+    cluster.kill("coordinator", signal.SIGKILL)
+    cluster.start_coordinator()
+    job = cluster.wait_job(job_id, ("succeeded", "failed", "cancelled"), timeout=120)
+    assert job["state"] == "succeeded" and job["attempt"] == 1, job
+    logs = cluster.cli("logs", str(job_id)).stdout
+    assert logs.count("step 23 loss") == 2 and logs.count("step 0 loss") == 2
+
+
+def test_agent_killed_mid_job_stops_the_other_ranks_and_requeues(cluster: Cluster):
+    job_id = cluster.submit("--nodes", "2", "--gpus-per-node", "1", "--max-restarts", "1",
+                            str(SCRIPTS / "slow_ddp.py"), "--steps", "1000")
+    job = cluster.wait_job(job_id, ("running",))
+    survivor = "node-a"
+    survivor_group = _job_groups(cluster, survivor, job_id)
+    victim_group = _job_groups(cluster, "node-b", job_id)
+    cluster.kill("node-b", signal.SIGKILL)
+    os.killpg(victim_group, signal.SIGKILL)  # the machine is gone: its ranks with it
+    wait_until(lambda: any(n["name"] == "node-b" and n["state"] == "down" for n in cluster.nodes()), 20,
+               "node-b to be down")
+    wait_until(lambda: not _process_group_alive(survivor_group), 15, "the surviving ranks to be stopped")
+    job = cluster.job(job_id)
+    assert job["state"] == "pending" and "requeued" in job["reason"] and "node-b" in job["reason"], job
+    cluster.start_agent("node-b")
+    job = cluster.wait_job(job_id, ("running",), timeout=60)
+    assert job["attempt"] == 2
+    cluster.cli("cancel", str(job_id))

@@ -122,13 +122,17 @@ class Agent:
         return [(a.host, a.port) for a in found]
 
     async def _open(self) -> Connection:
+        """The first candidate that proves to be this cluster's coordinator: a stale advert (a
+        coordinator killed without a goodbye stays in mDNS caches for minutes) must not stop the rest."""
         failures = []
         for host, port in await self._candidates():
             try:
                 conn, _ = await open_session(host, port, self.config.token, "agent", self.config.name)
                 return conn
             except auth.PinMismatch:
-                failures.append(f"{host}:{port} is another coordinator")
+                failures.append(f"{host}:{port} is another cluster's coordinator")
+            except (OSError, asyncio.TimeoutError) as exc:
+                failures.append(f"{host}:{port}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}")
         raise ConnectionError("; ".join(failures))
 
     async def _session(self) -> None:

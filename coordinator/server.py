@@ -49,7 +49,8 @@ class Coordinator:
         self.clock = clock
         self.registry = Registry()
         self.discovery = Discovery(mdns_interfaces) if use_mdns else None
-        self.refused_hosts: dict[str, str] = {}
+        # Why an agent seen over mDNS has not joined, by (address, node name), from refused handshakes.
+        self.refused_agents: dict[tuple[str, str], str] = {}
         self.wake = asyncio.Event()
         self._server: asyncio.AbstractServer | None = None
         self._loop_task: asyncio.Task[None] | None = None
@@ -164,7 +165,8 @@ class Coordinator:
             await self._refuse(conn, "the first message must be hello", "bad_handshake")
             return None
         if not auth.secret_matches(hello.secret, self.token):
-            self.refused_hosts[conn.peer_host] = "it offered a wrong join token"
+            if hello.role == "agent":
+                self.refused_agents[(conn.peer_host, hello.name)] = "it offered a wrong join token"
             log.warning("refused %s from %s: wrong join token", hello.role, conn.peer_host)
             await asyncio.sleep(WRONG_TOKEN_DELAY)
             await self._refuse(conn, "the join token is wrong: print the right one with `gpudeck token` "
@@ -218,7 +220,7 @@ class Coordinator:
             await previous.conn.close()
         self.store.upsert_node(name, register.hostname, address, register.simulated, register.gpus, now)
         self.registry.states[name] = NodeState.UP
-        self.refused_hosts.pop(conn.peer_host, None)
+        self.refused_agents.pop((conn.peer_host, name), None)
         log.info("node %s joined from %s with %d GPUs%s", name, address, len(register.gpus),
                  " (simulated)" if register.simulated else "")
         await self.jobs.reconcile(name, register.jobs)
@@ -290,8 +292,9 @@ class Coordinator:
         unjoined = []
         for advert in self.discovery.adverts("agent") if self.discovery else []:
             if advert.node not in joined:
-                why = self.refused_hosts.get(advert.host, "it has not connected (is it given this coordinator's token?)")
-                unjoined.append({"name": advert.node, "address": f"{advert.host}:{advert.port}",
+                why = self.refused_agents.get((advert.host, advert.node),
+                                              "it has not connected (is it given this coordinator's token?)")
+                unjoined.append({"name": advert.node, "address": advert.host,
                                  "gpus": advert.gpus, "why": why})
         return {"nodes": nodes, "unjoined": unjoined}
 

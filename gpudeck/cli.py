@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from gpudeck import __version__, config, output
-from gpudeck.client import NoCoordinator, connect, find_endpoint
+from gpudeck.client import NoCoordinator, connect, find_endpoints
 from gpudeck.model import WORKLOADS, JobSpec, parse_duration
 from gpudeck.protocol import auth
 from gpudeck.protocol.messages import Cancel, ListJobs, ListNodes, ReadLogs, ShowJob, Submit
@@ -120,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def _with_session(args: argparse.Namespace, work: Callable[[ClientSession], Awaitable[int]]) -> int:
     token = config.find_token(args.token, args.token_file)
-    endpoint = await find_endpoint(args.coordinator)
-    async with connect(endpoint, token) as session:
+    endpoints = await find_endpoints(args.coordinator)
+    async with connect(endpoints, token) as session:
         return await work(session)
 
 

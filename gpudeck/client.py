@@ -6,6 +6,7 @@ or mDNS, in that order; every failure says what was tried, so a newcomer knows w
 
 from __future__ import annotations
 
+import asyncio
 import os
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
@@ -13,7 +14,7 @@ from typing import AsyncIterator
 from gpudeck.config import DEFAULT_PORT, Endpoint, local_endpoint
 from gpudeck.discovery import Discovery
 from gpudeck.protocol import auth
-from gpudeck.protocol.session import ClientSession, open_session, split_address
+from gpudeck.protocol.session import ClientSession, Connection, open_session, split_address
 
 MDNS_WAIT = 3.0
 
@@ -22,14 +23,15 @@ class NoCoordinator(ConnectionError):
     """No coordinator could be found or reached; the text says what was tried."""
 
 
-async def find_endpoint(flag: str | None, mdns_interfaces: list[str] | None = None) -> Endpoint:
+async def find_endpoints(flag: str | None, mdns_interfaces: list[str] | None = None) -> list[Endpoint]:
+    """Where the coordinator may be: one place when told, else every coordinator mDNS knows of."""
     if flag or os.environ.get("GPUDECK_COORDINATOR"):
         text = flag or os.environ["GPUDECK_COORDINATOR"]
         host, port = split_address(text, DEFAULT_PORT)
-        return Endpoint(host, port, "--coordinator" if flag else "$GPUDECK_COORDINATOR")
+        return [Endpoint(host, port, "--coordinator" if flag else "$GPUDECK_COORDINATOR")]
     local = local_endpoint()
     if local:
-        return local
+        return [local]
     discovery = Discovery(mdns_interfaces)
     await discovery.start()
     try:
@@ -37,7 +39,7 @@ async def find_endpoint(flag: str | None, mdns_interfaces: list[str] | None = No
     finally:
         await discovery.close()
     if found:
-        return Endpoint(found[0].host, found[0].port, f"mDNS ({found[0].node})")
+        return [Endpoint(a.host, a.port, f"mDNS ({a.node})") for a in found]
     raise NoCoordinator(
         "no coordinator found: none given with --coordinator HOST:PORT or $GPUDECK_COORDINATOR, none "
         "running from this machine's data dir, and none answered over mDNS. Start one with `gpudeck up` "
@@ -45,18 +47,27 @@ async def find_endpoint(flag: str | None, mdns_interfaces: list[str] | None = No
     )
 
 
+async def _open_first(endpoints: list[Endpoint], token: auth.JoinToken, name: str) -> Connection:
+    """The first endpoint that proves to hold the token's certificate; a coordinator that was named
+    explicitly and fails the pin is an error, a stale or foreign mDNS advert is only skipped."""
+    failures = []
+    for endpoint in endpoints:
+        try:
+            conn, _ = await open_session(endpoint.host, endpoint.port, token, "client", name)
+            return conn
+        except auth.PinMismatch:
+            if len(endpoints) == 1:
+                raise
+            failures.append(f"{endpoint.host}:{endpoint.port} is another cluster's coordinator")
+        except (OSError, asyncio.TimeoutError) as exc:
+            failures.append(f"cannot reach the coordinator at {endpoint.host}:{endpoint.port} (from {endpoint.how}): "
+                            f"{getattr(exc, 'strerror', None) or exc or 'timed out'}")
+    raise NoCoordinator("; ".join(failures))
+
+
 @asynccontextmanager
-async def connect(endpoint: Endpoint, token: auth.JoinToken, name: str = "cli") -> AsyncIterator[ClientSession]:
-    try:
-        conn, _ = await open_session(endpoint.host, endpoint.port, token, "client", name)
-    except auth.PinMismatch:
-        raise
-    except OSError as exc:
-        raise NoCoordinator(
-            f"cannot reach the coordinator at {endpoint.host}:{endpoint.port} (from {endpoint.how}): "
-            f"{exc.strerror or exc}"
-        ) from None
-    session = ClientSession(conn)
+async def connect(endpoints: list[Endpoint], token: auth.JoinToken, name: str = "cli") -> AsyncIterator[ClientSession]:
+    session = ClientSession(await _open_first(endpoints, token, name))
     try:
         yield session
     finally:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 import socket
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gpudeck.agent.gpus import GpuBackend, GpuReading
+from gpudeck.agent.procs import marker_of
 from gpudeck.agent.runner import JobRunner
 from gpudeck.agent.traffic_sink import TrafficSink
 from gpudeck.discovery import Discovery
@@ -177,18 +177,10 @@ class Agent:
             await asyncio.sleep(TELEMETRY_INTERVAL)
 
     def _gpus_wire(self) -> list[dict[str, Any]]:
-        sessions = self.runner.sessions()
         gpus = []
         for reading in self.latest:
             wire = reading.to_wire()
             for process in wire["processes"]:
-                process["foreign"] = _session_of(process["pid"]) not in sessions
+                process["foreign"] = marker_of(process["pid"]) is None
             gpus.append(wire)
         return gpus
-
-
-def _session_of(pid: int) -> int | None:
-    try:
-        return os.getsid(pid)
-    except (ProcessLookupError, PermissionError, OSError):
-        return None

@@ -1,9 +1,9 @@
 """The job runner: starts this node's ranks of a job attempt with torchrun and follows them.
 
-torchrun runs under a small shell in a session of its own, so a cancel, a time limit or the loss of
-another node of the job stops every rank with one signal to the process group, and the ranks outlive
-the agent: a restarted agent adopts them from the job directory, where the shell writes the exit
-code. The runner keeps each attempt until the coordinator says it recorded the exit (`forget`), so
+torchrun runs under a small shell in a session of its own, and every process of the attempt carries
+its marker in its environment (see `procs`), so a cancel, a time limit or the loss of another node of
+the job stops every rank, even those torchrun put in sessions of their own. The ranks outlive the
+agent: a restarted agent adopts them from the job directory, where the shell writes the exit code. The runner keeps each attempt until the coordinator says it recorded the exit (`forget`), so
 exits that happen while the coordinator is away are reported when it is back.
 """
 
@@ -24,6 +24,7 @@ from typing import Awaitable, Callable
 
 from gpudeck.agent.gpus import GpuBackend
 from gpudeck.agent.netif import interface_towards
+from gpudeck.agent.procs import MARKER, alive, run_marker, signal_all
 from gpudeck.agent.traffic_sink import TrafficSink
 from gpudeck.protocol.messages import JobExited, JobStarted, Launch, LogChunk, Message, Traffic
 
@@ -43,6 +44,7 @@ Send = Callable[[Message], Awaitable[bool]]
 class RunningJob:
     """One attempt of one job on this node; `pgid` is the launcher's process group."""
 
+    node: str
     job: int
     attempt: int
     node_rank: int
@@ -57,6 +59,10 @@ class RunningJob:
     @property
     def key(self) -> tuple[int, int]:
         return self.job, self.attempt
+
+    @property
+    def marker(self) -> str:
+        return run_marker(self.node, self.job, self.attempt)
 
     @property
     def path(self) -> Path:
@@ -77,7 +83,7 @@ class RunningJob:
         return files
 
     def save(self) -> None:
-        record = {k: v for k, v in asdict(self).items() if k in ("job", "attempt", "node_rank", "gpus", "pgid")}
+        record = {k: v for k, v in asdict(self).items() if k in ("node", "job", "attempt", "node_rank", "gpus", "pgid")}
         (self.path / "job.json").write_text(json.dumps(record))
 
 
@@ -115,7 +121,7 @@ class JobRunner:
             return
         directory = self.root / f"{order.job}-{order.attempt}"
         (directory / "logs").mkdir(parents=True, exist_ok=True)
-        job = RunningJob(order.job, order.attempt, order.node_rank, list(order.gpus), str(directory))
+        job = RunningJob(self.node, order.job, order.attempt, order.node_rank, list(order.gpus), str(directory))
         self.jobs[key] = job
         if not torch_available():
             await self._finish(job, 127, f"torch is not installed on {self.node}: install gpudeck[train] there")
@@ -163,6 +169,7 @@ class JobRunner:
             "GPUDECK_JOB_ID": str(order.job),
             "GPUDECK_ATTEMPT": str(order.attempt),
             "GPUDECK_NODE": self.node,
+            MARKER: run_marker(self.node, order.job, order.attempt),
             "GPUDECK_TRAFFIC_ADDR": self.sink.address,
             "GPUDECK_LOG_DIR": str(directory / "logs"),
             "GPUDECK_EXIT_FILE": str(directory / "exit_code"),
@@ -188,7 +195,7 @@ class JobRunner:
         if process is not None:
             code = await process.wait()
         else:
-            while _signal_group(job.pgid, 0):
+            while alive(job.marker):
                 await asyncio.sleep(POLL)
             code = _recorded_exit(job.path)
         detail = f"stopped: {job.kill_reason}" if job.kill_reason else ""
@@ -197,6 +204,8 @@ class JobRunner:
         await self._finish(job, code, detail)
 
     async def _finish(self, job: RunningJob, code: int, detail: str) -> None:
+        # Ranks that outlive their torchrun (it was killed) can only hang: stop them with it.
+        signal_all(job.marker, signal.SIGKILL)
         job.exit_code, job.detail = code, detail
         for index in job.gpus:
             self.backend.assign(index, [])
@@ -214,12 +223,13 @@ class JobRunner:
             return
         job.kill_reason = reason
         log.info("job %d attempt %d: stopping (%s)", job_id, attempt, reason)
-        _signal_group(job.pgid, signal.SIGTERM)
+        signal_all(job.marker, signal.SIGTERM)
         for _ in range(int(KILL_GRACE / POLL)):
             await asyncio.sleep(POLL)
-            if not _signal_group(job.pgid, 0):
+            if not alive(job.marker):
                 return
-        _signal_group(job.pgid, signal.SIGKILL)
+        log.info("job %d attempt %d: still running after %.0f s; killing", job_id, attempt, KILL_GRACE)
+        signal_all(job.marker, signal.SIGKILL)
 
     def forget(self, job_id: int, attempt: int) -> None:
         job = self.jobs.get((job_id, attempt))
@@ -233,10 +243,6 @@ class JobRunner:
         """What a (re)connecting agent tells the coordinator it holds."""
         return [{"job": j.job, "attempt": j.attempt, "exit_code": j.exit_code, "detail": j.detail}
                 for j in self.jobs.values()]
-
-    def sessions(self) -> set[int]:
-        """Sessions of running jobs: a GPU process in none of them is foreign to gpudeck."""
-        return {j.pgid for j in self.jobs.values() if j.pgid and j.exit_code is None}
 
     def resend_everything(self) -> None:
         """After a reconnect the coordinator may have missed chunks; offsets make resending harmless."""
@@ -309,11 +315,3 @@ def _recorded_exit(directory: Path) -> int | None:
     except (OSError, ValueError):
         return None
 
-
-def _signal_group(pgid: int, sig: int) -> bool:
-    """Signal a process group; False when it no longer exists."""
-    try:
-        os.killpg(pgid, sig)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False

@@ -135,10 +135,14 @@ class Cluster:
 
 
 def _kill_leftover_jobs(root: Path) -> None:
-    """Job ranks outlive agents by design; a test must not leave any behind."""
-    for pid_file in root.glob("*/jobs/*/job.json"):
+    """Job ranks outlive agents by design (and torchrun puts each in a session of its own); a test
+    must not leave any behind, so every process whose job logs go under `root` is killed."""
+    needle = f"GPUDECK_LOG_DIR={root}/".encode()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
         try:
-            pgid = json.loads(pid_file.read_text())["pgid"]
-            os.killpg(pgid, signal.SIGKILL)
-        except (OSError, ValueError, KeyError):
-            pass
+            if needle in (proc / "environ").read_bytes():
+                os.kill(int(proc.name), signal.SIGKILL)
+        except OSError:
+            continue

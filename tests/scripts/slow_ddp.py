@@ -1,5 +1,6 @@
 """An ordinary DDP script that trains slowly, so tests can act on it while it runs."""
 import argparse
+import signal
 import time
 
 import torch
@@ -10,7 +11,10 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--steps", type=int, default=20)
 parser.add_argument("--sleep", type=float, default=0.5)
 parser.add_argument("--fail-at", type=int, default=-1)
+parser.add_argument("--ignore-sigterm", action="store_true", help="behave like a rank stuck in a collective")
 args = parser.parse_args()
+if args.ignore_sigterm:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 dist.init_process_group("gloo")
 torch.manual_seed(0)
 model = DDP(torch.nn.Linear(16, 4))

@@ -79,10 +79,11 @@ class JobControl:
         for share in self.store.open_attempt_nodes():
             for index in share.gpus:
                 busy.setdefault(share.node, {})[index] = share.job
+        draining = {node.name for node in self.store.nodes() if node.draining}
         return [
             NodeSlots(name, tuple(_gpu_slot(g, busy.get(name, {})) for g in link.gpus))
             for name, link in sorted(self.registry.links.items())
-            if self.registry.states.get(name) is NodeState.UP
+            if self.registry.states.get(name) is NodeState.UP and name not in draining
         ]
 
     async def schedule(self) -> None:

@@ -22,13 +22,14 @@ from gpudeck.coordinator.logs import LogStore
 from gpudeck.coordinator.registry import AgentLink, Registry
 from gpudeck.coordinator.store import Store
 from gpudeck.coordinator.views import job_json, node_view
+from gpudeck.coordinator.watch import Publisher
 from gpudeck.discovery import Discovery
 from gpudeck.model import JobSpec, NodeState
 from gpudeck.protocol import auth
 from gpudeck.protocol.framing import FrameError
 from gpudeck.protocol.messages import (
-    PROTOCOL_VERSION, Cancel, Error, Hello, JobExited, JobStarted, ListJobs, ListNodes, LogChunk, Message,
-    ProtocolError, ReadLogs, Register, Reply, ShowJob, Submit, Telemetry, Traffic, Welcome,
+    PROTOCOL_VERSION, Cancel, Drain, Error, Hello, JobExited, JobStarted, ListJobs, ListNodes, LogChunk, Message,
+    ProtocolError, ReadLogs, Register, Reply, ShowJob, Submit, Telemetry, Traffic, Watch, Welcome,
 )
 from gpudeck.protocol.session import HANDSHAKE_TIMEOUT, Connection
 
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 ENDPOINT_FILE = "endpoint.json"
 NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 TICK = 0.5
+PUBLISH_EVERY = 1.0
 WRONG_TOKEN_DELAY = 0.5
 
 
@@ -55,6 +57,8 @@ class Coordinator:
         self._server: asyncio.AbstractServer | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._connections: set[Connection] = set()
+        self.publisher = Publisher()
+        self._published_at = 0.0
 
     async def start(self) -> tuple[str, int]:
         self.token = self.identity.ensure()
@@ -115,7 +119,20 @@ class Coordinator:
                 await self.jobs.node_down(name)
         await self.jobs.enforce_time_limits()
         await self.jobs.schedule()
+        await self._publish()
 
+    async def _publish(self) -> None:
+        """Send watchers what changed, at most once a PUBLISH_EVERY; only jobs that can have changed
+        (not finished, or finished since the last publish) are looked at."""
+        now = self.clock()
+        if not self.publisher.watchers or now - self._published_at < PUBLISH_EVERY:
+            return
+        since, self._published_at = self._published_at, now
+        nodes = self._nodes()
+        jobs = [job_json(self.store, row) for row in self.store.jobs_changed_since(since - PUBLISH_EVERY)]
+        update = self.publisher.publish_data(nodes["nodes"], nodes["unjoined"], jobs, now)
+        if update:
+            await self.publisher.broadcast(update)
     async def send(self, node: str, message: Message) -> bool:
         link = self.registry.link(node)
         if link is None:
@@ -247,15 +264,25 @@ class Coordinator:
     # --- clients -------------------------------------------------------------------------------
 
     async def _serve_client(self, conn: Connection) -> None:
-        while (message := await conn.recv()) is not None:
-            req = getattr(message, "req", None)
-            try:
-                data = await self._answer(message)
-            except (ValueError, LookupError) as exc:
-                await conn.send(Error(message=str(exc), code="refused", req=req))
-                continue
-            await conn.send(Reply(req=req, data=data) if req is not None else
-                            Error(message=f"a client may not send {message.kind}", code="bad_message", req=None))
+        try:
+            while (message := await conn.recv()) is not None:
+                await self._answer_one(conn, message)
+        finally:
+            self.publisher.watchers.discard(conn)
+
+    async def _answer_one(self, conn: Connection, message: Message) -> None:
+        req = getattr(message, "req", None)
+        if req is None:
+            await conn.send(Error(message=f"a client may not send {message.kind}", code="bad_message", req=None))
+            return
+        try:
+            data = await self._answer(message)
+        except (ValueError, LookupError) as exc:
+            await conn.send(Error(message=str(exc), code="refused", req=req))
+            return
+        await conn.send(Reply(req=req, data=data))
+        if isinstance(message, Watch):
+            self.publisher.watchers.add(conn)
 
     async def _answer(self, message: Message) -> Any:
         if isinstance(message, Submit):
@@ -274,6 +301,12 @@ class Coordinator:
             return self._nodes()
         if isinstance(message, ReadLogs):
             return self._read_logs(message)
+        if isinstance(message, Watch):
+            nodes = self._nodes()
+            jobs = [job_json(self.store, row) for row in self.store.jobs()]
+            return {"time": self.clock(), "nodes": nodes["nodes"], "unjoined": nodes["unjoined"], "jobs": jobs}
+        if isinstance(message, Drain):
+            return self._drain(message)
         raise ValueError(f"a client may not send {message.kind}")
 
     def _job(self, job_id: int):  # noqa: ANN202
@@ -297,6 +330,15 @@ class Coordinator:
                 unjoined.append({"name": advert.node, "address": advert.host,
                                  "gpus": advert.gpus, "why": why})
         return {"nodes": nodes, "unjoined": unjoined}
+
+    def _drain(self, message: Drain) -> dict[str, Any]:
+        node = self.store.node(message.node)
+        if node is None:
+            raise LookupError(f"there is no node {message.node}")
+        self.store.set_draining(message.node, message.on)
+        log.info("node %s %s", message.node, "is draining: no new jobs" if message.on else "takes new jobs again")
+        self.wake.set()
+        return next(n for n in self._nodes()["nodes"] if n["name"] == message.node)
 
     def _read_logs(self, message: ReadLogs) -> dict[str, Any]:
         row = self._job(message.job)

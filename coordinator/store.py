@@ -58,6 +58,7 @@ class NodeRow:
     simulated: bool
     gpus: list[dict[str, Any]]
     state: NodeState
+    draining: bool
     joined_at: float
     last_seen: float
 
@@ -77,7 +78,8 @@ class Store:
         db = self.db
         with self._tx():
             db["nodes"].create({"name": str, "hostname": str, "address": str, "simulated": int, "gpus": str,
-                                "state": str, "joined_at": float, "last_seen": float}, pk="name", if_not_exists=True)
+                                "state": str, "draining": int, "joined_at": float, "last_seen": float}, pk="name",
+                                if_not_exists=True)
             db["jobs"].create({"id": int, "name": str, "spec": str, "script": bytes, "state": str, "reason": str, "priority": int,
                                "submitted_at": float, "started_at": float, "ended_at": float, "attempt": int,
                                "exit_code": int, "restarts": int, "requeued_because": str}, pk="id", if_not_exists=True,
@@ -117,6 +119,10 @@ class Store:
         with self._tx():
             self.db["nodes"].update(name, updates)
 
+    def set_draining(self, name: str, on: bool) -> None:
+        with self._tx():
+            self.db["nodes"].update(name, {"draining": int(on)})
+
     def node(self, name: str) -> NodeRow | None:
         rows = list(self.db["nodes"].rows_where("name = ?", [name]))
         return _node_row(rows[0]) if rows else None
@@ -144,6 +150,12 @@ class Store:
             rows = self.db["jobs"].rows_where(f"state in ({marks})", [s.value for s in states], order_by="id")
         else:
             rows = self.db["jobs"].rows_where(order_by="id")
+        return [self._job_row(r) for r in rows]
+
+    def jobs_changed_since(self, since: float) -> list[JobRow]:
+        """Jobs that may have changed after `since`: every unfinished one, and those that ended since."""
+        rows = self.db["jobs"].rows_where("state in ('pending', 'starting', 'running') or ended_at >= ?", [since],
+                                          order_by="id")
         return [self._job_row(r) for r in rows]
 
     def update_job(self, job_id: int, **fields: Any) -> None:
@@ -272,7 +284,7 @@ def _spec_from_row(row: dict[str, Any]) -> JobSpec:
 def _node_row(row: dict[str, Any]) -> NodeRow:
     return NodeRow(name=row["name"], hostname=row["hostname"], address=row["address"],
                    simulated=bool(row["simulated"]), gpus=json.loads(row["gpus"] or "[]"),
-                   state=NodeState(row["state"]), joined_at=row["joined_at"], last_seen=row["last_seen"])
+                   state=NodeState(row["state"]), draining=bool(row["draining"]), joined_at=row["joined_at"], last_seen=row["last_seen"])
 
 
 def _attempt_node(row: dict[str, Any]) -> AttemptNode:

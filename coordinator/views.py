@@ -56,6 +56,7 @@ def node_view(node: NodeRow, registry: Registry, jobs: list[int], now: float) ->
     return {
         "name": node.name,
         "state": registry.states.get(node.name, node.state).value,
+        "draining": node.draining,
         "simulated": node.simulated,
         "hostname": node.hostname,
         "address": node.address,

@@ -16,7 +16,7 @@ from gpudeck import __version__, config, output
 from gpudeck.client import NoCoordinator, connect, find_endpoints
 from gpudeck.model import WORKLOADS, JobSpec, parse_duration
 from gpudeck.protocol import auth
-from gpudeck.protocol.messages import Cancel, ListJobs, ListNodes, ReadLogs, ShowJob, Submit
+from gpudeck.protocol.messages import Cancel, Drain, ListJobs, ListNodes, ReadLogs, ShowJob, Submit
 from gpudeck.protocol.session import ClientSession, Refused, split_address
 
 
@@ -105,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("job", type=int, metavar="JOB")
     _client_flags(cancel)
 
+    drain = sub.add_parser("drain", help="stop placing new jobs on a node (running jobs go on)")
+    drain.add_argument("node", metavar="NODE")
+    drain.add_argument("--off", action="store_true", help="let the node take new jobs again")
+    _client_flags(drain)
+
     logs = sub.add_parser("logs", help="a job's output, every rank's lines prefixed with its rank")
     logs.add_argument("job", type=int, metavar="JOB")
     logs.add_argument("--rank", type=int, metavar="R", help="only rank R")
@@ -183,6 +188,10 @@ async def cmd_listing(args: argparse.Namespace) -> int:
         elif args.command == "show":
             data = await session.request(ShowJob, job=args.job)
             print(json.dumps(data, indent=2) if args.json else output.job_detail(data))
+        elif args.command == "drain":
+            data = await session.request(Drain, node=args.node, on=not args.off)
+            print(f"node {data['name']} " + ("is draining: no new jobs will be placed on it" if data["draining"]
+                                             else "takes new jobs again"))
         else:
             data = await session.request(Cancel, job=args.job)
             print(f"job {data['id']} cancelled")
@@ -274,7 +283,7 @@ async def cmd_agent(args: argparse.Namespace) -> int:
 # --- entry point ---------------------------------------------------------------------------------
 
 ASYNC_COMMANDS = {"submit": cmd_submit, "jobs": cmd_listing, "nodes": cmd_listing, "show": cmd_listing,
-                  "cancel": cmd_listing, "logs": cmd_logs, "coordinator": cmd_coordinator, "agent": cmd_agent}
+                  "cancel": cmd_listing, "drain": cmd_listing, "logs": cmd_logs, "coordinator": cmd_coordinator, "agent": cmd_agent}
 
 
 def main(argv: list[str] | None = None) -> int:

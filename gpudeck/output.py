@@ -47,6 +47,7 @@ def nodes_table(data: dict[str, Any]) -> str:
         lines.append("no nodes have joined: start `gpudeck agent` on each machine")
     for node in nodes:
         sim = " SIM" if node["simulated"] else ""
+        sim += " draining" if node.get("draining") else ""
         lines.append(f"{node['name']}  {node['state']}{sim}  {node['address']}  {len(node['gpus'])} GPUs  "
                      f"jobs: {','.join(map(str, node['jobs'])) or '-'}  heartbeat {node['last_heartbeat_age']}s ago")
         rows = []

@@ -186,3 +186,17 @@ def test_agent_killed_mid_job_stops_the_other_ranks_and_requeues(cluster: Cluste
     job = cluster.wait_job(job_id, ("running",), timeout=60)
     assert job["attempt"] == 2
     cluster.cli("cancel", str(job_id))
+
+
+def test_a_draining_node_takes_no_new_jobs_until_undrained(cluster: Cluster):
+    assert "is draining" in cluster.cli("drain", "node-a").stdout
+    job_id = cluster.submit("--gpus", "2", str(SCRIPTS / "ddp_linear.py"), "--steps", "1")
+    assert cluster.wait_job(job_id, ("succeeded", "failed"))["nodes"] == ["node-b"]
+    assert next(n for n in cluster.nodes() if n["name"] == "node-a")["draining"] is True
+    big = cluster.submit("--gpus", "4", str(SCRIPTS / "ddp_linear.py"), "--steps", "1")
+    wait_until(lambda: "needs 4 GPUs" in cluster.job(big)["reason"], 10, "a reason naming the free GPUs")
+    assert cluster.job(big)["state"] == "pending"
+    assert "takes new jobs again" in cluster.cli("drain", "node-a", "--off").stdout
+    assert cluster.wait_job(big, ("succeeded", "failed"))["state"] == "succeeded"
+    missing = cluster.cli("drain", "node-z", check=False)
+    assert missing.returncode == 1 and "no node node-z" in missing.stderr

@@ -250,6 +250,29 @@ class ReadLogs(Message):
     offsets: dict[str, int]
 
 
+@message("watch")
+class Watch(Message):
+    """Ask for a snapshot of the cluster (the reply) and then `update` frames with what changed."""
+
+    req: int
+
+
+@message("drain")
+class Drain(Message):
+    """Stop (or, with on=False, resume) placing new jobs on a node; running jobs are left alone."""
+
+    req: int
+    node: str
+    on: bool
+
+
+@message("update")
+class Update(Message):
+    """Pushed to watchers: changed nodes and jobs since the last update; keys absent = unchanged."""
+
+    data: dict[str, Any]
+
+
 @message("reply")
 class Reply(Message):
     req: int

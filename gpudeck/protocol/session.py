@@ -21,6 +21,7 @@ from gpudeck.protocol.messages import (
     Message,
     ProtocolError,
     Reply,
+    Update,
     Welcome,
     decode,
 )
@@ -110,6 +111,8 @@ class ClientSession:
     def __post_init__(self) -> None:
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[Any]] = {}
+        # Changes pushed after a `watch` request; whoever watches must keep reading them.
+        self.updates: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._reader = asyncio.get_running_loop().create_task(self._read_replies())
 
     async def request(self, kind: type[Message], timeout: float = 30.0, **fields: Any) -> Any:
@@ -138,6 +141,9 @@ class ClientSession:
                 future.set_exception(failure)
 
     def _resolve(self, message: Message) -> None:
+        if isinstance(message, Update):
+            self.updates.put_nowait(message.data)
+            return
         req = getattr(message, "req", None)
         future = self._waiting.get(req) if req is not None else None
         if future is None or future.done():

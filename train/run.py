@@ -1,0 +1,96 @@
+"""Run a user's unmodified training script in this rank and count the traffic it makes.
+
+``torchrun ... -m gpudeck.train.run SCRIPT.py ARG...`` behaves like ``torchrun ... SCRIPT.py ARG...``
+(the script runs as ``__main__`` with ``sys.argv = [SCRIPT.py, ARG...]`` and its own folder first
+on ``sys.path``; its exit status is this process's), and in addition:
+
+* with ``GPUDECK_LOG_DIR`` set, fds 1 and 2 go to ``$GPUDECK_LOG_DIR/rank-$RANK.log`` (append), so
+  native output from torch, gloo or NCCL lands there too;
+* bytes handed to torch.distributed are counted by kind (:mod:`gpudeck.train.counting`);
+* with ``GPUDECK_TRAFFIC_ADDR`` set, totals go to the agent once a second and once at the end
+  (:mod:`gpudeck.train.reporter`).
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+import types
+from collections.abc import Mapping
+
+from gpudeck.train.counter import TrafficCounter
+from gpudeck.train.reporter import reporter_from_env
+
+USAGE = "usage: python -m gpudeck.train.run SCRIPT [ARG...]"
+
+
+def main(argv: list[str]) -> int:
+    """Run ``argv[0]`` with arguments ``argv[1:]``; return its exit status (SystemExit passes through)."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, file=sys.stderr)
+        return 2
+    redirect_output(os.environ)
+    if not os.path.exists(argv[0]):
+        print(f"{sys.executable}: can't open file {argv[0]!r}: no such file", file=sys.stderr)
+        return 2
+    counter = TrafficCounter()
+    install_counting(counter)
+    reporter = reporter_from_env(counter)
+    if reporter is not None:
+        reporter.start()
+    try:
+        return run_script(argv[0], argv[1:])
+    finally:
+        if reporter is not None:
+            reporter.close()
+
+
+def redirect_output(env: Mapping[str, str]) -> None:
+    """Point fds 1 and 2 at this rank's log file, with dup2 so native writes follow."""
+    log_dir = env.get("GPUDECK_LOG_DIR")
+    if not log_dir:
+        return
+    os.makedirs(log_dir, exist_ok=True)
+    path = os.path.join(log_dir, f"rank-{int(env.get('RANK', '0'))}.log")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stdout.reconfigure(line_buffering=True)
+
+
+def install_counting(counter: TrafficCounter) -> None:
+    """Install the counting wrappers; if this torch lacks what they wrap, warn and run uncounted."""
+    try:
+        from gpudeck.train import counting
+
+        counting.install(counter)
+    except Exception as exc:  # counting is an extra; it must never stop the job
+        print(f"gpudeck: traffic counting disabled ({type(exc).__name__}: {exc})", file=sys.stderr)
+
+
+def run_script(path: str, args: list[str]) -> int:
+    """Run the script as ``python path args`` would; an uncaught exception is printed and gives 1."""
+    sys.argv = [path, *args]
+    sys.path[0] = os.path.dirname(os.path.abspath(path))
+    try:
+        runpy.run_path(path, run_name="__main__")
+    except Exception as exc:
+        exc.with_traceback(_script_frames(exc.__traceback__, path))
+        sys.excepthook(type(exc), exc, exc.__traceback__)
+        return 1
+    return 0
+
+
+def _script_frames(tb: types.TracebackType | None, path: str) -> types.TracebackType | None:
+    """Drop this wrapper's and runpy's frames, so the traceback reads as under plain python."""
+    while tb is not None and tb.tb_frame.f_code.co_filename != path:
+        tb = tb.tb_next
+    return tb
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -123,15 +123,22 @@ class Cluster:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def stop(self) -> None:
-        for proc in self.procs.values():
+        stop_processes(self.procs, self.root)
+
+
+def stop_processes(procs: dict[str, subprocess.Popen[bytes]], root: Path) -> None:
+    """SIGTERM, then SIGKILL what lingers, then the job ranks (they outlive agents by design)."""
+    for proc in procs.values():
+        if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        self.procs.clear()
-        _kill_leftover_jobs(self.root)
+    for proc in procs.values():
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    procs.clear()
+    _kill_leftover_jobs(root)
 
 
 def _kill_leftover_jobs(root: Path) -> None:

@@ -13,14 +13,13 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.cluster import _kill_leftover_jobs
+from tests.cluster import stop_processes
 
 SKIP_REASON = "needs root and iproute2 to build network namespaces"
 
@@ -136,15 +135,4 @@ class NamespaceProcesses:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def stop(self) -> None:
-        """SIGTERM, then SIGKILL what lingers, then the job ranks (they outlive agents by design)."""
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-        self.procs.clear()
-        _kill_leftover_jobs(self.root)
+        stop_processes(self.procs, self.root)

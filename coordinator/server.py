@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from gpudeck.coordinator.jobs import JobControl
 from gpudeck.coordinator.logs import LogStore
-from gpudeck.coordinator.registry import AgentLink, Registry
+from gpudeck.coordinator.registry import SUSPECT_AFTER, AgentLink, Registry
 from gpudeck.coordinator.store import Store
 from gpudeck.coordinator.views import job_json, node_view
 from gpudeck.coordinator.watch import Publisher
@@ -162,6 +162,9 @@ class Coordinator:
             await self._refuse(conn, str(exc), "bad_frame")
         except (OSError, ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError):
             pass
+        except Exception:  # noqa: BLE001 - a bug met by one connection must not pass silently or spread
+            log.exception("error while serving %s", conn.peer_host)
+            await self._refuse(conn, "internal error in the coordinator; see its log", "internal")
         finally:
             self._connections.discard(conn)
             await conn.close()
@@ -215,9 +218,12 @@ class Coordinator:
             await self._refuse(conn, "an agent must register after hello", "bad_handshake")
             return
         previous = self.registry.link(name)
-        if previous and previous.hostname != register.hostname and self.clock() - previous.last_seen < 3:
-            await self._refuse(conn, f"a node named {name} is already connected from {previous.hostname}; "
-                                     "give this agent another --name", "name_taken")
+        if previous and self.clock() - previous.last_seen < SUSPECT_AFTER:
+            # A restarted agent's old connection is closed by its kernel at once, and a crashed one's
+            # goes silent: a live link under the same name is another agent, and replacing it would
+            # make the two knock each other off for ever.
+            await self._refuse(conn, f"a node named {name} is already connected from {previous.hostname} "
+                                     f"({previous.address}); give this agent another --name", "name_taken")
             return
         link = await self._join(conn, name, register)
         try:

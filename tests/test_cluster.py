@@ -104,7 +104,7 @@ def _answer(sock: ssl.SSLSocket) -> dict | None:
 @pytest.mark.parametrize("garbage", [
     struct.pack(">I", 0xFFFFFFF0),
     struct.pack(">I", 3) + b"\xc1\xc1\xc1",
-    struct.pack(">I", 4) + msgpack.packb([1, 2]),
+    (lambda b: struct.pack(">I", len(b)) + b)(msgpack.packb([1, 2])),
     (lambda b: struct.pack(">I", len(b)) + b)(msgpack.packb({"kind": "submit", "req": 1, "spec": {}})),
     (lambda b: struct.pack(">I", len(b)) + b)(msgpack.packb({"kind": "hello", "secret": 1, "role": "agent",
                                                               "name": "x", "version": 1})),
@@ -200,3 +200,11 @@ def test_a_draining_node_takes_no_new_jobs_until_undrained(cluster: Cluster):
     assert cluster.wait_job(big, ("succeeded", "failed"))["state"] == "succeeded"
     missing = cluster.cli("drain", "node-z", check=False)
     assert missing.returncode == 1 and "no node node-z" in missing.stderr
+
+
+def test_a_second_agent_with_a_taken_name_is_refused_and_the_first_keeps_its_place(cluster: Cluster):
+    cluster.spawn("twin", "agent", "--coordinator", f"127.0.0.1:{cluster.port}", "--token", cluster.token,
+                  "--name", "node-a", "--simulate-gpus", "8", "--no-mdns", "--state-dir", str(cluster.root / "twin"))
+    wait_until(lambda: "already connected" in cluster.logs_of("twin"), 20, "the twin to be refused")
+    node_a = next(n for n in cluster.nodes() if n["name"] == "node-a")
+    assert node_a["state"] == "up" and len(node_a["gpus"]) == 2

@@ -61,8 +61,16 @@ async def _open_first(endpoints: list[Endpoint], token: auth.JoinToken, name: st
             failures.append(f"{endpoint.host}:{endpoint.port} is another cluster's coordinator")
         except (OSError, asyncio.TimeoutError) as exc:
             failures.append(f"cannot reach the coordinator at {endpoint.host}:{endpoint.port} (from {endpoint.how}): "
-                            f"{getattr(exc, 'strerror', None) or exc or 'timed out'}")
+                            f"{_why(exc)}")
     raise NoCoordinator("; ".join(failures))
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, ConnectionRefusedError):
+        return "nothing is listening there; is the coordinator running?"
+    if isinstance(exc, TimeoutError):
+        return "no answer in time; is a firewall in the way?"
+    return getattr(exc, "strerror", None) or str(exc)
 
 
 @asynccontextmanager

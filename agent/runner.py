@@ -127,11 +127,16 @@ class JobRunner:
             await self._finish(job, 127, f"torch is not installed on {self.node}: install gpudeck[train] there")
             return
         self.sink.expect(order.job, order.attempt)
-        with open(directory / "launcher.log", "ab") as launcher_log:
-            process = await asyncio.create_subprocess_exec(
-                "/bin/sh", "-c", _LAUNCHER, "gpudeck-launch", *self._command(order, directory),
-                cwd=self._cwd(order, directory), env=self._env(order, directory), stdin=asyncio.subprocess.DEVNULL,
-                stdout=launcher_log, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+        try:
+            with open(directory / "launcher.log", "ab") as launcher_log:
+                process = await asyncio.create_subprocess_exec(
+                    "/bin/sh", "-c", _LAUNCHER, "gpudeck-launch", *self._command(order, directory),
+                    cwd=self._cwd(order, directory), env=self._env(order, directory),
+                    stdin=asyncio.subprocess.DEVNULL, stdout=launcher_log, stderr=asyncio.subprocess.STDOUT,
+                    start_new_session=True)
+        except OSError as exc:
+            await self._finish(job, 127, f"could not start torchrun on {self.node}: {exc}")
+            return
         job.pgid = process.pid
         job.save()
         for index in job.gpus:
@@ -160,7 +165,7 @@ class JobRunner:
 
     @staticmethod
     def _cwd(order: Launch, directory: Path) -> Path:
-        return Path(order.workdir) if order.workdir and Path(order.workdir).is_dir() else directory
+        return Path(order.workdir) if _usable_dir(order.workdir) else directory
 
     def _env(self, order: Launch, directory: Path) -> dict[str, str]:
         env = dict(os.environ)
@@ -180,7 +185,7 @@ class JobRunner:
         if interface:
             env.setdefault("GLOO_SOCKET_IFNAME", interface)
             env.setdefault("NCCL_SOCKET_IFNAME", interface)
-        if order.workdir and Path(order.workdir).is_dir():
+        if _usable_dir(order.workdir):
             env["PYTHONPATH"] = os.pathsep.join(p for p in (order.workdir, env.get("PYTHONPATH", "")) if p)
         return env
 
@@ -307,6 +312,12 @@ class JobRunner:
                           key=lambda d: d.stat().st_mtime)
         for directory in finished[:-KEEP_FINISHED]:
             shutil.rmtree(directory, ignore_errors=True)
+
+
+def _usable_dir(path: str) -> bool:
+    """Whether the submitter's directory exists here and this agent may enter it (a home directory
+    of mode 0700 on a shared file system exists but is closed to the agent's user)."""
+    return bool(path) and os.path.isdir(path) and os.access(path, os.R_OK | os.X_OK)
 
 
 def _recorded_exit(directory: Path) -> int | None:

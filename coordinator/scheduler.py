@@ -2,7 +2,8 @@
 
 It is pure (cluster state and queue in, placements and reasons out; no I/O, no clock, no randomness),
 so the same input always gives the same decision and the policy is tested exhaustively without
-sockets. It imports only the standard library.
+sockets. It imports only the standard library and the request checks it shares with clients
+(`gpudeck.capacity`).
 
 Policy, and why:
 
@@ -35,9 +36,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-MAX_GPUS = 4096
-MAX_NODES = 1024
-MAX_GPUS_PER_NODE = 64
+from gpudeck import capacity
+from gpudeck.capacity import be as _be
+from gpudeck.capacity import count as _count
+from gpudeck.capacity import have as _have
+from gpudeck.capacity import spread_need as _spread_need
 
 _Hosts = tuple[tuple[str, tuple[int, ...]], ...]
 _FreeMap = dict[str, tuple[int, ...]]
@@ -95,36 +98,14 @@ class Decision:
 
 def validate_request(req: JobRequest) -> str | None:
     """None if the request is well formed, else a sentence saying what is wrong with it."""
-    if req.gpus is not None and (req.nodes is not None or req.gpus_per_node is not None):
-        return "give either --gpus, or --nodes with --gpus-per-node, not both"
-    if req.gpus is not None:
-        return _range_error("--gpus", req.gpus, MAX_GPUS)
-    if req.nodes is None and req.gpus_per_node is None:
-        return "say how many GPUs the job needs: --gpus G, or --nodes N with --gpus-per-node G"
-    if req.gpus_per_node is None:
-        return "--nodes needs --gpus-per-node too"
-    if req.nodes is None:
-        return "--gpus-per-node needs --nodes too"
-    return _range_error("--nodes", req.nodes, MAX_NODES) or _range_error(
-        "--gpus-per-node", req.gpus_per_node, MAX_GPUS_PER_NODE
-    )
+    return capacity.validate_request(req.gpus, req.nodes, req.gpus_per_node)
 
 
 def impossible_reason(req: JobRequest, cluster: Sequence[NodeSlots]) -> str | None:
-    """A sentence when the request could never fit on these nodes, even with every GPU free.
-
-    None when it could fit. An empty cluster gives None, because nodes may still join. A malformed
-    request can never fit, so it gets `validate_request`'s sentence.
-    """
-    problem = validate_request(req)
-    if problem is not None:
-        return problem
-    if not cluster:
-        return None
-    if req.gpus is not None:
-        return _too_few_gpus(req.gpus, cluster)
-    assert req.nodes is not None and req.gpus_per_node is not None
-    return _too_few_nodes(req.nodes, req.gpus_per_node, cluster)
+    """A sentence when the request could never fit on these nodes, even with every GPU free (see
+    `gpudeck.capacity.impossible_reason`)."""
+    return capacity.impossible_reason(req.gpus, req.nodes, req.gpus_per_node,
+                                      [(node.name, len(node.gpus)) for node in cluster])
 
 
 def schedule(nodes: Sequence[NodeSlots], pending: Sequence[JobRequest]) -> Decision:
@@ -149,15 +130,6 @@ def _is_free(gpu: GpuSlot) -> bool:
     return gpu.busy_job is None and gpu.foreign is None
 
 
-def _range_error(flag: str, value: object, most: int) -> str | None:
-    """The sentence for a count outside 1..most, or None. Rejects bools, which Python counts as ints."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        return f"{flag} must be a whole number, not {value!r}"
-    if value < 1:
-        return f"{flag} must be at least 1, not {value}"
-    if value > most:
-        return f"{flag} must be at most {most}, not {value}"
-    return None
 
 
 def _place(req: JobRequest, free: _FreeMap) -> _Hosts | None:
@@ -241,38 +213,10 @@ def _spread_reason(nodes: int, per_node: int, free: _FreeMap) -> str:
     return f"{need}; the most free on one node is {len(free[most])}, on {most}"
 
 
-def _spread_need(nodes: int, per_node: int, adjective: str) -> str:
-    """'needs 4 GPUs on one node' or 'needs 2 nodes with 4 <adjective>GPUs each'."""
-    if nodes == 1:
-        return f"needs {_count(per_node, 'GPU')} on one node"
-    return f"needs {nodes} nodes with {_count(per_node, adjective + 'GPU')} each"
 
 
-def _too_few_gpus(count: int, cluster: Sequence[NodeSlots]) -> str | None:
-    """Why `--gpus count` can never fit: the cluster has fewer GPUs in all."""
-    total = sum(len(node.gpus) for node in cluster)
-    if total >= count:
-        return None
-    nodes = len(cluster)
-    return (
-        f"needs {_count(count, 'GPU')} but the {_count(nodes, 'node')} {_have(nodes)} "
-        f"only {_count(total, 'GPU')} in all"
-    )
 
 
-def _too_few_nodes(nodes: int, per_node: int, cluster: Sequence[NodeSlots]) -> str | None:
-    """Why `--nodes nodes --gpus-per-node per_node` can never fit: too few nodes, or too small."""
-    need = _spread_need(nodes, per_node, "")
-    if len(cluster) < nodes:
-        return f"{need} but there {_be(len(cluster))} only {_count(len(cluster), 'node')}"
-    big = sorted(node.name for node in cluster if len(node.gpus) >= per_node)
-    if len(big) >= nodes:
-        return None
-    if big:
-        names = ", ".join(big)
-        return f"{need} but only {_count(len(big), 'node')} {_have(len(big))} that many ({names})"
-    largest = min(cluster, key=lambda node: (-len(node.gpus), node.name))
-    return f"{need} but the largest node, {largest.name}, has {_count(len(largest.gpus), 'GPU')}"
 
 
 def _outside_note(subject: str, hidden: int) -> str:
@@ -281,18 +225,3 @@ def _outside_note(subject: str, hidden: int) -> str:
         return ""
     holders = "a process" if hidden == 1 else "processes"
     return f"; {subject} {_be(hidden)} held by {holders} outside gpudeck"
-
-
-def _count(n: int, noun: str) -> str:
-    """'1 GPU', '2 GPUs'."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
-def _be(n: int) -> str:
-    """'is' for one, 'are' for any other count."""
-    return "is" if n == 1 else "are"
-
-
-def _have(n: int) -> str:
-    """'has' for one, 'have' for any other count."""
-    return "has" if n == 1 else "have"

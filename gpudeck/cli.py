@@ -47,12 +47,27 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Start here: `gpudeck up --simulate-gpus 4` runs a whole cluster on this machine.")
     parser.add_argument("--version", action="version", version=f"gpudeck {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
+    # With no command, gpudeck opens the dashboard; these flags are for it (as on `gpudeck tui`).
+    parser.add_argument("--coordinator", dest="dashboard_coordinator", metavar="HOST:PORT",
+                        help="with no command: the coordinator the dashboard shows")
+    top_token = parser.add_mutually_exclusive_group()
+    top_token.add_argument("--token", dest="dashboard_token", metavar="T", help="with no command: the cluster's join token")
+    top_token.add_argument("--token-file", dest="dashboard_token_file", metavar="F",
+                           help="with no command: a file holding the join token")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    up = sub.add_parser("up", help="run a coordinator and an agent on this machine (loopback only)")
+    tui = sub.add_parser("tui", help="the dashboard (what `gpudeck` with no command opens)",
+                         description="A keyboard-driven dashboard of nodes, GPUs, jobs and sync traffic.")
+    _client_flags(tui)
+    tui.add_argument("--mdns-interface", action="append", metavar="IP",
+                     help="look for the coordinator over mDNS only on the interface with this address")
+
+    up = sub.add_parser("up", help="run a coordinator and an agent on this machine (loopback only), with the dashboard")
     up.add_argument("--simulate-gpus", type=int, metavar="N", help="give the local agent N simulated GPUs")
     up.add_argument("--port", type=int, default=config.DEFAULT_PORT, help="coordinator port (default: %(default)s)")
     up.add_argument("--lan", action="store_true", help="listen and advertise on the LAN instead of loopback only")
+    up.add_argument("--no-tui", action="store_true", help="do not open the dashboard; run until Ctrl-C (also "
+                    "when not on a terminal)")
 
     coord = sub.add_parser("coordinator", help="run the coordinator (headless, for systemd)")
     coord.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s)")
@@ -280,6 +295,22 @@ async def cmd_agent(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- the dashboard -------------------------------------------------------------------------------
+
+
+def on_terminal() -> bool:
+    return sys.stdin.isatty() and sys.stdout.isatty()
+
+
+def cmd_tui(args: argparse.Namespace) -> int:
+    if not on_terminal():
+        raise Failure("the dashboard needs a terminal; for scripts use `gpudeck nodes`, `gpudeck jobs` and the "
+                      "other commands (with --json)")
+    from gpudeck.tui.app import run_dashboard
+
+    return run_dashboard(args.coordinator, args.token, args.token_file, getattr(args, "mdns_interface", None))
+
+
 # --- entry point ---------------------------------------------------------------------------------
 
 ASYNC_COMMANDS = {"submit": cmd_submit, "jobs": cmd_listing, "nodes": cmd_listing, "show": cmd_listing,
@@ -292,10 +323,27 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    given = {"coordinator": args.dashboard_coordinator, "token": args.dashboard_token,
+             "token_file": args.dashboard_token_file}
+    if args.command is not None and any(given.values()):
+        # `gpudeck --coordinator X nodes`: the flags before the command count for it too.
+        for name, value in given.items():
+            if value is None:
+                continue
+            if not hasattr(args, name):
+                parser.error(f"--{name.replace('_', '-')} does not apply to `gpudeck {args.command}`")
+            if getattr(args, name) is None:
+                setattr(args, name, value)
     if args.command is None:
-        parser.print_help()
-        return 2
+        if not on_terminal():
+            parser.print_help()
+            return 2
+        args.command = "tui"
+        args.coordinator, args.token = args.dashboard_coordinator, args.dashboard_token
+        args.token_file = args.dashboard_token_file
     try:
+        if args.command == "tui":
+            return cmd_tui(args)
         if args.command == "token":
             return cmd_token(args)
         if args.command == "up":

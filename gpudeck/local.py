@@ -6,7 +6,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import socket
+import sys
+from typing import Any
 
 from gpudeck import config
 
@@ -32,6 +35,8 @@ async def run_up(args: argparse.Namespace) -> int:
     agent = Agent(AgentConfig(name=name, token=coordinator.token, state_dir=config.agent_dir(),
                               coordinator=("127.0.0.1", coordinator.port), mdns_interfaces=interfaces), backend)
     runner = asyncio.create_task(agent.run())
+    if not getattr(args, "no_tui", False) and sys.stdin.isatty() and sys.stdout.isatty():
+        return await _with_dashboard(coordinator, runner, host, name, found)
     print(f"gpudeck is up: coordinator on {host}:{coordinator.port}, node {name}: {found}.\n"
           f"State is in {config.data_dir()}. In another terminal try:\n"
           f"  gpudeck nodes\n  gpudeck submit --gpus 1 train.py\n  gpudeck jobs\n"
@@ -45,3 +50,28 @@ async def run_up(args: argparse.Namespace) -> int:
         await asyncio.gather(runner, return_exceptions=True)
         await coordinator.stop()
     return 0
+
+
+async def _with_dashboard(coordinator: Any, runner: asyncio.Task[Any], host: str, name: str, found: str) -> int:
+    """The dashboard in this process and event loop, beside the coordinator and the agent; quitting it
+    stops them (running jobs keep running and are adopted on the next `gpudeck up`). Logging goes to a
+    file meanwhile, since the terminal is the dashboard's."""
+    from gpudeck.config import Endpoint
+    from gpudeck.tui.app import GpudeckApp, quiet_logging
+    from gpudeck.tui.client import CoordinatorLink
+
+    link = CoordinatorLink(endpoints=[Endpoint("127.0.0.1", coordinator.port, "gpudeck up")],
+                           join_token=coordinator.token, name="up")
+    app = GpudeckApp(link)
+    log_file = config.data_dir() / "up.log"
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, app.exit)
+    with quiet_logging(log_file):
+        try:
+            await app.run_async()
+        finally:
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+            await coordinator.stop()
+    print(f"gpudeck stopped (coordinator on {host}:{coordinator.port}, node {name}: {found}). Running jobs keep "
+          f"running and are adopted on the next `gpudeck up`; the log is in {log_file}.", flush=True)
+    return app.return_code or 0

@@ -1,0 +1,48 @@
+"""Waiting on the dashboard under Pilot, and reading what its tables show."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from textual.pilot import Pilot
+
+from gpudeck.config import Endpoint
+from gpudeck.protocol.auth import JoinToken
+from gpudeck.tui.app import GpudeckApp
+from gpudeck.tui.client import CoordinatorLink
+from gpudeck.tui.table import DeckTable
+from tests.cluster import Cluster
+from tests.conftest import SCRIPTS
+
+
+def live_app(cluster: Cluster) -> GpudeckApp:
+    """The dashboard against a test cluster's coordinator, with scripts resolved from tests/scripts."""
+    link = CoordinatorLink(endpoints=[Endpoint("127.0.0.1", cluster.port, "test")],
+                           join_token=JoinToken.parse(cluster.token))
+    return GpudeckApp(link, keymap_path=cluster.root / "no-keymap.json", cwd=str(SCRIPTS))
+
+
+async def wait_for(pilot: Pilot, what: str, predicate: Callable[[], Any], timeout: float = 60.0) -> Any:
+    """Poll (letting the app run) until `predicate` is true; fail saying what did not happen."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        await pilot.pause(0.1)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def rows(table: DeckTable, width: int = 200) -> list[str]:
+    """Every row of a table as plain text (not only those on screen)."""
+    return [table.row_text(key, width) for key in table.keys]
+
+
+def screen_text(app: GpudeckApp) -> str:
+    """What the terminal shows now, as plain text."""
+    return "\n".join(strip.text for strip in app.screen._compositor.render_strips())
+
+
+async def type_text(pilot: Pilot, text: str) -> None:
+    await pilot.press(*[{" ": "space", "/": "slash", ".": "full_stop", "-": "minus"}.get(c, c) for c in text])

@@ -1,0 +1,259 @@
+"""All of the dashboard's network I/O: finding the coordinator, watching it, reconnecting, and the
+requests the screens make. It knows nothing of Textual; the app runs `events()` in a worker.
+
+A `Link` is the interface the app is given (harlequin's adapter pattern): `CoordinatorLink` talks to
+a real coordinator; `RecordedLink` replays recorded data for snapshot tests and benchmarks.
+
+`events()` yields what happened to the connection, forever:
+
+- `NotFound`: no coordinator or no token yet (the text says what was tried); it keeps looking.
+- `Connected`: the `watch` snapshot; then `Changed` with every update that queued since the last
+  one, so a dashboard that falls behind gets one batch instead of a backlog.
+- `Lost`: the connection broke; it reconnects with backoff and sends `Connected` again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Protocol
+
+from gpudeck import config
+from gpudeck.client import NoCoordinator, connect, find_endpoints
+from gpudeck.config import Endpoint
+from gpudeck.model import JobSpec
+from gpudeck.protocol import auth
+from gpudeck.protocol.messages import Cancel, Drain, ListNodes, ReadLogs, Submit, Watch
+from gpudeck.protocol.session import ClientSession, Refused
+
+BACKOFF = (0.5, 1.0, 2.0, 3.0, 5.0)
+CHECK_EVERY = 1.0  # how often a quiet connection is checked for end of stream
+PING_AFTER = 10.0  # a connection quiet this long is asked something, to notice a silent failure
+PING_TIMEOUT = 10.0
+
+
+# --- events ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NotFound:
+    reason: str
+    retry_in: float
+
+
+@dataclass(frozen=True)
+class Connected:
+    where: str
+    snapshot: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Changed:
+    updates: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Lost:
+    reason: str
+    retry_in: float
+    attempt: int
+
+
+LinkEvent = NotFound | Connected | Changed | Lost
+
+
+class NotConnected(ConnectionError):
+    """A request while there is no connection to the coordinator."""
+
+
+class Link(Protocol):
+    """What the app needs from the cluster."""
+
+    def events(self) -> AsyncIterator[LinkEvent]: ...
+
+    async def submit(self, spec: JobSpec) -> dict[str, Any]: ...
+
+    async def cancel(self, job: int) -> dict[str, Any]: ...
+
+    async def drain(self, node: str, on: bool) -> dict[str, Any]: ...
+
+    async def read_logs(self, job: int, attempt: int | None, offsets: dict[str, int]) -> dict[str, Any]: ...
+
+
+# --- the real thing -----------------------------------------------------------------------------------
+
+
+class CoordinatorLink:
+    """A coordinator found as the CLI finds it (flag, environment, this machine's data dir, mDNS), or
+    at `endpoints` with `join_token` when the caller already knows (as `gpudeck up` does)."""
+
+    def __init__(self, coordinator: str | None = None, token: str | None = None, token_file: str | None = None,
+                 endpoints: list[Endpoint] | None = None, join_token: auth.JoinToken | None = None,
+                 mdns_interfaces: list[str] | None = None, name: str = "tui") -> None:
+        self.coordinator = coordinator
+        self.token_text, self.token_file = token, token_file
+        self.endpoints = endpoints
+        self.join_token = join_token
+        self.mdns_interfaces = mdns_interfaces
+        self.name = name
+        self.session: ClientSession | None = None
+        self.where = ""
+
+    async def _find(self) -> tuple[list[Endpoint], auth.JoinToken]:
+        endpoints = self.endpoints or await find_endpoints(self.coordinator, self.mdns_interfaces)
+        token = self.join_token or config.find_token(self.token_text, self.token_file)
+        return endpoints, token
+
+    async def events(self) -> AsyncIterator[LinkEvent]:
+        failures = 0
+        connected_once = False
+        while True:
+            reason = ""
+            try:
+                endpoints, token = await self._find()
+                async with connect(endpoints, token, self.name) as session:
+                    snapshot = await session.request(Watch)
+                    self.session = session
+                    peer = session.conn.writer.get_extra_info("peername")
+                    match = [e for e in endpoints if peer and e.host == peer[0] and e.port == peer[1]]
+                    self.where = (f"{peer[0]}:{peer[1]}" if peer else "the coordinator") + (
+                        f" ({match[0].how})" if match else "")
+                    failures = 0
+                    connected_once = True
+                    yield Connected(self.where, snapshot)
+                    async for batch in self._updates(session):
+                        yield Changed(batch)
+            except (NoCoordinator, auth.TokenError, auth.PinMismatch, ValueError) as exc:
+                reason = str(exc)
+            except Refused as exc:
+                reason = f"the coordinator refused this client: {exc}"
+            except (OSError, ConnectionError, asyncio.TimeoutError, EOFError) as exc:
+                reason = str(exc) or type(exc).__name__
+            finally:
+                self.session = None
+            delay = BACKOFF[min(failures, len(BACKOFF) - 1)]
+            failures += 1
+            if connected_once:
+                yield Lost(reason or "the coordinator closed the connection", delay, failures)
+            else:
+                yield NotFound(reason, delay)
+            await asyncio.sleep(delay)
+
+    @staticmethod
+    def _ended(session: ClientSession) -> bool:
+        reader = session.conn.reader
+        return reader.at_eof() or reader.exception() is not None or session.conn.writer.is_closing()
+
+    async def _updates(self, session: ClientSession) -> AsyncIterator[list[dict[str, Any]]]:
+        quiet_since = time.monotonic()
+        while True:
+            try:
+                first = await asyncio.wait_for(session.updates.get(), CHECK_EVERY)
+            except asyncio.TimeoutError:
+                if self._ended(session):
+                    raise ConnectionError("the coordinator closed the connection") from None
+                if time.monotonic() - quiet_since > PING_AFTER:
+                    await session.request(ListNodes, timeout=PING_TIMEOUT)
+                    quiet_since = time.monotonic()
+                continue
+            batch = [first]
+            while not session.updates.empty():
+                batch.append(session.updates.get_nowait())
+            quiet_since = time.monotonic()
+            yield batch
+
+    async def _request(self, kind: Any, **fields: Any) -> Any:
+        if self.session is None:
+            raise NotConnected("not connected to the coordinator")
+        return await self.session.request(kind, **fields)
+
+    async def submit(self, spec: JobSpec) -> dict[str, Any]:
+        return await self._request(Submit, spec=spec.to_wire())
+
+    async def cancel(self, job: int) -> dict[str, Any]:
+        return await self._request(Cancel, job=job)
+
+    async def drain(self, node: str, on: bool) -> dict[str, Any]:
+        return await self._request(Drain, node=node, on=on)
+
+    async def read_logs(self, job: int, attempt: int | None, offsets: dict[str, int]) -> dict[str, Any]:
+        return await self._request(ReadLogs, job=job, attempt=attempt, rank=None, offsets=offsets)
+
+
+# --- recorded data ---------------------------------------------------------------------------------
+
+
+class RecordedLink:
+    """Replays a snapshot and then `updates` every `interval` seconds, with no network: for snapshot
+    tests (deterministic screens) and benchmarks. Submit, cancel and drain change the recorded jobs
+    and nodes as a coordinator would, minus scheduling. `not_found` replays a failed search instead."""
+
+    def __init__(self, snapshot: dict[str, Any] | None = None, updates: list[dict[str, Any]] | None = None,
+                 interval: float = 1.0, logs: dict[int, dict[str, bytes]] | None = None,
+                 not_found: str | None = None, where: str = "recorded data") -> None:
+        self.snapshot = copy.deepcopy(snapshot or {"time": 0.0, "nodes": [], "unjoined": [], "jobs": []})
+        self.updates = list(updates or [])
+        self.interval = interval
+        self.logs = logs or {}
+        self.not_found = not_found
+        self.where = where
+        self.sent: list[JobSpec] = []
+        self.pushed: asyncio.Queue[dict[str, Any]] | None = None
+
+    async def events(self) -> AsyncIterator[LinkEvent]:
+        if self.not_found is not None:
+            yield NotFound(self.not_found, 3600.0)
+            await asyncio.Event().wait()
+        self.pushed = asyncio.Queue()
+        yield Connected(self.where, copy.deepcopy(self.snapshot))
+        for update in self.updates:
+            await asyncio.sleep(self.interval)
+            yield Changed([update])
+        while True:
+            yield Changed([await self.pushed.get()])
+
+    def push(self, update: dict[str, Any]) -> None:
+        """Send an update now (tests and benchmarks)."""
+        assert self.pushed is not None, "not started"
+        self.pushed.put_nowait(update)
+
+    def _job(self, job: int) -> dict[str, Any]:
+        for item in self.snapshot["jobs"]:
+            if item["id"] == job:
+                return item
+        raise Refused(f"there is no job {job}")
+
+    async def submit(self, spec: JobSpec) -> dict[str, Any]:
+        self.sent.append(spec)
+        job_id = max((j["id"] for j in self.snapshot["jobs"]), default=0) + 1
+        job = {"id": job_id, "name": spec.name, "state": "pending", "reason": "waiting for the scheduler",
+               "nodes": [], "gpus": spec.gpus or (spec.nodes or 0) * (spec.gpus_per_node or 0), "placement": [],
+               "request": {"gpus": spec.gpus, "nodes": spec.nodes, "gpus_per_node": spec.gpus_per_node},
+               "command": [spec.script_name or f"--workload {spec.workload}", *spec.args],
+               "priority": spec.priority, "time_limit": spec.time_limit, "max_restarts": spec.max_restarts,
+               "restarts": 0, "attempt": 1, "exit_code": None, "submitted_at": self.snapshot["time"],
+               "started_at": None, "ended_at": None, "traffic": {"by_kind": {}, "by_rank": {}}}
+        self.snapshot["jobs"].append(job)
+        return copy.deepcopy(job)
+
+    async def cancel(self, job: int) -> dict[str, Any]:
+        item = self._job(job)
+        if item["state"] in ("succeeded", "failed", "cancelled"):
+            raise Refused(f"job {job} already finished ({item['state']})")
+        item.update(state="cancelled", reason="cancelled by a user", ended_at=self.snapshot["time"])
+        return copy.deepcopy(item)
+
+    async def drain(self, node: str, on: bool) -> dict[str, Any]:
+        for item in self.snapshot["nodes"]:
+            if item["name"] == node:
+                item["draining"] = on
+                return copy.deepcopy(item)
+        raise Refused(f"there is no node {node}")
+
+    async def read_logs(self, job: int, attempt: int | None, offsets: dict[str, int]) -> dict[str, Any]:
+        item = self._job(job)
+        chunks = {rank: data[offsets.get(rank, 0):] for rank, data in self.logs.get(job, {}).items()}
+        return {"attempt": attempt or item["attempt"], "state": item["state"],
+                "finished": item["state"] in ("succeeded", "failed", "cancelled"), "chunks": chunks}

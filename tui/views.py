@@ -1,0 +1,554 @@
+"""The three main views (nodes, jobs, traffic). Each renders the model it is given and repaints only
+the rows a change touched; none does I/O."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Hashable
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.message import Message
+from textual.reactive import reactive
+from textual.widget import Widget
+from textual.widgets import Input, Static
+
+from gpudeck.tui.model import (
+    ACTIVE_STATES, Changes, Cluster, age, bar, describe_process, foreign_processes, gib, matches, rank_health,
+    rank_places, rate, request_text, sparkline,
+)
+from gpudeck.tui.table import SPAN, SPAN_FROM, Column, DeckTable, Palette
+
+EXPAND_UP_TO_GPUS = 64  # clusters this small show every GPU from the start, as nvitop does
+HEARTBEAT_LATE = 5.0
+
+
+class FilterBar(Input):
+    """The `/` filter: hidden until asked for; every word typed must match."""
+
+    class Done(Message):
+        """Enter (keep the filter) or escape (clear it) was pressed."""
+
+        def __init__(self, bar: "FilterBar", keep: bool) -> None:
+            super().__init__()
+            self.bar = bar
+            self.keep = keep
+
+    BINDINGS = [("escape", "clear_filter", "Clear filter")]
+
+    def __init__(self, what: str, id: str | None = None) -> None:
+        super().__init__(placeholder=f"filter {what}: words to match (enter keeps it, esc clears)", id=id,
+                         classes="filter-bar")
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        self.post_message(self.Done(self, keep=True))
+
+    def action_clear_filter(self) -> None:
+        self.value = ""
+        self.post_message(self.Done(self, keep=False))
+
+
+class FilteredView(Vertical):
+    """A table with a filter bar under it."""
+
+    filter_text: reactive[str] = reactive("")
+    kind = ""
+    table: DeckTable
+
+    def __init__(self, cluster: Cluster, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.cluster = cluster
+        self.preview = Static(classes="preview")
+
+    def show_filter(self) -> None:
+        bar = self.query_one(FilterBar)
+        bar.add_class("-shown")
+        bar.focus()
+
+    def clear_filter(self) -> None:
+        bar = self.query_one(FilterBar)
+        bar.value = ""
+        bar.remove_class("-shown")
+        self.filter_text = ""
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        if isinstance(event.input, FilterBar):
+            self.filter_text = event.value
+            event.stop()
+
+    def on_filter_bar_done(self, event: FilterBar.Done) -> None:
+        if not event.keep or not self.filter_text:
+            event.bar.remove_class("-shown")
+        self.table.focus()
+
+    def watch_filter_text(self) -> None:
+        self.rebuild()
+
+    def on_deck_table_highlighted(self, event: DeckTable.Highlighted) -> None:
+        self.update_preview()
+
+    def update_preview(self) -> None:
+        """The highlighted row in full, under the table: what a narrow column had to cut."""
+        key = self.table.cursor_key
+        self.preview.update(self.describe(key) if key is not None else "", layout=False)  # its height is fixed
+        self.preview.display = key is not None
+
+    def describe(self, key: Any) -> Text:  # pragma: no cover - every view defines it
+        raise NotImplementedError
+
+    def rebuild(self) -> None:  # pragma: no cover - every view defines it
+        raise NotImplementedError
+
+
+# --- nodes -------------------------------------------------------------------------------------------
+
+NODE_COLUMNS = [
+    Column("name", "NAME", 12, flex=2, max_width=28),
+    Column("state", "STATE", 8),
+    Column("gpus", "GPUS", 6),
+    Column("util", "UTIL", 9),
+    Column("memory", "MEMORY", 12, priority=1),
+    Column("history", "HISTORY", 8, priority=3, flex=1, max_width=40),
+    Column("temp", "TEMP", 4, priority=4, align="right"),
+    Column("power", "POWER", 5, priority=5, align="right"),
+    Column("address", "ADDRESS", 15, priority=2),
+    Column("heartbeat", "SEEN", 4, align="right"),
+    Column("jobs", "JOBS / PROCESSES", 6, flex=2),
+]
+
+STATE_STYLE = {"up": "good", "suspect": "warn", "down": "bad", "unjoined": "warn"}
+
+
+def _watts(value: float) -> str:
+    return f"{value / 1000:.1f}kW" if value >= 10000 else f"{value:.0f}W"
+
+
+class NodesView(FilteredView):
+    """One row per node, expandable to one row per GPU; agents seen but not joined at the bottom."""
+
+    kind = "node"
+
+    def __init__(self, cluster: Cluster, id: str | None = None) -> None:
+        super().__init__(cluster, id=id)
+        self.expanded: set[str] = set()
+        self.collapsed: set[str] = set()
+        self.expand_all = True
+        self.sized = False
+        self.table = DeckTable(NODE_COLUMNS, self._row, version=self._version, id="nodes-table",
+                               empty="no nodes have joined yet: run `gpudeck agent` on each GPU machine "
+                                     "(or `gpudeck up` on this one)")
+
+    def compose(self) -> ComposeResult:
+        yield self.table
+        yield self.preview
+        yield FilterBar("nodes", id="nodes-filter")
+
+    # --- rows --------------------------------------------------------------------------------------
+
+    def is_expanded(self, name: str) -> bool:
+        return name in self.expanded or (self.expand_all and name not in self.collapsed)
+
+    def rebuild(self) -> None:
+        keys: list[Hashable] = []
+        for name in self.cluster.node_names():
+            node = self.cluster.nodes[name]
+            if not matches(self.filter_text, node, "node"):
+                continue
+            keys.append(("node", name))
+            if self.is_expanded(name):
+                keys += [("gpu", name, gpu["index"]) for gpu in node["gpus"]]
+        unjoined = [u for u in self.cluster.unjoined
+                    if not self.filter_text or all(w in f"{u['name']} {u['address']} unjoined".lower()
+                                                   for w in self.filter_text.lower().split())]
+        if unjoined:
+            keys.append(("section", "unjoined"))
+            keys += [("unjoined", u["name"]) for u in unjoined]
+        self.table.set_keys(keys)
+
+    def model_changed(self, changes: Changes) -> None:
+        if changes.reset and not self.sized:  # the first snapshot; a reconnect keeps what the user opened
+            self.sized = True
+            self.expand_all = sum(len(n["gpus"]) for n in self.cluster.nodes.values()) <= EXPAND_UP_TO_GPUS
+        if changes.reset or changes.node_set or changes.unjoined:
+            self.rebuild()
+            self.update_preview()
+            return
+        selected = self.selected_node()
+        if selected in changes.nodes:
+            self.update_preview()
+        keys: list[Hashable] = []
+        for name in changes.nodes:
+            keys.append(("node", name))
+            if self.is_expanded(name) and name in self.cluster.nodes:
+                keys += [("gpu", name, gpu["index"]) for gpu in self.cluster.nodes[name]["gpus"]]
+        self.table.refresh_keys(keys)
+
+    def toggle(self, name: str) -> None:
+        if self.is_expanded(name):
+            self.expanded.discard(name)
+            self.collapsed.add(name)
+        else:
+            self.collapsed.discard(name)
+            self.expanded.add(name)
+        self.rebuild()
+
+    def toggle_all(self) -> None:
+        self.expand_all = not self.expand_all
+        self.expanded.clear()
+        self.collapsed.clear()
+        self.rebuild()
+
+    def selected_node(self) -> str | None:
+        key = self.table.cursor_key
+        return key[1] if key and key[0] in ("node", "gpu") else None
+
+    def on_deck_table_selected(self, event: DeckTable.Selected) -> None:
+        if event.key and event.key[0] in ("node", "gpu"):
+            self.toggle(event.key[1])
+            self.table.move_to(("node", event.key[1]))
+
+    def describe(self, key: Any) -> Text:
+        text = Text()
+        if key[0] in ("section", "unjoined"):
+            for advert in self.cluster.unjoined:
+                if key[0] == "section" or advert["name"] == key[1]:
+                    text.append(f"{advert['name']} at {advert['address']} ({advert.get('gpus', '?')} GPUs) has not "
+                                f"joined: {advert['why']}\n")
+            return text.rstrip() or Text("")
+        node = self.cluster.nodes.get(key[1])
+        if node is None:
+            return text
+        sim = " SIM" if node.get("simulated") else ""
+        if key[0] == "node":
+            text.append(key[1], style="bold")
+            text.append(f" ({node.get('hostname')}, {node.get('address')}) {node['state']}"
+                        + (", draining" if node.get("draining") else "")
+                        + f" · {len(node['gpus'])}{sim} GPUs · jobs {','.join(map(str, node.get('jobs', []))) or 'none'}"
+                        + f" · heartbeat {age(self.cluster.heartbeat_age(key[1]))} ago")
+            outside = [(g["index"], p) for g in node["gpus"] for p in foreign_processes(g)]
+            for index, process in outside:
+                text.append(f"\nGPU {index}: ! outside gpudeck: {describe_process(process)}")
+            return text
+        gpu = next((g for g in node["gpus"] if g["index"] == key[2]), None)
+        if gpu is None:
+            return text
+        text.append(f"{key[1]} GPU {key[2]}{sim}", style="bold")
+        text.append(f" {gpu.get('name')} · {gpu.get('uuid')}")
+        job = self.cluster.gpu_jobs.get((key[1], key[2]))
+        if job is not None:
+            text.append(f" · job {job} {self.cluster.jobs.get(job, {}).get('name', '')}")
+        power = gpu.get("power")
+        limit = gpu.get("power_limit")
+        if power is not None:
+            text.append(f" · {power:.0f}W" + (f" of {limit:.0f}W" if limit else ""))
+        for process in gpu.get("processes") or []:
+            mark = "! outside gpudeck: " if process.get("foreign") else ""
+            text.append(f"\n{mark}{describe_process(process)}")
+        return text
+
+    def _version(self, key: Any) -> Hashable:
+        if key[0] in ("node", "gpu"):
+            name = key[1]
+            version = (self.cluster.node_version.get(name), self.cluster.placement_version, self.cluster.connected)
+            if key[0] == "node":
+                seen = int(self.cluster.heartbeat_age(name)) if name in self.cluster.nodes else 0
+                return (*version, self.is_expanded(name), seen)
+            return version
+        return (id(self.cluster.unjoined), len(self.cluster.unjoined))
+
+    def _row(self, key: Any, p: Palette) -> dict[str, Any]:
+        if key[0] == "node":
+            return self._node_cells(key[1], p)
+        if key[0] == "gpu":
+            return self._gpu_cells(key[1], key[2], p)
+        if key[0] == "section":
+            return {SPAN_FROM: "name", SPAN: Text(f"seen on the network, not joined ({len(self.cluster.unjoined)})",
+                                                  style=p.section)}
+        advert = next((u for u in self.cluster.unjoined if u["name"] == key[1]), None)
+        if advert is None:
+            return {}
+        return {"name": advert["name"], "state": Text("unjoined", style=p.warn), "gpus": str(advert.get("gpus", "?")),
+                SPAN_FROM: "util", SPAN: Text(f"{advert['address']}: {advert['why']}", style=p.dim)}
+
+    def _node_cells(self, name: str, p: Palette) -> dict[str, Any]:
+        node = self.cluster.nodes.get(name)
+        if node is None:
+            return {}
+        gpus = node["gpus"]
+        utils = [g["utilization"] for g in gpus if g.get("utilization") is not None]
+        used = [g["memory_used"] for g in gpus if g.get("memory_used") is not None]
+        total = [g["memory_total"] for g in gpus if g.get("memory_total") is not None]
+        temps = [g["temperature"] for g in gpus if g.get("temperature") is not None]
+        power = [g["power"] for g in gpus if g.get("power") is not None]
+        state = "draining" if node.get("draining") and node["state"] == "up" else node["state"]
+        seen = self.cluster.heartbeat_age(name)
+        marker = "▾ " if self.is_expanded(name) else "▸ "
+        gpus_cell = Text(str(len(gpus)))
+        if node.get("simulated"):
+            gpus_cell.append(" SIM", style=p.sim)
+        foreign = sum(1 for g in gpus if foreign_processes(g))
+        jobs = Text(",".join(map(str, node.get("jobs", []))) or "-")
+        if node.get("draining") and state != "draining":
+            jobs.append(" draining", style=p.warn)
+        if foreign:
+            jobs.append(f" !{foreign} outside", style=p.bad)
+        util = sum(utils) / len(utils) if utils else None
+        return {
+            "name": Text(marker + name, style="bold"),
+            "state": Text(state, style=getattr(p, STATE_STYLE.get(node["state"], "warn")) if state != "draining" else p.warn),
+            "gpus": gpus_cell,
+            "util": self._util(util, p),
+            "memory": self._memory(sum(used) if used else None, sum(total) if total else None, p),
+            "temp": f"{max(temps):.0f}C" if temps else "n/a",
+            "power": _watts(sum(power)) if power else "n/a",
+            "history": Text(sparkline(self.cluster.node_util.get(name, []), self.table.column_width("history"), 100),
+                            style=p.accent),
+            "address": node.get("address", ""),
+            "heartbeat": Text(age(seen), style=p.warn if seen > HEARTBEAT_LATE else p.dim),
+            "jobs": jobs,
+        }
+
+    def _gpu_cells(self, name: str, index: int, p: Palette) -> dict[str, Any]:
+        node = self.cluster.nodes.get(name)
+        gpu = next((g for g in node["gpus"] if g["index"] == index), None) if node else None
+        if gpu is None:
+            return {}
+        job = self.cluster.gpu_jobs.get((name, index))
+        foreign = foreign_processes(gpu)
+        label = Text(f"  {index} ")
+        if node.get("simulated"):
+            label.append("SIM ", style=p.sim)
+        gpu_name = (gpu.get("name") or "GPU").removeprefix("NVIDIA ")
+        if not (node.get("simulated") and gpu_name.startswith("Simulated")):
+            label.append(gpu_name, style=p.dim)
+        if foreign:
+            state, style = "outside", p.bad
+        elif job is not None:
+            state, style = "busy", p.good
+        else:
+            state, style = "idle", p.dim
+        use = Text()
+        if job is not None:
+            use.append(f"job {job}")
+            name_of = self.cluster.jobs.get(job, {}).get("name")
+            if name_of:
+                use.append(f" {name_of}", style=p.dim)
+        if foreign:
+            if use:
+                use.append("  ")
+            more = f" +{len(foreign) - 1}" if len(foreign) > 1 else ""
+            use.append(f"! outside gpudeck: {describe_process(foreign[0])}{more}", style=p.bad)
+        temp = f"{gpu['temperature']:.0f}C" if gpu.get("temperature") is not None else "n/a"
+        power = _watts(gpu["power"]) if gpu.get("power") is not None else "n/a"
+        cells = {
+            "name": label, "state": Text(state, style=style), "gpus": "",
+            "util": self._util(gpu.get("utilization"), p),
+            "memory": self._memory(gpu.get("memory_used"), gpu.get("memory_total"), p),
+            "temp": temp, "power": power,
+            "history": Text(sparkline(self.cluster.gpu_util.get((name, index), []), self.table.column_width("history"), 100),
+                            style=p.accent),
+        }
+        # Node-level columns are empty on a GPU row: what uses the GPU gets the rest of the line.
+        rest = Text()
+        if not self.table.column_width("temp"):
+            rest.append(f"{temp} {power}  ", style=p.dim)
+        rest.append_text(use or Text("-", style=p.dim))
+        cells[SPAN_FROM] = "address"
+        cells[SPAN] = rest
+        return cells
+
+    @staticmethod
+    def _util(value: float | None, p: Palette) -> Text:
+        if value is None:
+            return Text("n/a", style=p.dim)
+        text = Text(bar(value / 100, 4), style=p.accent)
+        text.append(f"{value:4.0f}%")
+        return text
+
+    @staticmethod
+    def _memory(used: int | None, total: int | None, p: Palette) -> Text:
+        if used is None or not total:
+            return Text("n/a", style=p.dim)
+        text = Text(bar(used / total, 3), style=p.accent)
+        text.append(f" {gib(used)}/{gib(total)}G")
+        return text
+
+
+# --- jobs ----------------------------------------------------------------------------------------------
+
+JOB_COLUMNS = [
+    Column("id", "ID", 4, align="right"),
+    Column("name", "NAME", 10, flex=1, max_width=30),
+    Column("state", "STATE", 9),
+    Column("gpus", "GPUS", 5, align="right"),
+    Column("nodes", "NODES", 13, priority=1, flex=1, max_width=40),
+    Column("runtime", "RUNTIME", 7, align="right"),
+    Column("attempt", "ATT", 3, priority=2, align="right"),
+    Column("exit", "EXIT", 4, align="right"),
+    Column("priority", "PRIO", 4, priority=4, align="right"),
+    Column("info", "REASON / COMMAND", 14, flex=3),
+]
+JOB_STATE_STYLE = {"pending": "warn", "starting": "accent", "running": "good", "succeeded": "dim",
+                   "failed": "bad", "cancelled": "dim"}
+
+
+class JobsView(FilteredView):
+    """The queue (running, then pending in the order they will be served) and history, newest first."""
+
+    kind = "job"
+
+    def __init__(self, cluster: Cluster, id: str | None = None) -> None:
+        super().__init__(cluster, id=id)
+        self.table = DeckTable(JOB_COLUMNS, self._row, version=self._version, id="jobs-table",
+                               empty="no jobs yet: press s to submit one")
+
+    def compose(self) -> ComposeResult:
+        yield self.table
+        yield self.preview
+        yield FilterBar("jobs", id="jobs-filter")
+
+    def rebuild(self) -> None:
+        self.table.set_keys([job["id"] for job in self.cluster.sorted_jobs()
+                             if matches(self.filter_text, job, "job")])
+
+    def model_changed(self, changes: Changes) -> None:
+        if changes.reset or changes.job_set:
+            self.rebuild()
+        else:
+            self.table.refresh_keys(changes.jobs)
+        if changes.reset or self.table.cursor_key in changes.jobs:
+            self.update_preview()
+
+    def selected_job(self) -> dict[str, Any] | None:
+        key = self.table.cursor_key
+        return self.cluster.jobs.get(key) if key is not None else None
+
+    def describe(self, key: Any) -> Text:
+        job = self.cluster.jobs.get(key)
+        text = Text()
+        if job is None:
+            return text
+        text.append(f"job {job['id']} {job['name']}", style="bold")
+        text.append(f" {job['state']}")
+        if job.get("reason"):
+            text.append(f": {job['reason']}")
+        submitted = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job["submitted_at"]))
+        text.append(f"\n$ {' '.join(job.get('command', []))} · asked {request_text(job)} GPUs · priority "
+                    f"{job.get('priority', 0)} · submitted {submitted}", style="dim")
+        return text
+
+    def _version(self, key: Any) -> Hashable:
+        job = self.cluster.jobs.get(key)
+        ticking = job is not None and job["state"] in ACTIVE_STATES
+        return (self.cluster.job_version.get(key), int(self.cluster.now()) if ticking else 0)
+
+    def _row(self, key: Any, p: Palette) -> dict[str, Any]:
+        job = self.cluster.jobs.get(key)
+        if job is None:
+            return {}
+        state = job["state"]
+        if state in ("pending", "failed") or (state == "cancelled" and job.get("reason")):
+            info = Text(job.get("reason") or "", style=p.warn if state == "pending" else p.dim)
+        else:
+            info = Text(" ".join(job.get("command", [])), style=p.dim)
+        exit_code = job.get("exit_code")
+        return {
+            "id": str(job["id"]), "name": job["name"],
+            "state": Text(state, style=getattr(p, JOB_STATE_STYLE.get(state, "dim"))),
+            "gpus": request_text(job), "nodes": ",".join(job.get("nodes", [])) or "-",
+            "runtime": self.cluster.runtime(job), "attempt": str(job.get("attempt", "")),
+            "exit": Text("-" if exit_code is None else str(exit_code), style=p.bad if exit_code else ""),
+            "priority": str(job.get("priority", 0)), "info": info,
+        }
+
+
+# --- traffic -------------------------------------------------------------------------------------------
+
+
+class TotalTraffic(Widget):
+    """The cluster's sync traffic: total rate, its history, and the split by kind."""
+
+    data: reactive[tuple[float, tuple[float, ...], tuple[tuple[str, float], ...]]] = reactive((0.0, (), ()))
+
+    def render(self) -> Text:
+        total, series, kinds = self.data
+        width = max(10, self.size.width - 30)
+        text = Text()
+        text.append("cluster total ", style="bold")
+        text.append(f"{rate(total):>11}  ")
+        text.append(sparkline(series, width))
+        text.append("\n")
+        if kinds:
+            text.append("  ·  ".join(f"{kind} {rate(value)}" for kind, value in kinds))
+        else:
+            text.append("no running job reports traffic", style="dim")
+        return text
+
+
+TRAFFIC_COLUMNS = [
+    Column("id", "ID", 4, align="right"),
+    Column("name", "NAME", 10, flex=1, max_width=30),
+    Column("ranks", "RANKS", 5, align="right"),
+    Column("rate", "RATE", 10, align="right"),
+    Column("history", "HISTORY", 12, flex=2, max_width=60),
+    Column("kinds", "BY KIND", 16, priority=1, flex=2),
+    Column("health", "RANKS OFF PACE", 14, flex=1),
+]
+
+
+class TrafficView(Vertical):
+    """Every running job's parameter-sync traffic, side by side, with the cluster total on top."""
+
+    def __init__(self, cluster: Cluster, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.cluster = cluster
+        self.total = TotalTraffic(id="traffic-total")
+        self.table = DeckTable(TRAFFIC_COLUMNS, self._row, id="traffic-table",
+                               empty="no job is running: press s to submit one")
+
+    def compose(self) -> ComposeResult:
+        yield self.total
+        yield self.table
+
+    def model_changed(self, changes: Changes) -> None:
+        if changes.reset or changes.job_set:
+            self.table.set_keys([job["id"] for job in self.cluster.sorted_jobs() if job["state"] in ACTIVE_STATES])
+        if changes.traffic or changes.reset:
+            kinds: dict[str, float] = {}
+            for job in self.cluster.active_jobs():
+                traffic = self.cluster.traffic.get(job["id"])
+                for kind, value in (traffic.kind_rates() if traffic else {}).items():
+                    kinds[kind] = kinds.get(kind, 0.0) + value
+            recent = list(self.cluster.cluster_rate)[-3:]
+            self.total.data = (sum(recent) / len(recent) if recent else 0.0, tuple(self.cluster.cluster_rate),
+                               tuple(sorted(kinds.items(), key=lambda kv: -kv[1])))
+            self.table.refresh()
+
+    def selected_job(self) -> dict[str, Any] | None:
+        key = self.table.cursor_key
+        return self.cluster.jobs.get(key) if key is not None else None
+
+    def _row(self, key: Any, p: Palette) -> dict[str, Any]:
+        job = self.cluster.jobs.get(key)
+        if job is None:
+            return {}
+        traffic = self.cluster.traffic.get(key)
+        places = rank_places(job)
+        kinds = traffic.kind_rates() if traffic else {}
+        health = rank_health(places, traffic.rank_rates() if traffic else {}, job["state"] == "running")
+        off = [f"{r} {flag}" for r, flag in sorted(health.items()) if flag]
+        return {
+            "id": str(job["id"]), "name": job["name"], "ranks": str(len(places)),
+            "rate": rate(sum(kinds.values())),
+            "history": Text(sparkline(traffic.series() if traffic else [], self.table.column_width("history")),
+                            style=p.accent),
+            "kinds": ", ".join(f"{k} {rate(v)}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]) if v)
+                     or Text("none yet", style=p.dim),
+            "health": Text("rank " + ", ".join(off), style=p.bad) if off else Text("-", style=p.dim),
+        }
+
+
+class Banner(Static):
+    """Connection trouble, shown above the views while it lasts."""

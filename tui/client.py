@@ -141,19 +141,14 @@ class CoordinatorLink:
                 yield NotFound(reason, delay)
             await asyncio.sleep(delay)
 
-    @staticmethod
-    def _ended(session: ClientSession) -> bool:
-        reader = session.conn.reader
-        return reader.at_eof() or reader.exception() is not None or session.conn.writer.is_closing()
-
     async def _updates(self, session: ClientSession) -> AsyncIterator[list[dict[str, Any]]]:
         quiet_since = time.monotonic()
         while True:
             try:
                 first = await asyncio.wait_for(session.updates.get(), CHECK_EVERY)
             except asyncio.TimeoutError:
-                if self._ended(session):
-                    raise ConnectionError("the coordinator closed the connection") from None
+                if session.closed.is_set():
+                    raise ConnectionError(str(session.failure or "the coordinator closed the connection")) from None
                 if time.monotonic() - quiet_since > PING_AFTER:
                     await session.request(ListNodes, timeout=PING_TIMEOUT)
                     quiet_since = time.monotonic()

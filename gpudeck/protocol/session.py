@@ -113,6 +113,9 @@ class ClientSession:
         self._waiting: dict[int, asyncio.Future[Any]] = {}
         # Changes pushed after a `watch` request; whoever watches must keep reading them.
         self.updates: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        # Set when the coordinator's side ended (closed, refused, or sent garbage), with `failure` saying why.
+        self.closed = asyncio.Event()
+        self.failure: BaseException | None = None
         self._reader = asyncio.get_running_loop().create_task(self._read_replies())
 
     async def request(self, kind: type[Message], timeout: float = 30.0, **fields: Any) -> Any:
@@ -136,6 +139,8 @@ class ClientSession:
                     break
         except (FrameError, ProtocolError, OSError) as exc:
             failure = ConnectionError(f"lost the coordinator: {exc}")
+        self.failure = failure
+        self.closed.set()
         for future in self._waiting.values():
             if not future.done():
                 future.set_exception(failure)

@@ -99,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--time-limit", metavar="DUR", help="stop the job after this long (90s, 10m, 2h)")
     submit.add_argument("--max-restarts", type=int, default=0, metavar="K",
                         help="requeue the job up to K times when one of its nodes is lost (default: 0)")
-    submit.add_argument("--workload", choices=sorted(WORKLOADS) or None, metavar="W",
-                        help="a built-in workload instead of a script")
+    submit.add_argument("--workload", nargs=argparse.REMAINDER, metavar="W [ARGS]",
+                        help="a built-in workload instead of a script, then its options (last on the line): "
+                        + "; ".join(f"{name}: {text}" for name, text in sorted(WORKLOADS.items())))
     submit.add_argument("--json", action="store_true", help="print the job as JSON")
     submit.add_argument("script", nargs="?", metavar="SCRIPT", help="a Python training script, as for torchrun")
     submit.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="arguments for the script")
@@ -154,11 +155,24 @@ def _read_script(path: str) -> tuple[str, bytes]:
     return script.name, data
 
 
+def _what_to_run(args: argparse.Namespace) -> tuple[str, list[str]]:
+    """The workload name ("" for a script) and the arguments for the script or workload."""
+    known = ", ".join(sorted(WORKLOADS))
+    if args.workload is None:
+        if not args.script:
+            raise Failure("nothing to run: give a script (gpudeck submit train.py) or --workload NAME")
+        return "", list(args.args)
+    if not args.workload:
+        raise Failure(f"--workload needs a name: {known}")
+    if args.script:
+        raise Failure("give a script or --workload, not both (the workload's options go after its name)")
+    if args.workload[0] not in WORKLOADS:
+        raise Failure(f"there is no built-in workload {args.workload[0]!r} (built-in workloads: {known})")
+    return args.workload[0], args.workload[1:]
+
+
 def spec_from_args(args: argparse.Namespace) -> JobSpec:
-    if args.workload and args.script:
-        raise Failure("give a script or --workload, not both")
-    if not args.workload and not args.script:
-        raise Failure("nothing to run: give a script (gpudeck submit train.py) or --workload NAME")
+    workload, run_args = _what_to_run(args)
     if args.gpus is not None and (args.nodes is not None or args.gpus_per_node is not None):
         raise Failure("use either --gpus G, or --nodes N with --gpus-per-node G, not both")
     if (args.nodes is None) != (args.gpus_per_node is None):
@@ -169,11 +183,11 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
     except ValueError as exc:
         raise Failure(f"--time-limit: {exc}") from None
     spec = JobSpec(
-        name=args.name or (Path(args.script).stem if args.script else args.workload),
+        name=args.name or (Path(args.script).stem if args.script else workload),
         gpus=None if args.nodes is not None else (args.gpus if args.gpus is not None else 1),
         nodes=args.nodes, gpus_per_node=args.gpus_per_node, priority=args.priority, time_limit=time_limit,
-        max_restarts=args.max_restarts, script_name=script_name, script=script, workload=args.workload or "",
-        args=list(args.args), workdir=os.getcwd())
+        max_restarts=args.max_restarts, script_name=script_name, script=script, workload=workload,
+        args=run_args, workdir=os.getcwd())
     try:
         spec.check()
     except ValueError as exc:

@@ -157,4 +157,8 @@ def _check_types(spec: JobSpec) -> None:
 
 # Built-in workloads, by the name `gpudeck submit --workload NAME` takes, with one line each for
 # help texts. The coordinator checks names here without importing torch; the code is in gpudeck.train.
-WORKLOADS: dict[str, str] = {}
+WORKLOADS: dict[str, str] = {
+    "data-parallel": "DDP: the whole model on every rank, gradients all-reduced every step",
+    "parameter-server": "rank 0 holds the parameters; workers pull them and push gradients (--mode sync|async)",
+    "pipeline": "the model cut into one stage per rank; activations and gradients pass between neighbours (GPipe)",
+}

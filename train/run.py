@@ -9,6 +9,10 @@ on ``sys.path``; its exit status is this process's), and in addition:
 * bytes handed to torch.distributed are counted by kind (:mod:`gpudeck.train.counting`);
 * with ``GPUDECK_TRAFFIC_ADDR`` set, totals go to the agent once a second and once at the end
   (:mod:`gpudeck.train.reporter`).
+
+``torchrun ... -m gpudeck.train.run --workload NAME ARG...`` runs a built-in workload instead
+(:mod:`gpudeck.train.workloads`): ``main(ARGS)`` of its module, with the same log redirection,
+counting, reporting and exit status (what ``main`` returns; an uncaught exception gives 1).
 """
 
 from __future__ import annotations
@@ -22,16 +26,25 @@ from collections.abc import Mapping
 from gpudeck.train.counter import TrafficCounter
 from gpudeck.train.reporter import reporter_from_env
 
-USAGE = "usage: python -m gpudeck.train.run SCRIPT [ARG...]"
+USAGE = "usage: python -m gpudeck.train.run SCRIPT [ARG...]\n       python -m gpudeck.train.run --workload NAME [ARG...]"
 
 
 def main(argv: list[str]) -> int:
-    """Run ``argv[0]`` with arguments ``argv[1:]``; return its exit status (SystemExit passes through)."""
-    if not argv or argv[0] in ("-h", "--help"):
+    """Run ``argv[0]`` (or ``--workload argv[1]``) with the arguments after it; return its exit
+    status (SystemExit passes through)."""
+    if not argv or argv[0] in ("-h", "--help") or argv == ["--workload"]:
         print(USAGE, file=sys.stderr)
         return 2
+    workload = argv[1] if argv[0] == "--workload" else None
     redirect_output(os.environ)
-    if not os.path.exists(argv[0]):
+    if workload is not None:
+        from gpudeck.train.workloads import MODULES
+
+        if workload not in MODULES:
+            print(f"gpudeck: there is no built-in workload {workload!r} (built-in workloads: "
+                  f"{', '.join(sorted(MODULES))})", file=sys.stderr)
+            return 2
+    elif not os.path.exists(argv[0]):
         print(f"{sys.executable}: can't open file {argv[0]!r}: no such file", file=sys.stderr)
         return 2
     counter = TrafficCounter()
@@ -40,6 +53,8 @@ def main(argv: list[str]) -> int:
     if reporter is not None:
         reporter.start()
     try:
+        if workload is not None:
+            return run_workload(workload, argv[2:])
         return run_script(argv[0], argv[1:])
     finally:
         if reporter is not None:
@@ -83,6 +98,19 @@ def run_script(path: str, args: list[str]) -> int:
         sys.excepthook(type(exc), exc, exc.__traceback__)
         return 1
     return 0
+
+
+def run_workload(name: str, args: list[str]) -> int:
+    """Run a built-in workload's ``main(args)``; an uncaught exception is printed and gives 1."""
+    from gpudeck.train.workloads import load
+
+    sys.argv = [f"gpudeck.train.workloads:{name}", *args]
+    try:
+        status = load(name).main(args)
+    except Exception as exc:
+        sys.excepthook(type(exc), exc, exc.__traceback__)
+        return 1
+    return int(status or 0)
 
 
 def _script_frames(tb: types.TracebackType | None, path: str) -> types.TracebackType | None:

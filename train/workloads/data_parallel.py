@@ -1,0 +1,125 @@
+"""data-parallel: every rank holds the whole model and trains on its shard of each batch (DDP).
+
+DistributedDataParallel broadcasts rank 0's parameters when it wraps the model, then all-reduces
+(averages) the gradients of every step in buckets, so every rank applies the same update: N ranks
+on shards of B/N points equal one process on the whole batch of B points. On GPUs the buckets are
+all-reduced while backward goes on; on the CPU the whole model is one bucket (:meth:`Trainer.bucket_mb`).
+
+Traffic per rank: ``all_reduce`` = the model's gradient bytes every step (parameters x element
+size); ``broadcast`` = the parameter bytes once, at start; ``all_gather`` = the checkpoint
+agreement (see :mod:`~gpudeck.train.workloads.checkpoint`).
+
+Each rank prints its shard's loss; rank 0 prints the evaluation loss at the end. Checkpoints hold
+the model and the optimizer's momentum and are written by the first rank of every node, so any
+node can give them back to the others after a restart.
+
+    gpudeck submit --nodes 2 --gpus-per-node 1 --workload data-parallel --steps 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from gpudeck.train.workloads import options, session as sessions, task
+from gpudeck.train.workloads.checkpoint import Checkpoints
+
+NAME = "data-parallel"
+DESCRIPTION = "DDP: the whole model on every rank, gradients all-reduced every step"
+
+
+def _options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bucket-mb", type=float, metavar="MB",
+                        help="DDP gradient bucket size (default: the whole model in one bucket on the CPU, "
+                             "DDP's default on GPUs)")
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """This workload's options (the shared ones and its own)."""
+    return options.parse(NAME, DESCRIPTION, argv, _options)
+
+
+def main(argv: Sequence[str]) -> int:
+    args = parse_args(argv)
+    session = sessions.start(args)
+    try:
+        train(args, session)
+    finally:
+        sessions.stop()
+    return 0
+
+
+class Trainer:
+    """The model, optimizer and data of one data-parallel rank; :meth:`step` trains one batch."""
+
+    def __init__(self, args: argparse.Namespace, session: sessions.Session) -> None:
+        self.args, self.session = args, session
+        self.config = options.config(args)
+        if self.config.batch_size % session.world:
+            raise SystemExit(f"--batch-size {self.config.batch_size} must be a multiple of the {session.world} ranks")
+        self.data = task.Data(self.config, session.device)
+        self.model = task.build_model(self.config).to(session.device)
+        self.optimizer = task.make_optimizer(self.model.parameters(), self.config)
+        self.checkpoints = Checkpoints(args.checkpoint_dir, NAME, {
+            "config": {k: v for k, v in vars(self.config).items() if k not in ("lr", "momentum")},
+            "world": session.world})
+        self.start, states = self.checkpoints.restore(session, {"model": set(range(session.world))})
+        if states:
+            self.model.load_state_dict(states["model"]["model"])
+            self.optimizer.load_state_dict(states["model"]["optimizer"])
+        self.ddp = DistributedDataParallel(self.model, bucket_cap_mb=self.bucket_mb(),
+                                           device_ids=[session.device] if session.device.type == "cuda" else None)
+
+    def bucket_mb(self) -> float | None:
+        """--bucket-mb, or by default: on the CPU the whole model in one bucket, all-reduced once backward
+        is done (there backward and all-reduce compete for the same cores, so overlapping them slows
+        both: 23 ms a step instead of 27 for a 2 M parameter model on 2 cores, and the all-reduce gets
+        half the bandwidth, see bench/allreduce_bandwidth.py); on GPUs DDP's default buckets, each
+        all-reduced while backward goes on."""
+        if self.args.bucket_mb is not None:
+            return self.args.bucket_mb
+        if self.session.device.type == "cuda":
+            return None
+        return sum(p.numel() * p.element_size() for p in self.model.parameters()) / 2**20 + 1
+
+    def step(self, step: int) -> torch.Tensor:
+        """Forward, backward (with the gradient all-reduce) and update on this rank's shard of ``step``."""
+        inputs, labels = task.shard(self.data.batch(step), self.session.rank, self.session.world)
+        loss = task.loss_fn(self.ddp(inputs), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    def save(self, step: int) -> None:
+        if self.session.local_rank == 0:
+            self.checkpoints.save("model", step, {"model": self.model.state_dict(),
+                                                  "optimizer": self.optimizer.state_dict()})
+
+
+def train(args: argparse.Namespace, session: sessions.Session) -> Trainer:
+    trainer = Trainer(args, session)
+    if trainer.start >= args.steps:
+        session.log(f"nothing to do: the checkpoint of step {trainer.start} is at or past --steps {args.steps}")
+        return trainer
+    if trainer.start:
+        session.log(f"resuming from the checkpoint of step {trainer.start}")
+    timer = sessions.StepTimer(session.device)
+    for step in range(trainer.start, args.steps):
+        loss = trainer.step(step)
+        timer.step_done()
+        done = step + 1
+        if step % args.log_every == 0 or done == args.steps:
+            session.log(f"step {step} loss {loss.item():.6f}")
+        if done % args.checkpoint_every == 0 or done == args.steps:
+            trainer.save(done)
+        if args.step_sleep:
+            time.sleep(args.step_sleep)
+    session.log(timer.summary())
+    if session.rank == 0:
+        session.log(f"eval loss {task.eval_loss(trainer.model, trainer.data):.6f}")
+    return trainer

@@ -1,0 +1,77 @@
+"""A workload rank's place in the job: its process group, device, log lines and step timing."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Session:
+    """This rank in a job that torchrun started: NCCL on a GPU where there is one, else gloo on the CPU."""
+
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    def log(self, text: str) -> None:
+        """One line of this rank's output, as ``gpudeck logs`` shows it."""
+        print(f"rank {self.rank} {text}", flush=True)
+
+
+def start(args: argparse.Namespace) -> Session:
+    """Join the job's default process group (torchrun's environment says where the others are)."""
+    missing = [name for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if missing:
+        raise SystemExit("a workload runs under torchrun (gpudeck submit --workload does that): "
+                         f"{', '.join(missing)} not set")
+    rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available() and not args.cpu:
+        device, backend = torch.device("cuda", local_rank), "nccl"
+        torch.cuda.set_device(device)
+        dist.init_process_group(backend, device_id=device)
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+        dist.init_process_group(backend)
+    session = Session(rank, world, local_rank, device, backend)
+    session.log(f"of {world}: {backend} on {device}")
+    return session
+
+
+def stop() -> None:
+    """Leave the process group."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@dataclass
+class StepTimer:
+    """Wall time per step over the steps this process ran, the first (warm-up) one left out."""
+
+    device: torch.device
+    steps: int = 0
+    _first_done: float | None = None
+    _last_done: float | None = None
+
+    def step_done(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        if self._first_done is None:
+            self._first_done = now
+        self._last_done = now
+        self.steps += 1
+
+    def summary(self) -> str:
+        """``finished N steps; M ms/step`` (the figure bench/workload_table.py reads)."""
+        if self.steps < 2 or self._first_done is None or self._last_done is None:
+            return f"finished {self.steps} steps"
+        per_step = (self._last_done - self._first_done) / (self.steps - 1)
+        return f"finished {self.steps} steps; {per_step * 1000:.3f} ms/step"

@@ -44,13 +44,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str]) -> int:
-    args = parse_args(argv)
-    session = sessions.start(args)
-    try:
-        train(args, session)
-    finally:
-        sessions.stop()
-    return 0
+    return sessions.run(parse_args(argv), train)
 
 
 class Trainer:

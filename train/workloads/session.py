@@ -6,6 +6,7 @@ import argparse
 import os
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -49,6 +50,16 @@ def stop() -> None:
     """Leave the process group."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def run(args: argparse.Namespace, train: Callable[[argparse.Namespace, Session], object]) -> int:
+    """A workload's whole life in this rank: join the job, train, leave also when training fails."""
+    session = start(args)
+    try:
+        train(args, session)
+    finally:
+        stop()
+    return 0
 
 
 @dataclass

@@ -157,7 +157,6 @@ def print_table(options: argparse.Namespace, times: dict[str, list[float]], traf
     from gpudeck.train.workloads import task
 
     params = task.parameter_count(task.Config(hidden=options.hidden, layers=options.layers))
-    base = statistics.median(times[SINGLE])
     print()
     print(f"model: {params:,} parameters ({params * 4 / 1e6:.2f} MB in float32), --hidden {options.hidden} "
           f"--layers {options.layers}, batch {options.batch_size}, 2 ranks (gloo on CPU), {options.steps} steps a run")

@@ -17,7 +17,7 @@ import pytest
 
 from tests.cluster import wait_until
 from tests.conftest import SCRIPTS
-from tests.netns import SKIP_REASON, Host, Lab, NamespaceProcesses, netns_available
+from tests.netns import SKIP_REASON, Lab, NamespaceProcesses, netns_available
 
 pytestmark = [
     pytest.mark.netns,

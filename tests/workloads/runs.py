@@ -8,58 +8,16 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
 
 import torch
 
-from gpudeck.protocol.traffic import TrafficReport, decode_report
+from tests.traffic_sink import Sink
 
 LOSS_LINE = re.compile(r"rank (\d+) step (\d+) (eval )?loss ([0-9.]+)")
 MARKER = "GPUDECK_WORKLOAD_TEST_RUN"
-
-
-class Sink:
-    """A UDP socket standing in for the agent's traffic sink; keeps each rank's latest totals."""
-
-    def __init__(self) -> None:
-        self.socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.socket.bind(("127.0.0.1", 0))
-        self.socket.settimeout(0.1)
-        self.reports: list[TrafficReport] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._receive, daemon=True)
-        self._thread.start()
-
-    @property
-    def address(self) -> str:
-        return "127.0.0.1:%d" % self.socket.getsockname()[1]
-
-    def _receive(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.reports.append(decode_report(self.socket.recv(65536)))
-            except TimeoutError:
-                continue
-
-    def close(self) -> dict[int, dict[str, int]]:
-        """Stop once the queued datagrams are read; the final totals of each rank (datagrams of one
-        socket on loopback arrive in order, and the last one is sent before the rank exits)."""
-        self._stop.set()
-        self._thread.join()
-        self.socket.setblocking(False)
-        try:
-            while True:
-                self.reports.append(decode_report(self.socket.recv(65536)))
-        except BlockingIOError:
-            pass
-        self.socket.close()
-        totals: dict[int, dict[str, int]] = {}
-        for report in self.reports:
-            totals[report.rank] = dict(report.bytes)
-        return totals
 
 
 def env(**extra: str) -> dict[str, str]:

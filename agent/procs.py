@@ -18,29 +18,47 @@ def run_marker(node: str, job: int, attempt: int) -> str:
     return f"{node}/{job}/{attempt}"
 
 
-def marker_of(pid: int) -> str | None:
-    """The job marker of a process, None for a process that is not a gpudeck job's (or is gone)."""
+def environ_value(pid: int, name: str) -> str | None:
+    """One variable of a process's environment, None when unset (or the process is gone)."""
     try:
         environ = (PROC / str(pid) / "environ").read_bytes()
     except OSError:
         return None
-    prefix = MARKER.encode() + b"="
+    prefix = name.encode() + b"="
     for entry in environ.split(b"\0"):
         if entry.startswith(prefix):
             return entry[len(prefix):].decode(errors="replace")
     return None
 
 
-def pids_with(marker: str) -> list[int]:
-    """Every live process carrying this marker."""
+def marker_of(pid: int) -> str | None:
+    """The job marker of a process, None for a process that is not a gpudeck job's (or is gone)."""
+    return environ_value(pid, MARKER)
+
+
+def pids_with_env(name: str, value: str, prefix: bool = False) -> list[int]:
+    """Every other live process whose variable `name` is `value` (or starts with it)."""
     own = os.getpid()
-    return [pid for pid in (int(p.name) for p in PROC.iterdir() if p.name.isdigit())
-            if pid != own and marker_of(pid) == marker]
+    found = []
+    for pid in (int(p.name) for p in PROC.iterdir() if p.name.isdigit()):
+        seen = environ_value(pid, name) if pid != own else None
+        if seen is not None and (seen.startswith(value) if prefix else seen == value):
+            found.append(pid)
+    return found
+
+
+def pids_with(marker: str) -> list[int]:
+    """Every live process carrying this job marker."""
+    return pids_with_env(MARKER, marker)
 
 
 def signal_all(marker: str, sig: int) -> int:
     """Signal every process of a job and the process group each leads; returns how many were found."""
-    pids = pids_with(marker)
+    return signal_pids(pids_with(marker), sig)
+
+
+def signal_pids(pids: list[int], sig: int) -> int:
+    """Signal each process and the process group it leads, if it leads one."""
     for pid in pids:
         try:
             if os.getpgid(pid) == pid:

@@ -29,6 +29,8 @@ import time
 import uuid
 from pathlib import Path
 
+from gpudeck.agent.procs import pids_with_env, signal_pids
+
 GOAL = 0.9
 MARKER = "GPUDECK_BENCH_RUN"
 
@@ -130,14 +132,7 @@ def report(gathered: list[tuple[dict, dict]], world: int, options: argparse.Name
 
 def kill_marked(marker: str) -> None:
     """SIGKILL whatever this run started that is still there (torchrun puts ranks in sessions of their own)."""
-    needle = f"{MARKER}={marker}".encode()
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and int(proc.name) != os.getpid():
-            try:
-                if needle in (proc / "environ").read_bytes():
-                    os.kill(int(proc.name), signal.SIGKILL)
-            except OSError:
-                continue
+    signal_pids(pids_with_env(MARKER, marker), signal.SIGKILL)
 
 
 def launch(options: argparse.Namespace, forwarded: list[str]) -> int:

@@ -33,6 +33,8 @@ import time
 import uuid
 from pathlib import Path
 
+from gpudeck.agent.procs import pids_with_env, signal_pids
+
 ROOT = Path(__file__).resolve().parent.parent
 WORKLOADS = ("data-parallel", "parameter-server", "pipeline")
 SINGLE = "one process"
@@ -97,15 +99,8 @@ class Sink:
 
 
 def kill_marked(marker: str) -> None:
-    """SIGKILL whatever a run left (torchrun puts ranks in sessions of their own)."""
-    needle = f"{MARKER}={marker}".encode()
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and int(proc.name) != os.getpid():
-            try:
-                if needle in (proc / "environ").read_bytes():
-                    os.kill(int(proc.name), signal.SIGKILL)
-            except OSError:
-                continue
+    """SIGKILL whatever this run started that is still there (torchrun puts ranks in sessions of their own)."""
+    signal_pids(pids_with_env(MARKER, marker), signal.SIGKILL)
 
 
 def run(name: str, options: argparse.Namespace, sink: Sink, attempt: int) -> tuple[float, dict[str, int]]:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpudeck.agent.procs import pids_with_env, signal_pids
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -144,12 +146,4 @@ def stop_processes(procs: dict[str, subprocess.Popen[bytes]], root: Path) -> Non
 def _kill_leftover_jobs(root: Path) -> None:
     """Job ranks outlive agents by design (and torchrun puts each in a session of its own); a test
     must not leave any behind, so every process whose job logs go under `root` is killed."""
-    needle = f"GPUDECK_LOG_DIR={root}/".encode()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if needle in (proc / "environ").read_bytes():
-                os.kill(int(proc.name), signal.SIGKILL)
-        except OSError:
-            continue
+    signal_pids(pids_with_env("GPUDECK_LOG_DIR", f"{root}/", prefix=True), signal.SIGKILL)

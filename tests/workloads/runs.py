@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from gpudeck.agent.procs import pids_with_env, signal_pids
 from tests.traffic_sink import Sink
 
 LOSS_LINE = re.compile(r"rank (\d+) step (\d+) (eval )?loss ([0-9.]+)")
@@ -84,15 +85,8 @@ def run_and_kill(workload: str, ranks: int, args: list[str], cwd: Path, checkpoi
 
 
 def kill_marked(marker: str) -> None:
-    """SIGKILL every process started with this test marker (torchrun puts ranks in sessions of their own)."""
-    needle = f"{MARKER}={marker}".encode()
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if needle in (proc / "environ").read_bytes():
-                    os.kill(int(proc.name), signal.SIGKILL)
-            except OSError:
-                continue
+    """SIGKILL whatever this run started that is still there (torchrun puts ranks in sessions of their own)."""
+    signal_pids(pids_with_env(MARKER, marker), signal.SIGKILL)
 
 
 def checkpoint_steps(directory: Path) -> list[int]:

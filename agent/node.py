@@ -51,7 +51,6 @@ class Agent:
         self.discovery = Discovery(config.mdns_interfaces) if config.use_mdns else None
         self.conn: Connection | None = None
         self.latest: list[GpuReading] = []
-        self.connected = asyncio.Event()
         self._kills: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
@@ -107,7 +106,6 @@ class Agent:
             except (OSError, ConnectionError, asyncio.TimeoutError, FrameError, ProtocolError) as exc:
                 log.info("no coordinator connection (%s); retrying in %.1f s", exc or type(exc).__name__, delay)
             self.conn = None
-            self.connected.clear()
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, BACKOFF_MAX)
 
@@ -144,7 +142,6 @@ class Agent:
                                  simulated=getattr(self.backend, "simulated", False),
                                  gpus=self._gpus_wire(), jobs=self.runner.report()))
         log.info("joined the coordinator at %s as %s", conn.peer_host, self.config.name)
-        self.connected.set()
         while (message := await conn.recv()) is not None:
             await self._handle(message)
         raise ConnectionError("the coordinator closed the connection")

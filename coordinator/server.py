@@ -23,6 +23,7 @@ from gpudeck.coordinator.registry import SUSPECT_AFTER, AgentLink, Registry
 from gpudeck.coordinator.store import Store
 from gpudeck.coordinator.views import job_json, node_view
 from gpudeck.coordinator.watch import Publisher
+from gpudeck.config import ENDPOINT_FILE
 from gpudeck.discovery import Discovery
 from gpudeck.model import JobSpec, NodeState
 from gpudeck.protocol import auth
@@ -34,7 +35,6 @@ from gpudeck.protocol.messages import (
 from gpudeck.protocol.session import HANDSHAKE_TIMEOUT, Connection
 
 log = logging.getLogger(__name__)
-ENDPOINT_FILE = "endpoint.json"
 NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 TICK = 0.5
 PUBLISH_EVERY = 1.0

@@ -251,6 +251,12 @@ class Coordinator:
         return link
 
     async def _agent_message(self, link: AgentLink, message: Message) -> None:
+        if self.registry.states.get(link.name) is NodeState.DOWN:
+            # Back from a freeze or a partition on its old connection: its jobs were given up while it
+            # was away. Closing makes it reconnect and register, which reconciles (and kills) them.
+            log.info("node %s is back after being down; asking it to register again", link.name)
+            await link.conn.close()
+            return
         self.registry.heard(link.name, self.clock())
         if isinstance(message, Telemetry):
             link.gpus = message.gpus

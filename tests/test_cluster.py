@@ -208,3 +208,27 @@ def test_a_second_agent_with_a_taken_name_is_refused_and_the_first_keeps_its_pla
     wait_until(lambda: "already connected" in cluster.logs_of("twin"), 20, "the twin to be refused")
     node_a = next(n for n in cluster.nodes() if n["name"] == "node-a")
     assert node_a["state"] == "up" and len(node_a["gpus"]) == 2
+
+
+def test_a_frozen_node_that_comes_back_has_its_stale_ranks_stopped(cluster: Cluster):
+    """A machine that freezes (or is cut off) past the down deadline keeps its TCP connection; when it
+    wakes, its ranks of the given-up attempt must be stopped, and the job runs again."""
+    job_id = cluster.submit("--nodes", "2", "--gpus-per-node", "1", "--max-restarts", "1",
+                            str(SCRIPTS / "slow_ddp.py"), "--steps", "1000")
+    cluster.wait_job(job_id, ("running",))
+    wait_until(lambda: _ranks_alive("node-b", job_id) >= 3, 20, "node-b's ranks")
+    frozen = [cluster.procs["node-b"].pid, *pids_with(run_marker("node-b", job_id, 1))]
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: any(n["name"] == "node-b" and n["state"] == "down" for n in cluster.nodes()), 25,
+                   "node-b to be down")
+        wait_until(lambda: not _ranks_alive("node-a", job_id), 15, "node-a's ranks to be stopped")
+        assert cluster.job(job_id)["state"] == "pending"
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+    wait_until(lambda: not _ranks_alive("node-b", job_id), 30, "node-b's stale ranks to be stopped")
+    job = cluster.wait_job(job_id, ("running",), timeout=60)
+    assert job["attempt"] == 2
+    cluster.cli("cancel", str(job_id))

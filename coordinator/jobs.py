@@ -39,7 +39,11 @@ def _gpu_slot(gpu: dict[str, Any], busy: dict[int, int]) -> GpuSlot:
     return GpuSlot(index=gpu["index"], busy_job=busy.get(gpu["index"]), foreign=described)
 
 
-def _with_history(row: JobRow, reason: str) -> str:
+def _explained(row: JobRow, reason: str, draining: list[str]) -> str:
+    """The scheduler's reason with what it cannot know: why the job was requeued, which nodes it
+    was not offered because they drain."""
+    if draining:
+        reason += f" ({', '.join(draining)} {'is' if len(draining) == 1 else 'are'} draining)"
     return f"requeued: {row.requeued_because}; {reason}" if row.requeued_because else reason
 
 
@@ -79,12 +83,15 @@ class JobControl:
         for share in self.store.open_attempt_nodes():
             for index in share.gpus:
                 busy.setdefault(share.node, {})[index] = share.job
-        draining = {node.name for node in self.store.nodes() if node.draining}
+        draining = set(self.draining())
         return [
             NodeSlots(name, tuple(_gpu_slot(g, busy.get(name, {})) for g in link.gpus))
             for name, link in sorted(self.registry.links.items())
             if self.registry.states.get(name) is NodeState.UP and name not in draining
         ]
+
+    def draining(self) -> list[str]:
+        return [node.name for node in self.store.nodes() if node.draining and node.state is not NodeState.DOWN]
 
     async def schedule(self) -> None:
         pending = self.store.jobs((JobState.PENDING,))
@@ -92,7 +99,9 @@ class JobControl:
             return
         decision = schedule(self.slots(), [request_of(row) for row in pending])
         rows = {row.id: row for row in pending}
-        self.store.set_reasons({job_id: _with_history(rows[job_id], reason) for job_id, reason in decision.reasons.items()})
+        draining = self.draining()
+        self.store.set_reasons({job_id: _explained(rows[job_id], reason, draining)
+                                for job_id, reason in decision.reasons.items()})
         for placement in decision.placements:
             await self._launch(rows[placement.job_id], placement)
 

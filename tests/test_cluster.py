@@ -195,6 +195,7 @@ def test_a_draining_node_takes_no_new_jobs_until_undrained(cluster: Cluster):
     assert next(n for n in cluster.nodes() if n["name"] == "node-a")["draining"] is True
     big = cluster.submit("--gpus", "4", str(SCRIPTS / "ddp_linear.py"), "--steps", "1")
     wait_until(lambda: "needs 4 GPUs" in cluster.job(big)["reason"], 10, "a reason naming the free GPUs")
+    assert "(node-a is draining)" in cluster.job(big)["reason"]
     assert cluster.job(big)["state"] == "pending"
     assert "takes new jobs again" in cluster.cli("drain", "node-a", "--off").stdout
     assert cluster.wait_job(big, ("succeeded", "failed"))["state"] == "succeeded"

@@ -22,7 +22,9 @@ from gpudeck.agent.traffic_sink import TrafficSink
 from gpudeck.discovery import Discovery
 from gpudeck.protocol import auth
 from gpudeck.protocol.framing import FrameError
-from gpudeck.protocol.messages import Error, Forget, Kill, Launch, Message, ProtocolError, Register, Telemetry
+from gpudeck.protocol.messages import (
+    Error, Forget, Kill, Launch, LogOffsets, Message, ProtocolError, Register, Telemetry,
+)
 from gpudeck.protocol.session import Connection, Refused, open_session
 
 log = logging.getLogger(__name__)
@@ -136,7 +138,7 @@ class Agent:
     async def _session(self) -> None:
         conn = await self._open()
         self.conn = conn
-        self.runner.resend_everything()
+        self.runner.reconnected()
         address = conn.writer.get_extra_info("sockname")[0]
         await conn.send(Register(hostname=socket.gethostname(), address=address,
                                  simulated=getattr(self.backend, "simulated", False),
@@ -156,6 +158,8 @@ class Agent:
             task.add_done_callback(self._kills.discard)
         elif isinstance(message, Forget):
             self.runner.forget(message.job, message.attempt)
+        elif isinstance(message, LogOffsets):
+            self.runner.resume_logs(message.sizes)
         elif isinstance(message, Error):
             raise Refused(message.message, message.code)
         else:

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ KILL_GRACE = 5.0
 POLL = 0.5
 LOG_CHUNK = 64 * 1024
 KEEP_FINISHED = 50
+LOG_RESUME_WAIT = 5.0
 _RANK_LOG = re.compile(r"^rank-(\d+)\.log$")
 # The shell stays the session leader, so its pid is the process group of every rank.
 _LAUNCHER = '"$@"; code=$?; echo $code > "$GPUDECK_EXIT_FILE"; exit $code'
@@ -53,6 +55,7 @@ class RunningJob:
     pgid: int = 0
     exit_code: int | None = None
     detail: str = ""
+    retry: bool = False  # could not start for a reason of the moment: place the job again
     kill_reason: str = ""
     sent_offsets: dict[int, int] = field(default_factory=dict)
 
@@ -108,6 +111,8 @@ class JobRunner:
         self.send = send
         self.jobs: dict[tuple[int, int], RunningJob] = {}
         self._followers: set[asyncio.Task[None]] = set()
+        # Set once the coordinator said how much of each log it has; logs wait for it after a connect.
+        self.logs_resumed = asyncio.Event()
 
     # --- launching -----------------------------------------------------------------------------
 
@@ -125,6 +130,10 @@ class JobRunner:
         self.jobs[key] = job
         if not torch_available():
             await self._finish(job, 127, f"torch is not installed on {self.node}: install gpudeck[train] there")
+            return
+        if order.node_rank == 0 and _port_taken(order.master_port):
+            await self._finish(job, 1, f"the rendezvous port {order.master_port} on {self.node} is in use by "
+                                       "another program", retry=True)
             return
         self.sink.expect(order.job, order.attempt)
         try:
@@ -208,10 +217,10 @@ class JobRunner:
             code, detail = -1, detail or "the ranks ended while no agent was watching and left no exit code"
         await self._finish(job, code, detail)
 
-    async def _finish(self, job: RunningJob, code: int, detail: str) -> None:
+    async def _finish(self, job: RunningJob, code: int, detail: str, retry: bool = False) -> None:
         # Ranks that outlive their torchrun (it was killed) can only hang: stop them with it.
         signal_all(job.marker, signal.SIGKILL)
-        job.exit_code, job.detail = code, detail
+        job.exit_code, job.detail, job.retry = code, detail, retry
         for index in job.gpus:
             self.backend.assign(index, [])
         (job.path / "exit.json").write_text(json.dumps({"exit_code": code, "detail": detail}))
@@ -219,8 +228,12 @@ class JobRunner:
                  f" ({detail})" if detail else "")
         self.sink.drain()
         await self.ship_traffic(job)
+        try:
+            await asyncio.wait_for(self.logs_resumed.wait(), LOG_RESUME_WAIT)
+        except asyncio.TimeoutError:
+            pass  # not connected: the logs go from the start once it is
         await self.ship_logs(job)
-        await self.send(JobExited(job=job.job, attempt=job.attempt, exit_code=code, detail=detail))
+        await self.send(JobExited(job=job.job, attempt=job.attempt, exit_code=code, detail=detail, retry=retry))
 
     async def kill(self, job_id: int, attempt: int, reason: str) -> None:
         job = self.jobs.get((job_id, attempt))
@@ -246,13 +259,24 @@ class JobRunner:
 
     def report(self) -> list[dict[str, object]]:
         """What a (re)connecting agent tells the coordinator it holds."""
-        return [{"job": j.job, "attempt": j.attempt, "exit_code": j.exit_code, "detail": j.detail}
+        return [{"job": j.job, "attempt": j.attempt, "exit_code": j.exit_code, "detail": j.detail, "retry": j.retry}
                 for j in self.jobs.values()]
 
-    def resend_everything(self) -> None:
-        """After a reconnect the coordinator may have missed chunks; offsets make resending harmless."""
+    def reconnected(self) -> None:
+        """A new connection: the coordinator may have missed chunks, and says which (`resume_logs`)."""
+        self.logs_resumed.clear()
         for job in self.jobs.values():
             job.sent_offsets.clear()
+
+    def resume_logs(self, sizes: dict[str, dict[str, int]]) -> None:
+        """Continue each log where the coordinator's copy ends (a chunk sent twice would only land on
+        the same bytes, but resending whole logs after every reconnect is a flood)."""
+        for key, ranks in sizes.items():
+            job_id, _, attempt = key.partition(":")
+            job = self.jobs.get((int(job_id), int(attempt))) if job_id.isdigit() and attempt.isdigit() else None
+            if job is not None:
+                job.sent_offsets = {int(rank): size for rank, size in ranks.items() if rank.lstrip("-").isdigit()}
+        self.logs_resumed.set()
 
     async def ship_logs(self, job: RunningJob) -> None:
         for rank, path in job.log_files().items():
@@ -277,7 +301,8 @@ class JobRunner:
 
     async def ship_all(self) -> None:
         for job in list(self.jobs.values()):
-            await self.ship_logs(job)
+            if self.logs_resumed.is_set():
+                await self.ship_logs(job)
             if job.exit_code is None:
                 await self.ship_traffic(job)
 
@@ -312,6 +337,17 @@ class JobRunner:
                           key=lambda d: d.stat().st_mtime)
         for directory in finished[:-KEEP_FINISHED]:
             shutil.rmtree(directory, ignore_errors=True)
+
+
+def _port_taken(port: int) -> bool:
+    """Whether torchrun's rendezvous store could not listen on `port` here (bound as it binds)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("", port))
+        except OSError:
+            return True
+    return False
 
 
 def _usable_dir(path: str) -> bool:

@@ -9,6 +9,7 @@ no-op the second time, and ranks of an attempt the coordinator no longer wants a
 from __future__ import annotations
 
 import logging
+import random
 from typing import Any, Awaitable, Callable
 
 from gpudeck.coordinator.registry import Registry
@@ -18,8 +19,7 @@ from gpudeck.model import WORKLOADS, JobSpec, JobState, NodeState, format_durati
 from gpudeck.protocol.messages import Forget, Kill, Launch, Message
 
 log = logging.getLogger(__name__)
-PORT_BASE = 29500
-PORT_SPAN = 500
+JOB_PORTS = (29500, 29999)  # torchrun's rendezvous ports, first and last; the firewall must open them
 
 Send = Callable[[str, Message], Awaitable[bool]]
 
@@ -48,11 +48,13 @@ def _explained(row: JobRow, reason: str, draining: list[str]) -> str:
 
 
 class JobControl:
-    def __init__(self, store: Store, registry: Registry, send: Send, clock: Callable[[], float]) -> None:
+    def __init__(self, store: Store, registry: Registry, send: Send, clock: Callable[[], float],
+                 job_ports: tuple[int, int] = JOB_PORTS) -> None:
         self.store = store
         self.registry = registry
         self.send = send
         self.clock = clock
+        self.job_ports = job_ports
 
     # --- submit and schedule -------------------------------------------------------------------
 
@@ -105,15 +107,25 @@ class JobControl:
         for placement in decision.placements:
             await self._launch(rows[placement.job_id], placement)
 
-    def _free_port(self, master_addr: str) -> int:
+    def _free_port(self, master_addr: str) -> int | None:
+        """A rendezvous port no attempt of ours uses on that address, picked at random so that other
+        programs there (another cluster's jobs, a torchrun started by hand on 29500) rarely hold it."""
         used = self.store.open_master_ports(master_addr)
-        return next(PORT_BASE + i for i in range(PORT_SPAN) if PORT_BASE + i not in used)
+        first, last = self.job_ports
+        free = [port for port in range(first, last + 1) if port not in used]
+        return random.choice(free) if free else None
 
     async def _launch(self, row: JobRow, placement: Placement) -> None:
         hosts = [(node, list(gpus)) for node, gpus in placement.hosts]
         master = self.registry.links[hosts[0][0]].address
+        port = self._free_port(master)
+        if port is None:
+            first, last = self.job_ports
+            self.store.set_reasons({row.id: f"every rendezvous port ({first}-{last}) on {master} is in use by "
+                                            "running jobs; it starts when one ends"})
+            return
         attempt = row.attempt + 1
-        self.store.start_attempt(row.id, attempt, hosts, master, self._free_port(master), self.clock())
+        self.store.start_attempt(row.id, attempt, hosts, master, port, self.clock())
         log.info("job %d attempt %d placed on %s", row.id, attempt, ", ".join(n for n, _ in hosts))
         for node, _ in hosts:
             await self.send_launch(row.id, attempt, node)
@@ -148,14 +160,19 @@ class JobControl:
         if all(s.started for s in self.store.attempt_nodes(job_id, attempt)):
             self.store.update_job(job_id, state=JobState.RUNNING)
 
-    async def exited(self, node: str, job_id: int, attempt: int, exit_code: int, detail: str) -> None:
+    async def exited(self, node: str, job_id: int, attempt: int, exit_code: int, detail: str,
+                     retry: bool = False) -> None:
         newly = self.store.record_exit(job_id, attempt, node, exit_code)
         await self.send(node, Forget(job=job_id, attempt=attempt))
         row = self._current(job_id, attempt) if newly else None
         if row is None:
             return
         shares = self.store.attempt_nodes(job_id, attempt)
-        if exit_code != 0:
+        if retry:
+            await self._kill_open(job_id, attempt, f"placing the job again: {detail}")
+            self.store.update_job(job_id, state=JobState.PENDING, reason=f"placing it again: {detail}")
+            log.info("job %d attempt %d could not start on %s (%s); placing it again", job_id, attempt, node, detail)
+        elif exit_code != 0:
             reason = f"ranks on {node} exited with code {exit_code}" + (f": {detail}" if detail else "")
             await self._end(row, JobState.FAILED, reason, exit_code)
         elif all(s.exit_code == 0 for s in shares):
@@ -180,7 +197,7 @@ class JobControl:
                 continue
             held.add((job_id, attempt))
             if isinstance(exit_code, int):
-                await self.exited(node, job_id, attempt, exit_code, str(job.get("detail", "")))
+                await self.exited(node, job_id, attempt, exit_code, str(job.get("detail", "")), job.get("retry") is True)
             else:
                 await self.started(node, job_id, attempt)
         for share in self.store.open_attempt_nodes():

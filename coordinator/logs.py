@@ -37,6 +37,11 @@ class LogStore:
             return []
         return sorted(int(m.group(1)) for p in directory.iterdir() if (m := _RANK_FILE.match(p.name)))
 
+    def sizes(self, job: int, attempt: int) -> dict[int, int]:
+        """How many bytes of each rank's log are here."""
+        directory = self._dir(job, attempt)
+        return {rank: (directory / f"rank-{rank}.log").stat().st_size for rank in self.ranks(job, attempt)}
+
     def read(self, job: int, attempt: int, offsets: dict[int, int], rank: int | None = None,
              limit: int = READ_LIMIT) -> dict[int, bytes]:
         """Bytes after each rank's offset, at most `limit` in all, so a follower catches up in steps."""

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from gpudeck.coordinator.jobs import JobControl
+from gpudeck.coordinator.jobs import JOB_PORTS, JobControl
 from gpudeck.coordinator.logs import LogStore
 from gpudeck.coordinator.registry import SUSPECT_AFTER, AgentLink, Registry
 from gpudeck.coordinator.store import Store
@@ -29,7 +29,8 @@ from gpudeck.model import JobSpec, NodeState
 from gpudeck.protocol import auth
 from gpudeck.protocol.framing import FrameError
 from gpudeck.protocol.messages import (
-    PROTOCOL_VERSION, Cancel, Drain, Error, Hello, JobExited, JobStarted, ListJobs, ListNodes, LogChunk, Message,
+    PROTOCOL_VERSION, Cancel, Drain, Error, Hello, JobExited, JobStarted, ListJobs, ListNodes, LogChunk, LogOffsets,
+    Message,
     ProtocolError, ReadLogs, Register, Reply, ShowJob, Submit, Telemetry, Traffic, Watch, Welcome,
 )
 from gpudeck.protocol.session import HANDSHAKE_TIMEOUT, Connection
@@ -44,8 +45,9 @@ WRONG_TOKEN_DELAY = 0.5
 class Coordinator:
     def __init__(self, state_dir: Path, host: str = "0.0.0.0", port: int = 7070,
                  mdns_interfaces: list[str] | None = None, use_mdns: bool = True,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, job_ports: tuple[int, int] = JOB_PORTS) -> None:
         self.state_dir = state_dir
+        self.job_ports = job_ports
         self.host, self.port = host, port
         self.identity = auth.CoordinatorIdentity(state_dir)
         self.clock = clock
@@ -64,7 +66,7 @@ class Coordinator:
         self.token = self.identity.ensure()
         self.store = Store(self.state_dir / "gpudeck.db")
         self.logs = LogStore(self.state_dir / "logs")
-        self.jobs = JobControl(self.store, self.registry, self.send, self.clock)
+        self.jobs = JobControl(self.store, self.registry, self.send, self.clock, self.job_ports)
         now = self.clock()
         for node in self.store.nodes():
             state = NodeState.DOWN if node.state is NodeState.DOWN else NodeState.SUSPECT
@@ -246,9 +248,18 @@ class Coordinator:
         self.refused_agents.pop((conn.peer_host, name), None)
         log.info("node %s joined from %s with %d GPUs%s", name, address, len(register.gpus),
                  " (simulated)" if register.simulated else "")
+        await conn.send(LogOffsets(sizes=self._log_sizes(register.jobs)))
         await self.jobs.reconcile(name, register.jobs)
         self.wake.set()
         return link
+
+    def _log_sizes(self, held: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+        sizes = {}
+        for job in held:
+            job_id, attempt = job.get("job"), job.get("attempt")
+            if isinstance(job_id, int) and isinstance(attempt, int):
+                sizes[f"{job_id}:{attempt}"] = {str(r): n for r, n in self.logs.sizes(job_id, attempt).items()}
+        return sizes
 
     async def _agent_message(self, link: AgentLink, message: Message) -> None:
         if self.registry.states.get(link.name) is NodeState.DOWN:
@@ -263,7 +274,8 @@ class Coordinator:
         elif isinstance(message, JobStarted):
             await self.jobs.started(link.name, message.job, message.attempt)
         elif isinstance(message, JobExited):
-            await self.jobs.exited(link.name, message.job, message.attempt, message.exit_code, message.detail)
+            await self.jobs.exited(link.name, message.job, message.attempt, message.exit_code, message.detail,
+                                   message.retry)
             self.wake.set()
         elif isinstance(message, LogChunk):
             self.logs.write(message.job, message.attempt, message.rank, message.offset, message.data)

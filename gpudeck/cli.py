@@ -41,6 +41,18 @@ def _mdns_flags(parser: argparse.ArgumentParser) -> None:
                         help="multicast only on the interface with this address (repeatable; default: all)")
 
 
+def port_range(text: str) -> tuple[int, int]:
+    """'29500-29999' (or one port) for argparse, with a sentence when it is not a range of ports."""
+    first, _, last = text.partition("-")
+    try:
+        low, high = int(first), int(last or first)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not FIRST-LAST (like 29500-29999)") from None
+    if not 1024 <= low <= high <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} must be ports from 1024 to 65535, the first not above the last")
+    return low, high
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpudeck", description="Run your own GPU cluster from a terminal.",
@@ -74,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     coord.add_argument("--port", type=int, default=config.DEFAULT_PORT, help="port (default: %(default)s)")
     coord.add_argument("--state-dir", type=Path, help="where the database, certificate and token live "
                        "(default: the data dir's coordinator/)")
+    coord.add_argument("--job-ports", type=port_range, default=(29500, 29999), metavar="FIRST-LAST",
+                       help="ports for the rendezvous of jobs' ranks, on the first node of each job; open them "
+                       "between the nodes (default: 29500-29999)")
     _mdns_flags(coord)
 
     agent = sub.add_parser("agent", help="run a node agent (headless, for systemd)")
@@ -274,7 +289,8 @@ async def cmd_coordinator(args: argparse.Namespace) -> int:
     from gpudeck.coordinator.server import Coordinator
 
     coordinator = Coordinator(args.state_dir or config.coordinator_dir(), args.host, args.port,
-                              mdns_interfaces=args.mdns_interface, use_mdns=not args.no_mdns)
+                              mdns_interfaces=args.mdns_interface, use_mdns=not args.no_mdns,
+                              job_ports=args.job_ports)
     await coordinator.start()
     try:
         await _until_signalled(asyncio.Event().wait())

@@ -57,9 +57,9 @@ class Cluster:
         self.procs[name] = proc
         return proc
 
-    def start_coordinator(self) -> None:
+    def start_coordinator(self, *extra: str) -> None:
         self.spawn("coordinator", "coordinator", "--host", "127.0.0.1", "--port", str(self.port),
-                   "--state-dir", str(self.root / "coord"), "--no-mdns")
+                   "--state-dir", str(self.root / "coord"), "--no-mdns", *extra)
         self.token = wait_until(self._read_token, 20, "the coordinator's token")
         wait_until(self._accepting, 20, "the coordinator to listen")
 

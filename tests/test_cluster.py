@@ -12,7 +12,7 @@ import msgpack
 import pytest
 
 from gpudeck.agent.procs import pids_with, run_marker
-from tests.cluster import Cluster, wait_until
+from tests.cluster import Cluster, free_port, wait_until
 from tests.conftest import SCRIPTS
 
 pytestmark = pytest.mark.slow
@@ -233,3 +233,24 @@ def test_a_frozen_node_that_comes_back_has_its_stale_ranks_stopped(cluster: Clus
     job = cluster.wait_job(job_id, ("running",), timeout=60)
     assert job["attempt"] == 2
     cluster.cli("cancel", str(job_id))
+
+
+def test_a_rendezvous_port_held_by_another_program_delays_the_job_instead_of_failing_it(tmp_path):
+    port = free_port()
+    squatter = socket.socket()
+    squatter.bind(("", port))
+    squatter.listen()
+    cluster = Cluster(tmp_path)
+    try:
+        cluster.start_coordinator("--job-ports", f"{port}-{port}")
+        cluster.start_agent("node-a")
+        cluster.wait_nodes("up", 1)
+        job_id = cluster.submit("--gpus", "1", str(SCRIPTS / "ddp_linear.py"), "--steps", "2")
+        wait_until(lambda: f"rendezvous port {port} on node-a is in use" in cluster.job(job_id)["reason"], 30,
+                   "the job to wait for its port")
+        assert cluster.job(job_id)["state"] in ("pending", "starting") and cluster.job(job_id)["restarts"] == 0
+        squatter.close()
+        assert cluster.wait_job(job_id, ("succeeded", "failed"))["state"] == "succeeded"
+    finally:
+        squatter.close()
+        cluster.stop()

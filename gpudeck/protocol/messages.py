@@ -146,10 +146,14 @@ class JobStarted(Message):
 
 @message("job_exited")
 class JobExited(Message):
+    """This node's ranks of an attempt ended. `retry`: they could not start for a reason of this
+    moment (the rendezvous port was taken), so the job should be placed again, not failed."""
+
     job: int
     attempt: int
     exit_code: int
     detail: str
+    retry: bool
 
 
 @message("log_chunk")
@@ -198,6 +202,14 @@ class Kill(Message):
     job: int
     attempt: int
     reason: str
+
+
+@message("log_offsets")
+class LogOffsets(Message):
+    """After a register: how many bytes of each held attempt's logs the coordinator already has,
+    keyed "job:attempt" then rank, so a reconnecting agent sends only the rest."""
+
+    sizes: dict[str, dict[str, int]]
 
 
 @message("forget")

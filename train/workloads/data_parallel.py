@@ -19,7 +19,6 @@ node can give them back to the others after a restart.
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Sequence
 
 import torch
@@ -97,23 +96,6 @@ class Trainer:
 
 def train(args: argparse.Namespace, session: sessions.Session) -> Trainer:
     trainer = Trainer(args, session)
-    if trainer.start >= args.steps:
-        session.log(f"nothing to do: the checkpoint of step {trainer.start} is at or past --steps {args.steps}")
-        return trainer
-    if trainer.start:
-        session.log(f"resuming from the checkpoint of step {trainer.start}")
-    timer = sessions.StepTimer(session.device)
-    for step in range(trainer.start, args.steps):
-        loss = trainer.step(step)
-        timer.step_done()
-        done = step + 1
-        if step % args.log_every == 0 or done == args.steps:
-            session.log(f"step {step} loss {loss.item():.6f}")
-        if done % args.checkpoint_every == 0 or done == args.steps:
-            trainer.save(done)
-        if args.step_sleep:
-            time.sleep(args.step_sleep)
-    session.log(timer.summary())
-    if session.rank == 0:
+    if sessions.train_steps(trainer, args, session) and session.rank == 0:
         session.log(f"eval loss {task.eval_loss(trainer.model, trainer.data):.6f}")
     return trainer

@@ -25,7 +25,6 @@ The last stage prints the loss. Each rank checkpoints its own stage (parameters 
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Sequence
 
 import torch
@@ -146,21 +145,5 @@ class Stage:
 
 def train(args: argparse.Namespace, session: sessions.Session) -> Stage:
     stage = Stage(args, session)
-    if stage.start >= args.steps:
-        session.log(f"nothing to do: the checkpoint of step {stage.start} is at or past --steps {args.steps}")
-        return stage
-    if stage.start:
-        session.log(f"resuming from the checkpoint of step {stage.start}")
-    timer = sessions.StepTimer(session.device)
-    for step in range(stage.start, args.steps):
-        loss = stage.step(step)
-        timer.step_done()
-        done = step + 1
-        if loss is not None and (step % args.log_every == 0 or done == args.steps):
-            session.log(f"step {step} loss {loss.item():.6f}")
-        if done % args.checkpoint_every == 0 or done == args.steps:
-            stage.save(done)
-        if args.step_sleep:
-            time.sleep(args.step_sleep)
-    session.log(timer.summary())
+    sessions.train_steps(stage, args, session)
     return stage

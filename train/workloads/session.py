@@ -6,7 +6,7 @@ import argparse
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.distributed as dist
@@ -86,3 +86,36 @@ class StepTimer:
             return f"finished {self.steps} steps"
         per_step = (self._last_done - self._first_done) / (self.steps - 1)
         return f"finished {self.steps} steps; {per_step * 1000:.3f} ms/step"
+
+
+class Steps(Protocol):
+    """What a workload trains step by step: where it resumes, one step, one checkpoint."""
+
+    start: int
+
+    def step(self, step: int) -> torch.Tensor | None: ...  # the loss, None on a rank that has none
+
+    def save(self, step: int) -> None: ...
+
+
+def train_steps(trainer: Steps, args: argparse.Namespace, session: Session) -> bool:
+    """Steps from the checkpoint to --steps, logging the loss and saving as the options say; False
+    when the checkpoint is already at or past the end."""
+    if trainer.start >= args.steps:
+        session.log(f"nothing to do: the checkpoint of step {trainer.start} is at or past --steps {args.steps}")
+        return False
+    if trainer.start:
+        session.log(f"resuming from the checkpoint of step {trainer.start}")
+    timer = StepTimer(session.device)
+    for step in range(trainer.start, args.steps):
+        loss = trainer.step(step)
+        timer.step_done()
+        done = step + 1
+        if loss is not None and (step % args.log_every == 0 or done == args.steps):
+            session.log(f"step {step} loss {loss.item():.6f}")
+        if done % args.checkpoint_every == 0 or done == args.steps:
+            trainer.save(done)
+        if args.step_sleep:
+            time.sleep(args.step_sleep)
+    session.log(timer.summary())
+    return True

@@ -391,14 +391,21 @@ start_service() {
     fi
 }
 
+# How the service of role $1 (agent or coordinator) runs now, or how to start it where systemd does not.
+print_how_it_runs() {
+    local role="$1" args_var
+    args_var="GPUDECK_$(printf '%s' "$role" | tr '[:lower:]' '[:upper:]')_ARGS"
+    if [ -n "$STARTED" ]; then
+        say "gpudeck-$role is running. Follow it with: journalctl -u gpudeck-$role -f"
+    elif [ -z "$ROOT" ]; then
+        say "Start the $role by hand (as $SERVICE_USER, with the service's settings):"
+        say "  runuser -u $SERVICE_USER -- sh -c 'set -a; . $ETC_DIR/$role.env; exec $VENV_DIR/bin/gpudeck $role --state-dir $STATE_DIR/$role \$$args_var'"
+    fi
+}
+
 print_agent_next_steps() {
     say ""
-    if [ -n "$STARTED" ]; then
-        say "gpudeck-agent is running. Follow it with: journalctl -u gpudeck-agent -f"
-    elif [ -z "$ROOT" ]; then
-        say "Start the agent by hand (as $SERVICE_USER, with the service's settings):"
-        say "  runuser -u $SERVICE_USER -- sh -c 'set -a; . $ETC_DIR/agent.env; exec $VENV_DIR/bin/gpudeck agent --state-dir $STATE_DIR/agent \$GPUDECK_AGENT_ARGS'"
-    fi
+    print_how_it_runs agent
     say "Next: this machine appears in \`gpudeck nodes\` (or the dashboard, \`gpudeck\`) on any machine that has the token."
     if [ -z "$COORDINATOR" ]; then
         say "No --coordinator: the agent looks for the coordinator over mDNS. Where multicast does not pass (VLANs, VPNs), run this again with --coordinator HOST:PORT."
@@ -418,12 +425,7 @@ print_coordinator_next_steps() {
     host="$( (hostname -I 2>/dev/null || true) | awk '{ print $1 }')"
     host="${host:-$(uname -n)}"
     say ""
-    if [ -n "$STARTED" ]; then
-        say "gpudeck-coordinator is running. Follow it with: journalctl -u gpudeck-coordinator -f"
-    elif [ -z "$ROOT" ]; then
-        say "Start the coordinator by hand (as $SERVICE_USER, with the service's settings):"
-        say "  runuser -u $SERVICE_USER -- sh -c 'set -a; . $ETC_DIR/coordinator.env; exec $VENV_DIR/bin/gpudeck coordinator --state-dir $STATE_DIR/coordinator \$GPUDECK_COORDINATOR_ARGS'"
-    fi
+    print_how_it_runs coordinator
     local from_flag=""
     if [ -n "$FROM" ]; then from_flag=" --from $(basename "$FROM")"; fi
     if [ -n "$token" ]; then

@@ -20,7 +20,7 @@ from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.message import Message
 from textual.screen import ModalScreen, Screen
-from textual.widgets import Footer, Header, TabbedContent, TabPane
+from textual.widgets import Footer, TabbedContent, TabPane
 from textual.worker import Worker
 
 from gpudeck import config
@@ -31,7 +31,7 @@ from gpudeck.tui.model import ACTIVE_STATES, FINISHED_STATES, Changes, Cluster
 from gpudeck.tui.screens import ConfirmScreen, HelpScreen, JobScreen, NotFoundScreen, SubmitScreen
 from gpudeck.tui.spec import Form
 from gpudeck.tui.table import DeckTable
-from gpudeck.tui.views import Banner, FilteredView, JobsView, NodesView, TrafficView
+from gpudeck.tui.views import Banner, DeckHeader, FilteredView, JobsView, NodesView, TrafficView
 
 KEYMAP_FILE = "keymap.json"
 VIEWS = ("nodes", "jobs", "traffic")
@@ -100,7 +100,7 @@ class GpudeckApp(App[int]):
     # --- layout -------------------------------------------------------------------------------------
 
     def compose(self) -> ComposeResult:
-        yield Header(show_clock=False)
+        yield DeckHeader(show_clock=False)
         yield Banner(id="banner", classes="banner")
         with TabbedContent(initial="nodes", id="views"):
             with TabPane("1 Nodes", id="nodes"):

@@ -17,7 +17,7 @@ from textual.reactive import reactive
 from textual.screen import ModalScreen, Screen
 from textual.suggester import Suggester
 from textual.widget import Widget
-from textual.widgets import Button, Footer, Header, Input, Label, Log, Select, Static, TabbedContent, TabPane
+from textual.widgets import Button, Footer, Input, Label, Log, Select, Static, TabbedContent, TabPane
 
 from gpudeck.model import format_duration
 from gpudeck.protocol.session import Refused
@@ -28,7 +28,7 @@ from gpudeck.tui.model import (
 )
 from gpudeck.tui.spec import SCRIPT, Form, check_form
 from gpudeck.tui.table import Column, DeckTable, Palette
-from gpudeck.tui.views import Banner
+from gpudeck.tui.views import Banner, DeckHeader
 
 if TYPE_CHECKING:
     from gpudeck.tui.app import GpudeckApp
@@ -136,7 +136,7 @@ class JobScreen(Screen):
         return self.app  # type: ignore[return-value]
 
     def compose(self) -> ComposeResult:
-        yield Header(show_clock=False)
+        yield DeckHeader(show_clock=False)
         yield Banner(classes="banner")
         yield Static(id="job-summary")
         with TabbedContent(initial=self.initial_tab, id="job-tabs"):
@@ -630,10 +630,10 @@ class NotFoundScreen(Screen):
         self.retry_in = retry_in
 
     def compose(self) -> ComposeResult:
-        yield Header(show_clock=False)
+        yield DeckHeader(show_clock=False)
         with VerticalScroll(id="notfound"):
             yield Static("No coordinator to show", classes="title")
-            yield Static(id="notfound-reason")
+            yield Static(self._reason_text(), id="notfound-reason")
             yield Static(
                 "[b]To try gpudeck on this machine[/b], run in another terminal:\n\n"
                 "    gpudeck up --simulate-gpus 4\n\n"
@@ -645,15 +645,17 @@ class NotFoundScreen(Screen):
                 "prints the token.", markup=True, classes="advice")
         yield Footer()
 
-    def on_mount(self) -> None:
-        self.show(self.reason, self.retry_in)
+    def _reason_text(self) -> Text:
+        text = Text(self.reason or "looking for the coordinator…")
+        if self.retry_in is not None:
+            text.append(f"\n\nlooking again in {self.retry_in:.0f} s (r looks now)", style="dim")
+        return text
 
     def show(self, reason: str, retry_in: float | None) -> None:
-        self.reason = reason
-        text = Text(reason or "looking for the coordinator…")
-        if retry_in is not None:
-            text.append(f"\n\nlooking again in {retry_in:.0f} s (r looks now)", style="dim")
-        self.query_one("#notfound-reason", Static).update(text)
+        """New news from the search; a screen already closing (its widgets gone) just drops it."""
+        self.reason, self.retry_in = reason, retry_in
+        for widget in self.query("#notfound-reason").results(Static):
+            widget.update(self._reason_text())
 
     def action_retry(self) -> None:
         self.deck_retry()

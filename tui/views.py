@@ -12,7 +12,11 @@ from textual.containers import Vertical
 from textual.message import Message
 from textual.reactive import reactive
 from textual.widget import Widget
-from textual.widgets import Input, Static
+from textual import events
+from textual.css.query import NoMatches
+from textual.dom import NoScreen
+from textual.widgets import Header, Input, Static
+from textual.widgets._header import HeaderTitle
 
 from gpudeck.tui.model import (
     ACTIVE_STATES, Changes, Cluster, age, bar, describe_process, foreign_processes, gib, matches, rank_health,
@@ -552,3 +556,22 @@ class TrafficView(Vertical):
 
 class Banner(Static):
     """Connection trouble, shown above the views while it lasts."""
+
+
+class DeckHeader(Header):
+    """Textual's Header, without its crash on a short-lived screen: its title watchers run later, and
+    when the screen was dismissed meanwhile (the not-found screen closes the moment a coordinator
+    answers) the header has lost its children and Textual's `query_one` raises `NoMatches`."""
+
+    def _on_mount(self, event: events.Mount) -> None:
+        event.prevent_default()
+
+        async def set_title() -> None:
+            try:
+                self.query_one(HeaderTitle).update(self.format_title())
+            except (NoMatches, NoScreen):
+                pass
+
+        for owner in (self.app, self.screen):
+            self.watch(owner, "title", set_title)
+            self.watch(owner, "sub_title", set_title)

@@ -3,13 +3,14 @@ footer showing only keys that apply, and the submit form over a recorded link.""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from textual.command import CommandPalette
 
 from gpudeck.tui.app import GpudeckApp
 from gpudeck.tui.client import RecordedLink
-from gpudeck.tui.screens import ConfirmScreen, HelpScreen, JobScreen, SubmitScreen
+from gpudeck.tui.screens import ConfirmScreen, HelpScreen, JobScreen, NotFoundScreen, SubmitScreen
 from tests.conftest import SCRIPTS
 from tests.tui import recorded
 from tests.tui.helpers import wait_for
@@ -114,3 +115,19 @@ async def test_the_form_offers_built_in_workloads(tmp_path):
         await wait_for(pilot, "the form to close", lambda: not isinstance(app.screen, SubmitScreen))
         spec = link.sent[0]
         assert (spec.workload, spec.args, spec.gpus, spec.script_name) == ("data-parallel", ["--steps", "5"], 2, "")
+
+
+async def test_a_screen_closed_at_once_while_the_title_changes_does_not_crash(tmp_path):
+    """The not-found screen closes the moment a coordinator answers, and the subtitle changes at the
+    same time; Textual's own Header then failed with NoMatches on HeaderTitle."""
+    app, _ = app_with(tmp_path)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_for(pilot, "the snapshot", lambda: app.cluster.connected)
+        for attempt in range(10):
+            screen = NotFoundScreen("looking", None)
+            app.push_screen(screen)
+            screen.dismiss()
+            app.sub_title = f"subtitle {attempt}"
+            await asyncio.sleep(0)
+            await pilot.pause()
+        assert app.sub_title == "subtitle 9" and not isinstance(app.screen, NotFoundScreen)

@@ -17,6 +17,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from gpudeck.coordinator.admission import (
+    HELLO_FRAME_LIMIT, PROOF_DEADLINE, AdmissionGate, HeldConnection, give_freed_buffers_back, source_of, tls_streams,
+)
 from gpudeck.coordinator.jobs import JOB_PORTS, JobControl
 from gpudeck.coordinator.logs import LogStore
 from gpudeck.coordinator.registry import SUSPECT_AFTER, AgentLink, Registry
@@ -59,6 +62,8 @@ class Coordinator:
         self._server: asyncio.AbstractServer | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._connections: set[Connection] = set()
+        self.gate = AdmissionGate()
+        self._accepting: set[asyncio.Task[None]] = set()
         self.publisher = Publisher()
         self._published_at = 0.0
 
@@ -71,8 +76,11 @@ class Coordinator:
         for node in self.store.nodes():
             state = NodeState.DOWN if node.state is NodeState.DOWN else NodeState.SUSPECT
             self.registry.watch(node.name, state, since=now)
-        self._server = await asyncio.start_server(self._accept, self.host, self.port,
-                                                  ssl=self.identity.server_context())
+        self._tls = self.identity.server_context()
+        give_freed_buffers_back()
+        # Plain TCP: `_accept` starts TLS itself once the connection is admitted (see admission).
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: HeldConnection(self._accepted), self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
         self._write_endpoint()
         if self.discovery:
@@ -148,11 +156,25 @@ class Coordinator:
 
     # --- connections ---------------------------------------------------------------------------
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = Connection(reader, writer)
+    def _accepted(self, tcp: asyncio.Transport) -> None:
+        task = asyncio.get_running_loop().create_task(self._accept(tcp))
+        self._accepting.add(task)
+        task.add_done_callback(self._accepting.discard)
+
+    async def _accept(self, tcp: asyncio.Transport) -> None:
+        """Admit, start TLS, check the Hello within PROOF_DEADLINE of the accept, then serve."""
+        self.gate.admit(tcp, source_of(tcp))
+        deadline = asyncio.get_running_loop().time() + PROOF_DEADLINE
+        try:
+            conn = Connection(*await asyncio.wait_for(tls_streams(tcp, self._tls), PROOF_DEADLINE))
+        except (OSError, asyncio.TimeoutError):
+            self.gate.proven(tcp)
+            tcp.abort()
+            return
         self._connections.add(conn)
         try:
-            hello = await self._handshake(conn)
+            hello = await self._handshake(conn, deadline - asyncio.get_running_loop().time())
+            self.gate.proven(tcp)
             if hello is None:
                 return
             await conn.send(Welcome(coordinator=socket.gethostname(), version=PROTOCOL_VERSION))
@@ -168,6 +190,7 @@ class Coordinator:
             log.exception("error while serving %s", conn.peer_host)
             await self._refuse(conn, "internal error in the coordinator; see its log", "internal")
         finally:
+            self.gate.proven(tcp)
             self._connections.discard(conn)
             await conn.close()
 
@@ -177,9 +200,9 @@ class Coordinator:
         except (OSError, ConnectionError, RuntimeError):
             pass
 
-    async def _handshake(self, conn: Connection) -> Hello | None:
+    async def _handshake(self, conn: Connection, within: float) -> Hello | None:
         try:
-            hello = await asyncio.wait_for(conn.recv(), HANDSHAKE_TIMEOUT)
+            hello = await asyncio.wait_for(conn.recv(limit=HELLO_FRAME_LIMIT), max(within, 0.0))
         except asyncio.TimeoutError:
             await self._refuse(conn, "no hello within the handshake deadline", "timeout")
             return None

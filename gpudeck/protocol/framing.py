@@ -38,12 +38,12 @@ def encode_frame(body: dict[str, Any]) -> bytes:
     return HEADER.pack(len(payload)) + payload
 
 
-def check_length(length: int) -> None:
+def check_length(length: int, limit: int = MAX_FRAME) -> None:
     """Reject a declared body length before anything of the body is read."""
     if length == 0:
         raise FrameError("empty frame")
-    if length > MAX_FRAME:
-        raise FrameError(f"frame of {length} bytes is over the {MAX_FRAME}-byte limit")
+    if length > limit:
+        raise FrameError(f"frame of {length} bytes is over the {limit}-byte limit")
 
 
 def _depth(value: Any, level: int = 0) -> int:
@@ -91,8 +91,10 @@ class FrameDecoder:
         return bodies
 
 
-async def read_frame(reader: asyncio.StreamReader) -> dict[str, Any] | None:
-    """Read one frame body; None at a clean end of stream between frames."""
+async def read_frame(reader: asyncio.StreamReader, limit: int = MAX_FRAME) -> dict[str, Any] | None:
+    """Read one frame body of at most `limit` bytes; None at a clean end of stream between frames.
+    A peer that has not proven the secret gets a small `limit`, so announcing a large frame costs us
+    nothing."""
     try:
         header = await reader.readexactly(HEADER.size)
     except asyncio.IncompleteReadError as exc:
@@ -100,7 +102,7 @@ async def read_frame(reader: asyncio.StreamReader) -> dict[str, Any] | None:
             raise FrameError("connection closed inside a frame header") from None
         return None
     (length,) = HEADER.unpack(header)
-    check_length(length)
+    check_length(length, limit)
     try:
         payload = await reader.readexactly(length)
     except asyncio.IncompleteReadError:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gpudeck.protocol import auth
-from gpudeck.protocol.framing import FrameError, encode_frame, read_frame
+from gpudeck.protocol.framing import MAX_FRAME, FrameError, encode_frame, read_frame
 from gpudeck.protocol.messages import (
     PROTOCOL_VERSION,
     Error,
@@ -56,9 +56,9 @@ class Connection:
             self.writer.write(frame)
             await self.writer.drain()
 
-    async def recv(self) -> Message | None:
+    async def recv(self, limit: int = MAX_FRAME) -> Message | None:
         """The next message, or None at end of stream; `FrameError`/`ProtocolError` on bad input."""
-        body = await read_frame(self.reader)
+        body = await read_frame(self.reader, limit)
         return None if body is None else decode(body)
 
     async def close(self) -> None:

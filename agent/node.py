@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gpudeck.agent.gpus import GpuBackend, GpuReading
-from gpudeck.agent.procs import marker_of
+from gpudeck.agent.procs import marker_of, of_cluster
 from gpudeck.agent.runner import JobRunner
 from gpudeck.agent.traffic_sink import TrafficSink
 from gpudeck.discovery import Discovery
@@ -48,8 +48,9 @@ class Agent:
     def __init__(self, config: AgentConfig, backend: GpuBackend) -> None:
         self.config = config
         self.backend = backend
-        self.sink = TrafficSink()
-        self.runner = JobRunner(config.state_dir, config.name, self.sink, backend, self.send)
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.sink = TrafficSink.reusing(config.state_dir / "traffic.port")
+        self.runner = JobRunner(config.state_dir, config.token.cluster, config.name, self.sink, backend, self.send)
         self.discovery = Discovery(config.mdns_interfaces) if config.use_mdns else None
         self.conn: Connection | None = None
         self.latest: list[GpuReading] = []
@@ -57,7 +58,6 @@ class Agent:
 
     async def run(self) -> None:
         """Run until cancelled; the jobs this node runs are left running (see `stop`)."""
-        self.config.state_dir.mkdir(parents=True, exist_ok=True)
         self.sink.start(asyncio.get_running_loop())
         self.runner.prune()
         self.runner.adopt()
@@ -143,6 +143,9 @@ class Agent:
         await conn.send(Register(hostname=socket.gethostname(), address=address,
                                  simulated=getattr(self.backend, "simulated", False),
                                  gpus=self._gpus_wire(), jobs=self.runner.report()))
+        for job in list(self.runner.jobs.values()):
+            # Totals of attempts that ended while the coordinator was away go right behind the report.
+            await self.runner.ship_traffic(job)
         log.info("joined the coordinator at %s as %s", conn.peer_host, self.config.name)
         while (message := await conn.recv()) is not None:
             await self._handle(message)
@@ -182,6 +185,6 @@ class Agent:
         for reading in self.latest:
             wire = reading.to_wire()
             for process in wire["processes"]:
-                process["foreign"] = marker_of(process["pid"]) is None
+                process["foreign"] = not of_cluster(marker_of(process["pid"]), self.config.token.cluster)
             gpus.append(wire)
         return gpus

@@ -2,7 +2,9 @@
 
 torchrun starts every rank in a session of its own, so the launcher's process group does not hold
 the ranks, and a rank whose torchrun died is re-parented away from it. What every process of a job
-keeps, whoever its parent, is the environment it inherited: `GPUDECK_RUN=<node>/<job>/<attempt>`.
+keeps, whoever its parent, is the environment it inherited:
+`GPUDECK_RUN=<cluster>/<node>/<job>/<attempt>`. The cluster part (see `JoinToken.cluster`) keeps two
+clusters that share a machine, and a node name, off each other's processes.
 """
 
 from __future__ import annotations
@@ -14,8 +16,13 @@ MARKER = "GPUDECK_RUN"
 PROC = Path("/proc")
 
 
-def run_marker(node: str, job: int, attempt: int) -> str:
-    return f"{node}/{job}/{attempt}"
+def run_marker(cluster: str, node: str, job: int, attempt: int) -> str:
+    return f"{cluster}/{node}/{job}/{attempt}"
+
+
+def of_cluster(marker: str | None, cluster: str) -> bool:
+    """Whether a process's marker says it belongs to a job of this cluster."""
+    return marker is not None and marker.startswith(f"{cluster}/")
 
 
 def environ_value(pid: int, name: str) -> str | None:

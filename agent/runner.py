@@ -19,10 +19,12 @@ import shutil
 import signal
 import socket
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Awaitable, Callable
 
+from gpudeck.agent import exits
 from gpudeck.agent.gpus import GpuBackend
 from gpudeck.agent.netif import interface_towards
 from gpudeck.agent.procs import MARKER, alive, run_marker, signal_all
@@ -53,8 +55,10 @@ class RunningJob:
     gpus: list[int]
     directory: str
     pgid: int = 0
+    cluster: str = ""  # whose job: an agent adopts only its own cluster's (see procs)
     exit_code: int | None = None
     detail: str = ""
+    failed_at: float | None = None  # when its first failing rank ended (see exits)
     retry: bool = False  # could not start for a reason of the moment: place the job again
     kill_reason: str = ""
     sent_offsets: dict[int, int] = field(default_factory=dict)
@@ -65,7 +69,7 @@ class RunningJob:
 
     @property
     def marker(self) -> str:
-        return run_marker(self.node, self.job, self.attempt)
+        return run_marker(self.cluster, self.node, self.job, self.attempt)
 
     @property
     def path(self) -> Path:
@@ -86,7 +90,8 @@ class RunningJob:
         return files
 
     def save(self) -> None:
-        record = {k: v for k, v in asdict(self).items() if k in ("node", "job", "attempt", "node_rank", "gpus", "pgid")}
+        record = {k: v for k, v in asdict(self).items()
+                  if k in ("node", "job", "attempt", "node_rank", "gpus", "pgid", "cluster")}
         (self.path / "job.json").write_text(json.dumps(record))
 
 
@@ -103,8 +108,10 @@ def torch_available() -> bool:
 
 
 class JobRunner:
-    def __init__(self, state_dir: Path, node: str, sink: TrafficSink, backend: GpuBackend, send: Send) -> None:
+    def __init__(self, state_dir: Path, cluster: str, node: str, sink: TrafficSink, backend: GpuBackend,
+                 send: Send) -> None:
         self.root = state_dir / "jobs"
+        self.cluster = cluster
         self.node = node
         self.sink = sink
         self.backend = backend
@@ -125,9 +132,16 @@ class JobRunner:
                 await self.send(JobStarted(job=order.job, attempt=order.attempt, pid=held.pgid))
             return
         directory = self.root / f"{order.job}-{order.attempt}"
-        (directory / "logs").mkdir(parents=True, exist_ok=True)
-        job = RunningJob(self.node, order.job, order.attempt, order.node_rank, list(order.gpus), str(directory))
+        job = RunningJob(self.node, order.job, order.attempt, order.node_rank, list(order.gpus), str(directory),
+                         cluster=self.cluster)
         self.jobs[key] = job
+        try:
+            (directory / "logs").mkdir(parents=True, exist_ok=True)
+            command = self._command(order, directory)
+        except OSError as exc:
+            await self._finish(job, 1, f"could not write the job's directory {directory} on {self.node}: "
+                                       f"{exc.strerror or exc}")
+            return
         if not torch_available():
             await self._finish(job, 127, f"torch is not installed on {self.node}: install gpudeck[train] there")
             return
@@ -139,7 +153,7 @@ class JobRunner:
         try:
             with open(directory / "launcher.log", "ab") as launcher_log:
                 process = await asyncio.create_subprocess_exec(
-                    "/bin/sh", "-c", _LAUNCHER, "gpudeck-launch", *self._command(order, directory),
+                    "/bin/sh", "-c", _LAUNCHER, "gpudeck-launch", *command,
                     cwd=self._cwd(order, directory), env=self._env(order, directory),
                     stdin=asyncio.subprocess.DEVNULL, stdout=launcher_log, stderr=asyncio.subprocess.STDOUT,
                     start_new_session=True)
@@ -147,7 +161,11 @@ class JobRunner:
             await self._finish(job, 127, f"could not start torchrun on {self.node}: {exc}")
             return
         job.pgid = process.pid
-        job.save()
+        try:
+            job.save()
+        except OSError as exc:
+            log.warning("job %d attempt %d: could not save its record (%s); an agent restart will not adopt it",
+                        order.job, order.attempt, exc.strerror)
         for index in job.gpus:
             self.backend.assign(index, [job.pgid])
         log.info("job %d attempt %d: started node rank %d on GPUs %s (process group %d)", order.job, order.attempt,
@@ -183,7 +201,7 @@ class JobRunner:
             "GPUDECK_JOB_ID": str(order.job),
             "GPUDECK_ATTEMPT": str(order.attempt),
             "GPUDECK_NODE": self.node,
-            MARKER: run_marker(self.node, order.job, order.attempt),
+            MARKER: run_marker(self.cluster, self.node, order.job, order.attempt),
             "GPUDECK_TRAFFIC_ADDR": self.sink.address,
             "GPUDECK_LOG_DIR": str(directory / "logs"),
             "GPUDECK_EXIT_FILE": str(directory / "exit_code"),
@@ -212,18 +230,24 @@ class JobRunner:
             while alive(job.marker):
                 await asyncio.sleep(POLL)
             code = _recorded_exit(job.path)
-        detail = f"stopped: {job.kill_reason}" if job.kill_reason else ""
-        if code is None:
-            code, detail = -1, detail or "the ranks ended while no agent was watching and left no exit code"
-        await self._finish(job, code, detail)
+        stopped = f"stopped: {job.kill_reason}" if job.kill_reason else ""
+        ended = exits.outcome(job.path, -1 if code is None else code, time.time())
+        missing = "the ranks ended while no agent was watching and left no exit code" if code is None else ""
+        await self._finish(job, ended.exit_code, stopped or ended.detail or missing, failed_at=ended.failed_at)
 
-    async def _finish(self, job: RunningJob, code: int, detail: str, retry: bool = False) -> None:
+    async def _finish(self, job: RunningJob, code: int, detail: str, retry: bool = False,
+                      failed_at: float | None = None) -> None:
         # Ranks that outlive their torchrun (it was killed) can only hang: stop them with it.
         signal_all(job.marker, signal.SIGKILL)
-        job.exit_code, job.detail, job.retry = code, detail, retry
+        job.exit_code, job.detail, job.retry, job.failed_at = code, detail, retry, failed_at
+        self.sink.merge(job.job, job.attempt, exits.traffic_totals(job.path))
         for index in job.gpus:
             self.backend.assign(index, [])
-        (job.path / "exit.json").write_text(json.dumps({"exit_code": code, "detail": detail}))
+        try:
+            (job.path / "exit.json").write_text(json.dumps({"exit_code": code, "detail": detail, "failed_at": failed_at}))
+        except OSError as exc:
+            log.warning("job %d attempt %d: could not record its exit in %s (%s)", job.job, job.attempt, job.path,
+                        exc.strerror)
         log.info("job %d attempt %d: ranks exited with code %d%s", job.job, job.attempt, code,
                  f" ({detail})" if detail else "")
         self.sink.drain()
@@ -233,7 +257,8 @@ class JobRunner:
         except asyncio.TimeoutError:
             pass  # not connected: the logs go from the start once it is
         await self.ship_logs(job)
-        await self.send(JobExited(job=job.job, attempt=job.attempt, exit_code=code, detail=detail, retry=retry))
+        await self.send(JobExited(job=job.job, attempt=job.attempt, exit_code=code, detail=detail, retry=retry,
+                                  failed_at=failed_at))
 
     async def kill(self, job_id: int, attempt: int, reason: str) -> None:
         job = self.jobs.get((job_id, attempt))
@@ -259,8 +284,8 @@ class JobRunner:
 
     def report(self) -> list[dict[str, object]]:
         """What a (re)connecting agent tells the coordinator it holds."""
-        return [{"job": j.job, "attempt": j.attempt, "exit_code": j.exit_code, "detail": j.detail, "retry": j.retry}
-                for j in self.jobs.values()]
+        return [{"job": j.job, "attempt": j.attempt, "exit_code": j.exit_code, "detail": j.detail, "retry": j.retry,
+                 "failed_at": j.failed_at} for j in self.jobs.values()]
 
     def reconnected(self) -> None:
         """A new connection: the coordinator may have missed chunks, and says which (`resume_logs`)."""
@@ -315,7 +340,7 @@ class JobRunner:
             return
         for directory in sorted(self.root.iterdir()):
             job = _load_job(directory)
-            if job is None or (directory / "exit.json").exists():
+            if job is None or job.cluster != self.cluster or (directory / "exit.json").exists():
                 continue
             self.jobs[job.key] = job
             self.sink.expect(job.job, job.attempt)

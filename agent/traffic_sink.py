@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from pathlib import Path
 
 from gpudeck.protocol.traffic import decode_report
 
@@ -17,12 +18,23 @@ ByRank = dict[int, dict[str, int]]
 
 
 class TrafficSink:
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self._sock.bind((host, 0))
+        self._sock.bind((host, port))
         self._sock.setblocking(False)
         self._totals: dict[tuple[int, int], ByRank] = {}
         self.dropped = 0
+
+    @classmethod
+    def reusing(cls, port_file: Path) -> "TrafficSink":
+        """A sink on the port the last agent of this node used, when it is free: ranks that outlive
+        an agent restart keep sending to the address they were given at launch."""
+        try:
+            sink = cls(port=int(port_file.read_text()))
+        except (OSError, ValueError):
+            sink = cls()
+        port_file.write_text(str(sink.address.rpartition(":")[2]))
+        return sink
 
     @property
     def address(self) -> str:
@@ -55,6 +67,14 @@ class TrafficSink:
     def expect(self, job: int, attempt: int) -> None:
         """Accept reports for a job attempt running on this node; others are ignored."""
         self._totals.setdefault((job, attempt), {})
+
+    def merge(self, job: int, attempt: int, totals: ByRank) -> None:
+        """Take final totals the ranks left in their end files; counters only ever grow."""
+        ranks = self._totals.setdefault((job, attempt), {})
+        for rank, kinds in totals.items():
+            counters = ranks.setdefault(rank, {})
+            for kind, count in kinds.items():
+                counters[kind] = max(counters.get(kind, 0), count)
 
     def totals(self, job: int, attempt: int) -> ByRank:
         return {rank: dict(kinds) for rank, kinds in self._totals.get((job, attempt), {}).items()}

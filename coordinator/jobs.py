@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 from typing import Any, Awaitable, Callable
 
 from gpudeck.coordinator.registry import Registry
 from gpudeck.coordinator.scheduler import GpuSlot, JobRequest, NodeSlots, Placement, impossible_reason, schedule, validate_request
-from gpudeck.coordinator.store import JobRow, Store
+from gpudeck.coordinator.store import AttemptNode, JobRow, Store
 from gpudeck.model import WORKLOADS, JobSpec, JobState, NodeState, format_duration
 from gpudeck.protocol.messages import Forget, Kill, Launch, Message
 
 log = logging.getLogger(__name__)
-JOB_PORTS = (29500, 29999)  # torchrun's rendezvous ports, first and last; the firewall must open them
+_RANK_DETAIL = re.compile(r"^rank (\d+) (.+)$")
+JOB_PORTS = (29500, 29999)
+FENCE_DEADLINE = 120.0  # longest a lost node's GPUs wait for it to confirm its ranks are gone  # torchrun's rendezvous ports, first and last; the firewall must open them
 
 Send = Callable[[str, Message], Awaitable[bool]]
 
@@ -37,6 +40,14 @@ def _gpu_slot(gpu: dict[str, Any], busy: dict[int, int]) -> GpuSlot:
         first = foreign[0]
         described = f"{first.get('name') or 'process'} pid {first.get('pid')}"
     return GpuSlot(index=gpu["index"], busy_job=busy.get(gpu["index"]), foreign=described)
+
+
+def _failure(node: str, exit_code: int, detail: str) -> str:
+    """Why a job failed, for a person: which rank on which node failed first, and with what."""
+    rank = _RANK_DETAIL.match(detail)
+    if rank:
+        return f"rank {rank.group(1)} on {node} failed first: it {rank.group(2)}"
+    return f"ranks on {node} exited with code {exit_code}" + (f": {detail}" if detail else "")
 
 
 def _explained(row: JobRow, reason: str, draining: list[str]) -> str:
@@ -80,9 +91,14 @@ class JobControl:
             nodes.append(NodeSlots(node.name, tuple(GpuSlot(index=g["index"]) for g in gpus)))
         return nodes
 
+    def holding(self) -> list[AttemptNode]:
+        """Shares that hold their GPUs: not reported ended, and not fenced past the fence deadline."""
+        now = self.clock()
+        return [s for s in self.store.open_attempt_nodes() if s.fenced_until is None or s.fenced_until > now]
+
     def slots(self) -> list[NodeSlots]:
         busy: dict[str, dict[int, int]] = {}
-        for share in self.store.open_attempt_nodes():
+        for share in self.holding():
             for index in share.gpus:
                 busy.setdefault(share.node, {})[index] = share.job
         draining = set(self.draining())
@@ -101,11 +117,20 @@ class JobControl:
             return
         decision = schedule(self.slots(), [request_of(row) for row in pending])
         rows = {row.id: row for row in pending}
-        draining = self.draining()
-        self.store.set_reasons({job_id: _explained(rows[job_id], reason, draining)
+        draining, fenced = self.draining(), self._fence_note()
+        self.store.set_reasons({job_id: _explained(rows[job_id], reason, draining) + fenced
                                 for job_id, reason in decision.reasons.items()})
         for placement in decision.placements:
             await self._launch(rows[placement.job_id], placement)
+
+    def _fence_note(self) -> str:
+        """What a pending job cannot see in the free GPUs: those of a lost node kept back until it
+        confirms the ranks it may still run are gone."""
+        now = self.clock()
+        notes = [f"GPUs {','.join(map(str, s.gpus))} of {s.node} stay reserved until {s.node} confirms that job "
+                 f"{s.job}'s ranks have stopped (at most {s.fenced_until - now:.0f} s more)"
+                 for s in self.holding() if s.fenced_until is not None and self.registry.states.get(s.node) is NodeState.UP]
+        return "; " + "; ".join(notes) if notes else ""
 
     def _free_port(self, master_addr: str) -> int | None:
         """A rendezvous port no attempt of ours uses on that address, picked at random so that other
@@ -161,11 +186,13 @@ class JobControl:
             self.store.update_job(job_id, state=JobState.RUNNING)
 
     async def exited(self, node: str, job_id: int, attempt: int, exit_code: int, detail: str,
-                     retry: bool = False) -> None:
+                     retry: bool = False, failed_at: float | None = None) -> None:
         newly = self.store.record_exit(job_id, attempt, node, exit_code)
         await self.send(node, Forget(job=job_id, attempt=attempt))
         row = self._current(job_id, attempt) if newly else None
         if row is None:
+            if newly and exit_code != 0 and failed_at is not None:
+                self._earlier_failure(job_id, attempt, node, exit_code, detail, failed_at)
             return
         shares = self.store.attempt_nodes(job_id, attempt)
         if retry:
@@ -173,13 +200,24 @@ class JobControl:
             self.store.update_job(job_id, state=JobState.PENDING, reason=f"placing it again: {detail}")
             log.info("job %d attempt %d could not start on %s (%s); placing it again", job_id, attempt, node, detail)
         elif exit_code != 0:
-            reason = f"ranks on {node} exited with code {exit_code}" + (f": {detail}" if detail else "")
-            await self._end(row, JobState.FAILED, reason, exit_code)
+            await self._end(row, JobState.FAILED, _failure(node, exit_code, detail), exit_code, failed_at)
         elif all(s.exit_code == 0 for s in shares):
             await self._end(row, JobState.SUCCEEDED, "", 0)
 
-    async def _end(self, row: JobRow, state: JobState, reason: str, exit_code: int | None) -> None:
-        self.store.update_job(row.id, state=state, reason=reason, exit_code=exit_code, ended_at=self.clock())
+    def _earlier_failure(self, job_id: int, attempt: int, node: str, exit_code: int, detail: str,
+                         failed_at: float) -> None:
+        """A node whose report came second may have failed first (the others then only lost their
+        peer): the job's code and reason are those of the failure that happened first."""
+        row = self.store.job(job_id)
+        if (row is None or row.attempt != attempt or row.state is not JobState.FAILED or row.failed_at is None
+                or failed_at >= row.failed_at):
+            return
+        self.store.update_job(job_id, exit_code=exit_code, reason=_failure(node, exit_code, detail), failed_at=failed_at)
+
+    async def _end(self, row: JobRow, state: JobState, reason: str, exit_code: int | None,
+                   failed_at: float | None = None) -> None:
+        self.store.update_job(row.id, state=state, reason=reason, exit_code=exit_code, ended_at=self.clock(),
+                              failed_at=failed_at)
         log.info("job %d %s%s", row.id, state.value, f": {reason}" if reason else "")
         await self._kill_open(row.id, row.attempt, reason or state.value)
 
@@ -197,7 +235,9 @@ class JobControl:
                 continue
             held.add((job_id, attempt))
             if isinstance(exit_code, int):
-                await self.exited(node, job_id, attempt, exit_code, str(job.get("detail", "")), job.get("retry") is True)
+                failed_at = job.get("failed_at")
+                await self.exited(node, job_id, attempt, exit_code, str(job.get("detail", "")), job.get("retry") is True,
+                                  float(failed_at) if isinstance(failed_at, (int, float)) else None)
             else:
                 await self.started(node, job_id, attempt)
         for share in self.store.open_attempt_nodes():
@@ -206,16 +246,22 @@ class JobControl:
             if not share.started and self._current(share.job, share.attempt):
                 await self.send_launch(share.job, share.attempt, node)
             else:
-                await self._lost(share.job, share.attempt, node, f"{node} no longer runs its ranks (its agent restarted)")
+                await self._lost(share.job, share.attempt, node, f"{node} no longer runs its ranks (its agent restarted)",
+                                 confirmed=True)
 
     async def node_down(self, node: str) -> None:
         for share in self.store.open_attempt_nodes():
             if share.node == node:
-                await self._lost(share.job, share.attempt, node, f"node {node} stopped answering")
+                await self._lost(share.job, share.attempt, node, f"node {node} stopped answering", confirmed=False)
 
-    async def _lost(self, job_id: int, attempt: int, node: str, why: str) -> None:
-        """A node's share of an attempt is gone: stop the other ranks, then requeue or fail the job."""
-        self.store.record_exit(job_id, attempt, node, -1)
+    async def _lost(self, job_id: int, attempt: int, node: str, why: str, confirmed: bool) -> None:
+        """A node's share of an attempt is gone: stop the other ranks, then requeue or fail the job.
+        A node that only stopped answering may still run its ranks: its GPUs are fenced (kept from
+        other jobs) until it says they ended or FENCE_DEADLINE passes."""
+        if confirmed:
+            self.store.record_exit(job_id, attempt, node, -1)
+        else:
+            self.store.fence(job_id, attempt, node, self.clock() + FENCE_DEADLINE)
         row = self._current(job_id, attempt)
         if row is None:
             return

@@ -23,7 +23,7 @@ from gpudeck.coordinator.admission import (
 from gpudeck.coordinator.jobs import JOB_PORTS, JobControl
 from gpudeck.coordinator.logs import LogStore
 from gpudeck.coordinator.registry import SUSPECT_AFTER, AgentLink, Registry
-from gpudeck.coordinator.store import Store
+from gpudeck.coordinator.store import Store, StoreFull
 from gpudeck.coordinator.views import job_json, node_view
 from gpudeck.coordinator.watch import Publisher
 from gpudeck.config import ENDPOINT_FILE
@@ -253,7 +253,11 @@ class Coordinator:
         link = await self._join(conn, name, register)
         try:
             while (message := await conn.recv()) is not None:
-                await self._agent_message(link, message)
+                try:
+                    await self._agent_message(link, message)
+                except StoreFull as exc:
+                    # What could not be stored comes again: exits and logs with the agent's next report.
+                    log.error("%s", exc)
         finally:
             if self.registry.detach(link):
                 log.info("node %s disconnected", name)
@@ -298,10 +302,13 @@ class Coordinator:
             await self.jobs.started(link.name, message.job, message.attempt)
         elif isinstance(message, JobExited):
             await self.jobs.exited(link.name, message.job, message.attempt, message.exit_code, message.detail,
-                                   message.retry)
+                                   message.retry, message.failed_at)
             self.wake.set()
         elif isinstance(message, LogChunk):
-            self.logs.write(message.job, message.attempt, message.rank, message.offset, message.data)
+            try:
+                self.logs.write(message.job, message.attempt, message.rank, message.offset, message.data)
+            except OSError as exc:
+                log.warning("could not store a log chunk of job %d: %s", message.job, exc.strerror)
         elif isinstance(message, Traffic):
             by_rank = {int(rank): kinds for rank, kinds in message.by_rank.items() if rank.lstrip("-").isdigit()}
             self.store.set_traffic(message.job, message.attempt, by_rank)
@@ -326,6 +333,10 @@ class Coordinator:
             data = await self._answer(message)
         except (ValueError, LookupError) as exc:
             await conn.send(Error(message=str(exc), code="refused", req=req))
+            return
+        except StoreFull as exc:
+            log.error("%s", exc)
+            await conn.send(Error(message=str(exc), code="disk_full", req=req))
             return
         await conn.send(Reply(req=req, data=data))
         if isinstance(message, Watch):
@@ -364,7 +375,7 @@ class Coordinator:
 
     def _nodes(self) -> dict[str, Any]:
         jobs_on: dict[str, list[int]] = {}
-        for share in self.store.open_attempt_nodes():
+        for share in self.jobs.holding():
             jobs_on.setdefault(share.node, []).append(share.job)
         now = self.clock()
         nodes = [node_view(n, self.registry, sorted(set(jobs_on.get(n.name, []))), now) for n in self.store.nodes()]

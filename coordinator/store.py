@@ -6,6 +6,7 @@ disk before it is sent. Every write is one short transaction; the coordinator is
 
 from __future__ import annotations
 
+import errno
 import json
 import sqlite3
 from dataclasses import dataclass
@@ -17,6 +18,10 @@ import sqlite_utils
 from gpudeck.model import JobSpec, JobState, NodeState
 
 Hosts = list[tuple[str, list[int]]]
+
+
+class StoreFull(Exception):
+    """The disk under the database is full: the write was rolled back, nothing of it is stored."""
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,7 @@ class JobRow:
     exit_code: int | None
     restarts: int
     requeued_because: str  # why the last attempt was lost, while the job waits to run again
+    failed_at: float | None  # when the rank that failed the job ended (orders failures across nodes)
     hosts: Hosts  # the current attempt's placement, node rank order; [] before the first
 
 
@@ -48,6 +54,7 @@ class AttemptNode:
     gpus: list[int]
     started: bool
     exit_code: int | None
+    fenced_until: float | None  # lost with its node, which may still run it: its GPUs wait until then
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,7 @@ class NodeRow:
 
 class Store:
     def __init__(self, path: Path) -> None:
+        self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
@@ -82,20 +90,22 @@ class Store:
                                 if_not_exists=True)
             db["jobs"].create({"id": int, "name": str, "spec": str, "script": bytes, "state": str, "reason": str, "priority": int,
                                "submitted_at": float, "started_at": float, "ended_at": float, "attempt": int,
-                               "exit_code": int, "restarts": int, "requeued_because": str}, pk="id", if_not_exists=True,
-                              not_null={"name", "spec", "state", "submitted_at"})
+                               "exit_code": int, "restarts": int, "requeued_because": str, "failed_at": float},
+                              pk="id", if_not_exists=True, not_null={"name", "spec", "state", "submitted_at"})
+            _add_missing_columns(db["jobs"], {"failed_at": float})
             db["attempts"].create({"job": int, "attempt": int, "master_addr": str, "master_port": int,
                                    "started_at": float}, pk=("job", "attempt"), if_not_exists=True,
                                   foreign_keys=[("job", "jobs", "id")])
             db["attempt_nodes"].create({"job": int, "attempt": int, "node": str, "node_rank": int, "gpus": str,
-                                        "started": int, "exit_code": int}, pk=("job", "attempt", "node"),
-                                       if_not_exists=True)
+                                        "started": int, "exit_code": int, "fenced_until": float},
+                                       pk=("job", "attempt", "node"), if_not_exists=True)
+            _add_missing_columns(db["attempt_nodes"], {"fenced_until": float})
             db["traffic"].create({"job": int, "attempt": int, "rank": int, "kind": str, "bytes": int},
                                  pk=("job", "attempt", "rank", "kind"), if_not_exists=True)
             db["jobs"].create_index(["state"], if_not_exists=True)
 
     def _tx(self, durable: bool = True) -> "_Transaction":
-        return _Transaction(self.db.conn, durable)
+        return _Transaction(self.db.conn, durable, self.path)
 
     def close(self) -> None:
         self.db.conn.close()
@@ -175,7 +185,7 @@ class Store:
             id=row["id"], spec=_spec_from_row(row), state=JobState(row["state"]), reason=row["reason"] or "",
             submitted_at=row["submitted_at"], started_at=row["started_at"], ended_at=row["ended_at"],
             attempt=row["attempt"] or 0, exit_code=row["exit_code"], restarts=row["restarts"] or 0,
-            requeued_because=row["requeued_because"] or "",
+            requeued_because=row["requeued_because"] or "", failed_at=row["failed_at"],
             hosts=[(n.node, n.gpus) for n in self.attempt_nodes(row["id"], row["attempt"] or 0)],
         )
 
@@ -193,7 +203,8 @@ class Store:
                 for rank, (node, gpus) in enumerate(hosts)
             )
             self.db["jobs"].update(job_id, {"state": JobState.STARTING.value, "attempt": attempt, "reason": "",
-                                            "requeued_because": "", "started_at": now, "exit_code": None})
+                                            "requeued_because": "", "started_at": now, "exit_code": None,
+                                            "failed_at": None})
 
     def master(self, job_id: int, attempt: int) -> tuple[str, int]:
         row = self.db["attempts"].get((job_id, attempt))
@@ -218,6 +229,15 @@ class Store:
         with self._tx():
             self.db.conn.execute("UPDATE attempt_nodes SET started = 1 WHERE job = ? AND attempt = ? AND node = ?",
                                  [job_id, attempt, node])
+
+    def fence(self, job_id: int, attempt: int, node: str, until: float) -> bool:
+        """Mark a lost node's share as given up but maybe still running; False if it already was,
+        or its exit is recorded."""
+        with self._tx():
+            cur = self.db.conn.execute(
+                "UPDATE attempt_nodes SET fenced_until = ? WHERE job = ? AND attempt = ? AND node = ? "
+                "AND exit_code IS NULL AND fenced_until IS NULL", [until, job_id, attempt, node])
+        return cur.rowcount == 1
 
     def record_exit(self, job_id: int, attempt: int, node: str, exit_code: int) -> bool:
         """Record one node's exit once; False when it was already recorded (a repeated report)."""
@@ -255,9 +275,10 @@ class Store:
 class _Transaction:
     """BEGIN IMMEDIATE ... COMMIT, so each write is one transaction, durable unless told otherwise."""
 
-    def __init__(self, conn: sqlite3.Connection, durable: bool) -> None:
+    def __init__(self, conn: sqlite3.Connection, durable: bool, path: Path) -> None:
         self.conn = conn
         self.durable = durable
+        self.path = path
 
     def __enter__(self) -> sqlite3.Connection:
         if not self.durable:
@@ -265,10 +286,43 @@ class _Transaction:
         self.conn.execute("BEGIN IMMEDIATE")
         return self.conn
 
-    def __exit__(self, exc_type: Any, *_: Any) -> None:
-        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
-        if not self.durable:
-            self.conn.execute("PRAGMA synchronous=FULL")
+    def __exit__(self, exc_type: Any, exc: BaseException | None, _: Any) -> None:
+        try:
+            if exc_type:
+                self._rollback()
+            else:
+                try:
+                    self.conn.execute("COMMIT")
+                except sqlite3.Error as failed:
+                    self._rollback()
+                    exc = failed
+        finally:
+            if not self.durable:
+                self.conn.execute("PRAGMA synchronous=FULL")
+        if _disk_full(exc):
+            raise StoreFull(f"the coordinator's disk is full at {self.path.parent}; nothing was stored "
+                            "(free some space there: it goes on by itself)") from exc
+        if exc is not None and not exc_type:
+            raise exc
+
+
+    def _rollback(self) -> None:
+        """Roll back, if SQLite has not already (it does by itself after some errors)."""
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
+
+
+def _disk_full(exc: BaseException | None) -> bool:
+    return (isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL) or (
+        isinstance(exc, OSError) and exc.errno == errno.ENOSPC)
+
+
+def _add_missing_columns(table: sqlite_utils.db.Table, columns: dict[str, type]) -> None:
+    """Columns added since a state directory was created: an upgraded coordinator keeps its jobs."""
+    have = table.columns_dict
+    for name, kind in columns.items():
+        if name not in have:
+            table.add_column(name, kind)
 
 
 def _spec_json(spec: JobSpec) -> str:
@@ -289,5 +343,6 @@ def _node_row(row: dict[str, Any]) -> NodeRow:
 
 def _attempt_node(row: dict[str, Any]) -> AttemptNode:
     return AttemptNode(job=row["job"], attempt=row["attempt"], node=row["node"], node_rank=row["node_rank"],
-                       gpus=json.loads(row["gpus"]), started=bool(row["started"]), exit_code=row["exit_code"])
+                       gpus=json.loads(row["gpus"]), started=bool(row["started"]), exit_code=row["exit_code"],
+                       fenced_until=row["fenced_until"])
 

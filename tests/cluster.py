@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpudeck.agent.procs import pids_with_env, signal_pids
+from gpudeck.agent.procs import pids_with_env, run_marker, signal_pids
+from gpudeck.protocol.auth import JoinToken
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,6 +42,11 @@ class Cluster:
     port: int = field(default_factory=free_port)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     token: str = ""
+    coordinator_state: Path | None = None  # default: root/coord
+
+    @property
+    def coordinator_dir(self) -> Path:
+        return self.coordinator_state or self.root / "coord"
 
     @property
     def env(self) -> dict[str, str]:
@@ -59,12 +65,12 @@ class Cluster:
 
     def start_coordinator(self, *extra: str) -> None:
         self.spawn("coordinator", "coordinator", "--host", "127.0.0.1", "--port", str(self.port),
-                   "--state-dir", str(self.root / "coord"), "--no-mdns", *extra)
+                   "--state-dir", str(self.coordinator_dir), "--no-mdns", *extra)
         self.token = wait_until(self._read_token, 20, "the coordinator's token")
         wait_until(self._accepting, 20, "the coordinator to listen")
 
     def _read_token(self) -> str:
-        result = self.cli("token", "--state-dir", str(self.root / "coord"), check=False, client=False)
+        result = self.cli("token", "--state-dir", str(self.coordinator_dir), check=False, client=False)
         return result.stdout.strip() if result.returncode == 0 else ""
 
     def _accepting(self) -> bool:
@@ -82,6 +88,10 @@ class Cluster:
         if check and result.returncode != 0:
             raise AssertionError(f"gpudeck {' '.join(args)} exited {result.returncode}: {result.stderr}")
         return result
+
+    def marker(self, node: str, job_id: int, attempt: int = 1) -> str:
+        """The marker every process of that job attempt on that node carries (see agent.procs)."""
+        return run_marker(JoinToken.parse(self.token).cluster, node, job_id, attempt)
 
     def json(self, *args: str) -> Any:
         return json.loads(self.cli(*args, "--json").stdout)

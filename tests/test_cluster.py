@@ -11,7 +11,7 @@ import struct
 import msgpack
 import pytest
 
-from gpudeck.agent.procs import pids_with, run_marker
+from gpudeck.agent.procs import pids_with
 from tests.cluster import Cluster, free_port, wait_until
 from tests.conftest import SCRIPTS
 
@@ -19,9 +19,9 @@ pytestmark = pytest.mark.slow
 GRAD_BYTES = 2080 * 4  # Linear(64, 32): 2,080 float32 parameters
 
 
-def _ranks_alive(node: str, job_id: int, attempt: int = 1) -> int:
+def _ranks_alive(cluster: Cluster, node: str, job_id: int, attempt: int = 1) -> int:
     """How many processes of that job attempt on that node still run (torchrun, ranks, launcher)."""
-    return len(pids_with(run_marker(node, job_id, attempt)))
+    return len(pids_with(cluster.marker(node, job_id, attempt)))
 
 
 def test_two_node_ddp_job_succeeds_with_logs_and_exact_all_reduce_bytes(cluster: Cluster):
@@ -42,11 +42,11 @@ def test_two_node_ddp_job_succeeds_with_logs_and_exact_all_reduce_bytes(cluster:
 def test_cancel_stops_every_rank_and_frees_the_gpus(cluster: Cluster):
     job_id = cluster.submit("--gpus", "4", "--name", "long", str(SCRIPTS / "slow_ddp.py"), "--steps", "1000")
     cluster.wait_job(job_id, ("running",))
-    wait_until(lambda: _ranks_alive("node-a", job_id) >= 4, 20, "torchrun and both ranks on node-a")
+    wait_until(lambda: _ranks_alive(cluster, "node-a", job_id) >= 4, 20, "torchrun and both ranks on node-a")
     blocked = cluster.submit("--gpus", "1", str(SCRIPTS / "ddp_linear.py"), "--steps", "1")
     assert "needs 1 GPU" in cluster.job(blocked)["reason"] or cluster.job(blocked)["state"] == "pending"
     assert cluster.cli("cancel", str(job_id)).stdout.strip() == f"job {job_id} cancelled"
-    wait_until(lambda: not _ranks_alive("node-a", job_id) and not _ranks_alive("node-b", job_id), 15,
+    wait_until(lambda: not _ranks_alive(cluster, "node-a", job_id) and not _ranks_alive(cluster, "node-b", job_id), 15,
                "every rank to stop")
     assert cluster.job(job_id)["state"] == "cancelled"
     assert cluster.wait_job(blocked, ("succeeded", "failed"))["state"] == "succeeded"
@@ -57,9 +57,9 @@ def test_cancel_stops_every_rank_and_frees_the_gpus(cluster: Cluster):
 def test_cancel_kills_ranks_that_ignore_sigterm(cluster: Cluster):
     job_id = cluster.submit("--gpus", "2", str(SCRIPTS / "slow_ddp.py"), "--steps", "1000", "--ignore-sigterm")
     node = cluster.wait_job(job_id, ("running",))["nodes"][0]
-    wait_until(lambda: _ranks_alive(node, job_id) >= 4, 20, "torchrun and both ranks")
+    wait_until(lambda: _ranks_alive(cluster, node, job_id) >= 4, 20, "torchrun and both ranks")
     cluster.cli("cancel", str(job_id))
-    wait_until(lambda: not _ranks_alive(node, job_id), 20, "the stubborn ranks to be killed")
+    wait_until(lambda: not _ranks_alive(cluster, node, job_id), 20, "the stubborn ranks to be killed")
 
 
 def test_wrong_token_is_refused_and_creates_nothing(cluster: Cluster):
@@ -154,7 +154,7 @@ def test_time_limit_stops_an_overrunning_job(cluster: Cluster):
     job_id = cluster.submit("--gpus", "1", "--time-limit", "3s", str(SCRIPTS / "slow_ddp.py"), "--steps", "1000")
     job = cluster.wait_job(job_id, ("succeeded", "failed"), timeout=60)
     assert job["state"] == "failed" and "time limit of 3s" in job["reason"]
-    wait_until(lambda: not _ranks_alive(job["nodes"][0], job_id), 15, "the ranks to stop")
+    wait_until(lambda: not _ranks_alive(cluster, job["nodes"][0], job_id), 15, "the ranks to stop")
 
 
 def test_coordinator_killed_and_restarted_adopts_the_running_job(cluster: Cluster):
@@ -173,13 +173,13 @@ def test_agent_killed_mid_job_stops_the_other_ranks_and_requeues(cluster: Cluste
     job_id = cluster.submit("--nodes", "2", "--gpus-per-node", "1", "--max-restarts", "1",
                             str(SCRIPTS / "slow_ddp.py"), "--steps", "1000")
     job = cluster.wait_job(job_id, ("running",))
-    assert _ranks_alive("node-a", job_id) and _ranks_alive("node-b", job_id)
+    assert _ranks_alive(cluster, "node-a", job_id) and _ranks_alive(cluster, "node-b", job_id)
     cluster.kill("node-b", signal.SIGKILL)
-    for pid in pids_with(run_marker("node-b", job_id, 1)):  # the machine is gone: its ranks with it
+    for pid in pids_with(cluster.marker("node-b", job_id)):  # the machine is gone: its ranks with it
         os.kill(pid, signal.SIGKILL)
     wait_until(lambda: any(n["name"] == "node-b" and n["state"] == "down" for n in cluster.nodes()), 20,
                "node-b to be down")
-    wait_until(lambda: not _ranks_alive("node-a", job_id), 15, "the surviving ranks to be stopped")
+    wait_until(lambda: not _ranks_alive(cluster, "node-a", job_id), 15, "the surviving ranks to be stopped")
     job = cluster.job(job_id)
     assert job["state"] == "pending" and "requeued" in job["reason"] and "node-b" in job["reason"], job
     cluster.start_agent("node-b")
@@ -217,19 +217,19 @@ def test_a_frozen_node_that_comes_back_has_its_stale_ranks_stopped(cluster: Clus
     job_id = cluster.submit("--nodes", "2", "--gpus-per-node", "1", "--max-restarts", "1",
                             str(SCRIPTS / "slow_ddp.py"), "--steps", "1000")
     cluster.wait_job(job_id, ("running",))
-    wait_until(lambda: _ranks_alive("node-b", job_id) >= 3, 20, "node-b's ranks")
-    frozen = [cluster.procs["node-b"].pid, *pids_with(run_marker("node-b", job_id, 1))]
+    wait_until(lambda: _ranks_alive(cluster, "node-b", job_id) >= 3, 20, "node-b's ranks")
+    frozen = [cluster.procs["node-b"].pid, *pids_with(cluster.marker("node-b", job_id))]
     for pid in frozen:
         os.kill(pid, signal.SIGSTOP)
     try:
         wait_until(lambda: any(n["name"] == "node-b" and n["state"] == "down" for n in cluster.nodes()), 25,
                    "node-b to be down")
-        wait_until(lambda: not _ranks_alive("node-a", job_id), 15, "node-a's ranks to be stopped")
+        wait_until(lambda: not _ranks_alive(cluster, "node-a", job_id), 15, "node-a's ranks to be stopped")
         assert cluster.job(job_id)["state"] == "pending"
     finally:
         for pid in frozen:
             os.kill(pid, signal.SIGCONT)
-    wait_until(lambda: not _ranks_alive("node-b", job_id), 30, "node-b's stale ranks to be stopped")
+    wait_until(lambda: not _ranks_alive(cluster, "node-b", job_id), 30, "node-b's stale ranks to be stopped")
     job = cluster.wait_job(job_id, ("running",), timeout=60)
     assert job["attempt"] == 2
     cluster.cli("cancel", str(job_id))

@@ -8,7 +8,10 @@ on ``sys.path``; its exit status is this process's), and in addition:
   native output from torch, gloo or NCCL lands there too;
 * bytes handed to torch.distributed are counted by kind (:mod:`gpudeck.train.counting`);
 * with ``GPUDECK_TRAFFIC_ADDR`` set, totals go to the agent once a second and once at the end
-  (:mod:`gpudeck.train.reporter`).
+  (:mod:`gpudeck.train.reporter`);
+* with ``GPUDECK_LOG_DIR`` set, the rank's own exit status and final totals are left in
+  ``rank-$RANK.end.json`` there (:mod:`gpudeck.protocol.rank_end`), since torchrun reports every
+  failure as exit 1.
 
 ``torchrun ... -m gpudeck.train.run --workload NAME ARG...`` runs a built-in workload instead
 (:mod:`gpudeck.train.workloads`): ``main(ARGS)`` of its module, with the same log redirection,
@@ -20,9 +23,12 @@ from __future__ import annotations
 import os
 import runpy
 import sys
+import time
 import types
 from collections.abc import Mapping
 
+from gpudeck.protocol import rank_end
+from gpudeck.protocol.rank_end import RankEnd, exit_status
 from gpudeck.train.counter import TrafficCounter
 from gpudeck.train.reporter import reporter_from_env
 
@@ -52,13 +58,29 @@ def main(argv: list[str]) -> int:
     reporter = reporter_from_env(counter)
     if reporter is not None:
         reporter.start()
+    status = 1
     try:
-        if workload is not None:
-            return run_workload(workload, argv[2:])
-        return run_script(argv[0], argv[1:])
+        status = run_workload(workload, argv[2:]) if workload is not None else run_script(argv[0], argv[1:])
+        return status
+    except SystemExit as exc:
+        status = exit_status(exc.code)
+        raise
     finally:
         if reporter is not None:
             reporter.close()
+        record_end(os.environ, status, counter)
+
+
+def record_end(env: Mapping[str, str], status: int, counter: TrafficCounter) -> None:
+    """Leave this rank's own exit status and final totals for the agent (see rank_end)."""
+    log_dir = env.get("GPUDECK_LOG_DIR")
+    if not log_dir:
+        return
+    try:
+        rank_end.write(log_dir, RankEnd(rank=int(env.get("RANK", "0")), exit_code=status, time=time.time(),
+                                        traffic=dict(counter.snapshot())))
+    except (OSError, ValueError) as exc:
+        print(f"gpudeck: could not record how this rank ended ({exc})", file=sys.stderr)
 
 
 def redirect_output(env: Mapping[str, str]) -> None:

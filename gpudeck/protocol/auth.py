@@ -41,6 +41,12 @@ class JoinToken:
     def __str__(self) -> str:
         return f"{TOKEN_PREFIX}.{self.fingerprint}.{self.secret}"
 
+    @property
+    def cluster(self) -> str:
+        """A name for the cluster that is not secret: the start of its certificate's fingerprint.
+        It tells one cluster's job processes from another's on a machine that serves both."""
+        return self.fingerprint[:16]
+
     @classmethod
     def parse(cls, text: str) -> "JoinToken":
         match = _TOKEN_RE.match(text.strip())

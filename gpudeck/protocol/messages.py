@@ -13,7 +13,7 @@ import types
 import typing
 from typing import Any, ClassVar, Union, get_args, get_origin
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 class ProtocolError(Exception):
@@ -154,6 +154,7 @@ class JobExited(Message):
     exit_code: int
     detail: str
     retry: bool
+    failed_at: float | None  # when the node's first failing rank ended (epoch seconds), if known
 
 
 @message("log_chunk")

@@ -18,10 +18,40 @@ from gpudeck.model import WORKLOADS, JobSpec, parse_duration
 from gpudeck.protocol import auth
 from gpudeck.protocol.messages import Cancel, Drain, ListJobs, ListNodes, ReadLogs, ShowJob, Submit
 from gpudeck.protocol.session import ClientSession, Refused, split_address
+from gpudeck.text import visible
 
 
 class Failure(Exception):
     """A refusal to report on stderr with exit code 1."""
+
+
+class UsageError(Failure):
+    """Arguments that cannot make a request: reported like argparse's own errors, exit code 2."""
+
+
+MAX_ID = 2**63 - 1  # SQLite's and msgpack's largest integer
+
+
+def job_id(text: str) -> int:
+    """A job id for argparse: a whole number that could name a stored job."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a job id (a whole number, like 12)") from None
+    if not 1 <= value <= MAX_ID:
+        raise argparse.ArgumentTypeError(f"{text} is not a job id (job ids start at 1)")
+    return value
+
+
+def small_int(text: str) -> int:
+    """A count or index for argparse that fits the wire (ranks, attempts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if abs(value) > 1_000_000:
+        raise argparse.ArgumentTypeError(f"{text} is out of range")
+    return value
 
 
 # --- argument parsing ----------------------------------------------------------------------------
@@ -128,12 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
         _client_flags(listing)
 
     show = sub.add_parser("show", help="one job in detail, with its traffic")
-    show.add_argument("job", type=int, metavar="JOB")
+    show.add_argument("job", type=job_id, metavar="JOB")
     show.add_argument("--json", action="store_true", help="print JSON with stable field names")
     _client_flags(show)
 
     cancel = sub.add_parser("cancel", help="cancel a job, stopping its ranks")
-    cancel.add_argument("job", type=int, metavar="JOB")
+    cancel.add_argument("job", type=job_id, metavar="JOB")
     _client_flags(cancel)
 
     drain = sub.add_parser("drain", help="stop placing new jobs on a node (running jobs go on)")
@@ -142,9 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     _client_flags(drain)
 
     logs = sub.add_parser("logs", help="a job's output, every rank's lines prefixed with its rank")
-    logs.add_argument("job", type=int, metavar="JOB")
-    logs.add_argument("--rank", type=int, metavar="R", help="only rank R")
-    logs.add_argument("--attempt", type=int, metavar="A", help="an earlier attempt (default: the latest)")
+    logs.add_argument("job", type=job_id, metavar="JOB")
+    logs.add_argument("--rank", type=small_int, metavar="R", help="only rank R")
+    logs.add_argument("--attempt", type=small_int, metavar="A", help="an earlier attempt (default: the latest)")
+    logs.add_argument("--raw", action="store_true", help="pass the job's output as it is, with every escape "
+                      "sequence (by default only colours are kept: titles, clipboard writes and cursor moves are "
+                      "dropped)")
     logs.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
     logs.add_argument("--launcher", action="store_true", help="include torchrun's own output (always shown for failed jobs)")
     _client_flags(logs)
@@ -175,28 +208,28 @@ def _what_to_run(args: argparse.Namespace) -> tuple[str, list[str]]:
     known = ", ".join(sorted(WORKLOADS))
     if args.workload is None:
         if not args.script:
-            raise Failure("nothing to run: give a script (gpudeck submit train.py) or --workload NAME")
+            raise UsageError("nothing to run: give a script (gpudeck submit train.py) or --workload NAME")
         return "", list(args.args)
     if not args.workload:
-        raise Failure(f"--workload needs a name: {known}")
+        raise UsageError(f"--workload needs a name: {known}")
     if args.script:
-        raise Failure("give a script or --workload, not both (the workload's options go after its name)")
+        raise UsageError("give a script or --workload, not both (the workload's options go after its name)")
     if args.workload[0] not in WORKLOADS:
-        raise Failure(f"there is no built-in workload {args.workload[0]!r} (built-in workloads: {known})")
+        raise UsageError(f"there is no built-in workload {args.workload[0]!r} (built-in workloads: {known})")
     return args.workload[0], args.workload[1:]
 
 
 def spec_from_args(args: argparse.Namespace) -> JobSpec:
     workload, run_args = _what_to_run(args)
     if args.gpus is not None and (args.nodes is not None or args.gpus_per_node is not None):
-        raise Failure("use either --gpus G, or --nodes N with --gpus-per-node G, not both")
+        raise UsageError("use either --gpus G, or --nodes N with --gpus-per-node G, not both")
     if (args.nodes is None) != (args.gpus_per_node is None):
-        raise Failure("--nodes and --gpus-per-node go together")
+        raise UsageError("--nodes and --gpus-per-node go together")
     script_name, script = _read_script(args.script) if args.script else ("", b"")
     try:
         time_limit = parse_duration(args.time_limit) if args.time_limit else None
     except ValueError as exc:
-        raise Failure(f"--time-limit: {exc}") from None
+        raise UsageError(f"--time-limit: {exc}") from None
     spec = JobSpec(
         name=args.name or (Path(args.script).stem if args.script else workload),
         gpus=None if args.nodes is not None else (args.gpus if args.gpus is not None else 1),
@@ -206,7 +239,7 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
     try:
         spec.check()
     except ValueError as exc:
-        raise Failure(str(exc)) from None
+        raise UsageError(str(exc)) from None
     return spec
 
 
@@ -234,7 +267,7 @@ async def cmd_listing(args: argparse.Namespace) -> int:
             print(json.dumps(data, indent=2) if args.json else output.job_detail(data))
         elif args.command == "drain":
             data = await session.request(Drain, node=args.node, on=not args.off)
-            print(f"node {data['name']} " + ("is draining: no new jobs will be placed on it" if data["draining"]
+            print(f"node {visible(data['name'])} " + ("is draining: no new jobs will be placed on it" if data["draining"]
                                              else "takes new jobs again"))
         else:
             data = await session.request(Cancel, job=args.job)
@@ -246,7 +279,8 @@ async def cmd_listing(args: argparse.Namespace) -> int:
 
 async def cmd_logs(args: argparse.Namespace) -> int:
     async def work(session: ClientSession) -> int:
-        printer = output.LogPrinter(sys.stdout, include_launcher=args.launcher or args.rank is not None and args.rank < 0)
+        printer = output.LogPrinter(sys.stdout, include_launcher=args.launcher or args.rank is not None and args.rank < 0,
+                                    raw=args.raw)
         offsets: dict[str, int] = {}
         while True:
             reply = await session.request(ReadLogs, job=args.job, attempt=args.attempt, rank=args.rank, offsets=offsets)
@@ -372,6 +406,25 @@ def main(argv: list[str] | None = None) -> int:
         args.coordinator, args.token = args.dashboard_coordinator, args.dashboard_token
         args.token_file = args.dashboard_token_file
     try:
+        return _run(args)
+    except UsageError as exc:
+        print(f"{parser.prog} {args.command}: error: {visible(str(exc))}", file=sys.stderr)
+        return 2
+    except (Failure, Refused, auth.TokenError, auth.PinMismatch, NoCoordinator, ValueError) as exc:
+        return _refused(str(exc))
+    except (ConnectionError, asyncio.TimeoutError) as exc:
+        return _refused("the coordinator closed the connection or stopped answering before it replied "
+                        f"({exc or type(exc).__name__})")
+    except OSError as exc:
+        return _refused(str(exc))
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the command; a reader that closes our stdout early (`gpudeck jobs | head -1`) ends it
+    quietly with 141, the status of a process that SIGPIPE ended, as `ls | head` gives."""
+    try:
         if args.command == "tui":
             return cmd_tui(args)
         if args.command == "token":
@@ -380,11 +433,14 @@ def main(argv: list[str] | None = None) -> int:
             from gpudeck.local import run_up
             return asyncio.run(run_up(args))
         return asyncio.run(ASYNC_COMMANDS[args.command](args))
-    except (Failure, Refused, auth.TokenError, auth.PinMismatch, NoCoordinator, ValueError) as exc:
-        print(f"gpudeck: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python flushes stdout at exit
+        return 141
+
+
+def _refused(reason: str) -> int:
+    print(f"gpudeck: {visible(reason)}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

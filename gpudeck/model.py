@@ -11,7 +11,11 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
+from gpudeck.capacity import validate_request
+from gpudeck.text import name_problem
+
 MAX_SCRIPT_BYTES = 1024 * 1024
+MAX_TIME_LIMIT = 365 * 86400
 
 
 class JobState(str, Enum):
@@ -70,8 +74,8 @@ def parse_duration(text: str) -> float:
         if not parts or "".join(n + u for n, u in parts) != text:
             raise ValueError(f"{text!r} is not a duration (examples: 90s, 10m, 1h30m, 2d)")
         seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
-    if seconds <= 0:
-        raise ValueError("a time limit must be more than zero")
+    if not 0 < seconds <= MAX_TIME_LIMIT:
+        raise ValueError(f"a time limit must be more than zero and at most {MAX_TIME_LIMIT // 86400} days")
     return seconds
 
 
@@ -122,8 +126,11 @@ class JobSpec:
 
     def check(self) -> None:
         _check_types(self)
-        if not 0 < len(self.name) <= 100:
-            raise ValueError("a job name must be 1 to 100 characters")
+        problem = name_problem(self.name, "job") or validate_request(self.gpus, self.nodes, self.gpus_per_node)
+        if problem:
+            raise ValueError(problem)
+        if self.time_limit is not None and not 0 < self.time_limit <= MAX_TIME_LIMIT:
+            raise ValueError(f"a time limit must be more than zero and at most {MAX_TIME_LIMIT // 86400} days")
         if bool(self.script_name) == bool(self.workload):
             raise ValueError("give either a script or a built-in workload (--workload), not both or neither")
         if self.script_name and not self.script:

@@ -6,11 +6,13 @@ import time
 from typing import Any, TextIO
 
 from gpudeck.model import format_duration
+from gpudeck.text import safe_output, visible, visible_data
 
 GIB = 1 << 30
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
+    rows = [[visible(cell) for cell in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [headers, *rows]]
     return "\n".join(lines)
@@ -41,7 +43,7 @@ def _value(value: Any, unit: str = "", scale: float = 1.0) -> str:
 
 
 def nodes_table(data: dict[str, Any]) -> str:
-    nodes, unjoined = data["nodes"], data["unjoined"]
+    nodes, unjoined = visible_data(data["nodes"]), visible_data(data["unjoined"])
     lines = []
     if not nodes:
         lines.append("no nodes have joined: start `gpudeck agent` on each machine")
@@ -67,6 +69,7 @@ def nodes_table(data: dict[str, Any]) -> str:
 
 
 def job_detail(job: dict[str, Any]) -> str:
+    job = visible_data(job)
     lines = [f"job {job['id']} {job['name']}: {job['state']}" + (f" ({job['reason']})" if job["reason"] else ""),
              f"  command   {' '.join(job['command'])}",
              f"  asked     {_request(job)}, priority {job['priority']}, restarts {job['restarts']}/{job['max_restarts']}",
@@ -83,9 +86,10 @@ def job_detail(job: dict[str, Any]) -> str:
 class LogPrinter:
     """Prints whole lines of several ranks' streams, each prefixed with where it came from."""
 
-    def __init__(self, out: TextIO, include_launcher: bool) -> None:
+    def __init__(self, out: TextIO, include_launcher: bool, raw: bool = False) -> None:
         self.out = out
         self.include_launcher = include_launcher
+        self.raw = raw  # pass the job's bytes as they are, escape sequences and all (`logs --raw`)
         self._partial: dict[int, bytes] = {}
 
     @staticmethod
@@ -102,7 +106,8 @@ class LogPrinter:
     def _emit(self, rank: int, line: bytes) -> None:
         if rank < 0 and not self.include_launcher:
             return
-        self.out.write(f"{self.label(rank)} {line.decode(errors='replace')}\n")
+        text = line.decode(errors="replace")
+        self.out.write(f"{self.label(rank)} {text if self.raw else safe_output(text)}\n")
 
     def flush(self) -> None:
         for rank, rest in sorted(self._partial.items()):

@@ -58,8 +58,8 @@ def _submit(cluster: Cluster, script: Path) -> subprocess.CompletedProcess[str]:
 def test_a_full_coordinator_disk_refuses_with_a_sentence_keeps_its_jobs_and_recovers(tmp_path: Path, small_disk):
     state = small_disk("coord-disk", "24m")
     cluster = Cluster(tmp_path, coordinator_state=state)
-    cluster.start_coordinator()
     try:
+        cluster.start_coordinator()
         cluster.start_agent("node-a")
         cluster.wait_nodes("up", 1)
         cluster.cli("drain", "node-a")  # jobs stay queued: only the store is under test
@@ -85,8 +85,8 @@ def test_a_full_coordinator_disk_refuses_with_a_sentence_keeps_its_jobs_and_reco
 def test_an_agent_that_cannot_write_its_job_directory_fails_the_job_with_the_reason(tmp_path: Path, small_disk):
     agent_state = small_disk("agent-disk", "4m")
     cluster = Cluster(tmp_path)
-    cluster.start_coordinator()
     try:
+        cluster.start_coordinator()
         cluster.spawn("node-a", "agent", "--coordinator", f"127.0.0.1:{cluster.port}", "--token", cluster.token,
                       "--name", "node-a", "--simulate-gpus", "2", "--no-mdns", "--state-dir", str(agent_state))
         cluster.wait_nodes("up", 1)

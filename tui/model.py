@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from gpudeck.capacity import MAX_GPUS, MAX_GPUS_PER_NODE, MAX_NODES, impossible_reason
 from gpudeck.model import format_duration
+from gpudeck.text import visible_data
 
 HISTORY = 60  # samples kept per GPU and per job (about a minute at one update a second)
 RATE_WINDOW = 3  # samples averaged for a displayed rate
@@ -273,6 +274,7 @@ class Cluster:
 
     def reset(self, snapshot: dict[str, Any]) -> Changes:
         """Replace everything with the `watch` reply."""
+        snapshot = visible_data(snapshot)  # what a peer wrote reaches the screen with its controls made visible
         self.clear()
         self.connected = True
         self._set_time(snapshot.get("time"))
@@ -287,6 +289,7 @@ class Cluster:
 
     def apply(self, update: dict[str, Any]) -> Changes:
         """Merge one pushed update (keys other than time appear only when they changed)."""
+        update = visible_data(update)
         changes = Changes()
         self._set_time(update.get("time"))
         for node in update.get("nodes", []):

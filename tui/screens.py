@@ -20,6 +20,7 @@ from textual.widget import Widget
 from textual.widgets import Button, Footer, Input, Label, Log, Select, Static, TabbedContent, TabPane
 
 from gpudeck.model import format_duration
+from gpudeck.text import safe_output
 from gpudeck.protocol.session import Refused
 from gpudeck.tui.client import NotConnected
 from gpudeck.tui.model import (
@@ -280,7 +281,7 @@ class JobScreen(Screen):
         buffered = self.partial.get(rank, b"") + data
         *complete, rest = buffered.split(b"\n")
         self.partial[rank] = rest
-        return self._add(rank, [line.decode(errors="replace") for line in complete])
+        return self._add(rank, [safe_output(line.decode(errors="replace"), colours=False) for line in complete])
 
     def _add(self, rank: int, lines: list[str]) -> list[str]:
         self.lines.extend((rank, line) for line in lines)
@@ -317,7 +318,7 @@ class JobScreen(Screen):
             if reply["finished"] and not more:
                 for rank, rest in sorted(self.partial.items()):
                     if rest:
-                        shown += self._add(rank, [rest.decode(errors="replace")])
+                        shown += self._add(rank, [safe_output(rest.decode(errors="replace"), colours=False)])
                 self.partial.clear()
             if shown:
                 log.write_lines(shown)

@@ -169,3 +169,17 @@ def test_formatting():
     assert sparkline([], 3) == "   "
     assert bar(0.5, 4) == "██  " and bar(None, 3) == "   " and bar(1.0, 2) == "██"
     assert human_bytes(1023) == "1023 B" and human_bytes(1536) == "1.5 KiB" and human_bytes(3 << 30) == "3.0 GiB"
+
+
+def test_what_a_peer_wrote_reaches_the_screen_with_its_control_characters_visible():
+    cluster = Cluster(wall=Clock(), mono=Clock(0.0))
+    snapshot = recorded.snapshot()
+    snapshot["jobs"][0]["name"] = "evil\x1b]0;pwned\x07"
+    snapshot["jobs"][0]["reason"] = "clear\x1b[2J"
+    cluster.reset(snapshot)
+    job = cluster.jobs[snapshot["jobs"][0]["id"]]
+    assert job["name"] == "evil\\x1b]0;pwned\\x07" and job["reason"] == "clear\\x1b[2J"
+    update = recorded.updates(1)[0]
+    update["jobs"] = [dict(job, name="again\x9b2J")]
+    cluster.apply(update)
+    assert cluster.jobs[job["id"]]["name"] == "again\\x9b2J"

@@ -1,0 +1,63 @@
+"""Text from peers and users on a person's terminal: control characters made visible, names checked,
+and a job's own output let through with its colours but without sequences that take over the terminal.
+
+A job name like "evil\\x1b]0;pwned\\x07" printed raw would set the terminal's title; "\\x1b[2J"
+would clear the screen. Everything gpudeck prints that it did not write itself goes through
+`visible` (names, reasons, errors) or `safe_output` (a job's output).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+# C0 controls, DEL and C1 controls; each is shown as \xNN (\t, \n and \r as themselves escaped).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_NAMED = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+MAX_NAME = 128
+
+
+def visible(text: str) -> str:
+    """`text` with every control character replaced by its escape, so it prints as what it is."""
+    return _CONTROL.sub(lambda m: _NAMED.get(m.group(), f"\\x{ord(m.group()):02x}"), text)
+
+
+def name_problem(name: str, what: str) -> str | None:
+    """Why `name` cannot name a job (or a node, a user), or None: printable, 1 to MAX_NAME characters."""
+    if not 0 < len(name) <= MAX_NAME:
+        return f"a {what} name must be 1 to {MAX_NAME} characters"
+    if _CONTROL.search(name) or not name.isprintable():
+        return f"a {what} name must be printable text, and {visible(name)!r} has control characters"
+    return None
+
+
+# A job's output: SGR (colours, bold: ESC [ params m) passes; any other escape sequence, OSC (titles,
+# clipboard), cursor moves and screen clears are dropped, as are controls other than \t and \n.
+_SEQUENCE = re.compile(
+    r"\x1b\[[0-9;:]*m"  # SGR, kept (see safe_output)
+    r"|\x1b\[[0-?]*[ -/]*[@-~]"  # other CSI
+    r"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)"  # OSC, ended by BEL or ST
+    r"|\x1b[P^_X][^\x1b]*(?:\x1b\\)"  # DCS, PM, APC, SOS
+    r"|\x1b[^\[\]P^_X]?"  # any other escape
+    r"|\x9b[0-?]*[ -/]*[@-~]|[\x00-\x08\x0b-\x1f\x7f-\x9f]"  # 8-bit CSI, lone controls
+)
+
+
+_SGR = re.compile(r"\x1b\[[0-9;:]*m")
+
+
+def safe_output(line: str, colours: bool = True) -> str:
+    """One line of a job's output with nothing left that a terminal would act on but its colours
+    (and not those either with `colours=False`, for widgets that show text as it is)."""
+    return _SEQUENCE.sub(lambda m: m.group() if colours and _SGR.fullmatch(m.group()) else "", line)
+
+
+def visible_data(value: Any) -> Any:
+    """Every string in a peer's JSON-like data (not the keys) passed through `visible`."""
+    if isinstance(value, str):
+        return visible(value)
+    if isinstance(value, dict):
+        return {key: visible_data(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [visible_data(item) for item in value]
+    return value

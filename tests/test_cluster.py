@@ -123,19 +123,19 @@ def test_garbage_gets_an_error_frame_and_leaves_the_cluster_serving(cluster: Clu
 
 def test_impossible_and_malformed_requests_are_refused_with_a_reason(cluster: Cluster):
     script = str(SCRIPTS / "ddp_linear.py")
-    cases = [
-        (["--gpus", "5", script], "needs 5 GPUs"),
-        (["--nodes", "3", "--gpus-per-node", "1", script], "only 2 nodes"),
-        (["--nodes", "1", "--gpus-per-node", "3", script], "3 GPUs"),
-        (["--gpus", "0", script], "at least 1"),
-        (["--time-limit", "soon", script], "not a duration"),
-        (["--nodes", "2", script], "go together"),
-        ([str(cluster.root / "missing.py")], "cannot read the script"),
+    cases = [  # refused by the coordinator (1), or not a request at all (2, a usage error)
+        (["--gpus", "5", script], "needs 5 GPUs", 1),
+        (["--nodes", "3", "--gpus-per-node", "1", script], "only 2 nodes", 1),
+        (["--nodes", "1", "--gpus-per-node", "3", script], "3 GPUs", 1),
+        (["--gpus", "0", script], "at least 1", 2),
+        (["--time-limit", "soon", script], "not a duration", 2),
+        (["--nodes", "2", script], "go together", 2),
+        ([str(cluster.root / "missing.py")], "cannot read the script", 1),
     ]
-    for args, reason in cases:
+    for args, reason, code in cases:
         result = cluster.cli("submit", *args[:-1], "--coordinator", f"127.0.0.1:{cluster.port}", "--token",
                              cluster.token, args[-1], check=False, client=False)
-        assert result.returncode == 1, (args, result.stdout)
+        assert result.returncode == code, (args, result.stdout)
         assert reason in result.stderr, (args, result.stderr)
     assert cluster.json("jobs") == []
 

@@ -34,11 +34,21 @@ class HeldConnection(asyncio.Protocol):
 
     def __init__(self, on_connect: Callable[[asyncio.Transport], None]) -> None:
         self._on_connect = on_connect
+        self._transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
-        transport.pause_reading()
+        self._transport = transport
+        # Not paused here and now: the transport has already queued its reader behind this call, and
+        # Python before 3.11.5 adds it even to a paused transport. Queued after it, the pause runs in
+        # this same loop iteration, before any read, and before the task that starts TLS.
+        asyncio.get_running_loop().call_soon(transport.pause_reading)
         self._on_connect(transport)
+
+    def data_received(self, data: bytes) -> None:
+        """Bytes read before TLS took over could only stall its handshake: end the connection now."""
+        if self._transport is not None:
+            self._transport.abort()
 
 
 async def tls_streams(tcp: asyncio.Transport, context: ssl.SSLContext) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

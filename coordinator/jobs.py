@@ -71,6 +71,7 @@ class JobControl:
 
     def submit(self, spec: JobSpec) -> JobRow:
         """Store a job, or raise ValueError with the reason it can never run."""
+        spec.check()
         if spec.workload and spec.workload not in WORKLOADS:
             known = ", ".join(sorted(WORKLOADS)) or "none in this version"
             raise ValueError(f"there is no built-in workload {spec.workload!r} (built-in workloads: {known})")

@@ -14,7 +14,8 @@ from typing import Any, Awaitable, Callable
 
 from gpudeck import __version__, config, output
 from gpudeck.client import NoCoordinator, connect, find_endpoints
-from gpudeck.model import WORKLOADS, JobSpec, parse_duration
+from gpudeck.capacity import MAX_GPUS, MAX_GPUS_PER_NODE, MAX_NODES
+from gpudeck.model import MAX_PRIORITY, MAX_RESTARTS, MAX_TIME_LIMIT, WORKLOADS, JobSpec, parse_duration
 from gpudeck.protocol import auth
 from gpudeck.protocol.messages import Cancel, Drain, ListJobs, ListNodes, ReadLogs, ShowJob, Submit
 from gpudeck.protocol.session import ClientSession, Refused, split_address
@@ -43,22 +44,42 @@ def job_id(text: str) -> int:
     return value
 
 
-def small_int(text: str) -> int:
-    """A count or index for argparse that fits the wire (ranks, attempts)."""
+def bounded(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type for a whole number from `low` to `high`, so that no number from the command line
+    overflows the wire (msgpack), SQLite or a socket call; out of range is a usage error (2)."""
+
+    def whole_number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text} is not between {low} and {high}")
+        return value
+
+    return whole_number
+
+
+small_int = bounded(-1_000_000, 1_000_000)  # ranks (negative: torchrun's own output) and attempts
+port_number = bounded(1, 65535)
+simulated_gpus = bounded(0, MAX_GPUS_PER_NODE)  # 0: the node's real GPUs, as without the flag
+
+
+def coordinator_address(text: str) -> str:
+    """--coordinator for argparse: a malformed HOST:PORT is a usage error (2), not a refusal."""
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if abs(value) > 1_000_000:
-        raise argparse.ArgumentTypeError(f"{text} is out of range")
-    return value
+        split_address(text, config.DEFAULT_PORT)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 # --- argument parsing ----------------------------------------------------------------------------
 
 
 def _client_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--coordinator", metavar="HOST:PORT", help="the coordinator (default: $GPUDECK_COORDINATOR, "
+    parser.add_argument("--coordinator", type=coordinator_address, metavar="HOST:PORT",
+                        help="the coordinator (default: $GPUDECK_COORDINATOR, "
                         "the coordinator of this machine's data dir, or one found over mDNS)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--token", help="the cluster's join token (default: $GPUDECK_TOKEN)")
@@ -90,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gpudeck {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
     # With no command, gpudeck opens the dashboard; these flags are for it (as on `gpudeck tui`).
-    parser.add_argument("--coordinator", dest="dashboard_coordinator", metavar="HOST:PORT",
+    parser.add_argument("--coordinator", dest="dashboard_coordinator", type=coordinator_address, metavar="HOST:PORT",
                         help="with no command: the coordinator the dashboard shows")
     top_token = parser.add_mutually_exclusive_group()
     top_token.add_argument("--token", dest="dashboard_token", metavar="T", help="with no command: the cluster's join token")
@@ -105,15 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="look for the coordinator over mDNS only on the interface with this address")
 
     up = sub.add_parser("up", help="run a coordinator and an agent on this machine (loopback only), with the dashboard")
-    up.add_argument("--simulate-gpus", type=int, metavar="N", help="give the local agent N simulated GPUs")
-    up.add_argument("--port", type=int, default=config.DEFAULT_PORT, help="coordinator port (default: %(default)s)")
+    up.add_argument("--simulate-gpus", type=simulated_gpus, metavar="N",
+                    help=f"give the local agent N simulated GPUs (at most {MAX_GPUS_PER_NODE})")
+    up.add_argument("--port", type=port_number, default=config.DEFAULT_PORT, help="coordinator port (default: %(default)s)")
     up.add_argument("--lan", action="store_true", help="listen and advertise on the LAN instead of loopback only")
     up.add_argument("--no-tui", action="store_true", help="do not open the dashboard; run until Ctrl-C (also "
                     "when not on a terminal)")
 
     coord = sub.add_parser("coordinator", help="run the coordinator (headless, for systemd)")
     coord.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s)")
-    coord.add_argument("--port", type=int, default=config.DEFAULT_PORT, help="port (default: %(default)s)")
+    coord.add_argument("--port", type=port_number, default=config.DEFAULT_PORT, help="port (default: %(default)s)")
     coord.add_argument("--state-dir", type=Path, help="where the database, certificate and token live "
                        "(default: the data dir's coordinator/)")
     coord.add_argument("--job-ports", type=port_range, default=(29500, 29999), metavar="FIRST-LAST",
@@ -122,12 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     _mdns_flags(coord)
 
     agent = sub.add_parser("agent", help="run a node agent (headless, for systemd)")
-    agent.add_argument("--coordinator", metavar="HOST:PORT", help="the coordinator (default: $GPUDECK_COORDINATOR or mDNS)")
+    agent.add_argument("--coordinator", type=coordinator_address, metavar="HOST:PORT",
+                       help="the coordinator (default: $GPUDECK_COORDINATOR or mDNS)")
     group = agent.add_mutually_exclusive_group()
     group.add_argument("--token", help="the cluster's join token (default: $GPUDECK_TOKEN)")
     group.add_argument("--token-file", metavar="F", help="a file holding the join token")
     agent.add_argument("--name", help="this node's name in the cluster (default: the host name)")
-    agent.add_argument("--simulate-gpus", type=int, metavar="N", help="N simulated GPUs instead of NVML, shown as SIM")
+    agent.add_argument("--simulate-gpus", type=simulated_gpus, metavar="N",
+                       help=f"N simulated GPUs instead of NVML, shown as SIM (at most {MAX_GPUS_PER_NODE})")
     agent.add_argument("--state-dir", type=Path, help="job directories and logs (default: the data dir's agent/)")
     _mdns_flags(agent)
 
@@ -137,13 +161,20 @@ def build_parser() -> argparse.ArgumentParser:
     submit = sub.add_parser("submit", help="queue a job; prints its id",
                             description="Queue a torchrun job. Everything after SCRIPT is passed to it.")
     submit.add_argument("--name", help="a name for the job (default: the script's or workload's name)")
-    submit.add_argument("--gpus", type=int, metavar="G", help="G GPUs on as few nodes as possible (default: 1)")
-    submit.add_argument("--nodes", type=int, metavar="N", help="exactly N nodes (with --gpus-per-node)")
-    submit.add_argument("--gpus-per-node", type=int, metavar="G", help="G GPUs on each of the --nodes")
-    submit.add_argument("--priority", type=int, default=0, help="higher runs first (default: 0)")
-    submit.add_argument("--time-limit", metavar="DUR", help="stop the job after this long (90s, 10m, 2h)")
+    # The ranges are checked by JobSpec.check, as for the dashboard's form and the coordinator.
+    submit.add_argument("--gpus", type=int, metavar="G",
+                        help=f"G GPUs on as few nodes as possible, 1 to {MAX_GPUS} (default: 1)")
+    submit.add_argument("--nodes", type=int, metavar="N",
+                        help=f"exactly N nodes, 1 to {MAX_NODES} (with --gpus-per-node)")
+    submit.add_argument("--gpus-per-node", type=int, metavar="G",
+                        help=f"G GPUs on each of the --nodes, 1 to {MAX_GPUS_PER_NODE}")
+    submit.add_argument("--priority", type=int, default=0,
+                        help=f"higher runs first, -{MAX_PRIORITY} to {MAX_PRIORITY} (default: 0)")
+    submit.add_argument("--time-limit", metavar="DUR",
+                        help=f"stop the job after this long (90s, 10m, 2h; at most {MAX_TIME_LIMIT // 86400}d)")
     submit.add_argument("--max-restarts", type=int, default=0, metavar="K",
-                        help="requeue the job up to K times when one of its nodes is lost (default: 0)")
+                        help=f"requeue the job up to K times when one of its nodes is lost, 0 to {MAX_RESTARTS} "
+                        "(default: 0)")
     submit.add_argument("--workload", nargs=argparse.REMAINDER, metavar="W [ARGS]",
                         help="a built-in workload instead of a script, then its options (last on the line): "
                         + "; ".join(f"{name}: {text}" for name, text in sorted(WORKLOADS.items())))
@@ -423,19 +454,26 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     """Run the command; a reader that closes our stdout early (`gpudeck jobs | head -1`) ends it
-    quietly with 141, the status of a process that SIGPIPE ended, as `ls | head` gives."""
+    quietly with 141, the status of a process that SIGPIPE ended, as `ls | head` gives. Stdout is
+    flushed here, since output still buffered would otherwise fail at exit, where nothing catches it."""
     try:
-        if args.command == "tui":
-            return cmd_tui(args)
-        if args.command == "token":
-            return cmd_token(args)
-        if args.command == "up":
-            from gpudeck.local import run_up
-            return asyncio.run(run_up(args))
-        return asyncio.run(ASYNC_COMMANDS[args.command](args))
+        code = _dispatch(args)
+        sys.stdout.flush()
+        return code
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python flushes stdout at exit
         return 141
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "tui":
+        return cmd_tui(args)
+    if args.command == "token":
+        return cmd_token(args)
+    if args.command == "up":
+        from gpudeck.local import run_up
+        return asyncio.run(run_up(args))
+    return asyncio.run(ASYNC_COMMANDS[args.command](args))
 
 
 def _refused(reason: str) -> int:

@@ -16,6 +16,8 @@ from gpudeck.text import name_problem
 
 MAX_SCRIPT_BYTES = 1024 * 1024
 MAX_TIME_LIMIT = 365 * 86400
+MAX_RESTARTS = 100
+MAX_PRIORITY = 1000  # either way
 
 
 class JobState(str, Enum):
@@ -139,10 +141,10 @@ class JobSpec:
             raise ValueError(f"the script is over {MAX_SCRIPT_BYTES // 1024} KiB; put large code in modules on every node")
         if "/" in self.script_name or self.script_name.startswith("."):
             raise ValueError("the script name must be a plain file name")
-        if self.max_restarts < 0 or self.max_restarts > 100:
-            raise ValueError("--max-restarts must be between 0 and 100")
-        if not -1000 <= self.priority <= 1000:
-            raise ValueError("--priority must be between -1000 and 1000")
+        if not 0 <= self.max_restarts <= MAX_RESTARTS:
+            raise ValueError(f"--max-restarts must be between 0 and {MAX_RESTARTS}")
+        if not -MAX_PRIORITY <= self.priority <= MAX_PRIORITY:
+            raise ValueError(f"--priority must be between -{MAX_PRIORITY} and {MAX_PRIORITY}")
 
 
 _SPEC_TYPES: dict[str, tuple[type, ...]] = {

@@ -23,12 +23,22 @@ def visible(text: str) -> str:
 
 
 def name_problem(name: str, what: str) -> str | None:
-    """Why `name` cannot name a job (or a node, a user), or None: printable, 1 to MAX_NAME characters."""
+    """Why `name` cannot name a job (or a node, a user), or None: printable, 1 to MAX_NAME characters.
+    Printable as Python's str.isprintable says: no controls, and none of the invisible characters
+    (direction overrides, zero-width spaces) that would make a name read as another."""
     if not 0 < len(name) <= MAX_NAME:
-        return f"a {what} name must be 1 to {MAX_NAME} characters"
-    if _CONTROL.search(name) or not name.isprintable():
-        return f"a {what} name must be printable text, and {visible(name)!r} has control characters"
+        return f"a {what} name must be 1 to {MAX_NAME} characters, not {len(name)}"
+    if not name.isprintable():
+        shown = "".join(map(_readable, name))
+        return f"a {what} name must be printable text, without control or invisible characters: {shown} is not"
     return None
+
+
+def _readable(char: str) -> str:
+    """One character of a refused name as a person can read it: itself, or its escape."""
+    if char.isprintable():
+        return char
+    return visible(char) if _CONTROL.match(char) else f"\\u{ord(char):04x}"
 
 
 # A job's output: SGR (colours, bold: ESC [ params m) passes; any other escape sequence, OSC (titles,

@@ -26,6 +26,7 @@ from textual.worker import Worker
 from gpudeck import config
 from gpudeck.model import WORKLOADS
 from gpudeck.protocol.session import Refused
+from gpudeck.text import visible
 from gpudeck.tui.client import Changed, Connected, CoordinatorLink, Link, Lost, NotConnected, NotFound
 from gpudeck.tui.model import ACTIVE_STATES, FINISHED_STATES, Changes, Cluster
 from gpudeck.tui.screens import ConfirmScreen, HelpScreen, JobScreen, NotFoundScreen, SubmitScreen
@@ -146,7 +147,7 @@ class GpudeckApp(App[int]):
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 # Data this version does not understand: say so and keep the dashboard up.
                 logging.getLogger(__name__).exception("could not apply %s", type(event).__name__)
-                self.notify(f"ignored an update this dashboard cannot read: {exc!r}", severity="error")
+                self.notify(f"ignored an update this dashboard cannot read: {exc!r}", severity="error", markup=False)
             if self._changes and not self._posted:
                 self._posted = True
                 self.post_message(ModelChanged())
@@ -165,11 +166,11 @@ class GpudeckApp(App[int]):
             self._not_found(event)
 
     def _connected(self, event: Connected) -> None:
-        self.where = event.where
+        self.where = visible(event.where)  # it may name a node from an mDNS advert
         for banner in self.banners():
             banner.remove_class("-shown")
         if self.lost is not None:
-            self.notify(f"reconnected to {event.where}", title="coordinator back")
+            self.notify(f"reconnected to {self.where}", title="coordinator back", markup=False)
         self.lost = None
         for screen in list(self.screen_stack):
             if isinstance(screen, NotFoundScreen):
@@ -178,8 +179,8 @@ class GpudeckApp(App[int]):
     def _lost(self, event: Lost) -> None:
         self.lost = event
         for banner in self.banners():
-            banner.update(f"Lost the coordinator {self.where}: {event.reason.rstrip('.?! ')}. Reconnecting (try {event.attempt}, "
-                          f"next in {event.retry_in:.0f} s); what you see is from before.")
+            banner.say(f"Lost the coordinator {self.where}: {event.reason.rstrip('.?! ')}. Reconnecting (try {event.attempt}, "
+                       f"next in {event.retry_in:.0f} s); what you see is from before.")
             banner.add_class("-shown")
         self.sub_title = f"{self.where} · disconnected"
 
@@ -326,7 +327,7 @@ class GpudeckApp(App[int]):
         if self.jobs_view.table.index_of(job["id"]) is None:
             self.jobs_view.clear_filter()  # a filter that hides the new job would hide the answer
         self.jobs_view.table.move_to(job["id"])
-        self.notify(f"job {job['id']} {job['name']} submitted: {job['state']}", title="submitted")
+        self.notify(f"job {job['id']} {visible(job['name'])} submitted: {job['state']}", title="submitted", markup=False)
 
     def action_open_job(self) -> None:
         job = self.selected_job()
@@ -377,17 +378,17 @@ class GpudeckApp(App[int]):
         try:
             reply = await call
         except Refused as exc:
-            self.notify(str(exc), title="refused", severity="error")
+            self.notify(visible(str(exc)), title="refused", severity="error", markup=False)
             return
         except (NotConnected, ConnectionError, OSError, TimeoutError) as exc:
-            self.notify(f"not sent: {exc}", title="no coordinator", severity="error")
+            self.notify(visible(f"not sent: {exc}"), title="no coordinator", severity="error", markup=False)
             return
         if isinstance(reply, dict) and "id" in reply:
             self._changes.merge(self.cluster.upsert_job(reply))
         elif isinstance(reply, dict) and "gpus" in reply and "name" in reply:
             self._changes.merge(self.cluster.apply({"nodes": [reply]}))
         self.on_model_changed(ModelChanged())
-        self.notify(done)
+        self.notify(done, markup=False)  # it names a job or node
 
     def action_filter(self) -> None:
         view = self.active_view

@@ -326,6 +326,7 @@ class Cluster:
 
     def upsert_job(self, job: Job) -> Changes:
         """A job this client just submitted or cancelled, before the stream reports it."""
+        job = visible_data(job)
         self._put_job(job)
         self._index_gpu_jobs()
         return Changes(jobs={job["id"]}, job_set=True, nodes=set(job.get("nodes", [])))

@@ -20,7 +20,7 @@ from textual.widget import Widget
 from textual.widgets import Button, Footer, Input, Label, Log, Select, Static, TabbedContent, TabPane
 
 from gpudeck.model import format_duration
-from gpudeck.text import safe_output
+from gpudeck.text import safe_output, visible
 from gpudeck.protocol.session import Refused
 from gpudeck.tui.client import NotConnected
 from gpudeck.tui.model import (
@@ -159,7 +159,7 @@ class JobScreen(Screen):
         lost = self.deck.lost
         if lost is not None:
             banner = self.query_one(Banner)
-            banner.update(f"Lost the coordinator {self.deck.where}: {lost.reason}. Reconnecting…")
+            banner.say(f"Lost the coordinator {self.deck.where}: {lost.reason}. Reconnecting…")
             banner.add_class("-shown")
         self.model_changed(Changes(jobs={self.job_id}, traffic=True))
         self.follow_logs()
@@ -532,7 +532,7 @@ class SubmitScreen(ModalScreen[dict[str, Any] | None]):
             self.sending = False
             why = f"the coordinator refused it: {exc}" if isinstance(exc, Refused) else f"not sent: {exc}"
             status = self.query_one("#submit-status", Static)
-            status.update(Text("! " + why, style="bold"))
+            status.update(Text("! " + visible(why), style="bold"))
             status.add_class("-problem")
             return
         self.dismiss(job)
@@ -555,8 +555,8 @@ class ConfirmScreen(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="confirm"):
-            yield Static(self.question, classes="title")
-            yield Static(self.detail, classes="detail")
+            yield Static(self.question, classes="title", markup=False)  # it names a job or a node
+            yield Static(self.detail, classes="detail", markup=False)
             with Horizontal(classes="buttons"):
                 yield Button(f"{self.yes} (y)", id="yes", variant="error", compact=True)
                 yield Button("Keep it (n)", id="no", compact=True)
@@ -647,7 +647,7 @@ class NotFoundScreen(Screen):
         yield Footer()
 
     def _reason_text(self) -> Text:
-        text = Text(self.reason or "looking for the coordinator…")
+        text = Text(visible(self.reason) or "looking for the coordinator…")  # it may quote mDNS adverts
         if self.retry_in is not None:
             text.append(f"\n\nlooking again in {self.retry_in:.0f} s (r looks now)", style="dim")
         return text

@@ -18,6 +18,7 @@ from textual.dom import NoScreen
 from textual.widgets import Header, Input, Static
 from textual.widgets._header import HeaderTitle
 
+from gpudeck.text import visible
 from gpudeck.tui.model import (
     ACTIVE_STATES, Changes, Cluster, age, bar, describe_process, foreign_processes, gib, matches, rank_health,
     rank_places, rate, request_text, sparkline,
@@ -556,6 +557,11 @@ class TrafficView(Vertical):
 
 class Banner(Static):
     """Connection trouble, shown above the views while it lasts."""
+
+    def say(self, text: str) -> None:
+        """Show `text` as written: it quotes errors, which quote what peers wrote, so a '[' in it is
+        not markup and its control characters are made visible."""
+        self.update(Text(visible(text)))
 
 
 class DeckHeader(Header):

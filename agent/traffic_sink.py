@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 
 from gpudeck.protocol.traffic import decode_report
@@ -58,11 +59,8 @@ class TrafficSink:
                 log.debug("dropped a traffic datagram: %s", exc)
                 continue
             ranks = self._totals.get((report.job, report.attempt))
-            if ranks is None:
-                continue
-            counters = ranks.setdefault(report.rank, {})
-            for kind, count in report.bytes.items():
-                counters[kind] = max(counters.get(kind, 0), count)
+            if ranks is not None:
+                _raise(ranks.setdefault(report.rank, {}), report.bytes)
 
     def expect(self, job: int, attempt: int) -> None:
         """Accept reports for a job attempt running on this node; others are ignored."""
@@ -72,9 +70,7 @@ class TrafficSink:
         """Take final totals the ranks left in their end files; counters only ever grow."""
         ranks = self._totals.setdefault((job, attempt), {})
         for rank, kinds in totals.items():
-            counters = ranks.setdefault(rank, {})
-            for kind, count in kinds.items():
-                counters[kind] = max(counters.get(kind, 0), count)
+            _raise(ranks.setdefault(rank, {}), kinds)
 
     def totals(self, job: int, attempt: int) -> ByRank:
         return {rank: dict(kinds) for rank, kinds in self._totals.get((job, attempt), {}).items()}
@@ -86,3 +82,9 @@ class TrafficSink:
         if loop is not None:
             loop.remove_reader(self._sock.fileno())
         self._sock.close()
+
+
+def _raise(counters: dict[str, int], kinds: Mapping[str, int]) -> None:
+    """Cumulative counters only grow: keep the larger of what is held and what is reported."""
+    for kind, count in kinds.items():
+        counters[kind] = max(counters.get(kind, 0), count)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import re
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 from gpudeck.coordinator.registry import Registry
 from gpudeck.coordinator.scheduler import GpuSlot, JobRequest, NodeSlots, Placement, impossible_reason, schedule, validate_request
@@ -24,7 +24,7 @@ _RANK_DETAIL = re.compile(r"^rank (\d+) (.+)$")
 JOB_PORTS = (29500, 29999)
 FENCE_DEADLINE = 120.0  # longest a lost node's GPUs wait for it to confirm its ranks are gone  # torchrun's rendezvous ports, first and last; the firewall must open them
 
-Send = Callable[[str, Message], Awaitable[bool]]
+Send = Callable[[str, Message], bool]  # queues the message for a node; never waits on it
 
 
 def request_of(row: JobRow) -> JobRequest:
@@ -40,6 +40,13 @@ def _gpu_slot(gpu: dict[str, Any], busy: dict[int, int]) -> GpuSlot:
         first = foreign[0]
         described = f"{first.get('name') or 'process'} pid {first.get('pid')}"
     return GpuSlot(index=gpu["index"], busy_job=busy.get(gpu["index"]), foreign=described)
+
+
+def _launch_order(job_id: int, attempt: int, node_rank: int, nnodes: int, gpus: list[int], master_addr: str,
+                  master_port: int, spec: JobSpec, script: bytes) -> Launch:
+    return Launch(job=job_id, attempt=attempt, node_rank=node_rank, nnodes=nnodes, gpus=gpus,
+                  master_addr=master_addr, master_port=master_port, script_name=spec.script_name, script=script,
+                  workload=spec.workload, args=spec.args, workdir=spec.workdir)
 
 
 def _failure(node: str, exit_code: int, detail: str) -> str:
@@ -112,7 +119,7 @@ class JobControl:
     def draining(self) -> list[str]:
         return [node.name for node in self.store.nodes() if node.draining and node.state is not NodeState.DOWN]
 
-    async def schedule(self) -> None:
+    def schedule(self) -> None:
         pending = self.store.jobs((JobState.PENDING,))
         if not pending:
             return
@@ -122,7 +129,7 @@ class JobControl:
         self.store.set_reasons({job_id: _explained(rows[job_id], reason, draining) + fenced
                                 for job_id, reason in decision.reasons.items()})
         for placement in decision.placements:
-            await self._launch(rows[placement.job_id], placement)
+            self._launch(rows[placement.job_id], placement)
 
     def _fence_note(self) -> str:
         """What a pending job cannot see in the free GPUs: those of a lost node kept back until it
@@ -141,7 +148,7 @@ class JobControl:
         free = [port for port in range(first, last + 1) if port not in used]
         return random.choice(free) if free else None
 
-    async def _launch(self, row: JobRow, placement: Placement) -> None:
+    def _launch(self, row: JobRow, placement: Placement) -> None:
         hosts = [(node, list(gpus)) for node, gpus in placement.hosts]
         master = self.registry.links[hosts[0][0]].address
         port = self._free_port(master)
@@ -153,21 +160,20 @@ class JobControl:
         attempt = row.attempt + 1
         self.store.start_attempt(row.id, attempt, hosts, master, port, self.clock())
         log.info("job %d attempt %d placed on %s", row.id, attempt, ", ".join(n for n, _ in hosts))
-        for node, _ in hosts:
-            await self.send_launch(row.id, attempt, node)
+        script = self.store.script(row.id)
+        for node_rank, (node, gpus) in enumerate(hosts):
+            self.send(node, _launch_order(row.id, attempt, node_rank, len(hosts), gpus, master, port, row.spec, script))
 
-    async def send_launch(self, job_id: int, attempt: int, node: str) -> None:
+    def send_launch(self, job_id: int, attempt: int, node: str) -> None:
+        """Send a stored launch again (its agent reconnected without having started it)."""
         row = self.store.job(job_id)
         shares = self.store.attempt_nodes(job_id, attempt)
         share = next((s for s in shares if s.node == node), None)
         if row is None or share is None:
             return
         master_addr, master_port = self.store.master(job_id, attempt)
-        spec = row.spec
-        await self.send(node, Launch(
-            job=job_id, attempt=attempt, node_rank=share.node_rank, nnodes=len(shares), gpus=share.gpus,
-            master_addr=master_addr, master_port=master_port, script_name=spec.script_name, script=spec.script,
-            workload=spec.workload, args=spec.args, workdir=spec.workdir))
+        self.send(node, _launch_order(job_id, attempt, share.node_rank, len(shares), share.gpus, master_addr,
+                                      master_port, row.spec, self.store.script(job_id)))
 
     # --- reports from agents -------------------------------------------------------------------
 
@@ -178,18 +184,19 @@ class JobControl:
             return None
         return row
 
-    async def started(self, node: str, job_id: int, attempt: int) -> None:
-        if self._current(job_id, attempt) is None:
-            await self.send(node, Kill(job=job_id, attempt=attempt, reason="this attempt is no longer wanted"))
+    def started(self, node: str, job_id: int, attempt: int) -> None:
+        row = self._current(job_id, attempt)
+        if row is None:
+            self.send(node, Kill(job=job_id, attempt=attempt, reason="this attempt is no longer wanted"))
             return
         self.store.mark_started(job_id, attempt, node)
-        if all(s.started for s in self.store.attempt_nodes(job_id, attempt)):
-            self.store.update_job(job_id, state=JobState.RUNNING)
+        if row.state is JobState.STARTING and all(s.started for s in self.store.attempt_nodes(job_id, attempt)):
+            self.store.transition(job_id, JobState.RUNNING)
 
-    async def exited(self, node: str, job_id: int, attempt: int, exit_code: int, detail: str,
+    def exited(self, node: str, job_id: int, attempt: int, exit_code: int, detail: str,
                      retry: bool = False, failed_at: float | None = None) -> None:
         newly = self.store.record_exit(job_id, attempt, node, exit_code)
-        await self.send(node, Forget(job=job_id, attempt=attempt))
+        self.send(node, Forget(job=job_id, attempt=attempt))
         row = self._current(job_id, attempt) if newly else None
         if row is None:
             if newly and exit_code != 0 and failed_at is not None:
@@ -197,13 +204,13 @@ class JobControl:
             return
         shares = self.store.attempt_nodes(job_id, attempt)
         if retry:
-            await self._kill_open(job_id, attempt, f"placing the job again: {detail}")
-            self.store.update_job(job_id, state=JobState.PENDING, reason=f"placing it again: {detail}")
+            self._kill_open(job_id, attempt, f"placing the job again: {detail}")
+            self.store.transition(job_id, JobState.PENDING, reason=f"placing it again: {detail}")
             log.info("job %d attempt %d could not start on %s (%s); placing it again", job_id, attempt, node, detail)
         elif exit_code != 0:
-            await self._end(row, JobState.FAILED, _failure(node, exit_code, detail), exit_code, failed_at)
+            self._end(row, JobState.FAILED, _failure(node, exit_code, detail), exit_code, failed_at)
         elif all(s.exit_code == 0 for s in shares):
-            await self._end(row, JobState.SUCCEEDED, "", 0)
+            self._end(row, JobState.SUCCEEDED, "", 0)
 
     def _earlier_failure(self, job_id: int, attempt: int, node: str, exit_code: int, detail: str,
                          failed_at: float) -> None:
@@ -213,21 +220,21 @@ class JobControl:
         if (row is None or row.attempt != attempt or row.state is not JobState.FAILED or row.failed_at is None
                 or failed_at >= row.failed_at):
             return
-        self.store.update_job(job_id, exit_code=exit_code, reason=_failure(node, exit_code, detail), failed_at=failed_at)
+        self.store.amend_job(job_id, exit_code=exit_code, reason=_failure(node, exit_code, detail), failed_at=failed_at)
 
-    async def _end(self, row: JobRow, state: JobState, reason: str, exit_code: int | None,
+    def _end(self, row: JobRow, state: JobState, reason: str, exit_code: int | None,
                    failed_at: float | None = None) -> None:
-        self.store.update_job(row.id, state=state, reason=reason, exit_code=exit_code, ended_at=self.clock(),
+        self.store.transition(row.id, state, reason=reason, exit_code=exit_code, ended_at=self.clock(),
                               failed_at=failed_at)
         log.info("job %d %s%s", row.id, state.value, f": {reason}" if reason else "")
-        await self._kill_open(row.id, row.attempt, reason or state.value)
+        self._kill_open(row.id, row.attempt, reason or state.value)
 
-    async def _kill_open(self, job_id: int, attempt: int, reason: str) -> None:
+    def _kill_open(self, job_id: int, attempt: int, reason: str) -> None:
         for share in self.store.attempt_nodes(job_id, attempt):
             if share.exit_code is None:
-                await self.send(share.node, Kill(job=job_id, attempt=attempt, reason=reason))
+                self.send(share.node, Kill(job=job_id, attempt=attempt, reason=reason))
 
-    async def reconcile(self, node: str, reported: list[dict[str, Any]]) -> None:
+    def reconcile(self, node: str, reported: list[dict[str, Any]]) -> None:
         """Adopt what a (re)connecting agent still runs; resend lost launches; count lost ranks."""
         held = set()
         for job in reported:
@@ -237,25 +244,25 @@ class JobControl:
             held.add((job_id, attempt))
             if isinstance(exit_code, int):
                 failed_at = job.get("failed_at")
-                await self.exited(node, job_id, attempt, exit_code, str(job.get("detail", "")), job.get("retry") is True,
+                self.exited(node, job_id, attempt, exit_code, str(job.get("detail", "")), job.get("retry") is True,
                                   float(failed_at) if isinstance(failed_at, (int, float)) else None)
             else:
-                await self.started(node, job_id, attempt)
+                self.started(node, job_id, attempt)
         for share in self.store.open_attempt_nodes():
             if share.node != node or (share.job, share.attempt) in held:
                 continue
             if not share.started and self._current(share.job, share.attempt):
-                await self.send_launch(share.job, share.attempt, node)
+                self.send_launch(share.job, share.attempt, node)
             else:
-                await self._lost(share.job, share.attempt, node, f"{node} no longer runs its ranks (its agent restarted)",
+                self._lost(share.job, share.attempt, node, f"{node} no longer runs its ranks (its agent restarted)",
                                  confirmed=True)
 
-    async def node_down(self, node: str) -> None:
+    def node_down(self, node: str) -> None:
         for share in self.store.open_attempt_nodes():
             if share.node == node:
-                await self._lost(share.job, share.attempt, node, f"node {node} stopped answering", confirmed=False)
+                self._lost(share.job, share.attempt, node, f"node {node} stopped answering", confirmed=False)
 
-    async def _lost(self, job_id: int, attempt: int, node: str, why: str, confirmed: bool) -> None:
+    def _lost(self, job_id: int, attempt: int, node: str, why: str, confirmed: bool) -> None:
         """A node's share of an attempt is gone: stop the other ranks, then requeue or fail the job.
         A node that only stopped answering may still run its ranks: its GPUs are fenced (kept from
         other jobs) until it says they ended or FENCE_DEADLINE passes."""
@@ -266,33 +273,33 @@ class JobControl:
         row = self._current(job_id, attempt)
         if row is None:
             return
-        await self._kill_open(job_id, attempt, why)
+        self._kill_open(job_id, attempt, why)
         if row.restarts < row.spec.max_restarts:
             restarts = row.restarts + 1
             note = f"{why} (restart {restarts} of {row.spec.max_restarts})"
-            self.store.update_job(job_id, state=JobState.PENDING, restarts=restarts, requeued_because=note,
+            self.store.transition(job_id, JobState.PENDING, restarts=restarts, requeued_because=note,
                                   reason=f"requeued: {note}")
             log.info("job %d requeued: %s", job_id, why)
         else:
             extra = " and it has no restarts left (--max-restarts)" if row.spec.max_restarts else ""
-            self.store.update_job(job_id, state=JobState.FAILED, reason=f"{why}{extra}", ended_at=self.clock())
+            self.store.transition(job_id, JobState.FAILED, reason=f"{why}{extra}", ended_at=self.clock())
             log.info("job %d failed: %s", job_id, why)
 
     # --- user actions and the clock ------------------------------------------------------------
 
-    async def cancel(self, job_id: int) -> JobRow:
+    def cancel(self, job_id: int) -> JobRow:
         row = self.store.job(job_id)
         if row is None:
             raise LookupError(f"there is no job {job_id}")
         if row.state.finished:
             raise ValueError(f"job {job_id} already {row.state.value}; nothing to cancel")
-        self.store.update_job(job_id, state=JobState.CANCELLED, reason="cancelled by a user", ended_at=self.clock())
-        await self._kill_open(job_id, row.attempt, "cancelled by a user")
+        self.store.transition(job_id, JobState.CANCELLED, reason="cancelled by a user", ended_at=self.clock())
+        self._kill_open(job_id, row.attempt, "cancelled by a user")
         return self.store.job(job_id)  # type: ignore[return-value]
 
-    async def enforce_time_limits(self) -> None:
+    def enforce_time_limits(self) -> None:
         now = self.clock()
         for row in self.store.jobs((JobState.STARTING, JobState.RUNNING)):
             limit = row.spec.time_limit
             if limit and row.started_at and now - row.started_at > limit:
-                await self._end(row, JobState.FAILED, f"ran past its time limit of {format_duration(limit)}", None)
+                self._end(row, JobState.FAILED, f"ran past its time limit of {format_duration(limit)}", None)

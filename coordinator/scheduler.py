@@ -25,6 +25,9 @@ Policy, and why:
   G lowest free indices on each; hosts are listed by node name, and that order is the node rank.
 - Ties are broken by node name and GPU indices are chosen lowest first, so placements do not depend on
   the order in which nodes or GPUs are given. Node names and job ids are expected to be unique.
+- Thousands of pending jobs cost little: within a round placements only take GPUs, so a request of
+  a shape (GPUs, nodes, GPUs per node) that did not fit cannot fit later in the round and is not
+  tried again; reasons are computed once per shape.
 - A reason describes what is free after this round's placements, which is what a person then sees in
   the dashboard, and names the nearest fit. Reasons always describe the free capacity; whether a
   request could ever fit on the cluster is a separate question, answered by `impossible_reason`
@@ -45,6 +48,8 @@ from gpudeck.capacity import spread_need as _spread_need
 _Hosts = tuple[tuple[str, tuple[int, ...]], ...]
 _FreeMap = dict[str, tuple[int, ...]]
 """Node name -> its free GPU indices, lowest first."""
+_Shape = tuple[int | None, int | None, int | None]
+"""What a request asks for (gpus, nodes, gpus_per_node): requests of one shape fit or wait alike."""
 
 
 @dataclass(frozen=True)
@@ -113,15 +118,24 @@ def schedule(nodes: Sequence[NodeSlots], pending: Sequence[JobRequest]) -> Decis
     free = {node.name: tuple(sorted(g.index for g in node.gpus if _is_free(g))) for node in nodes}
     placements: list[Placement] = []
     waiting: list[JobRequest] = []
+    unfit: set[_Shape] = set()  # shapes that did not fit: free GPUs only shrink within a round
     for req in sorted(pending, key=lambda r: -r.priority):
-        hosts = None if validate_request(req) else _place(req, free)
+        shape = (req.gpus, req.nodes, req.gpus_per_node)
+        hosts = None if shape in unfit or validate_request(req) else _place(req, free)
         if hosts is None:
             waiting.append(req)
+            unfit.add(shape)
         else:
             placements.append(Placement(req.job_id, hosts))
             _claim(free, hosts)
     hidden = sum(1 for node in nodes for g in node.gpus if g.busy_job is None and g.foreign is not None)
-    reasons = {req.job_id: _reason(req, free, hidden) for req in waiting}
+    by_shape: dict[_Shape, str] = {}  # a reason depends only on the request's shape and what is free
+    reasons = {}
+    for req in waiting:
+        shape = (req.gpus, req.nodes, req.gpus_per_node)
+        if shape not in by_shape:
+            by_shape[shape] = _reason(req, free, hidden)
+        reasons[req.job_id] = by_shape[shape]
     return Decision(tuple(placements), reasons)
 
 

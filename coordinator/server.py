@@ -23,9 +23,10 @@ from gpudeck.coordinator.admission import (
 from gpudeck.coordinator.jobs import JOB_PORTS, JobControl
 from gpudeck.coordinator.logs import LogStore
 from gpudeck.coordinator.registry import SUSPECT_AFTER, AgentLink, Registry
-from gpudeck.coordinator.store import Store, StoreFull
-from gpudeck.coordinator.views import job_json, node_view
-from gpudeck.coordinator.watch import Publisher
+from gpudeck.coordinator.store import JobRow, Store, StoreFull
+from gpudeck.coordinator.traffic import TrafficBook
+from gpudeck.coordinator.views import job_view, node_view
+from gpudeck.coordinator.watch import JOBS_PER_FRAME, Publisher, split_update
 from gpudeck.config import ENDPOINT_FILE
 from gpudeck.discovery import Discovery
 from gpudeck.model import JobSpec, NodeState
@@ -34,7 +35,7 @@ from gpudeck.protocol.framing import FrameError
 from gpudeck.protocol.messages import (
     PROTOCOL_VERSION, Cancel, Drain, Error, Hello, JobExited, JobStarted, ListJobs, ListNodes, LogChunk, LogOffsets,
     Message,
-    ProtocolError, ReadLogs, Register, Reply, ShowJob, Submit, Telemetry, Traffic, Watch, Welcome,
+    ProtocolError, ReadLogs, Register, Reply, ShowJob, Submit, Telemetry, Traffic, Update, Watch, Welcome,
 )
 from gpudeck.protocol.session import HANDSHAKE_TIMEOUT, Connection
 
@@ -72,6 +73,7 @@ class Coordinator:
         self.store = Store(self.state_dir / "gpudeck.db")
         self.logs = LogStore(self.state_dir / "logs")
         self.jobs = JobControl(self.store, self.registry, self.send, self.clock, self.job_ports)
+        self.traffic = TrafficBook(self.store)
         now = self.clock()
         for node in self.store.nodes():
             state = NodeState.DOWN if node.state is NodeState.DOWN else NodeState.SUSPECT
@@ -112,7 +114,7 @@ class Coordinator:
     async def _control_loop(self) -> None:
         while True:
             try:
-                await self._tick()
+                self._tick()
             except Exception:  # noqa: BLE001 - one bad tick must not stop the cluster
                 log.exception("control loop step failed")
             self.wake.clear()
@@ -121,38 +123,43 @@ class Coordinator:
             except asyncio.TimeoutError:
                 pass
 
-    async def _tick(self) -> None:
+    def _tick(self) -> None:
         for name, state in self.registry.tick(self.clock()):
             self.store.set_node_state(name, state)
             log.info("node %s is %s", name, state.value)
             if state is NodeState.DOWN:
-                await self.jobs.node_down(name)
-        await self.jobs.enforce_time_limits()
-        await self.jobs.schedule()
-        await self._publish()
+                self.jobs.node_down(name)
+        self.jobs.enforce_time_limits()
+        self.jobs.schedule()
+        self.traffic.persist(self.clock())
+        self._publish()
 
-    async def _publish(self) -> None:
-        """Send watchers what changed, at most once a PUBLISH_EVERY; only jobs that can have changed
-        (not finished, or finished since the last publish) are looked at."""
+    def _publish(self) -> None:
+        """Send watchers what changed, at most once a PUBLISH_EVERY; only the jobs the store wrote or
+        that reported traffic since the last publish are looked at."""
         now = self.clock()
         if not self.publisher.watchers or now - self._published_at < PUBLISH_EVERY:
             return
-        since, self._published_at = self._published_at, now
+        self._published_at = now
         nodes = self._nodes()
-        jobs = [job_json(self.store, row) for row in self.store.jobs_changed_since(since - PUBLISH_EVERY)]
+        changed = {row.id: row for row in self.store.take_changed()}
+        traffic_only = self.traffic.take_changed() - set(changed)
+        changed.update((job_id, row) for job_id in traffic_only if (row := self.store.job(job_id)) is not None)
+        jobs = self._job_views(sorted(changed.values(), key=lambda row: row.id))
         update = self.publisher.publish_data(nodes["nodes"], nodes["unjoined"], jobs, now)
         if update:
-            await self.publisher.broadcast(update)
-    async def send(self, node: str, message: Message) -> bool:
+            self.publisher.broadcast(update)
+
+    def send(self, node: str, message: Message) -> bool:
+        """Queue a message for a node's agent. A message that cannot be queued is not lost for good:
+        the agent's next register is reconciled with the store (launches resent, stray ranks killed)."""
         link = self.registry.link(node)
         if link is None:
             return False
-        try:
-            await link.conn.send(message)
-            return True
-        except (OSError, ConnectionError, RuntimeError) as exc:
-            log.info("could not send %s to %s: %s", message.kind, node, exc)
+        if not link.conn.post(message):
+            log.info("could not send %s to %s: %s", message.kind, node, link.conn.cut_off or "its connection closed")
             return False
+        return True
 
     # --- connections ---------------------------------------------------------------------------
 
@@ -177,49 +184,48 @@ class Coordinator:
             self.gate.proven(tcp)
             if hello is None:
                 return
-            await conn.send(Welcome(coordinator=socket.gethostname(), version=PROTOCOL_VERSION))
+            conn.post(Welcome(coordinator=socket.gethostname(), version=PROTOCOL_VERSION))
             if hello.role == "agent":
                 await self._serve_agent(conn, hello.name)
             else:
                 await self._serve_client(conn)
         except (FrameError, ProtocolError) as exc:
-            await self._refuse(conn, str(exc), "bad_frame")
+            self._refuse(conn, str(exc), "bad_frame")
         except (OSError, ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError):
             pass
         except Exception:  # noqa: BLE001 - a bug met by one connection must not pass silently or spread
             log.exception("error while serving %s", conn.peer_host)
-            await self._refuse(conn, "internal error in the coordinator; see its log", "internal")
+            self._refuse(conn, "internal error in the coordinator; see its log", "internal")
         finally:
             self.gate.proven(tcp)
             self._connections.discard(conn)
             await conn.close()
 
-    async def _refuse(self, conn: Connection, message: str, code: str) -> None:
-        try:
-            await conn.send(Error(message=message, code=code, req=None))
-        except (OSError, ConnectionError, RuntimeError):
-            pass
+    @staticmethod
+    def _refuse(conn: Connection, message: str, code: str) -> None:
+        """Say why the connection ends; it is closed (after a bounded flush) by whoever serves it."""
+        conn.post(Error(message=message, code=code, req=None))
 
     async def _handshake(self, conn: Connection, within: float) -> Hello | None:
         try:
             hello = await asyncio.wait_for(conn.recv(limit=HELLO_FRAME_LIMIT), max(within, 0.0))
         except asyncio.TimeoutError:
-            await self._refuse(conn, "no hello within the handshake deadline", "timeout")
+            self._refuse(conn, "no hello within the handshake deadline", "timeout")
             return None
         if not isinstance(hello, Hello):
-            await self._refuse(conn, "the first message must be hello", "bad_handshake")
+            self._refuse(conn, "the first message must be hello", "bad_handshake")
             return None
         if not auth.secret_matches(hello.secret, self.token):
             if hello.role == "agent":
                 self.refused_agents[(conn.peer_host, hello.name)] = "it offered a wrong join token"
             log.warning("refused %s from %s: wrong join token", hello.role, conn.peer_host)
             await asyncio.sleep(WRONG_TOKEN_DELAY)
-            await self._refuse(conn, "the join token is wrong: print the right one with `gpudeck token` "
+            self._refuse(conn, "the join token is wrong: print the right one with `gpudeck token` "
                                      "on the coordinator's machine", "bad_token")
             return None
         problem = self._hello_problem(hello)
         if problem:
-            await self._refuse(conn, problem, "bad_hello")
+            self._refuse(conn, problem, "bad_hello")
             return None
         return hello
 
@@ -240,14 +246,14 @@ class Coordinator:
     async def _serve_agent(self, conn: Connection, name: str) -> None:
         register = await asyncio.wait_for(conn.recv(), HANDSHAKE_TIMEOUT)
         if not isinstance(register, Register):
-            await self._refuse(conn, "an agent must register after hello", "bad_handshake")
+            self._refuse(conn, "an agent must register after hello", "bad_handshake")
             return
         previous = self.registry.link(name)
         if previous and self.clock() - previous.last_seen < SUSPECT_AFTER:
             # A restarted agent's old connection is closed by its kernel at once, and a crashed one's
             # goes silent: a live link under the same name is another agent, and replacing it would
             # make the two knock each other off for ever.
-            await self._refuse(conn, f"a node named {name} is already connected from {previous.hostname} "
+            self._refuse(conn, f"a node named {name} is already connected from {previous.hostname} "
                                      f"({previous.address}); give this agent another --name", "name_taken")
             return
         link = await self._join(conn, name, register)
@@ -275,8 +281,8 @@ class Coordinator:
         self.refused_agents.pop((conn.peer_host, name), None)
         log.info("node %s joined from %s with %d GPUs%s", name, address, len(register.gpus),
                  " (simulated)" if register.simulated else "")
-        await conn.send(LogOffsets(sizes=self._log_sizes(register.jobs)))
-        await self.jobs.reconcile(name, register.jobs)
+        conn.post(LogOffsets(sizes=self._log_sizes(register.jobs)))
+        self.jobs.reconcile(name, register.jobs)
         self.wake.set()
         return link
 
@@ -299,10 +305,12 @@ class Coordinator:
         if isinstance(message, Telemetry):
             link.gpus = message.gpus
         elif isinstance(message, JobStarted):
-            await self.jobs.started(link.name, message.job, message.attempt)
+            self.jobs.started(link.name, message.job, message.attempt)
         elif isinstance(message, JobExited):
-            await self.jobs.exited(link.name, message.job, message.attempt, message.exit_code, message.detail,
-                                   message.retry, message.failed_at)
+            self.jobs.exited(link.name, message.job, message.attempt, message.exit_code, message.detail,
+                             message.retry, message.failed_at)
+            row = self.store.job(message.job)
+            self.traffic.persist_job(message.job, finished=row is None or row.state.finished)
             self.wake.set()
         elif isinstance(message, LogChunk):
             try:
@@ -311,63 +319,72 @@ class Coordinator:
                 log.warning("could not store a log chunk of job %d: %s", message.job, exc.strerror)
         elif isinstance(message, Traffic):
             by_rank = {int(rank): kinds for rank, kinds in message.by_rank.items() if rank.lstrip("-").isdigit()}
-            self.store.set_traffic(message.job, message.attempt, by_rank)
+            self.traffic.record(message.job, message.attempt, by_rank)
         else:
-            await link.conn.send(Error(message=f"an agent may not send {message.kind}", code="bad_message", req=None))
+            link.conn.post(Error(message=f"an agent may not send {message.kind}", code="bad_message", req=None))
 
     # --- clients -------------------------------------------------------------------------------
 
     async def _serve_client(self, conn: Connection) -> None:
         try:
             while (message := await conn.recv()) is not None:
-                await self._answer_one(conn, message)
+                self._answer_one(conn, message)
         finally:
-            self.publisher.watchers.discard(conn)
+            self.publisher.unwatch(conn)
 
-    async def _answer_one(self, conn: Connection, message: Message) -> None:
+    def _answer_one(self, conn: Connection, message: Message) -> None:
         req = getattr(message, "req", None)
         if req is None:
-            await conn.send(Error(message=f"a client may not send {message.kind}", code="bad_message", req=None))
+            conn.post(Error(message=f"a client may not send {message.kind}", code="bad_message", req=None))
             return
         try:
-            data = await self._answer(message)
+            data = self._answer(message)
         except (ValueError, LookupError) as exc:
-            await conn.send(Error(message=str(exc), code="refused", req=req))
+            conn.post(Error(message=str(exc), code="refused", req=req))
             return
         except StoreFull as exc:
             log.error("%s", exc)
-            await conn.send(Error(message=str(exc), code="disk_full", req=req))
+            conn.post(Error(message=str(exc), code="disk_full", req=req))
             return
-        await conn.send(Reply(req=req, data=data))
-        if isinstance(message, Watch):
-            self.publisher.watchers.add(conn)
+        if not isinstance(message, Watch):
+            conn.post(Reply(req=req, data=data))
+            return
+        first, *rest = split_update(data)
+        if conn.post(Reply(req=req, data=first)) and all(conn.post(Update(data=piece)) for piece in rest):
+            self.publisher.watch(conn)
 
-    async def _answer(self, message: Message) -> Any:
+    def _answer(self, message: Message) -> Any:
         if isinstance(message, Submit):
             row = self.jobs.submit(JobSpec.from_wire(message.spec))
             self.wake.set()
-            return job_json(self.store, row)
+            return self._job_views([row])[0]
         if isinstance(message, ListJobs):
-            return [job_json(self.store, row) for row in self.store.jobs()]
+            if not 1 <= message.limit <= JOBS_PER_FRAME:
+                raise ValueError(f"a page of jobs holds 1 to {JOBS_PER_FRAME} jobs")
+            return self._job_views(self.store.jobs_page(message.after, message.limit))
         if isinstance(message, ShowJob):
-            return job_json(self.store, self._job(message.job))
+            return self._job_views([self._job(message.job)])[0]
         if isinstance(message, Cancel):
-            row = await self.jobs.cancel(message.job)
+            row = self.jobs.cancel(message.job)
             self.wake.set()
-            return job_json(self.store, row)
+            return self._job_views([row])[0]
         if isinstance(message, ListNodes):
             return self._nodes()
         if isinstance(message, ReadLogs):
             return self._read_logs(message)
         if isinstance(message, Watch):
             nodes = self._nodes()
-            jobs = [job_json(self.store, row) for row in self.store.jobs()]
+            jobs = self._job_views(self.store.jobs())
             return {"time": self.clock(), "nodes": nodes["nodes"], "unjoined": nodes["unjoined"], "jobs": jobs}
         if isinstance(message, Drain):
             return self._drain(message)
         raise ValueError(f"a client may not send {message.kind}")
 
-    def _job(self, job_id: int):  # noqa: ANN202
+    def _job_views(self, rows: list[JobRow]) -> list[dict[str, Any]]:
+        traffic = self.traffic.totals([row.id for row in rows])
+        return [job_view(row, traffic[row.id]) for row in rows]
+
+    def _job(self, job_id: int) -> JobRow:
         row = self.store.job(job_id)
         if row is None:
             raise LookupError(f"there is no job {job_id}")

@@ -2,6 +2,11 @@
 
 Durability: WAL with synchronous=FULL, so a job is on disk when its id is returned and a launch is on
 disk before it is sent. Every write is one short transaction; the coordinator is the one writer.
+
+Because it is the one writer, the store keeps every unfinished job in memory as well, refreshed by
+its own writes: the control loop reads the queue (thousands of pending jobs) every tick without a
+query, and learns which jobs changed (`take_changed`) without comparing them all. Scripts are loaded
+only where they are sent (`script`), never with a row.
 """
 
 from __future__ import annotations
@@ -9,15 +14,16 @@ from __future__ import annotations
 import errno
 import json
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import sqlite_utils
 
-from gpudeck.model import JobSpec, JobState, NodeState
+from gpudeck.model import JobSpec, JobState, NodeState, check_transition
 
 Hosts = list[tuple[str, list[int]]]
+_BATCH = 500  # ids per IN (...) query, well under SQLite's limit on parameters
 
 
 class StoreFull(Exception):
@@ -41,6 +47,7 @@ class JobRow:
     requeued_because: str  # why the last attempt was lost, while the job waits to run again
     failed_at: float | None  # when the rank that failed the job ended (orders failures across nodes)
     hosts: Hosts  # the current attempt's placement, node rank order; [] before the first
+    # `spec.script` is always b"" here: the bytes are loaded only to be sent (`Store.script`).
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,9 @@ class Store:
         conn.execute("PRAGMA foreign_keys=ON")
         self.db = sqlite_utils.Database(conn)
         self._create()
+        self._unfinished: dict[int, JobRow] = {row.id: row for row in self._load("j.state in (?, ?, ?)", [
+            JobState.PENDING.value, JobState.STARTING.value, JobState.RUNNING.value])}
+        self._changed: set[int] = set()
 
     def _create(self) -> None:
         db = self.db
@@ -145,49 +155,105 @@ class Store:
     def add_job(self, spec: JobSpec, now: float) -> int:
         with self._tx():
             table = self.db["jobs"].insert({
-                "name": spec.name, "spec": _spec_json(spec), "script": spec.script, "state": JobState.PENDING.value, "reason": "waiting for the scheduler",
-                "priority": spec.priority, "submitted_at": now, "attempt": 0, "restarts": 0,
+                "name": spec.name, "spec": _spec_json(spec), "script": spec.script, "state": JobState.PENDING.value,
+                "reason": "waiting for the scheduler", "priority": spec.priority, "submitted_at": now, "attempt": 0,
+                "restarts": 0,
             })
-        return int(table.last_pk)
+        job_id = int(table.last_pk)
+        self._refresh([job_id])
+        return job_id
 
     def job(self, job_id: int) -> JobRow | None:
-        rows = list(self.db["jobs"].rows_where("id = ?", [job_id]))
-        return self._job_row(rows[0]) if rows else None
+        if job_id in self._unfinished:
+            return self._unfinished[job_id]
+        rows = self._load("j.id = ?", [job_id])
+        return rows[0] if rows else None
 
     def jobs(self, states: tuple[JobState, ...] | None = None) -> list[JobRow]:
+        """Jobs in id order; unfinished ones come from memory, without a query."""
+        if states and not any(state.finished for state in states):
+            return sorted((row for row in self._unfinished.values() if row.state in states), key=lambda row: row.id)
         if states:
             marks = ",".join("?" * len(states))
-            rows = self.db["jobs"].rows_where(f"state in ({marks})", [s.value for s in states], order_by="id")
-        else:
-            rows = self.db["jobs"].rows_where(order_by="id")
-        return [self._job_row(r) for r in rows]
+            return self._load(f"j.state in ({marks})", [s.value for s in states])
+        return self._load("1", [])
 
-    def jobs_changed_since(self, since: float) -> list[JobRow]:
-        """Jobs that may have changed after `since`: every unfinished one, and those that ended since."""
-        rows = self.db["jobs"].rows_where("state in ('pending', 'starting', 'running') or ended_at >= ?", [since],
-                                          order_by="id")
-        return [self._job_row(r) for r in rows]
+    def jobs_page(self, after: int, limit: int) -> list[JobRow]:
+        """Up to `limit` jobs with ids above `after`, in id order."""
+        ids = [row[0] for row in self.db.conn.execute("SELECT id FROM jobs WHERE id > ? ORDER BY id LIMIT ?",
+                                                      [after, limit])]
+        return self._load("j.id >= ? AND j.id <= ?", [ids[0], ids[-1]]) if ids else []
 
-    def update_job(self, job_id: int, **fields: Any) -> None:
-        values = {k: (v.value if isinstance(v, JobState) else v) for k, v in fields.items()}
+    def take_changed(self) -> list[JobRow]:
+        """Jobs written since the last call (their current rows), in id order."""
+        changed, self._changed = sorted(self._changed), set()
+        rows = [self._unfinished[i] for i in changed if i in self._unfinished]
+        finished = [i for i in changed if i not in self._unfinished]
+        if finished:
+            rows += self._load(f"j.id in ({','.join('?' * len(finished))})", finished)
+        return sorted(rows, key=lambda row: row.id)
+
+    def script(self, job_id: int) -> bytes:
+        row = self.db.conn.execute("SELECT script FROM jobs WHERE id = ?", [job_id]).fetchone()
+        return bytes(row[0] or b"") if row else b""
+
+    def transition(self, job_id: int, state: JobState, **fields: Any) -> None:
+        """Move a job to `state` and set `fields` in one transaction; `IllegalTransition` (a bug)
+        when `TRANSITIONS` does not allow the move from the state it is in."""
         with self._tx():
-            self.db["jobs"].update(job_id, values)
+            self._check_transition(job_id, state)
+            self.db["jobs"].update(job_id, {"state": state.value, **fields})
+        self._refresh([job_id])
+
+    def amend_job(self, job_id: int, **fields: Any) -> None:
+        """Change a job's fields other than its state (which only `transition` changes)."""
+        if "state" in fields:
+            raise ValueError("a job's state changes only by transition()")
+        with self._tx():
+            self.db["jobs"].update(job_id, fields)
+        self._refresh([job_id])
+
+    def _check_transition(self, job_id: int, state: JobState) -> None:
+        row = self.db.conn.execute("SELECT state FROM jobs WHERE id = ?", [job_id]).fetchone()
+        if row is None:
+            raise LookupError(f"there is no job {job_id}")
+        check_transition(job_id, JobState(row[0]), state)
 
     def set_reasons(self, reasons: dict[int, str]) -> None:
         """Store the scheduler's reasons for pending jobs, only where they changed."""
+        changed = {job_id: reason for job_id, reason in reasons.items()
+                   if job_id in self._unfinished and self._unfinished[job_id].reason != reason}
+        if not changed:
+            return
         with self._tx():
-            for job_id, reason in reasons.items():
-                self.db.conn.execute("UPDATE jobs SET reason = ? WHERE id = ? AND reason IS NOT ?",
-                                     [reason, job_id, reason])
+            self.db.conn.executemany("UPDATE jobs SET reason = ? WHERE id = ?",
+                                     [(reason, job_id) for job_id, reason in changed.items()])
+        for job_id, reason in changed.items():
+            self._unfinished[job_id] = replace(self._unfinished[job_id], reason=reason)
+        self._changed.update(changed)
 
-    def _job_row(self, row: dict[str, Any]) -> JobRow:
-        return JobRow(
-            id=row["id"], spec=_spec_from_row(row), state=JobState(row["state"]), reason=row["reason"] or "",
-            submitted_at=row["submitted_at"], started_at=row["started_at"], ended_at=row["ended_at"],
-            attempt=row["attempt"] or 0, exit_code=row["exit_code"], restarts=row["restarts"] or 0,
-            requeued_because=row["requeued_because"] or "", failed_at=row["failed_at"],
-            hosts=[(n.node, n.gpus) for n in self.attempt_nodes(row["id"], row["attempt"] or 0)],
-        )
+    def _refresh(self, job_ids: list[int]) -> None:
+        """Reload rows this store just wrote, keeping the in-memory queue equal to the file."""
+        rows = {row.id: row for row in self._load(f"j.id in ({','.join('?' * len(job_ids))})", job_ids)}
+        for job_id in job_ids:
+            row = rows.get(job_id)
+            if row is None or row.state.finished:
+                self._unfinished.pop(job_id, None)
+            else:
+                self._unfinished[job_id] = row
+        self._changed.update(job_ids)
+
+    def _load(self, where: str, params: list[Any]) -> list[JobRow]:
+        """Job rows (without their scripts) and their current placements, in two queries."""
+        sql = f"SELECT {_JOB_COLUMNS} FROM jobs j WHERE {where} ORDER BY j.id"
+        jobs = [dict(zip(_JOB_FIELDS, values)) for values in self.db.conn.execute(sql, params)]
+        hosts: dict[int, Hosts] = {}
+        if jobs:
+            placed = ("SELECT n.job, n.node, n.gpus FROM attempt_nodes n JOIN jobs j ON j.id = n.job AND "
+                      f"j.attempt = n.attempt WHERE {where} ORDER BY n.job, n.node_rank")
+            for job_id, node, gpus in self.db.conn.execute(placed, params):
+                hosts.setdefault(job_id, []).append((node, json.loads(gpus)))
+        return [_job_row(row, hosts.get(row["id"], [])) for row in jobs]
 
     # --- attempts ------------------------------------------------------------------------------
 
@@ -195,6 +261,7 @@ class Store:
                       now: float) -> None:
         """Store a placement before any launch is sent, so a restart knows what may be running."""
         with self._tx():
+            self._check_transition(job_id, JobState.STARTING)
             self.db["attempts"].insert({"job": job_id, "attempt": attempt, "master_addr": master_addr,
                                         "master_port": master_port, "started_at": now})
             self.db["attempt_nodes"].insert_all(
@@ -205,6 +272,7 @@ class Store:
             self.db["jobs"].update(job_id, {"state": JobState.STARTING.value, "attempt": attempt, "reason": "",
                                             "requeued_because": "", "started_at": now, "exit_code": None,
                                             "failed_at": None})
+        self._refresh([job_id])
 
     def master(self, job_id: int, attempt: int) -> tuple[str, int]:
         row = self.db["attempts"].get((job_id, attempt))
@@ -249,26 +317,34 @@ class Store:
 
     # --- traffic -------------------------------------------------------------------------------
 
-    def set_traffic(self, job_id: int, attempt: int, by_rank: dict[int, dict[str, int]]) -> None:
-        """Store cumulative counters; a counter never goes down, so a stale report changes nothing.
+    def set_traffic(self, rows: list[tuple[int, int, int, str, int]]) -> None:
+        """Store cumulative counters (job, attempt, rank, kind, bytes); a stored counter never goes down.
 
-        Not synced to disk per commit: these arrive every second per job and node, and a power loss
-        costing the last seconds of a counter is fine (jobs and nodes stay synchronous=FULL)."""
+        Not synced to disk per commit: a power loss costing the last seconds of a counter is fine
+        (jobs and nodes stay synchronous=FULL)."""
         with self._tx(durable=False):
-            for rank, kinds in by_rank.items():
-                for kind, count in kinds.items():
-                    self.db.conn.execute(
-                        "INSERT INTO traffic (job, attempt, rank, kind, bytes) VALUES (?, ?, ?, ?, ?) "
-                        "ON CONFLICT (job, attempt, rank, kind) DO UPDATE SET bytes = max(bytes, excluded.bytes)",
-                        [job_id, attempt, rank, kind, count])
+            self.db.conn.executemany(
+                "INSERT INTO traffic (job, attempt, rank, kind, bytes) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (job, attempt, rank, kind) DO UPDATE SET bytes = max(bytes, excluded.bytes)", rows)
 
-    def traffic(self, job_id: int) -> dict[int, dict[str, int]]:
-        """Payload bytes of a job summed over its attempts: rank -> kind -> bytes."""
-        totals: dict[int, dict[str, int]] = {}
-        cur = self.db.conn.execute("SELECT rank, kind, sum(bytes) FROM traffic WHERE job = ? GROUP BY rank, kind",
-                                   [job_id])
-        for rank, kind, count in cur.fetchall():
-            totals.setdefault(rank, {})[kind] = count
+    def traffic_counts(self, job_id: int) -> dict[tuple[int, int], dict[str, int]]:
+        """One job's stored counters: (attempt, rank) -> kind -> bytes."""
+        counts: dict[tuple[int, int], dict[str, int]] = {}
+        for attempt, rank, kind, count in self.db.conn.execute(
+                "SELECT attempt, rank, kind, bytes FROM traffic WHERE job = ?", [job_id]):
+            counts.setdefault((attempt, rank), {})[kind] = count
+        return counts
+
+    def traffic_totals(self, job_ids: list[int]) -> dict[int, dict[int, dict[str, int]]]:
+        """Payload bytes of jobs summed over their attempts: job -> rank -> kind -> bytes (jobs
+        without traffic are absent)."""
+        totals: dict[int, dict[int, dict[str, int]]] = {}
+        for start in range(0, len(job_ids), _BATCH):
+            batch = job_ids[start:start + _BATCH]
+            sql = (f"SELECT job, rank, kind, sum(bytes) FROM traffic WHERE job IN ({','.join('?' * len(batch))}) "
+                   "GROUP BY job, rank, kind")
+            for job_id, rank, kind, count in self.db.conn.execute(sql, batch):
+                totals.setdefault(job_id, {}).setdefault(rank, {})[kind] = count
         return totals
 
 
@@ -331,8 +407,18 @@ def _spec_json(spec: JobSpec) -> str:
     return json.dumps(data)
 
 
-def _spec_from_row(row: dict[str, Any]) -> JobSpec:
-    return JobSpec(**json.loads(row["spec"]), script=row["script"] or b"")
+_JOB_FIELDS = ("id", "spec", "state", "reason", "submitted_at", "started_at", "ended_at", "attempt", "exit_code",
+               "restarts", "requeued_because", "failed_at")
+_JOB_COLUMNS = ", ".join(f"j.{name}" for name in _JOB_FIELDS)
+
+
+def _job_row(row: dict[str, Any], hosts: Hosts) -> JobRow:
+    return JobRow(
+        id=row["id"], spec=JobSpec(**json.loads(row["spec"])), state=JobState(row["state"]), reason=row["reason"] or "",
+        submitted_at=row["submitted_at"], started_at=row["started_at"], ended_at=row["ended_at"],
+        attempt=row["attempt"] or 0, exit_code=row["exit_code"], restarts=row["restarts"] or 0,
+        requeued_because=row["requeued_because"] or "", failed_at=row["failed_at"], hosts=hosts,
+    )
 
 
 def _node_row(row: dict[str, Any]) -> NodeRow:

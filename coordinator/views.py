@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from gpudeck.coordinator.registry import Registry
-from gpudeck.coordinator.store import JobRow, NodeRow, Store
+from gpudeck.coordinator.store import JobRow, NodeRow
 
 GPU_FIELDS = ("index", "name", "uuid", "memory_total", "memory_used", "utilization", "temperature", "power",
               "power_limit", "processes")
@@ -43,10 +43,6 @@ def job_view(row: JobRow, traffic: dict[int, dict[str, int]]) -> dict[str, Any]:
         "ended_at": row.ended_at,
         "traffic": traffic_view(traffic),
     }
-
-
-def job_json(store: Store, row: JobRow) -> dict[str, Any]:
-    return job_view(row, store.traffic(row.id))
 
 
 def node_view(node: NodeRow, registry: Registry, jobs: list[int], now: float) -> dict[str, Any]:

@@ -31,6 +31,7 @@ class UsageError(Failure):
 
 
 MAX_ID = 2**63 - 1  # SQLite's and msgpack's largest integer
+JOBS_PAGE = 1000  # jobs per list request; the coordinator allows at most this many
 
 
 def job_id(text: str) -> int:
@@ -285,10 +286,20 @@ async def cmd_submit(args: argparse.Namespace) -> int:
     return await _with_session(args, work)
 
 
+async def _all_jobs(session: ClientSession) -> list[dict[str, Any]]:
+    """Every job, page by page (a long history is more than one frame)."""
+    jobs: list[dict[str, Any]] = []
+    while True:
+        page = await session.request(ListJobs, after=jobs[-1]["id"] if jobs else 0, limit=JOBS_PAGE)
+        jobs += page
+        if len(page) < JOBS_PAGE:
+            return jobs
+
+
 async def cmd_listing(args: argparse.Namespace) -> int:
     async def work(session: ClientSession) -> int:
         if args.command == "jobs":
-            data = await session.request(ListJobs)
+            data = await _all_jobs(session)
             print(json.dumps(data, indent=2) if args.json else output.jobs_table(data))
         elif args.command == "nodes":
             data = await session.request(ListNodes)

@@ -21,14 +21,15 @@ MAX_PRIORITY = 1000  # either way
 
 
 class JobState(str, Enum):
-    """A job's life. Transitions (anything else is a bug):
+    """A job's life. Transitions (`TRANSITIONS`; the store refuses any other):
 
     pending   -> starting   the scheduler placed it; the launch is stored, then sent to its nodes
     starting  -> running    every node reported its ranks started
     starting/running -> succeeded  every node's ranks exited 0
     starting/running -> failed     a rank exited non-zero, the time limit passed, or a node was lost
                                    with no restarts left
-    starting/running -> pending    a node was lost and restarts are left (the attempt number grows)
+    starting/running -> pending    a node was lost and restarts are left, or (starting only) a node
+                                   found the rendezvous port taken; the next attempt gets a new number
     pending/starting/running -> cancelled  a user cancelled it
     """
 
@@ -46,6 +47,29 @@ class JobState(str, Enum):
     @property
     def active(self) -> bool:
         return self in (JobState.STARTING, JobState.RUNNING)
+
+
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.PENDING: frozenset({JobState.STARTING, JobState.CANCELLED}),
+    JobState.STARTING: frozenset({JobState.RUNNING, JobState.SUCCEEDED, JobState.FAILED, JobState.PENDING,
+                                  JobState.CANCELLED}),
+    JobState.RUNNING: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.PENDING, JobState.CANCELLED}),
+    JobState.SUCCEEDED: frozenset(),
+    JobState.FAILED: frozenset(),
+    JobState.CANCELLED: frozenset(),
+}
+
+
+class IllegalTransition(RuntimeError):
+    """A state change the table does not allow: a bug in the coordinator, never the user's doing."""
+
+    def __init__(self, job_id: int, old: JobState, new: JobState) -> None:
+        super().__init__(f"job {job_id} cannot go from {old.value} to {new.value}")
+
+
+def check_transition(job_id: int, old: JobState, new: JobState) -> None:
+    if new not in TRANSITIONS[old]:
+        raise IllegalTransition(job_id, old, new)
 
 
 class NodeState(str, Enum):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -34,6 +35,24 @@ def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.3)
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def read_pty_until(fd: int, needle: bytes, timeout: float, seen: bytearray) -> bool:
+    """Read a terminal's output into `seen` until `needle` appears (True) or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        if ready:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                return needle in seen
+            if not chunk:
+                return needle in seen
+            seen.extend(chunk)
+            if needle in seen:
+                return True
+    return False
 
 
 @dataclass

@@ -13,7 +13,7 @@ import types
 import typing
 from typing import Any, ClassVar, Union, get_args, get_origin
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 
 class ProtocolError(Exception):
@@ -237,7 +237,12 @@ class ListNodes(Message):
 
 @message("list_jobs")
 class ListJobs(Message):
+    """One page of jobs in id order: those with an id above `after`, at most `limit` (a long
+    history does not fit in one frame; the client asks until a page comes back short)."""
+
     req: int
+    after: int
+    limit: int
 
 
 @message("show_job")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +29,10 @@ from gpudeck.protocol.messages import (
 )
 
 HANDSHAKE_TIMEOUT = 10.0
+OUTBOX_LIMIT = 16 * 1024 * 1024  # four largest frames: more unsent than this and the peer is not reading
+STALL_LIMIT = 20.0  # a peer whose socket takes no bytes for this long is cut off
+CLOSE_FLUSH = 2.0
+log = logging.getLogger(__name__)
 
 
 class Refused(Exception):
@@ -38,23 +44,87 @@ class Refused(Exception):
 
 
 class Connection:
-    """Typed messages over one stream; writes are serialised so frames never interleave."""
+    """Typed messages over one stream, written by one writer task from a bounded outbox.
+
+    `post` never waits: it queues a frame and returns, so the coordinator's control loop cannot be
+    held up by a peer that stops reading (a laptop lid closed, a process stopped with ctrl+z). A peer
+    whose outbox passes OUTBOX_LIMIT bytes, or whose socket takes nothing for STALL_LIMIT seconds, is
+    cut off; it reconnects and is brought up to date like any new peer.
+    """
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
-        self._write_lock = asyncio.Lock()
+        self._outbox: deque[bytes] = deque()
+        self._queued = 0
+        self._flushed = asyncio.Event()
+        self._flushed.set()
+        self._writing: asyncio.Task[None] | None = None
+        self.cut_off: str | None = None  # why this side gave up on the peer, once it has
 
     @property
     def peer_host(self) -> str:
         peer = self.writer.get_extra_info("peername")
         return str(peer[0]) if peer else ""
 
-    async def send(self, message: Message) -> None:
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes posted and not yet handed to the socket (watchers coalesce while this is non-zero)."""
+        return self._queued
+
+    def post(self, message: Message) -> bool:
+        """Queue a message for the writer task; False (and the peer cut off) when it cannot be."""
+        if self.cut_off is not None or self.writer.is_closing():
+            return False
         frame = encode_frame(message.to_wire())
-        async with self._write_lock:
-            self.writer.write(frame)
-            await self.writer.drain()
+        if self._queued + len(frame) > OUTBOX_LIMIT:
+            self._cut_off(f"it left {self._queued + len(frame)} bytes unread (the limit is {OUTBOX_LIMIT})")
+            return False
+        self._outbox.append(frame)
+        self._queued += len(frame)
+        self._flushed.clear()
+        if self._writing is None or self._writing.done():
+            self._writing = asyncio.get_running_loop().create_task(self._write_out())
+        return True
+
+    async def send(self, message: Message) -> None:
+        """Post and wait until the socket took it; for peers that can afford to wait (clients, agents)."""
+        if not self.post(message):
+            raise ConnectionError(f"the connection is closed ({self.cut_off or 'by the peer'})")
+        await self.flushed()
+        if self.cut_off is not None:
+            raise ConnectionError(f"the connection is closed ({self.cut_off})")
+
+    async def flushed(self) -> None:
+        """Wait until everything posted so far is in the socket, or the peer was cut off."""
+        await self._flushed.wait()
+
+    async def _write_out(self) -> None:
+        try:
+            while self._outbox and self.cut_off is None:
+                frame = self._outbox[0]
+                self.writer.write(frame)
+                try:
+                    await asyncio.wait_for(self.writer.drain(), STALL_LIMIT)
+                except asyncio.TimeoutError:
+                    self._cut_off(f"it took nothing for {STALL_LIMIT:.0f} s")
+                except (OSError, ConnectionError, RuntimeError) as exc:
+                    self._cut_off(f"writing failed: {exc}")
+                else:
+                    self._outbox.popleft()
+                    self._queued -= len(frame)
+        finally:
+            if self.cut_off is not None:
+                self._outbox.clear()
+                self._queued = 0
+            self._flushed.set()
+
+    def _cut_off(self, why: str) -> None:
+        if self.cut_off is None:
+            self.cut_off = why
+            log.info("gave up on the peer at %s: %s", self.peer_host or "?", why)
+            self.writer.transport.abort()
+        self._flushed.set()
 
     async def recv(self, limit: int = MAX_FRAME) -> Message | None:
         """The next message, or None at end of stream; `FrameError`/`ProtocolError` on bad input."""
@@ -62,9 +132,16 @@ class Connection:
         return None if body is None else decode(body)
 
     async def close(self) -> None:
+        """Send what is queued (for at most CLOSE_FLUSH seconds), then close."""
+        try:
+            await asyncio.wait_for(self.flushed(), CLOSE_FLUSH)
+        except asyncio.TimeoutError:
+            pass
+        if self._writing is not None and not self._writing.done():
+            self._writing.cancel()
         self.writer.close()
         try:
-            await asyncio.wait_for(self.writer.wait_closed(), 2.0)
+            await asyncio.wait_for(self.writer.wait_closed(), CLOSE_FLUSH)
         except (OSError, asyncio.TimeoutError, ConnectionError):
             pass
 

@@ -6,17 +6,15 @@ from __future__ import annotations
 import fcntl
 import os
 import pty
-import select
 import struct
 import subprocess
 import sys
 import termios
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.cluster import free_port
+from tests.cluster import free_port, read_pty_until
 
 pytestmark = pytest.mark.slow
 
@@ -26,23 +24,6 @@ def _env(home: Path) -> dict[str, str]:
     for name in ("GPUDECK_COORDINATOR", "GPUDECK_TOKEN", "GPUDECK_TOKEN_FILE", "NO_COLOR"):
         env.pop(name, None)
     return env
-
-
-def _read_until(fd: int, needle: bytes, timeout: float, seen: bytearray) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], 0.2)
-        if ready:
-            try:
-                chunk = os.read(fd, 65536)
-            except OSError:
-                return needle in seen
-            if not chunk:
-                return needle in seen
-            seen.extend(chunk)
-            if needle in seen:
-                return True
-    return False
 
 
 def test_up_opens_the_dashboard_and_q_stops_everything(tmp_path: Path):
@@ -55,11 +36,11 @@ def test_up_opens_the_dashboard_and_q_stops_everything(tmp_path: Path):
     os.close(slave)
     seen = bytearray()
     try:
-        assert _read_until(master, b"1/1 nodes up", 60, seen), seen[-2000:].decode(errors="replace")
+        assert read_pty_until(master, b"1/1 nodes up", 60, seen), seen[-2000:].decode(errors="replace")
         assert (tmp_path / "home" / "coordinator" / "endpoint.json").exists()
         os.write(master, b"q")
         assert proc.wait(timeout=30) == 0
-        _read_until(master, b"gpudeck stopped", 5, seen)
+        read_pty_until(master, b"gpudeck stopped", 5, seen)
         assert b"gpudeck stopped" in seen
         assert not (tmp_path / "home" / "coordinator" / "endpoint.json").exists(), "the coordinator stopped"
         assert "joined" in (tmp_path / "home" / "up.log").read_text(), "logs went to a file, not over the screen"

@@ -1,0 +1,279 @@
+"""The job lifecycle in milliseconds: `JobControl` against a real SQLite store, a fake clock and a
+send that records, with registry entries standing in for connected agents.
+
+The real-process tests (test_cluster, test_trust) prove the same paths end to end; these pin every
+transition and reason, including the ones that are slow or hard to provoke with real processes
+(time limits, fence deadlines, a coordinator restarted between launch and start).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gpudeck.coordinator.jobs import FENCE_DEADLINE, JobControl
+from gpudeck.coordinator.registry import DOWN_AFTER, SUSPECT_AFTER, AgentLink, Registry
+from gpudeck.coordinator.store import JobRow, Store
+from gpudeck.model import IllegalTransition, JobSpec, JobState, NodeState
+from gpudeck.protocol.messages import Forget, Kill, Launch, Message
+
+PORTS = (31000, 31009)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Deck:
+    """JobControl with everything it talks to, and helpers to act as the agents."""
+
+    def __init__(self, path: Path, nodes: dict[str, int]) -> None:
+        self.path = path
+        self.clock = Clock()
+        self.sent: list[tuple[str, Message]] = []
+        self.registry = Registry()
+        self.store = Store(path)
+        for name, gpus in nodes.items():
+            self.join(name, gpus)
+        self.control = JobControl(self.store, self.registry, self.send, self.clock, PORTS)
+
+    def send(self, node: str, message: Message) -> bool:
+        if self.registry.link(node) is None:
+            return False
+        self.sent.append((node, message))
+        return True
+
+    def join(self, name: str, gpus: int) -> None:
+        readings = [gpu_reading(index) for index in range(gpus)]
+        self.registry.attach(AgentLink(name=name, hostname=name, address=f"10.0.0.{len(self.registry.links) + 1}",
+                                       simulated=True, conn=None, gpus=readings, last_seen=self.clock()))  # type: ignore[arg-type]
+        self.registry.states[name] = NodeState.UP
+        self.store.upsert_node(name, name, f"10.0.0.{len(self.registry.links)}", True, readings, self.clock())
+
+    def restart(self) -> None:
+        """A new coordinator on the same file: nothing of the old one's memory survives."""
+        self.store.close()
+        self.store = Store(self.path)
+        self.control = JobControl(self.store, self.registry, self.send, self.clock, PORTS)
+
+    def submit(self, **fields: Any) -> int:
+        fields.setdefault("workload", "data-parallel")
+        return self.control.submit(JobSpec(name="job", **fields)).id
+
+    def job(self, job_id: int) -> JobRow:
+        row = self.store.job(job_id)
+        assert row is not None
+        return row
+
+    def taken(self, kind: type[Message]) -> list[tuple[str, Any]]:
+        """The messages of one kind sent since the last call, as (node, message)."""
+        found = [(node, m) for node, m in self.sent if isinstance(m, kind)]
+        self.sent = [(node, m) for node, m in self.sent if not isinstance(m, kind)]
+        return found
+
+    def start_all(self, job_id: int) -> None:
+        row = self.job(job_id)
+        for node, _ in row.hosts:
+            self.control.started(node, job_id, row.attempt)
+
+
+def gpu_reading(index: int) -> dict[str, Any]:
+    return {"index": index, "name": "Simulated GPU", "uuid": f"SIM-{index}", "memory_total": 1, "memory_used": 0,
+            "utilization": 0, "temperature": 30, "power": 1.0, "power_limit": 2.0, "processes": []}
+
+
+@pytest.fixture
+def deck(tmp_path: Path) -> Deck:
+    return Deck(tmp_path / "gpudeck.db", {"node-a": 2, "node-b": 2})
+
+
+def test_submit_place_launch_start_and_succeed(deck: Deck):
+    job = deck.submit(nodes=2, gpus_per_node=2)
+    assert deck.job(job).state is JobState.PENDING
+    deck.control.schedule()
+    row = deck.job(job)
+    assert row.state is JobState.STARTING and row.attempt == 1
+    launches = deck.taken(Launch)
+    assert sorted((node, m.node_rank, m.nnodes, m.gpus) for node, m in launches) == [
+        ("node-a", 0, 2, [0, 1]), ("node-b", 1, 2, [0, 1])]
+    assert {m.master_addr for _, m in launches} == {"10.0.0.1"} and PORTS[0] <= launches[0][1].master_port <= PORTS[1]
+    deck.control.started("node-a", job, 1)
+    assert deck.job(job).state is JobState.STARTING, "running only once every node started"
+    deck.control.started("node-b", job, 1)
+    deck.control.started("node-b", job, 1)  # repeated after a reconnect: no second transition
+    assert deck.job(job).state is JobState.RUNNING
+    deck.control.exited("node-a", job, 1, 0, "")
+    assert deck.job(job).state is JobState.RUNNING
+    deck.control.exited("node-b", job, 1, 0, "")
+    assert deck.job(job).state is JobState.SUCCEEDED and deck.job(job).exit_code == 0
+    assert sorted(node for node, _ in deck.taken(Forget)) == ["node-a", "node-b"]
+
+
+def test_a_failing_rank_fails_the_job_names_it_and_stops_the_others(deck: Deck):
+    job = deck.submit(nodes=2, gpus_per_node=1)
+    deck.control.schedule()
+    deck.start_all(job)
+    deck.control.exited("node-b", job, 1, 3, "rank 1 exited with code 3", failed_at=deck.clock.now - 1)
+    row = deck.job(job)
+    assert row.state is JobState.FAILED and row.exit_code == 3
+    assert row.reason == "rank 1 on node-b failed first: it exited with code 3"
+    assert [node for node, _ in deck.taken(Kill)] == ["node-a"]
+    deck.control.exited("node-a", job, 1, 1, "rank 0 exited with code 1", failed_at=deck.clock.now - 5)
+    assert deck.job(job).reason == "rank 0 on node-a failed first: it exited with code 1", \
+        "the failure that happened first is the job's, whichever report came first"
+
+
+def test_a_taken_rendezvous_port_places_the_job_again(deck: Deck):
+    job = deck.submit(nodes=2, gpus_per_node=1)
+    deck.control.schedule()
+    deck.taken(Launch)
+    deck.control.exited("node-a", job, 1, 1, "port 31000 is taken", retry=True)
+    row = deck.job(job)
+    assert row.state is JobState.PENDING and row.reason == "placing it again: port 31000 is taken"
+    assert [node for node, _ in deck.taken(Kill)] == ["node-b"]
+    deck.control.exited("node-b", job, 1, -15, "killed")
+    deck.control.schedule()
+    assert deck.job(job).attempt == 2 and len(deck.taken(Launch)) == 2
+
+
+def _lose(deck: Deck, node: str) -> None:
+    """The node stops answering until it is judged down; the others keep their heartbeat."""
+    deck.registry.detach(deck.registry.links[node])
+    deck.clock.now += DOWN_AFTER
+    for name in deck.registry.links:
+        deck.registry.heard(name, deck.clock.now)
+    for name, state in deck.registry.tick(deck.clock.now):
+        if state is NodeState.DOWN:
+            deck.control.node_down(name)
+
+
+def test_a_lost_node_requeues_the_job_and_fences_its_gpus(deck: Deck):
+    job = deck.submit(gpus=2, max_restarts=1)
+    deck.control.schedule()
+    node = deck.job(job).hosts[0][0]
+    deck.start_all(job)
+    deck.taken(Launch)
+    _lose(deck, node)
+    row = deck.job(job)
+    assert row.state is JobState.PENDING and row.restarts == 1
+    assert row.reason == f"requeued: node {node} stopped answering (restart 1 of 1)"
+    other = "node-b" if node == "node-a" else "node-a"
+    deck.control.schedule()
+    assert deck.job(job).hosts[0][0] == other, "placed on the node that still answers"
+    assert deck.job(job).attempt == 2
+
+
+def test_fenced_gpus_wait_for_the_node_or_the_fence_deadline(tmp_path: Path):
+    deck = Deck(tmp_path / "gpudeck.db", {"node-a": 1})
+    first = deck.submit(gpus=1, max_restarts=1)
+    deck.control.schedule()
+    deck.start_all(first)
+    _lose(deck, "node-a")
+    deck.join("node-a", 1)  # back, but it has not said its old ranks are gone
+    second = deck.submit(gpus=1)
+    deck.control.schedule()
+    assert deck.job(second).state is JobState.PENDING
+    assert "stay reserved until node-a confirms that job 1's ranks have stopped" in deck.job(second).reason
+    deck.clock.now += FENCE_DEADLINE
+    deck.control.schedule()
+    assert {deck.job(first).state, deck.job(second).state} == {JobState.STARTING, JobState.PENDING}
+
+
+def test_a_lost_node_without_restarts_fails_the_job(deck: Deck):
+    job = deck.submit(nodes=2, gpus_per_node=1)
+    deck.control.schedule()
+    deck.start_all(job)
+    _lose(deck, "node-b")
+    row = deck.job(job)
+    assert row.state is JobState.FAILED and row.reason == "node node-b stopped answering"
+    assert [node for node, _ in deck.taken(Kill)] == ["node-a"]
+
+
+def test_the_time_limit_fails_a_running_job(deck: Deck):
+    job = deck.submit(gpus=1, time_limit=60)
+    deck.control.schedule()
+    deck.start_all(job)
+    deck.clock.now += 59
+    deck.control.enforce_time_limits()
+    assert deck.job(job).state is JobState.RUNNING
+    deck.clock.now += 2
+    deck.control.enforce_time_limits()
+    assert deck.job(job).state is JobState.FAILED and deck.job(job).reason == "ran past its time limit of 1m00s"
+    assert len(deck.taken(Kill)) == 1
+
+
+def test_cancel_pending_running_and_finished(deck: Deck):
+    waiting = deck.submit(gpus=4)
+    deck.control.schedule()
+    running = deck.submit(gpus=1)
+    deck.control.schedule()
+    assert deck.job(waiting).state is JobState.STARTING and deck.job(running).state is JobState.PENDING
+    deck.control.cancel(running)
+    assert deck.job(running).state is JobState.CANCELLED and not deck.taken(Kill)
+    deck.control.cancel(waiting)
+    assert deck.job(waiting).reason == "cancelled by a user" and len(deck.taken(Kill)) == 2
+    with pytest.raises(ValueError, match="already cancelled; nothing to cancel"):
+        deck.control.cancel(waiting)
+    with pytest.raises(LookupError, match="there is no job 99"):
+        deck.control.cancel(99)
+
+
+def test_a_restarted_coordinator_adopts_running_ranks_and_resends_lost_launches(deck: Deck):
+    running = deck.submit(gpus=2)
+    deck.control.schedule()
+    deck.start_all(running)
+    unstarted = deck.submit(gpus=2)
+    deck.control.schedule()
+    deck.taken(Launch)
+    deck.restart()
+    ran_on = deck.job(running).hosts[0][0]
+    waits_on = deck.job(unstarted).hosts[0][0]
+    deck.control.reconcile(ran_on, [{"job": running, "attempt": 1, "exit_code": None}])
+    deck.control.reconcile(waits_on, [])
+    assert deck.job(running).state is JobState.RUNNING and not deck.taken(Kill)
+    assert [(node, m.job) for node, m in deck.taken(Launch)] == [(waits_on, unstarted)], \
+        "a launch the agent never received is sent again"
+    deck.control.reconcile(waits_on, [{"job": 77, "attempt": 3, "exit_code": None}])
+    assert [(node, m.job) for node, m in deck.taken(Kill)] == [(waits_on, 77)], "ranks nobody wants are killed"
+
+
+def test_an_agent_that_restarted_lost_its_ranks(deck: Deck):
+    job = deck.submit(gpus=2)
+    deck.control.schedule()
+    deck.start_all(job)
+    node = deck.job(job).hosts[0][0]
+    deck.control.reconcile(node, [])
+    assert deck.job(job).state is JobState.FAILED
+    assert deck.job(job).reason == f"{node} no longer runs its ranks (its agent restarted)"
+
+
+def test_the_store_refuses_a_transition_the_table_does_not_have(deck: Deck):
+    job = deck.submit(gpus=1)
+    deck.control.cancel(job)
+    with pytest.raises(IllegalTransition, match="cannot go from cancelled to running"):
+        deck.store.transition(job, JobState.RUNNING)
+    assert deck.job(job).state is JobState.CANCELLED, "nothing was written"
+
+
+def test_registry_suspect_then_down_then_up_again():
+    registry = Registry()
+    link = AgentLink(name="n", hostname="n", address="a", simulated=True, conn=None, gpus=[], last_seen=0.0)  # type: ignore[arg-type]
+    registry.attach(link)
+    registry.states["n"] = NodeState.UP
+    assert registry.tick(SUSPECT_AFTER - 0.1) == []
+    assert registry.tick(SUSPECT_AFTER) == [("n", NodeState.SUSPECT)]
+    registry.heard("n", SUSPECT_AFTER + 1)
+    assert registry.tick(SUSPECT_AFTER + 1) == [("n", NodeState.UP)]
+    registry.detach(link)
+    assert registry.tick(SUSPECT_AFTER + 1.5) == [("n", NodeState.SUSPECT)], "a closed connection is suspect at once"
+    assert registry.tick(SUSPECT_AFTER + 1 + DOWN_AFTER) == [("n", NodeState.DOWN)]
+    assert registry.tick(10_000) == [], "down stays down without a new connection"
+    registry.attach(AgentLink(name="n", hostname="n", address="a", simulated=True, conn=None, gpus=[],  # type: ignore[arg-type]
+                              last_seen=10_001))
+    assert registry.tick(10_001) == [("n", NodeState.UP)]

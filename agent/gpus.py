@@ -12,9 +12,11 @@ import random
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
+
+from gpudeck.protocol.payloads import GpuProcess, GpuReading
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -33,37 +35,6 @@ SIM_APPROACH = 0.2
 
 DEFAULT_PROCESS_INTERVAL = 5.0
 SIMULATE_HINT = "use --simulate-gpus N to try gpudeck without GPUs"
-
-
-@dataclass(frozen=True)
-class GpuProcess:
-    """One process holding a GPU context; memory_used is None where the driver hides it."""
-
-    pid: int
-    name: str
-    memory_used: int | None
-
-
-@dataclass(frozen=True)
-class GpuReading:
-    """One GPU's state at one poll; every metric is None when that GPU cannot report it."""
-
-    index: int
-    name: str
-    uuid: str
-    memory_total: int | None
-    memory_used: int | None
-    utilization: int | None
-    temperature: int | None
-    power: float | None
-    power_limit: float | None
-    processes: tuple[GpuProcess, ...]
-
-    def to_wire(self) -> dict:
-        """Plain msgpack-ready dict; processes become a list because msgpack has no tuple."""
-        wire = asdict(self)
-        wire["processes"] = [asdict(process) for process in self.processes]
-        return wire
 
 
 class GpuBackend(Protocol):

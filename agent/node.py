@@ -11,11 +11,10 @@ import asyncio
 import logging
 import random
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
-from gpudeck.agent.gpus import GpuBackend, GpuReading
+from gpudeck.agent.gpus import GpuBackend
 from gpudeck.agent.procs import marker_of, of_cluster
 from gpudeck.agent.runner import JobRunner
 from gpudeck.agent.traffic_sink import TrafficSink
@@ -25,6 +24,7 @@ from gpudeck.protocol.framing import FrameError
 from gpudeck.protocol.messages import (
     Error, Forget, Kill, Launch, LogOffsets, Message, ProtocolError, Register, Telemetry,
 )
+from gpudeck.protocol.payloads import GpuReading
 from gpudeck.protocol.session import Connection, Refused, open_session
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ class Agent:
         address = conn.writer.get_extra_info("sockname")[0]
         await conn.send(Register(hostname=socket.gethostname(), address=address,
                                  simulated=getattr(self.backend, "simulated", False),
-                                 gpus=self._gpus_wire(), jobs=self.runner.report()))
+                                 gpus=self._readings(), jobs=self.runner.report()))
         for job in list(self.runner.jobs.values()):
             # Totals of attempts that ended while the coordinator was away go right behind the report.
             await self.runner.ship_traffic(job)
@@ -176,15 +176,13 @@ class Agent:
                 self.latest = await asyncio.to_thread(self.backend.read)
             except Exception:  # noqa: BLE001 - a broken reading must not stop the heartbeat
                 log.exception("reading the GPUs failed")
-            await self.send(Telemetry(gpus=self._gpus_wire()))
+            await self.send(Telemetry(gpus=self._readings()))
             await self.runner.ship_all()
             await asyncio.sleep(TELEMETRY_INTERVAL)
 
-    def _gpus_wire(self) -> list[dict[str, Any]]:
-        gpus = []
-        for reading in self.latest:
-            wire = reading.to_wire()
-            for process in wire["processes"]:
-                process["foreign"] = not of_cluster(marker_of(process["pid"]), self.config.token.cluster)
-            gpus.append(wire)
-        return gpus
+    def _readings(self) -> list[GpuReading]:
+        """The latest readings, each process marked foreign unless it is one of this cluster's ranks."""
+        cluster = self.config.token.cluster
+        return [replace(reading, processes=tuple(replace(p, foreign=not of_cluster(marker_of(p.pid), cluster))
+                                                 for p in reading.processes))
+                for reading in self.latest]

@@ -30,6 +30,7 @@ from gpudeck.agent.netif import interface_towards
 from gpudeck.agent.procs import MARKER, alive, run_marker, signal_all
 from gpudeck.agent.traffic_sink import TrafficSink
 from gpudeck.protocol.messages import JobExited, JobStarted, Launch, LogChunk, Message, Traffic
+from gpudeck.protocol.payloads import JobReport
 
 log = logging.getLogger(__name__)
 KILL_GRACE = 5.0
@@ -282,10 +283,10 @@ class JobRunner:
 
     # --- reporting -----------------------------------------------------------------------------
 
-    def report(self) -> list[dict[str, object]]:
+    def report(self) -> list[JobReport]:
         """What a (re)connecting agent tells the coordinator it holds."""
-        return [{"job": j.job, "attempt": j.attempt, "exit_code": j.exit_code, "detail": j.detail, "retry": j.retry,
-                 "failed_at": j.failed_at} for j in self.jobs.values()]
+        return [JobReport(job=j.job, attempt=j.attempt, exit_code=j.exit_code, detail=j.detail, retry=j.retry,
+                          failed_at=j.failed_at) for j in self.jobs.values()]
 
     def reconnected(self) -> None:
         """A new connection: the coordinator may have missed chunks, and says which (`resume_logs`)."""
@@ -293,14 +294,14 @@ class JobRunner:
         for job in self.jobs.values():
             job.sent_offsets.clear()
 
-    def resume_logs(self, sizes: dict[str, dict[str, int]]) -> None:
+    def resume_logs(self, sizes: dict[str, dict[int, int]]) -> None:
         """Continue each log where the coordinator's copy ends (a chunk sent twice would only land on
         the same bytes, but resending whole logs after every reconnect is a flood)."""
         for key, ranks in sizes.items():
             job_id, _, attempt = key.partition(":")
             job = self.jobs.get((int(job_id), int(attempt))) if job_id.isdigit() and attempt.isdigit() else None
             if job is not None:
-                job.sent_offsets = {int(rank): size for rank, size in ranks.items() if rank.lstrip("-").isdigit()}
+                job.sent_offsets = dict(ranks)
         self.logs_resumed.set()
 
     async def ship_logs(self, job: RunningJob) -> None:
@@ -321,8 +322,7 @@ class JobRunner:
     async def ship_traffic(self, job: RunningJob) -> None:
         totals = self.sink.totals(job.job, job.attempt)
         if totals:
-            await self.send(Traffic(job=job.job, attempt=job.attempt,
-                                    by_rank={str(rank): kinds for rank, kinds in totals.items()}))
+            await self.send(Traffic(job=job.job, attempt=job.attempt, by_rank=totals))
 
     async def ship_all(self) -> None:
         for job in list(self.jobs.values()):

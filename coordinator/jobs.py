@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 import random
 import re
-from typing import Any, Callable
+from typing import Callable
 
 from gpudeck.coordinator.registry import Registry
 from gpudeck.coordinator.scheduler import GpuSlot, JobRequest, NodeSlots, Placement, impossible_reason, schedule, validate_request
 from gpudeck.coordinator.store import AttemptNode, JobRow, Store
 from gpudeck.model import WORKLOADS, JobSpec, JobState, NodeState, format_duration
 from gpudeck.protocol.messages import Forget, Kill, Launch, Message
+from gpudeck.protocol.payloads import GpuReading, JobReport
 
 log = logging.getLogger(__name__)
 _RANK_DETAIL = re.compile(r"^rank (\d+) (.+)$")
@@ -33,13 +34,10 @@ def request_of(row: JobRow) -> JobRequest:
                       gpus_per_node=spec.gpus_per_node)
 
 
-def _gpu_slot(gpu: dict[str, Any], busy: dict[int, int]) -> GpuSlot:
-    foreign = [p for p in gpu.get("processes", []) if p.get("foreign")]
-    described = None
-    if foreign:
-        first = foreign[0]
-        described = f"{first.get('name') or 'process'} pid {first.get('pid')}"
-    return GpuSlot(index=gpu["index"], busy_job=busy.get(gpu["index"]), foreign=described)
+def _gpu_slot(gpu: GpuReading, busy: dict[int, int]) -> GpuSlot:
+    foreign = [p for p in gpu.processes if p.foreign]
+    described = f"{foreign[0].name or 'process'} pid {foreign[0].pid}" if foreign else None
+    return GpuSlot(index=gpu.index, busy_job=busy.get(gpu.index), foreign=described)
 
 
 def _launch_order(job_id: int, attempt: int, node_rank: int, nnodes: int, gpus: list[int], master_addr: str,
@@ -73,6 +71,10 @@ class JobControl:
         self.send = send
         self.clock = clock
         self.job_ports = job_ports
+        # What the last scheduling pass saw, so that the next can skip the jobs that already waited.
+        self._context: object = None
+        self._requests: dict[int, JobRequest] = {}  # a job's request never changes: built once
+        self._node_slots: dict[str, tuple[list[GpuReading], dict[int, int], NodeSlots]] = {}
 
     # --- submit and schedule -------------------------------------------------------------------
 
@@ -96,7 +98,7 @@ class JobControl:
                 continue
             link = self.registry.link(node.name)
             gpus = link.gpus if link else node.gpus
-            nodes.append(NodeSlots(node.name, tuple(GpuSlot(index=g["index"]) for g in gpus)))
+            nodes.append(NodeSlots(node.name, tuple(GpuSlot(index=g.index) for g in gpus)))
         return nodes
 
     def holding(self) -> list[AttemptNode]:
@@ -110,26 +112,59 @@ class JobControl:
             for index in share.gpus:
                 busy.setdefault(share.node, {})[index] = share.job
         draining = set(self.draining())
-        return [
-            NodeSlots(name, tuple(_gpu_slot(g, busy.get(name, {})) for g in link.gpus))
-            for name, link in sorted(self.registry.links.items())
-            if self.registry.states.get(name) is NodeState.UP and name not in draining
-        ]
+        return [self._slots_of(name, link.gpus, busy.get(name, {}))
+                for name, link in sorted(self.registry.links.items())
+                if self.registry.states.get(name) is NodeState.UP and name not in draining]
+
+    def _slots_of(self, name: str, gpus: list[GpuReading], busy: dict[int, int]) -> NodeSlots:
+        """A node's slots, rebuilt only when its readings or its jobs changed (passes come with
+        every submit; telemetry once a second)."""
+        cached = self._node_slots.get(name)
+        if cached is not None and cached[0] is gpus and cached[1] == busy:
+            return cached[2]
+        slots = NodeSlots(name, tuple(_gpu_slot(g, busy) for g in gpus))
+        self._node_slots[name] = (gpus, busy, slots)
+        return slots
 
     def draining(self) -> list[str]:
         return [node.name for node in self.store.nodes() if node.draining and node.state is not NodeState.DOWN]
 
-    def schedule(self) -> None:
-        pending = self.store.jobs((JobState.PENDING,))
-        if not pending:
-            return
-        decision = schedule(self.slots(), [request_of(row) for row in pending])
-        rows = {row.id: row for row in pending}
-        draining, fenced = self.draining(), self._fence_note()
+    def schedule(self) -> str:
+        """One scheduling pass; says which kind ("full", "new jobs", "none").
+
+        When what is free is as it was after the last pass (the same slots, draining nodes and fence
+        notes), the jobs that waited then still cannot start and their reasons still hold: only jobs
+        new to the queue are scheduled. A steady stream of submits to a full cluster then costs what
+        the new jobs cost, not what the queue holds; anything that frees or takes a GPU makes the
+        next pass a full one."""
+        slots, draining, fenced = self.slots(), self.draining(), self._fence_note()
+        context = (tuple(slots), tuple(draining), fenced)
+        newly = self.store.take_newly_pending()
+        if context == self._context:
+            kind = "new jobs"
+            fresh = [row for job_id in newly if (row := self.store.job(job_id)) and row.state is JobState.PENDING]
+        else:
+            kind = "full"
+            fresh = self.store.jobs((JobState.PENDING,))
+            if len(self._requests) > 2 * len(fresh) + 1000:
+                self._requests = {}
+        self._context = context
+        if not fresh:
+            return "none"
+        requests = []
+        for row in fresh:
+            if row.id not in self._requests:
+                self._requests[row.id] = request_of(row)
+            requests.append(self._requests[row.id])
+        decision = schedule(slots, requests)
+        rows = {row.id: row for row in fresh}
         self.store.set_reasons({job_id: _explained(rows[job_id], reason, draining) + fenced
                                 for job_id, reason in decision.reasons.items()})
         for placement in decision.placements:
             self._launch(rows[placement.job_id], placement)
+        if decision.placements:
+            self._context = None  # GPUs were taken: every waiting job's reason is due again
+        return kind
 
     def _fence_note(self) -> str:
         """What a pending job cannot see in the free GPUs: those of a lost node kept back until it
@@ -234,20 +269,15 @@ class JobControl:
             if share.exit_code is None:
                 self.send(share.node, Kill(job=job_id, attempt=attempt, reason=reason))
 
-    def reconcile(self, node: str, reported: list[dict[str, Any]]) -> None:
+    def reconcile(self, node: str, reported: list[JobReport]) -> None:
         """Adopt what a (re)connecting agent still runs; resend lost launches; count lost ranks."""
         held = set()
         for job in reported:
-            job_id, attempt, exit_code = job.get("job"), job.get("attempt"), job.get("exit_code")
-            if not isinstance(job_id, int) or not isinstance(attempt, int):
-                continue
-            held.add((job_id, attempt))
-            if isinstance(exit_code, int):
-                failed_at = job.get("failed_at")
-                self.exited(node, job_id, attempt, exit_code, str(job.get("detail", "")), job.get("retry") is True,
-                                  float(failed_at) if isinstance(failed_at, (int, float)) else None)
+            held.add((job.job, job.attempt))
+            if job.exit_code is not None:
+                self.exited(node, job.job, job.attempt, job.exit_code, job.detail, job.retry, job.failed_at)
             else:
-                self.started(node, job_id, attempt)
+                self.started(node, job.job, job.attempt)
         for share in self.store.open_attempt_nodes():
             if share.node != node or (share.job, share.attempt) in held:
                 continue

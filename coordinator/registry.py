@@ -8,9 +8,9 @@ judged here from heartbeats alone: an mDNS advert never makes or keeps a node up
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from gpudeck.model import NodeState
+from gpudeck.protocol.payloads import GpuReading
 from gpudeck.protocol.session import Connection
 
 SUSPECT_AFTER = 3.0
@@ -26,7 +26,7 @@ class AgentLink:
     address: str
     simulated: bool
     conn: Connection
-    gpus: list[dict[str, Any]]
+    gpus: list[GpuReading]
     last_seen: float
 
 

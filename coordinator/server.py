@@ -37,6 +37,7 @@ from gpudeck.protocol.messages import (
     Message,
     ProtocolError, ReadLogs, Register, Reply, ShowJob, Submit, Telemetry, Traffic, Update, Watch, Welcome,
 )
+from gpudeck.protocol.payloads import JobReport
 from gpudeck.protocol.session import HANDSHAKE_TIMEOUT, Connection
 
 log = logging.getLogger(__name__)
@@ -286,13 +287,8 @@ class Coordinator:
         self.wake.set()
         return link
 
-    def _log_sizes(self, held: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
-        sizes = {}
-        for job in held:
-            job_id, attempt = job.get("job"), job.get("attempt")
-            if isinstance(job_id, int) and isinstance(attempt, int):
-                sizes[f"{job_id}:{attempt}"] = {str(r): n for r, n in self.logs.sizes(job_id, attempt).items()}
-        return sizes
+    def _log_sizes(self, held: list[JobReport]) -> dict[str, dict[int, int]]:
+        return {f"{job.job}:{job.attempt}": self.logs.sizes(job.job, job.attempt) for job in held}
 
     async def _agent_message(self, link: AgentLink, message: Message) -> None:
         if self.registry.states.get(link.name) is NodeState.DOWN:
@@ -318,8 +314,7 @@ class Coordinator:
             except OSError as exc:
                 log.warning("could not store a log chunk of job %d: %s", message.job, exc.strerror)
         elif isinstance(message, Traffic):
-            by_rank = {int(rank): kinds for rank, kinds in message.by_rank.items() if rank.lstrip("-").isdigit()}
-            self.traffic.record(message.job, message.attempt, by_rank)
+            self.traffic.record(message.job, message.attempt, message.by_rank)
         else:
             link.conn.post(Error(message=f"an agent may not send {message.kind}", code="bad_message", req=None))
 
@@ -382,7 +377,7 @@ class Coordinator:
 
     def _job_views(self, rows: list[JobRow]) -> list[dict[str, Any]]:
         traffic = self.traffic.totals([row.id for row in rows])
-        return [job_view(row, traffic[row.id]) for row in rows]
+        return [job_view(row, traffic[row.id]).to_json() for row in rows]
 
     def _job(self, job_id: int) -> JobRow:
         row = self.store.job(job_id)
@@ -395,7 +390,7 @@ class Coordinator:
         for share in self.jobs.holding():
             jobs_on.setdefault(share.node, []).append(share.job)
         now = self.clock()
-        nodes = [node_view(n, self.registry, sorted(set(jobs_on.get(n.name, []))), now) for n in self.store.nodes()]
+        nodes = [node_view(n, self.registry, sorted(set(jobs_on.get(n.name, []))), now).to_json() for n in self.store.nodes()]
         joined = {n["name"] for n in nodes}
         unjoined = []
         for advert in self.discovery.adverts("agent") if self.discovery else []:
@@ -418,7 +413,6 @@ class Coordinator:
     def _read_logs(self, message: ReadLogs) -> dict[str, Any]:
         row = self._job(message.job)
         attempt = message.attempt if message.attempt is not None else row.attempt
-        offsets = {int(k): v for k, v in message.offsets.items() if k.lstrip("-").isdigit()}
-        chunks = self.logs.read(message.job, attempt, offsets, message.rank)
+        chunks = self.logs.read(message.job, attempt, message.offsets, message.rank)
         return {"attempt": attempt, "state": row.state.value, "finished": row.state.finished,
                 "chunks": {str(rank): data for rank, data in chunks.items()}}

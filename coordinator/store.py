@@ -3,8 +3,8 @@
 Durability: WAL with synchronous=FULL, so a job is on disk when its id is returned and a launch is on
 disk before it is sent. Every write is one short transaction; the coordinator is the one writer.
 
-Because it is the one writer, the store keeps every unfinished job in memory as well, refreshed by
-its own writes: the control loop reads the queue (thousands of pending jobs) every tick without a
+Because it is the one writer, the store keeps every node and every unfinished job in memory as
+well, refreshed by its own writes: the control loop reads the queue (thousands of pending jobs) every tick without a
 query, and learns which jobs changed (`take_changed`) without comparing them all. Scripts are loaded
 only where they are sent (`script`), never with a row.
 """
@@ -21,6 +21,8 @@ from typing import Any
 import sqlite_utils
 
 from gpudeck.model import JobSpec, JobState, NodeState, check_transition
+from gpudeck.protocol.payloads import GpuReading
+from gpudeck.protocol.values import ShapeError, plain, typed
 
 Hosts = list[tuple[str, list[int]]]
 _BATCH = 500  # ids per IN (...) query, well under SQLite's limit on parameters
@@ -70,7 +72,7 @@ class NodeRow:
     hostname: str
     address: str
     simulated: bool
-    gpus: list[dict[str, Any]]
+    gpus: list[GpuReading]  # the last readings it sent
     state: NodeState
     draining: bool
     joined_at: float
@@ -88,9 +90,13 @@ class Store:
         conn.execute("PRAGMA foreign_keys=ON")
         self.db = sqlite_utils.Database(conn)
         self._create()
+        # In id order: loaded so, and new jobs have higher ids (a refreshed row keeps its place).
         self._unfinished: dict[int, JobRow] = {row.id: row for row in self._load("j.state in (?, ?, ?)", [
             JobState.PENDING.value, JobState.STARTING.value, JobState.RUNNING.value])}
         self._changed: set[int] = set()
+        self._newly_pending: list[int] = list(self._unfinished)
+        self._nodes: dict[str, NodeRow] = {row["name"]: _node_row(row) for row in self.db["nodes"].rows}
+        self._open_shares: list[AttemptNode] | None = None
 
     def _create(self) -> None:
         db = self.db
@@ -123,14 +129,15 @@ class Store:
     # --- nodes ---------------------------------------------------------------------------------
 
     def upsert_node(self, name: str, hostname: str, address: str, simulated: bool,
-                    gpus: list[dict[str, Any]], now: float) -> None:
+                    gpus: list[GpuReading], now: float) -> None:
         existing = self.node(name)
         with self._tx():
             self.db["nodes"].upsert({
                 "name": name, "hostname": hostname, "address": address, "simulated": int(simulated),
-                "gpus": json.dumps(gpus), "state": NodeState.UP.value,
+                "gpus": json.dumps(plain(gpus)), "state": NodeState.UP.value,
                 "joined_at": existing.joined_at if existing else now, "last_seen": now,
             }, pk="name")
+        self._refresh_node(name)
 
     def set_node_state(self, name: str, state: NodeState, last_seen: float | None = None) -> None:
         updates: dict[str, Any] = {"state": state.value}
@@ -138,17 +145,24 @@ class Store:
             updates["last_seen"] = last_seen
         with self._tx():
             self.db["nodes"].update(name, updates)
+        self._refresh_node(name)
 
     def set_draining(self, name: str, on: bool) -> None:
         with self._tx():
             self.db["nodes"].update(name, {"draining": int(on)})
+        self._refresh_node(name)
 
     def node(self, name: str) -> NodeRow | None:
-        rows = list(self.db["nodes"].rows_where("name = ?", [name]))
-        return _node_row(rows[0]) if rows else None
+        return self._nodes.get(name)
 
     def nodes(self) -> list[NodeRow]:
-        return [_node_row(r) for r in self.db["nodes"].rows_where(order_by="name")]
+        """Every node that ever joined, by name; from memory (every write refreshes it)."""
+        return [self._nodes[name] for name in sorted(self._nodes)]
+
+    def _refresh_node(self, name: str) -> None:
+        rows = list(self.db["nodes"].rows_where("name = ?", [name]))
+        if rows:
+            self._nodes[name] = _node_row(rows[0])
 
     # --- jobs ----------------------------------------------------------------------------------
 
@@ -172,7 +186,7 @@ class Store:
     def jobs(self, states: tuple[JobState, ...] | None = None) -> list[JobRow]:
         """Jobs in id order; unfinished ones come from memory, without a query."""
         if states and not any(state.finished for state in states):
-            return sorted((row for row in self._unfinished.values() if row.state in states), key=lambda row: row.id)
+            return [row for row in self._unfinished.values() if row.state in states]
         if states:
             marks = ",".join("?" * len(states))
             return self._load(f"j.state in ({marks})", [s.value for s in states])
@@ -183,6 +197,11 @@ class Store:
         ids = [row[0] for row in self.db.conn.execute("SELECT id FROM jobs WHERE id > ? ORDER BY id LIMIT ?",
                                                       [after, limit])]
         return self._load("j.id >= ? AND j.id <= ?", [ids[0], ids[-1]]) if ids else []
+
+    def take_newly_pending(self) -> list[int]:
+        """Jobs that became pending (submitted or requeued) since the last call, in that order."""
+        ids, self._newly_pending = self._newly_pending, []
+        return ids
 
     def take_changed(self) -> list[JobRow]:
         """Jobs written since the last call (their current rows), in id order."""
@@ -237,10 +256,13 @@ class Store:
         rows = {row.id: row for row in self._load(f"j.id in ({','.join('?' * len(job_ids))})", job_ids)}
         for job_id in job_ids:
             row = rows.get(job_id)
+            before = self._unfinished.get(job_id)
             if row is None or row.state.finished:
                 self._unfinished.pop(job_id, None)
             else:
                 self._unfinished[job_id] = row
+                if row.state is JobState.PENDING and (before is None or before.state is not JobState.PENDING):
+                    self._newly_pending.append(job_id)
         self._changed.update(job_ids)
 
     def _load(self, where: str, params: list[Any]) -> list[JobRow]:
@@ -260,6 +282,7 @@ class Store:
     def start_attempt(self, job_id: int, attempt: int, hosts: Hosts, master_addr: str, master_port: int,
                       now: float) -> None:
         """Store a placement before any launch is sent, so a restart knows what may be running."""
+        self._open_shares = None
         with self._tx():
             self._check_transition(job_id, JobState.STARTING)
             self.db["attempts"].insert({"job": job_id, "attempt": attempt, "master_addr": master_addr,
@@ -283,9 +306,12 @@ class Store:
         return [_attempt_node(r) for r in rows]
 
     def open_attempt_nodes(self) -> list[AttemptNode]:
-        """Shares of attempts whose ranks have not been reported ended: they hold their GPUs."""
-        rows = self.db["attempt_nodes"].rows_where("exit_code IS NULL", order_by="job, attempt, node_rank")
-        return [_attempt_node(row) for row in rows]
+        """Shares of attempts whose ranks have not been reported ended: they hold their GPUs. Read
+        several times a tick; kept until a write to the shares."""
+        if self._open_shares is None:
+            rows = self.db["attempt_nodes"].rows_where("exit_code IS NULL", order_by="job, attempt, node_rank")
+            self._open_shares = [_attempt_node(row) for row in rows]
+        return list(self._open_shares)
 
     def open_master_ports(self, master_addr: str) -> set[int]:
         """Rendezvous ports in use on one address by attempts that still hold GPUs."""
@@ -294,6 +320,7 @@ class Store:
         return {row["master_port"] for row in self.db.query(sql, [master_addr])}
 
     def mark_started(self, job_id: int, attempt: int, node: str) -> None:
+        self._open_shares = None
         with self._tx():
             self.db.conn.execute("UPDATE attempt_nodes SET started = 1 WHERE job = ? AND attempt = ? AND node = ?",
                                  [job_id, attempt, node])
@@ -301,6 +328,7 @@ class Store:
     def fence(self, job_id: int, attempt: int, node: str, until: float) -> bool:
         """Mark a lost node's share as given up but maybe still running; False if it already was,
         or its exit is recorded."""
+        self._open_shares = None
         with self._tx():
             cur = self.db.conn.execute(
                 "UPDATE attempt_nodes SET fenced_until = ? WHERE job = ? AND attempt = ? AND node = ? "
@@ -309,6 +337,7 @@ class Store:
 
     def record_exit(self, job_id: int, attempt: int, node: str, exit_code: int) -> bool:
         """Record one node's exit once; False when it was already recorded (a repeated report)."""
+        self._open_shares = None
         with self._tx():
             cur = self.db.conn.execute(
                 "UPDATE attempt_nodes SET exit_code = ? WHERE job = ? AND attempt = ? AND node = ? AND exit_code IS NULL",
@@ -423,8 +452,16 @@ def _job_row(row: dict[str, Any], hosts: Hosts) -> JobRow:
 
 def _node_row(row: dict[str, Any]) -> NodeRow:
     return NodeRow(name=row["name"], hostname=row["hostname"], address=row["address"],
-                   simulated=bool(row["simulated"]), gpus=json.loads(row["gpus"] or "[]"),
+                   simulated=bool(row["simulated"]), gpus=_readings(row["gpus"]),
                    state=NodeState(row["state"]), draining=bool(row["draining"]), joined_at=row["joined_at"], last_seen=row["last_seen"])
+
+
+def _readings(text: str | None) -> list[GpuReading]:
+    """A node's stored readings; ones this version cannot read are only not shown until it reports."""
+    try:
+        return typed(json.loads(text or "[]"), list[GpuReading], "gpus")
+    except (ShapeError, ValueError):
+        return []
 
 
 def _attempt_node(row: dict[str, Any]) -> AttemptNode:

@@ -15,6 +15,7 @@ import asyncio
 import logging
 from typing import Any
 
+from gpudeck.protocol.framing import encode_frame
 from gpudeck.protocol.messages import Update
 from gpudeck.protocol.session import Connection
 
@@ -63,27 +64,37 @@ def merge_updates(older: dict[str, Any], newer: dict[str, Any]) -> dict[str, Any
     return merged
 
 
+def encode_update(update: dict[str, Any]) -> list[bytes]:
+    return [encode_frame(Update(data=piece).to_wire()) for piece in split_update(update)]
+
+
 class Watcher:
     """One watching connection: at most one update waits for its socket, merged with newer ones."""
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.pending: dict[str, Any] | None = None
+        self._frames: list[bytes] | None = None  # `pending` encoded, while it is one broadcast unmerged
         self._ready = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._deliver())
 
-    def offer(self, update: dict[str, Any]) -> None:
-        self.pending = update if self.pending is None else merge_updates(self.pending, update)
+    def offer(self, update: dict[str, Any], frames: list[bytes]) -> None:
+        if self.pending is None:
+            self.pending, self._frames = update, frames
+        else:
+            self.pending, self._frames = merge_updates(self.pending, update), None
         self._ready.set()
 
     async def _deliver(self) -> None:
         while True:
             await self._ready.wait()
             self._ready.clear()
-            update, self.pending = self.pending, None
+            update, frames, self.pending, self._frames = self.pending, self._frames, None, None
             if update is None:
                 continue
-            if not all(self.conn.post(Update(data=piece)) for piece in split_update(update)):
+            if frames is None:
+                frames = encode_update(update)
+            if not all(self.conn.post_frame(frame) for frame in frames):
                 return
             await self.conn.flushed()
             if self.conn.cut_off is not None:
@@ -137,9 +148,10 @@ class Publisher:
         return update if len(update) > 1 else None
 
     def broadcast(self, update: dict[str, Any]) -> None:
-        """Hand the update to every watcher; returns at once whatever their sockets do."""
+        """Hand the update to every watcher, encoded once; returns at once whatever their sockets do."""
+        frames = encode_update(update)
         for conn, watcher in list(self.watchers.items()):
             if watcher.gone:
                 del self.watchers[conn]
             else:
-                watcher.offer(update)
+                watcher.offer(update, frames)

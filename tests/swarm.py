@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import signal
 import socket
 
@@ -28,6 +29,7 @@ from gpudeck.protocol.framing import HEADER, decode_body, encode_frame
 from gpudeck.protocol.messages import (
     PROTOCOL_VERSION, Hello, JobExited, JobStarted, Kill, Launch, Register, Telemetry, Watch,
 )
+from gpudeck.protocol.payloads import GpuReading
 from gpudeck.protocol.session import Connection, open_session, split_address
 
 TELEMETRY_INTERVAL = 1.0
@@ -45,8 +47,9 @@ class SwarmAgent:
                 self.backend.assign(index, [os.getpid()])
         self.running: dict[tuple[int, int], tuple[asyncio.Task[None] | None, list[int]]] = {}
 
-    async def run(self, host: str, port: int, token: JoinToken) -> None:
-        conn, _ = await open_session(host, port, token, "agent", self.name)
+    async def run(self, host: str, port: int, token: JoinToken, handshakes: asyncio.Semaphore) -> None:
+        async with handshakes:
+            conn, _ = await open_session(host, port, token, "agent", self.name)
         await conn.send(Register(hostname=socket.gethostname(), address="127.0.0.1", simulated=True,
                                  gpus=self._gpus(), jobs=[]))
         beat = asyncio.create_task(self._telemetry(conn))
@@ -59,12 +62,8 @@ class SwarmAgent:
         finally:
             beat.cancel()
 
-    def _gpus(self) -> list[dict]:
-        gpus = [reading.to_wire() for reading in self.backend.read()]
-        for gpu in gpus:
-            for process in gpu["processes"]:
-                process["foreign"] = False
-        return gpus
+    def _gpus(self) -> list[GpuReading]:
+        return self.backend.read()  # processes are this swarm's own: not foreign
 
     async def _telemetry(self, conn: Connection) -> None:
         while True:
@@ -82,7 +81,7 @@ class SwarmAgent:
         await conn.send(JobStarted(job=order.job, attempt=order.attempt, pid=os.getpid()))
 
     async def _finish_later(self, conn: Connection, key: tuple[int, int]) -> None:
-        await asyncio.sleep(self.run_for or 0.0)
+        await asyncio.sleep((self.run_for or 0.0) * random.uniform(0.5, 1.5))  # jobs end spread out
         await self._end(conn, key, 0, "")
 
     async def _end(self, conn: Connection, key: tuple[int, int], code: int, detail: str) -> None:
@@ -102,7 +101,10 @@ async def run_swarm(address: str, token: str, agents: int, gpus: int, prefix: st
     host, port = split_address(address)
     join = JoinToken.parse(token)
     swarm = [SwarmAgent(f"{prefix}{index:02d}", gpus, run_for, busy) for index in range(agents)]
-    await asyncio.gather(*(agent.run(host, port, join) for agent in swarm))
+    # From one address, at most 16 connections may wait to prove the token (the admission gate):
+    # agents join a few at a time, as agents on many machines would.
+    handshakes = asyncio.Semaphore(4)
+    await asyncio.gather(*(agent.run(host, port, join, handshakes) for agent in swarm))
 
 
 def watcher(address: str, token: str, keep_reading: bool) -> None:
@@ -151,7 +153,7 @@ def main() -> None:
     parser.add_argument("--agents", type=int, default=16)
     parser.add_argument("--gpus", type=int, default=8)
     parser.add_argument("--prefix", default="swarm-")
-    parser.add_argument("--run-for", type=float, default=None, help="seconds a launched job runs (default: until killed)")
+    parser.add_argument("--run-for", type=float, default=None, help="seconds a launched job runs on average, spread over half to one and a half times that (default: until killed)")
     parser.add_argument("--busy", action="store_true",
                         help="GPUs report load from the start, so every reading changes every second")
     parser.add_argument("--watcher", choices=("stuck", "reading"),

@@ -25,6 +25,7 @@ from gpudeck.agent.gpus import (
     _open_nvml,
     open_backend,
 )
+from gpudeck.protocol.messages import Telemetry, decode
 
 WIRE_FIELDS = {
     "index",
@@ -128,7 +129,7 @@ def test_simulated_assign_and_read_from_different_threads() -> None:
 # --- wire format and the other backends --------------------------------------------------------
 
 
-def test_to_wire_has_exactly_the_field_names() -> None:
+def test_a_reading_on_the_wire_has_exactly_the_field_names() -> None:
     reading = GpuReading(
         index=0,
         name="n",
@@ -141,17 +142,18 @@ def test_to_wire_has_exactly_the_field_names() -> None:
         power_limit=None,
         processes=(GpuProcess(12, "python", None),),
     )
-    wire = reading.to_wire()
+    (wire,) = Telemetry(gpus=[reading]).to_wire()["gpus"]
     assert set(wire) == WIRE_FIELDS == {f.name for f in fields(GpuReading)}
-    assert wire["processes"] == [{"pid": 12, "name": "python", "memory_used": None}]
+    assert wire["processes"] == [{"pid": 12, "name": "python", "memory_used": None, "foreign": False}]
     assert wire["memory_used"] is None and wire["power"] == 1.5
 
 
-def test_to_wire_of_simulated_reading_is_plain() -> None:
+def test_a_simulated_reading_goes_on_the_wire_as_plain_data() -> None:
     backend = SimulatedBackend(1, seed=2)
     backend.assign(0, [os.getpid()])
-    wire = backend.read()[0].to_wire()
+    wire = Telemetry(gpus=backend.read()).to_wire()["gpus"][0]
     assert isinstance(wire["processes"], list) and isinstance(wire["processes"][0], dict)
+    assert decode(Telemetry(gpus=backend.read()).to_wire()).gpus[0].processes[0].pid == os.getpid()
 
 
 def test_empty_backend() -> None:

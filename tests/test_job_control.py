@@ -18,6 +18,7 @@ from gpudeck.coordinator.registry import DOWN_AFTER, SUSPECT_AFTER, AgentLink, R
 from gpudeck.coordinator.store import JobRow, Store
 from gpudeck.model import IllegalTransition, JobSpec, JobState, NodeState
 from gpudeck.protocol.messages import Forget, Kill, Launch, Message
+from gpudeck.protocol.payloads import GpuReading, JobReport
 
 PORTS = (31000, 31009)
 
@@ -83,9 +84,9 @@ class Deck:
             self.control.started(node, job_id, row.attempt)
 
 
-def gpu_reading(index: int) -> dict[str, Any]:
-    return {"index": index, "name": "Simulated GPU", "uuid": f"SIM-{index}", "memory_total": 1, "memory_used": 0,
-            "utilization": 0, "temperature": 30, "power": 1.0, "power_limit": 2.0, "processes": []}
+def gpu_reading(index: int) -> GpuReading:
+    return GpuReading(index=index, name="Simulated GPU", uuid=f"SIM-{index}", memory_total=1, memory_used=0,
+                      utilization=0, temperature=30, power=1.0, power_limit=2.0)
 
 
 @pytest.fixture
@@ -234,12 +235,12 @@ def test_a_restarted_coordinator_adopts_running_ranks_and_resends_lost_launches(
     deck.restart()
     ran_on = deck.job(running).hosts[0][0]
     waits_on = deck.job(unstarted).hosts[0][0]
-    deck.control.reconcile(ran_on, [{"job": running, "attempt": 1, "exit_code": None}])
+    deck.control.reconcile(ran_on, [JobReport(job=running, attempt=1)])
     deck.control.reconcile(waits_on, [])
     assert deck.job(running).state is JobState.RUNNING and not deck.taken(Kill)
     assert [(node, m.job) for node, m in deck.taken(Launch)] == [(waits_on, unstarted)], \
         "a launch the agent never received is sent again"
-    deck.control.reconcile(waits_on, [{"job": 77, "attempt": 3, "exit_code": None}])
+    deck.control.reconcile(waits_on, [JobReport(job=77, attempt=3)])
     assert [(node, m.job) for node, m in deck.taken(Kill)] == [(waits_on, 77)], "ranks nobody wants are killed"
 
 
@@ -277,3 +278,22 @@ def test_registry_suspect_then_down_then_up_again():
     registry.attach(AgentLink(name="n", hostname="n", address="a", simulated=True, conn=None, gpus=[],  # type: ignore[arg-type]
                               last_seen=10_001))
     assert registry.tick(10_001) == [("n", NodeState.UP)]
+
+
+def test_a_pass_with_nothing_freed_schedules_only_new_jobs_and_reasons_stay_true(tmp_path: Path):
+    deck = Deck(tmp_path / "gpudeck.db", {"node-a": 2})
+    first = deck.submit(gpus=1)
+    assert deck.control.schedule() == "full"
+    big = deck.submit(gpus=2)
+    assert deck.control.schedule() == "full", "the first placement took a GPU"
+    assert deck.job(big).reason == "needs 2 GPUs; 1 is free on 1 node (node-a 1)"
+    assert deck.control.schedule() == "none"
+    small = deck.submit(gpus=1)
+    assert deck.control.schedule() == "new jobs"
+    assert deck.job(small).state is JobState.STARTING, "a new job that fits starts without a full pass"
+    assert deck.control.schedule() == "full", "its placement took a GPU: every reason is due again"
+    assert deck.job(big).reason == "needs 2 GPUs; none are free"
+    deck.start_all(first)
+    deck.control.exited("node-a", first, 1, 0, "")
+    assert deck.control.schedule() == "full", "a GPU was freed"
+    assert deck.job(big).reason == "needs 2 GPUs; 1 is free on 1 node (node-a 1)"

@@ -26,6 +26,7 @@ from gpudeck.config import Endpoint
 from gpudeck.model import JobSpec
 from gpudeck.protocol import auth
 from gpudeck.protocol.messages import Cancel, Drain, ListNodes, ReadLogs, Submit, Watch
+from gpudeck.protocol.payloads import JobView
 from gpudeck.protocol.session import ClientSession, Refused
 
 BACKOFF = (0.5, 1.0, 2.0, 3.0, 5.0)
@@ -223,13 +224,8 @@ class RecordedLink:
     async def submit(self, spec: JobSpec) -> dict[str, Any]:
         self.sent.append(spec)
         job_id = max((j["id"] for j in self.snapshot["jobs"]), default=0) + 1
-        job = {"id": job_id, "name": spec.name, "state": "pending", "reason": "waiting for the scheduler",
-               "nodes": [], "gpus": spec.gpus or (spec.nodes or 0) * (spec.gpus_per_node or 0), "placement": [],
-               "request": {"gpus": spec.gpus, "nodes": spec.nodes, "gpus_per_node": spec.gpus_per_node},
-               "command": [spec.script_name or f"--workload {spec.workload}", *spec.args],
-               "priority": spec.priority, "time_limit": spec.time_limit, "max_restarts": spec.max_restarts,
-               "restarts": 0, "attempt": 1, "exit_code": None, "submitted_at": self.snapshot["time"],
-               "started_at": None, "ended_at": None, "traffic": {"by_kind": {}, "by_rank": {}}}
+        job = JobView.build(job_id, spec, state="pending", reason="waiting for the scheduler",
+                            submitted_at=self.snapshot["time"]).to_json()
         self.snapshot["jobs"].append(job)
         return copy.deepcopy(job)
 

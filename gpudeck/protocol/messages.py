@@ -9,9 +9,11 @@ its shape. Anything else is a `ProtocolError`, answered to the peer, never a cra
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
-from typing import Any, ClassVar, Union, get_args, get_origin
+from typing import Any, ClassVar
+
+from gpudeck.protocol.payloads import GpuReading, JobReport, TrafficByRank
+from gpudeck.protocol.values import ShapeError, plain, typed_fields
 
 PROTOCOL_VERSION = 3
 
@@ -26,7 +28,7 @@ class Message:
     kind: ClassVar[str]
 
     def to_wire(self) -> dict[str, Any]:
-        body = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        body = plain(self)
         body["kind"] = self.kind
         return body
 
@@ -46,46 +48,17 @@ def message(kind: str):  # noqa: ANN201 - decorator
     return register
 
 
-def _type_ok(value: Any, annotation: Any) -> bool:
-    if annotation is Any:
-        return True
-    origin = get_origin(annotation)
-    if origin in (Union, types.UnionType):
-        return any(_type_ok(value, arg) for arg in get_args(annotation))
-    if annotation is type(None):
-        return value is None
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if origin is list:
-        (item,) = get_args(annotation) or (Any,)
-        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
-    if origin is dict:
-        key, item = get_args(annotation) or (Any, Any)
-        return isinstance(value, dict) and all(_type_ok(k, key) and _type_ok(v, item) for k, v in value.items())
-    return isinstance(value, origin or annotation)
-
-
 def decode(body: dict[str, Any]) -> Message:
-    """Turn a frame body into its typed message, or raise `ProtocolError` saying what is wrong."""
+    """Turn a frame body into its typed message, or raise `ProtocolError` saying what is wrong.
+    Nested payloads (GPU readings, job reports, traffic by rank) are built here too (see `values`)."""
     kind = body.get("kind")
     cls = REGISTRY.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise ProtocolError(f"unknown message kind {kind!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    extra = set(body) - names - {"kind"}
-    if extra:
-        raise ProtocolError(f"{kind}: unknown field {sorted(map(str, extra))[0]!r}")
-    values = {}
-    for name in names:
-        if name not in body:
-            raise ProtocolError(f"{kind}: missing field {name!r}")
-        if not _type_ok(body[name], hints[name]):
-            raise ProtocolError(f"{kind}: field {name!r} has the wrong type ({type(body[name]).__name__})")
-        values[name] = body[name]
-    return cls(**values)
+    try:
+        return cls(**typed_fields(cls, {k: v for k, v in body.items() if k != "kind"}, ""))
+    except ShapeError as exc:
+        raise ProtocolError(f"{kind}: {exc}") from None
 
 
 # --- handshake -------------------------------------------------------------------------------
@@ -126,15 +99,15 @@ class Register(Message):
     hostname: str
     address: str
     simulated: bool
-    gpus: list[dict[str, Any]]
-    jobs: list[dict[str, Any]]  # {"job", "attempt", "exit_code": int | None}
+    gpus: list[GpuReading]
+    jobs: list[JobReport]
 
 
 @message("telemetry")
 class Telemetry(Message):
     """GPU readings, once a second; also the agent's heartbeat."""
 
-    gpus: list[dict[str, Any]]
+    gpus: list[GpuReading]
 
 
 @message("job_started")
@@ -170,11 +143,11 @@ class LogChunk(Message):
 
 @message("traffic")
 class Traffic(Message):
-    """Cumulative payload bytes of one job attempt's ranks on this node: rank -> kind -> bytes."""
+    """Cumulative payload bytes of one job attempt's ranks on this node."""
 
     job: int
     attempt: int
-    by_rank: dict[str, dict[str, int]]
+    by_rank: TrafficByRank
 
 
 # --- coordinator to agent ----------------------------------------------------------------------
@@ -210,7 +183,7 @@ class LogOffsets(Message):
     """After a register: how many bytes of each held attempt's logs the coordinator already has,
     keyed "job:attempt" then rank, so a reconnecting agent sends only the rest."""
 
-    sizes: dict[str, dict[str, int]]
+    sizes: dict[str, dict[int, int]]
 
 
 @message("forget")
@@ -259,13 +232,13 @@ class Cancel(Message):
 
 @message("read_logs")
 class ReadLogs(Message):
-    """Log bytes of one attempt (None: the latest) from per-rank offsets (rank as a string key)."""
+    """Log bytes of one attempt (None: the latest) from per-rank offsets."""
 
     req: int
     job: int
     attempt: int | None
     rank: int | None
-    offsets: dict[str, int]
+    offsets: dict[int, int]
 
 
 @message("watch")

@@ -76,7 +76,12 @@ class Connection:
         """Queue a message for the writer task; False (and the peer cut off) when it cannot be."""
         if self.cut_off is not None or self.writer.is_closing():
             return False
-        frame = encode_frame(message.to_wire())
+        return self.post_frame(encode_frame(message.to_wire()))
+
+    def post_frame(self, frame: bytes) -> bool:
+        """`post` for a frame already encoded (one update encoded once for every watcher)."""
+        if self.cut_off is not None or self.writer.is_closing():
+            return False
         if self._queued + len(frame) > OUTBOX_LIMIT:
             self._cut_off(f"it left {self._queued + len(frame)} bytes unread (the limit is {OUTBOX_LIMIT})")
             return False

@@ -6,22 +6,27 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from gpudeck.model import JobSpec
+from gpudeck.protocol.payloads import GpuProcess, GpuReading, JobView, NodeView
+from gpudeck.protocol.values import plain
+
 GIB = 1 << 30
 T0 = 1_767_225_600.0  # 2026-01-01 00:00:00 UTC
 
 
 def gpu(index: int, util: int | None, used_gib: float | None, temp: float | None, power: float | None,
         processes: list[dict[str, Any]] | None = None, name: str = "Simulated GPU") -> dict[str, Any]:
-    return {"index": index, "name": name, "uuid": f"SIM-{index}", "memory_total": 80 * GIB,
-            "memory_used": None if used_gib is None else int(used_gib * GIB), "utilization": util,
-            "temperature": temp, "power": power, "power_limit": 700.0, "processes": processes or []}
+    return plain(GpuReading(index=index, name=name, uuid=f"SIM-{index}", memory_total=80 * GIB,
+                            memory_used=None if used_gib is None else int(used_gib * GIB), utilization=util,
+                            temperature=temp, power=power, power_limit=700.0,
+                            processes=tuple(GpuProcess(**p) for p in processes or [])))
 
 
 def node(name: str, gpus: list[dict[str, Any]], state: str = "up", simulated: bool = True, address: str = "10.0.0.1",
          jobs: list[int] | None = None, draining: bool = False, age: float = 0.4) -> dict[str, Any]:
-    return {"name": name, "state": state, "draining": draining, "simulated": simulated, "hostname": name,
-            "address": address, "connected": state != "down", "last_heartbeat_age": age, "jobs": jobs or [],
-            "gpus": gpus}
+    return NodeView.from_json({"name": name, "state": state, "draining": draining, "simulated": simulated,
+                               "hostname": name, "address": address, "connected": state != "down",
+                               "last_heartbeat_age": age, "jobs": jobs or [], "gpus": gpus}).to_json()
 
 
 def job(job_id: int, name: str, state: str, placement: list[tuple[str, list[int]]] | None = None,
@@ -29,20 +34,13 @@ def job(job_id: int, name: str, state: str, placement: list[tuple[str, list[int]
         started: float | None = None, ended: float | None = None, exit_code: int | None = None,
         attempt: int = 1, priority: int = 0, by_rank: dict[str, dict[str, int]] | None = None,
         command: list[str] | None = None) -> dict[str, Any]:
-    placement = placement or []
-    by_rank = by_rank or {}
-    by_kind: dict[str, int] = {}
-    for kinds in by_rank.values():
-        for kind, count in kinds.items():
-            by_kind[kind] = by_kind.get(kind, 0) + count
-    return {"id": job_id, "name": name, "state": state, "reason": reason, "nodes": [n for n, _ in placement],
-            "gpus": gpus if gpus is not None else (nodes or 0) * (per_node or 0),
-            "placement": [{"node": n, "node_rank": r, "gpus": g} for r, (n, g) in enumerate(placement)],
-            "request": {"gpus": gpus, "nodes": nodes, "gpus_per_node": per_node},
-            "command": command or [f"{name}.py", "--epochs", "3"], "priority": priority, "time_limit": None,
-            "max_restarts": 0, "restarts": 0, "attempt": attempt, "exit_code": exit_code,
-            "submitted_at": T0 - 600 + job_id, "started_at": started, "ended_at": ended,
-            "traffic": {"by_kind": dict(sorted(by_kind.items())), "by_rank": by_rank}}
+    """A job's view as the coordinator builds it (`JobView.build`), from a spec like the one submitted."""
+    script, *args = command or [f"{name}.py", "--epochs", "3"]
+    spec = JobSpec(name=name, gpus=gpus, nodes=nodes, gpus_per_node=per_node, priority=priority,
+                   script_name=script, script=b"#", args=args)
+    return JobView.build(job_id, spec, state=state, submitted_at=T0 - 600 + job_id, reason=reason,
+                         hosts=placement or [], attempt=attempt, exit_code=exit_code, started_at=started,
+                         ended_at=ended, traffic={int(rank): kinds for rank, kinds in (by_rank or {}).items()}).to_json()
 
 
 STEP = 8320 * 10  # bytes one rank all-reduces per second in the recorded DDP job

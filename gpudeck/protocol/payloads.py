@@ -1,0 +1,160 @@
+"""The values inside messages and replies, each declared once: GPU readings, what an agent holds,
+traffic by rank, and the node and job views clients see.
+
+Agents build `GpuReading` and `JobReport`; `messages.decode` rebuilds them on the coordinator; the
+coordinator builds `NodeView` and `JobView`, whose `to_json` is the `--json` output of the command
+line (a contract: field names do not change), the data the dashboard renders, and the recorded data
+of the dashboard's tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from gpudeck.model import JobSpec
+
+from gpudeck.protocol.values import plain, typed
+
+TrafficByRank = dict[int, dict[str, int]]
+"""Payload bytes: rank -> kind of operation (all_reduce, send, ...) -> bytes."""
+
+
+@dataclass(frozen=True)
+class GpuProcess:
+    """One process holding a GPU context; memory_used is None where the driver hides it. `foreign`:
+    not started by this cluster (a process the scheduler must not put a job next to)."""
+
+    pid: int
+    name: str
+    memory_used: int | None
+    foreign: bool = False
+
+
+@dataclass(frozen=True)
+class GpuReading:
+    """One GPU's state at one poll; every metric is None when that GPU cannot report it."""
+
+    index: int
+    name: str
+    uuid: str
+    memory_total: int | None
+    memory_used: int | None
+    utilization: int | None
+    temperature: int | float | None
+    power: float | None
+    power_limit: float | None
+    processes: tuple[GpuProcess, ...] = ()
+
+
+@dataclass(frozen=True)
+class JobReport:
+    """One job attempt an agent holds, in its register: running (exit_code None) or ended while the
+    coordinator was away, with what it would have said in `job_exited`."""
+
+    job: int
+    attempt: int
+    exit_code: int | None = None
+    detail: str = ""
+    retry: bool = False
+    failed_at: float | None = None
+
+
+@dataclass(frozen=True)
+class TrafficView:
+    by_kind: dict[str, int]
+    by_rank: TrafficByRank
+
+    @classmethod
+    def of(cls, by_rank: TrafficByRank) -> "TrafficView":
+        by_kind: dict[str, int] = {}
+        for kinds in by_rank.values():
+            for kind, count in kinds.items():
+                by_kind[kind] = by_kind.get(kind, 0) + count
+        return cls(by_kind=dict(sorted(by_kind.items())),
+                   by_rank={rank: dict(sorted(kinds.items())) for rank, kinds in sorted(by_rank.items())})
+
+
+@dataclass(frozen=True)
+class PlacementView:
+    node: str
+    node_rank: int
+    gpus: list[int]
+
+
+@dataclass(frozen=True)
+class RequestView:
+    gpus: int | None
+    nodes: int | None
+    gpus_per_node: int | None
+
+
+@dataclass(frozen=True)
+class JobView:
+    """A job as `gpudeck jobs --json`, `show --json`, `submit --json` and the dashboard see it."""
+
+    id: int
+    name: str
+    state: str
+    reason: str
+    nodes: list[str]
+    gpus: int
+    placement: list[PlacementView]
+    request: RequestView
+    command: list[str]
+    priority: int
+    time_limit: float | None
+    max_restarts: int
+    restarts: int
+    attempt: int
+    exit_code: int | None
+    submitted_at: float
+    started_at: float | None
+    ended_at: float | None
+    traffic: TrafficView = field(default_factory=lambda: TrafficView.of({}))
+
+    @classmethod
+    def build(cls, job_id: int, spec: JobSpec, state: str, submitted_at: float, reason: str = "",
+              hosts: Sequence[tuple[str, list[int]]] = (), restarts: int = 0, attempt: int = 0,
+              exit_code: int | None = None, started_at: float | None = None, ended_at: float | None = None,
+              traffic: TrafficByRank | None = None) -> "JobView":
+        """The view of a job with this spec and this history (the coordinator's rows, or a recorded link)."""
+        return cls(
+            id=job_id, name=spec.name, state=state, reason=reason, nodes=[node for node, _ in hosts],
+            gpus=spec.gpus if spec.gpus is not None else (spec.nodes or 0) * (spec.gpus_per_node or 0),
+            placement=[PlacementView(node=node, node_rank=rank, gpus=list(gpus)) for rank, (node, gpus) in enumerate(hosts)],
+            request=RequestView(gpus=spec.gpus, nodes=spec.nodes, gpus_per_node=spec.gpus_per_node),
+            command=[spec.script_name or f"--workload {spec.workload}", *spec.args], priority=spec.priority,
+            time_limit=spec.time_limit, max_restarts=spec.max_restarts, restarts=restarts, attempt=attempt,
+            exit_code=exit_code, submitted_at=submitted_at, started_at=started_at, ended_at=ended_at,
+            traffic=TrafficView.of(traffic or {}))
+
+    def to_json(self) -> dict[str, Any]:
+        return plain(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "JobView":
+        return typed(data, cls, "job")
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """A node as `gpudeck nodes --json` and the dashboard see it."""
+
+    name: str
+    state: str
+    draining: bool
+    simulated: bool
+    hostname: str
+    address: str
+    connected: bool
+    last_heartbeat_age: float
+    jobs: list[int]
+    gpus: list[GpuReading]
+
+    def to_json(self) -> dict[str, Any]:
+        return plain(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "NodeView":
+        return typed(data, cls, "node")

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import sqlite3
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,8 @@ from gpudeck.protocol.values import ShapeError, plain, typed
 
 Hosts = list[tuple[str, list[int]]]
 _BATCH = 500  # ids per IN (...) query, well under SQLite's limit on parameters
+CHECKPOINT_EVERY = 5.0
+log = logging.getLogger(__name__)
 
 
 class StoreFull(Exception):
@@ -88,8 +92,11 @@ class Store:
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA busy_timeout=5000")
         conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer thread does it, off the event loop
         self.db = sqlite_utils.Database(conn)
         self._create()
+        self._checkpointer = _Checkpointer(path)
+        self._checkpointer.start()
         # In id order: loaded so, and new jobs have higher ids (a refreshed row keeps its place).
         self._unfinished: dict[int, JobRow] = {row.id: row for row in self._load("j.state in (?, ?, ?)", [
             JobState.PENDING.value, JobState.STARTING.value, JobState.RUNNING.value])}
@@ -124,6 +131,7 @@ class Store:
         return _Transaction(self.db.conn, durable, self.path)
 
     def close(self) -> None:
+        self._checkpointer.stop()
         self.db.conn.close()
 
     # --- nodes ---------------------------------------------------------------------------------
@@ -375,6 +383,34 @@ class Store:
             for job_id, rank, kind, count in self.db.conn.execute(sql, batch):
                 totals.setdefault(job_id, {}).setdefault(rank, {})[kind] = count
         return totals
+
+
+class _Checkpointer(threading.Thread):
+    """Copies the WAL into the database file every CHECKPOINT_EVERY seconds, on its own connection.
+
+    SQLite's automatic checkpoint runs inside the commit that crosses its threshold, on the thread
+    that commits: the coordinator's event loop, which then stalled for up to a second with a large
+    database (a submit answered in 960 ms instead of 7). A passive checkpoint never blocks the writer."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(name="sqlite-checkpoint", daemon=True)
+        self.path = path
+        self._stopped = threading.Event()
+
+    def run(self) -> None:
+        conn = sqlite3.connect(self.path, check_same_thread=False)
+        try:
+            while not self._stopped.wait(CHECKPOINT_EVERY):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error as exc:  # a full disk: the WAL keeps the data; try again later
+                    log.warning("could not checkpoint the coordinator's database: %s", exc)
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self.join(timeout=10)
 
 
 class _Transaction:

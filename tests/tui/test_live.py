@@ -66,8 +66,12 @@ async def test_nodes_submit_traffic_logs_cancel_and_filter(cluster: Cluster):
         await wait_for(pilot, "the job in the traffic view",
                        lambda: any("all_reduce" in r for r in rows(app.traffic_view.table)))
 
-        # Cancel, after confirming.
-        await pilot.press("2", "c")
+        # Cancel, after confirming (once the jobs view shows, with the job selected: a busy machine
+        # may take the "c" before the switch of views has happened).
+        await pilot.press("2")
+        await wait_for(pilot, "the jobs view with the job selected", lambda: app.active_tab == "jobs" and (
+            app.selected_job() or {}).get("id") == job_id)
+        await pilot.press("c")
         await wait_for(pilot, "the confirmation", lambda: isinstance(app.screen, ConfirmScreen))
         await pilot.press("y")
         await wait_for(pilot, "the job to be cancelled", lambda: app.cluster.jobs[job_id]["state"] == "cancelled", 30)

@@ -139,7 +139,11 @@ class Coordinator:
         """Send watchers what changed, at most once a PUBLISH_EVERY; only the jobs the store wrote or
         that reported traffic since the last publish are looked at."""
         now = self.clock()
-        if not self.publisher.watchers or now - self._published_at < PUBLISH_EVERY:
+        if not self.publisher.watchers:
+            self.store.take_changed_ids()  # nobody to tell; a new watcher starts from a snapshot
+            self.traffic.take_changed()
+            return
+        if now - self._published_at < PUBLISH_EVERY:
             return
         self._published_at = now
         nodes = self._nodes()

@@ -211,9 +211,14 @@ class Store:
         ids, self._newly_pending = self._newly_pending, []
         return ids
 
+    def take_changed_ids(self) -> list[int]:
+        """Ids of the jobs written since the last call (of this or `take_changed`), in id order."""
+        changed, self._changed = sorted(self._changed), set()
+        return changed
+
     def take_changed(self) -> list[JobRow]:
         """Jobs written since the last call (their current rows), in id order."""
-        changed, self._changed = sorted(self._changed), set()
+        changed = self.take_changed_ids()
         rows = [self._unfinished[i] for i in changed if i in self._unfinished]
         finished = [i for i in changed if i not in self._unfinished]
         if finished:

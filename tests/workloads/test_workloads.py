@@ -96,13 +96,15 @@ def test_parameter_server_traffic_is_the_pulled_and_pushed_parameters(uninterrup
 
 
 def _final(evals: dict[int, float]) -> float:
-    """The mean of the last three evaluation losses, steadier than the last alone."""
-    return sum(evals[step] for step in sorted(evals)[-3:]) / 3
+    """The mean of the last five evaluation losses (steps 560 to 600), steadier than fewer."""
+    return sum(evals[step] for step in sorted(evals)[-5:]) / 5
 
 
 # Async is compared after the loss has settled: at 300 steps it still falls fast, and the lag of stale
 # updates alone moved the async/sync ratio between 1.04 and 1.13 over runs on a loaded machine; at 600
-# steps the ratio measured 0.99 to 1.00.
+# steps the ratio measured 0.99 to 1.00. Later (2026-12-02, idle 2-core machine, five async runs
+# against one sync run) the mean of the last three evaluations gave 0.98 to 1.08, and one CI run
+# 1.106, over the limit; the mean of the last five gave 1.00 to 1.06.
 SETTLED_STEPS = 600
 
 

@@ -13,16 +13,18 @@ import random
 import socket
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Awaitable
 
 from gpudeck.agent.gpus import GpuBackend
 from gpudeck.agent.procs import marker_of, of_cluster
+from gpudeck.agent.projects import ContentFetcher
 from gpudeck.agent.runner import JobRunner
 from gpudeck.agent.traffic_sink import TrafficSink
 from gpudeck.discovery import Discovery
 from gpudeck.protocol import auth
 from gpudeck.protocol.framing import FrameError
 from gpudeck.protocol.messages import (
-    Error, Forget, Kill, Launch, LogOffsets, Message, ProtocolError, Register, Telemetry,
+    ContentChunk, Error, Forget, Kill, Launch, LogOffsets, Message, ProtocolError, Register, Telemetry,
 )
 from gpudeck.protocol.payloads import GpuReading
 from gpudeck.protocol.session import Connection, Refused, open_session
@@ -50,11 +52,13 @@ class Agent:
         self.backend = backend
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.sink = TrafficSink.reusing(config.state_dir / "traffic.port")
-        self.runner = JobRunner(config.state_dir, config.token.cluster, config.name, self.sink, backend, self.send)
+        self.fetcher = ContentFetcher(self.send)
+        self.runner = JobRunner(config.state_dir, config.token.cluster, config.name, self.sink, backend, self.send,
+                                self.fetcher)
         self.discovery = Discovery(config.mdns_interfaces) if config.use_mdns else None
         self.conn: Connection | None = None
         self.latest: list[GpuReading] = []
-        self._kills: set[asyncio.Task[None]] = set()
+        self._orders: set[asyncio.Task[None]] = set()  # launches (they may fetch and build) and kills
 
     async def run(self) -> None:
         """Run until cancelled; the jobs this node runs are left running (see `stop`)."""
@@ -147,18 +151,23 @@ class Agent:
             # Totals of attempts that ended while the coordinator was away go right behind the report.
             await self.runner.ship_traffic(job)
         log.info("joined the coordinator at %s as %s", conn.peer_host, self.config.name)
-        while (message := await conn.recv()) is not None:
-            await self._handle(message)
+        try:
+            while (message := await conn.recv()) is not None:
+                await self._handle(message)
+        finally:
+            self.fetcher.disconnected()
         raise ConnectionError("the coordinator closed the connection")
 
     async def _handle(self, message: Message) -> None:
+        # A launch may fetch the project and build its environment, and stopping takes up to the kill
+        # grace: both go on while the connection is served (a launch is in `runner.jobs` at once, so a
+        # kill that follows it finds it).
         if isinstance(message, Launch):
-            await self.runner.launch(message)
+            self._in_background(self.runner.launch(message))
         elif isinstance(message, Kill):
-            # Stopping takes up to the kill grace; the connection keeps being served meanwhile.
-            task = asyncio.create_task(self.runner.kill(message.job, message.attempt, message.reason))
-            self._kills.add(task)
-            task.add_done_callback(self._kills.discard)
+            self._in_background(self.runner.kill(message.job, message.attempt, message.reason))
+        elif isinstance(message, ContentChunk):
+            self.fetcher.arrived(message)
         elif isinstance(message, Forget):
             self.runner.forget(message.job, message.attempt)
         elif isinstance(message, LogOffsets):
@@ -167,6 +176,11 @@ class Agent:
             raise Refused(message.message, message.code)
         else:
             log.warning("ignored an unexpected %s message from the coordinator", message.kind)
+
+    def _in_background(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._orders.add(task)
+        task.add_done_callback(self._orders.discard)
 
     # --- telemetry -----------------------------------------------------------------------------
 

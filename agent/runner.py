@@ -22,14 +22,17 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import IO, Awaitable, Callable
 
 from gpudeck.agent import exits
+from gpudeck.agent.environments import BuildFailed, Environments
+from gpudeck.agent.overlay import overlay_env, write_overlay
+from gpudeck.agent.projects import ContentFetcher, FetchFailed, NodeCache
 from gpudeck.agent.gpus import GpuBackend
 from gpudeck.agent.netif import interface_towards
 from gpudeck.agent.procs import MARKER, alive, run_marker, signal_all
 from gpudeck.agent.traffic_sink import TrafficSink
-from gpudeck.protocol.messages import JobExited, JobStarted, Launch, LogChunk, Message, Traffic
+from gpudeck.protocol.messages import JobExited, JobPreparing, JobStarted, Launch, LogChunk, Message, Traffic
 from gpudeck.protocol.payloads import JobReport
 
 log = logging.getLogger(__name__)
@@ -38,6 +41,8 @@ POLL = 0.5
 LOG_CHUNK = 64 * 1024
 KEEP_FINISHED = 50
 LOG_RESUME_WAIT = 5.0
+SAY_EVERY = 2.0  # seconds between reports of what a preparing attempt is doing
+OUTPUT_DIR = "gpudeck-outputs"  # in the working copy: $GPUDECK_OUTPUT_DIR
 _RANK_LOG = re.compile(r"^rank-(\d+)\.log$")
 # The shell stays the session leader, so its pid is the process group of every rank.
 _LAUNCHER = '"$@"; code=$?; echo $code > "$GPUDECK_EXIT_FILE"; exit $code'
@@ -108,16 +113,40 @@ def torch_available() -> bool:
     return importlib.util.find_spec("torch") is not None
 
 
+class PrepareFailed(Exception):
+    """An attempt cannot start on this node; `detail` says why, as its exit does."""
+
+    def __init__(self, code: int, detail: str) -> None:
+        super().__init__(detail)
+        self.code, self.detail = code, detail
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    """Where and how an attempt runs on this node, once prepared."""
+
+    python: str
+    bin_dir: str
+    cwd: Path
+    script: str  # the script's path here, "" for a workload or a command
+    outputs: Path
+
+
 class JobRunner:
     def __init__(self, state_dir: Path, cluster: str, node: str, sink: TrafficSink, backend: GpuBackend,
-                 send: Send) -> None:
+                 send: Send, fetcher: ContentFetcher | None = None) -> None:
+        state_dir = state_dir.resolve()  # ranks run elsewhere: every path they are given is absolute
         self.root = state_dir / "jobs"
+        self.cache = NodeCache(state_dir / "cache", fetcher or ContentFetcher(send))
+        self.environments = Environments(state_dir / "environments")
+        self.overlay = write_overlay(state_dir / "overlay")
         self.cluster = cluster
         self.node = node
         self.sink = sink
         self.backend = backend
         self.send = send
         self.jobs: dict[tuple[int, int], RunningJob] = {}
+        self._preparing: dict[tuple[int, int], asyncio.Task[RunSetup]] = {}
         self._followers: set[asyncio.Task[None]] = set()
         # Set once the coordinator said how much of each log it has; logs wait for it after a connect.
         self.logs_resumed = asyncio.Event()
@@ -125,6 +154,8 @@ class JobRunner:
     # --- launching -----------------------------------------------------------------------------
 
     async def launch(self, order: Launch) -> None:
+        """Prepare (the project's working copy, the environment) and start this node's part of an
+        attempt. A kill that comes while it prepares stops it before anything starts."""
         key = (order.job, order.attempt)
         if key in self.jobs:
             log.info("job %d attempt %d is already here; repeated launch ignored", *key)
@@ -138,28 +169,45 @@ class JobRunner:
         self.jobs[key] = job
         try:
             (directory / "logs").mkdir(parents=True, exist_ok=True)
-            command = self._command(order, directory)
+            with open(directory / "launcher.log", "ab") as launcher_log:
+                preparing = self._preparing[key] = asyncio.create_task(self._prepare(order, job, launcher_log))
+                try:
+                    setup = await preparing
+                finally:
+                    self._preparing.pop(key, None)
+        except asyncio.CancelledError:
+            if not job.kill_reason:
+                raise  # the agent is stopping
+            await self._finish(job, 143, f"stopped before it started: {job.kill_reason}")
+            return
         except OSError as exc:
             await self._finish(job, 1, f"could not write the job's directory {directory} on {self.node}: "
                                        f"{exc.strerror or exc}")
             return
-        if not torch_available():
-            await self._finish(job, 127, f"torch is not installed on {self.node}: install gpudeck[train] there")
+        except PrepareFailed as exc:
+            await self._finish(job, exc.code, exc.detail)
+            return
+        if job.kill_reason:
+            await self._finish(job, 143, f"stopped before it started: {job.kill_reason}")
             return
         if order.node_rank == 0 and _port_taken(order.master_port):
             await self._finish(job, 1, f"the rendezvous port {order.master_port} on {self.node} is in use by "
                                        "another program", retry=True)
             return
+        await self._start(order, job, setup)
+
+    async def _start(self, order: Launch, job: RunningJob, setup: RunSetup) -> None:
         self.sink.expect(order.job, order.attempt)
         try:
-            with open(directory / "launcher.log", "ab") as launcher_log:
+            with open(job.path / "launcher.log", "ab") as launcher_log:
                 process = await asyncio.create_subprocess_exec(
-                    "/bin/sh", "-c", _LAUNCHER, "gpudeck-launch", *command,
-                    cwd=self._cwd(order, directory), env=self._env(order, directory),
+                    "/bin/sh", "-c", _LAUNCHER, "gpudeck-launch", *self._command(order, setup),
+                    cwd=setup.cwd, env=self._env(order, job.path, setup),
                     stdin=asyncio.subprocess.DEVNULL, stdout=launcher_log, stderr=asyncio.subprocess.STDOUT,
                     start_new_session=True)
         except OSError as exc:
-            await self._finish(job, 127, f"could not start torchrun on {self.node}: {exc}")
+            await self._finish(job, 127, f"could not start {'the command' if order.command else 'torchrun'} on "
+                                         f"{self.node}: {exc}")
             return
         job.pgid = process.pid
         try:
@@ -174,10 +222,83 @@ class JobRunner:
         await self.send(JobStarted(job=order.job, attempt=order.attempt, pid=job.pgid))
         self._follow(job, process)
 
-    def _command(self, order: Launch, directory: Path) -> list[str]:
-        target = ["--workload", order.workload] if order.workload else [str(self._write_script(order, directory))]
+    # --- preparing -----------------------------------------------------------------------------
+
+    async def _prepare(self, order: Launch, job: RunningJob, launcher_log: IO[bytes]) -> RunSetup:
+        """Where and with which interpreter the attempt runs; PrepareFailed with a sentence otherwise."""
+        directory = job.path
+        work = directory / "work" if order.project else None
+        if work is not None:
+            await self._say(job, f"copying the project to {self.node}")
+            try:
+                manifest = await self.cache.manifest(order.project)
+                await self.cache.working_copy(manifest, work)
+            except FetchFailed as exc:
+                raise PrepareFailed(1, f"could not copy the project to {self.node}: {exc}") from None
+        python, bin_dir = await self._interpreter(order, job, launcher_log)
+        if order.project:
+            cwd = work / order.subdir if order.subdir and (work / order.subdir).is_dir() else work
+            target = str(work / order.script_name) if order.script_name else ""
+        else:
+            cwd = Path(order.workdir) if _usable_dir(order.workdir) else directory
+            target = str(self._write_script(order, directory)) if order.script_name else ""
+        outputs = (work or directory) / OUTPUT_DIR
+        outputs.mkdir(parents=True, exist_ok=True)
+        return RunSetup(python=python, bin_dir=bin_dir, cwd=cwd, script=target, outputs=outputs)
+
+    async def _interpreter(self, order: Launch, job: RunningJob, launcher_log: IO[bytes]) -> tuple[str, str]:
+        """The interpreter of the attempt and the folder of its scripts (first on PATH)."""
+        if order.requirements:
+            started = time.monotonic()
+            reporter = asyncio.create_task(self._say_while(
+                job, lambda: f"building the environment on {self.node} (uv, {time.monotonic() - started:.0f} s)"))
+            try:
+                env = await self.environments.get(order.requirements, launcher_log)
+            except BuildFailed as exc:
+                raise PrepareFailed(1, f"the environment could not be built on {self.node}: {exc}") from None
+            finally:
+                reporter.cancel()
+            python, bin_dir = env.python, env.bin
+        elif order.venv:
+            python, bin_dir = str(Path(order.venv) / "bin" / "python"), str(Path(order.venv) / "bin")
+            if not os.access(python, os.X_OK):
+                raise PrepareFailed(127, f"--venv {order.venv} is not a virtual environment on {self.node} "
+                                         "(it has no bin/python)")
+        elif order.python:
+            python, bin_dir = order.python, str(Path(order.python).parent)
+            if not (os.path.isfile(python) and os.access(python, os.X_OK)):
+                raise PrepareFailed(127, f"--python {order.python} does not exist on {self.node}")
+        else:
+            python, bin_dir = sys.executable, str(Path(sys.executable).parent)
+        if not order.command and not await self._has_torch(python):
+            where = "the agent's environment: install gpudeck[train] there" if python == sys.executable else python
+            raise PrepareFailed(127, f"torch is not installed on {self.node} in {where}")
+        return python, bin_dir
+
+    async def _has_torch(self, python: str) -> bool:
+        if python == sys.executable:
+            return torch_available()
+        env = dict(os.environ, **overlay_env(self.overlay, dict(os.environ)))
+        probe = await asyncio.create_subprocess_exec(
+            python, "-c", "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is None)",
+            env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL)
+        return await probe.wait() == 0
+
+    async def _say(self, job: RunningJob, doing: str) -> None:
+        await self.send(JobPreparing(job=job.job, attempt=job.attempt, doing=doing))
+
+    async def _say_while(self, job: RunningJob, doing: Callable[[], str]) -> None:
+        while True:
+            await self._say(job, doing())
+            await asyncio.sleep(SAY_EVERY)
+
+    def _command(self, order: Launch, setup: RunSetup) -> list[str]:
+        if order.command:
+            return list(order.command)
+        target = ["--workload", order.workload] if order.workload else [setup.script]
         return [
-            sys.executable, "-m", "torch.distributed.run",
+            setup.python, "-m", "torch.distributed.run",
             "--nnodes", str(order.nnodes), "--node-rank", str(order.node_rank),
             "--nproc-per-node", str(max(1, len(order.gpus))),
             "--master-addr", order.master_addr, "--master-port", str(order.master_port),
@@ -191,14 +312,20 @@ class JobRunner:
         path.write_bytes(order.script)
         return path
 
-    @staticmethod
-    def _cwd(order: Launch, directory: Path) -> Path:
-        return Path(order.workdir) if _usable_dir(order.workdir) else directory
-
-    def _env(self, order: Launch, directory: Path) -> dict[str, str]:
+    def _env(self, order: Launch, directory: Path, setup: RunSetup) -> dict[str, str]:
+        """The user's variables, then everything gpudeck sets (which a job cannot override: the
+        marker is how its processes are found and stopped)."""
         env = dict(os.environ)
+        env.update(order.env)
+        env.update(overlay_env(self.overlay, env))
         env.update({
+            "PATH": os.pathsep.join(p for p in (setup.bin_dir, env.get("PATH", "")) if p),
             "CUDA_VISIBLE_DEVICES": ",".join(map(str, order.gpus)),
+            "MASTER_ADDR": order.master_addr,
+            "MASTER_PORT": str(order.master_port),
+            "NNODES": str(order.nnodes),
+            "NODE_RANK": str(order.node_rank),
+            "GPUS_PER_NODE": str(max(1, len(order.gpus))),
             "GPUDECK_JOB_ID": str(order.job),
             "GPUDECK_ATTEMPT": str(order.attempt),
             "GPUDECK_NODE": self.node,
@@ -206,6 +333,7 @@ class JobRunner:
             "GPUDECK_TRAFFIC_ADDR": self.sink.address,
             "GPUDECK_LOG_DIR": str(directory / "logs"),
             "GPUDECK_EXIT_FILE": str(directory / "exit_code"),
+            "GPUDECK_OUTPUT_DIR": str(setup.outputs),
             "GPUDECK_CHECKPOINT_DIR": str(self.root.parent / "checkpoints" / str(order.job)),
             "PYTHONUNBUFFERED": "1",
         })
@@ -213,8 +341,8 @@ class JobRunner:
         if interface:
             env.setdefault("GLOO_SOCKET_IFNAME", interface)
             env.setdefault("NCCL_SOCKET_IFNAME", interface)
-        if _usable_dir(order.workdir):
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (order.workdir, env.get("PYTHONPATH", "")) if p)
+        if not order.project and _usable_dir(order.workdir):
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH", ""), order.workdir) if p)
         return env
 
     # --- following and ending ------------------------------------------------------------------
@@ -263,9 +391,13 @@ class JobRunner:
 
     async def kill(self, job_id: int, attempt: int, reason: str) -> None:
         job = self.jobs.get((job_id, attempt))
-        if job is None or not job.pgid or job.exit_code is not None:
+        if job is None or job.exit_code is not None:
             return
         job.kill_reason = reason
+        if not job.pgid:
+            if (preparing := self._preparing.get((job_id, attempt))) is not None:
+                preparing.cancel()  # it stops before it starts (see launch)
+            return
         log.info("job %d attempt %d: stopping (%s)", job_id, attempt, reason)
         signal_all(job.marker, signal.SIGTERM)
         for _ in range(int(KILL_GRACE / POLL)):

@@ -25,6 +25,7 @@ _RANK_DETAIL = re.compile(r"^rank (\d+) (.+)$")
 JOB_PORTS = (29500, 29999)
 FENCE_DEADLINE = 120.0  # longest a lost node's GPUs wait for it to confirm its ranks are gone  # torchrun's rendezvous ports, first and last; the firewall must open them
 
+MAX_REASON = 300  # characters of a node's word on what it is doing
 Send = Callable[[str, Message], bool]  # queues the message for a node; never waits on it
 
 
@@ -44,7 +45,9 @@ def _launch_order(job_id: int, attempt: int, node_rank: int, nnodes: int, gpus: 
                   master_port: int, spec: JobSpec, script: bytes) -> Launch:
     return Launch(job=job_id, attempt=attempt, node_rank=node_rank, nnodes=nnodes, gpus=gpus,
                   master_addr=master_addr, master_port=master_port, script_name=spec.script_name, script=script,
-                  workload=spec.workload, args=spec.args, workdir=spec.workdir)
+                  workload=spec.workload, args=spec.args, workdir=spec.workdir, project=spec.project,
+                  subdir=spec.subdir, command=spec.command, env=spec.env, python=spec.python, venv=spec.venv,
+                  requirements=spec.requirements)
 
 
 def _failure(node: str, exit_code: int, detail: str) -> str:
@@ -219,6 +222,12 @@ class JobControl:
             return None
         return row
 
+    def preparing(self, node: str, job_id: int, attempt: int, doing: str) -> None:
+        """A node's word on what it does before the attempt can start, as the starting job's reason."""
+        row = self._current(job_id, attempt)
+        if row is not None and row.state is JobState.STARTING:
+            self.store.set_reasons({job_id: doing[:MAX_REASON]})
+
     def started(self, node: str, job_id: int, attempt: int) -> None:
         row = self._current(job_id, attempt)
         if row is None:
@@ -226,7 +235,7 @@ class JobControl:
             return
         self.store.mark_started(job_id, attempt, node)
         if row.state is JobState.STARTING and all(s.started for s in self.store.attempt_nodes(job_id, attempt)):
-            self.store.transition(job_id, JobState.RUNNING)
+            self.store.transition(job_id, JobState.RUNNING, reason="")
 
     def exited(self, node: str, job_id: int, attempt: int, exit_code: int, detail: str,
                      retry: bool = False, failed_at: float | None = None) -> None:

@@ -8,6 +8,7 @@ an error frame and touches nothing else.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from gpudeck.coordinator.admission import (
 )
 from gpudeck.coordinator.jobs import JOB_PORTS, JobControl
 from gpudeck.coordinator.logs import LogStore
+from gpudeck.coordinator.projects import DEFAULT_STORE_LIMIT, ProjectStore
 from gpudeck.coordinator.registry import SUSPECT_AFTER, AgentLink, Registry
 from gpudeck.coordinator.store import JobRow, Store, StoreFull
 from gpudeck.coordinator.traffic import TrafficBook
@@ -29,13 +31,14 @@ from gpudeck.coordinator.views import job_view, node_view
 from gpudeck.coordinator.watch import JOBS_PER_FRAME, Publisher, split_update
 from gpudeck.config import ENDPOINT_FILE
 from gpudeck.discovery import Discovery
-from gpudeck.model import JobSpec, NodeState
+from gpudeck.model import JobSpec, JobState, NodeState
+from gpudeck.project import DEFAULT_CAP
 from gpudeck.protocol import auth
 from gpudeck.protocol.framing import FrameError
 from gpudeck.protocol.messages import (
-    PROTOCOL_VERSION, Cancel, Drain, Error, Hello, JobExited, JobStarted, ListJobs, ListNodes, LogChunk, LogOffsets,
-    Message,
-    ProtocolError, ReadLogs, Register, Reply, ShowJob, Submit, Telemetry, Traffic, Update, Watch, Welcome,
+    PROTOCOL_VERSION, Cancel, ContentChunk, ContentPut, Drain, Error, FetchContent, Hello, JobExited, JobPreparing,
+    JobStarted, ListJobs, ListNodes, LogChunk, LogOffsets, Message, ProjectOffer, ProtocolError, ReadLogs, Register,
+    Reply, ShowJob, Submit, Telemetry, Traffic, Update, Watch, Welcome,
 )
 from gpudeck.protocol.payloads import JobReport
 from gpudeck.protocol.session import HANDSHAKE_TIMEOUT, Connection
@@ -50,9 +53,11 @@ WRONG_TOKEN_DELAY = 0.5
 class Coordinator:
     def __init__(self, state_dir: Path, host: str = "0.0.0.0", port: int = 7070,
                  mdns_interfaces: list[str] | None = None, use_mdns: bool = True,
-                 clock: Callable[[], float] = time.time, job_ports: tuple[int, int] = JOB_PORTS) -> None:
+                 clock: Callable[[], float] = time.time, job_ports: tuple[int, int] = JOB_PORTS,
+                 project_cap: int = DEFAULT_CAP, project_store: int = DEFAULT_STORE_LIMIT) -> None:
         self.state_dir = state_dir
         self.job_ports = job_ports
+        self.project_limits = (project_cap, project_store)
         self.host, self.port = host, port
         self.identity = auth.CoordinatorIdentity(state_dir)
         self.clock = clock
@@ -73,6 +78,7 @@ class Coordinator:
         self.token = self.identity.ensure()
         self.store = Store(self.state_dir / "gpudeck.db")
         self.logs = LogStore(self.state_dir / "logs")
+        self.projects = ProjectStore(self.state_dir / "projects", *self.project_limits)
         self.jobs = JobControl(self.store, self.registry, self.send, self.clock, self.job_ports)
         self.traffic = TrafficBook(self.store)
         now = self.clock()
@@ -189,7 +195,8 @@ class Coordinator:
             self.gate.proven(tcp)
             if hello is None:
                 return
-            conn.post(Welcome(coordinator=socket.gethostname(), version=PROTOCOL_VERSION))
+            conn.post(Welcome(coordinator=socket.gethostname(), version=PROTOCOL_VERSION,
+                              project_cap=self.projects.cap))
             if hello.role == "agent":
                 await self._serve_agent(conn, hello.name)
             else:
@@ -319,8 +326,19 @@ class Coordinator:
                 log.warning("could not store a log chunk of job %d: %s", message.job, exc.strerror)
         elif isinstance(message, Traffic):
             self.traffic.record(message.job, message.attempt, message.by_rank)
+        elif isinstance(message, FetchContent):
+            link.conn.post(self._content_chunk(message))
+        elif isinstance(message, JobPreparing):
+            self.jobs.preparing(link.name, message.job, message.attempt, message.doing)
         else:
             link.conn.post(Error(message=f"an agent may not send {message.kind}", code="bad_message", req=None))
+
+    def _content_chunk(self, message: FetchContent) -> ContentChunk:
+        try:
+            data, size = self.projects.read(message.digest, message.offset)
+        except LookupError as exc:
+            return ContentChunk(digest=message.digest, offset=message.offset, size=0, data=b"", error=str(exc))
+        return ContentChunk(digest=message.digest, offset=message.offset, size=size, data=data, error="")
 
     # --- clients -------------------------------------------------------------------------------
 
@@ -330,6 +348,7 @@ class Coordinator:
                 self._answer_one(conn, message)
         finally:
             self.publisher.unwatch(conn)
+            self.projects.forget_client(id(conn))
 
     def _answer_one(self, conn: Connection, message: Message) -> None:
         req = getattr(message, "req", None)
@@ -337,7 +356,7 @@ class Coordinator:
             conn.post(Error(message=f"a client may not send {message.kind}", code="bad_message", req=None))
             return
         try:
-            data = self._answer(message)
+            data = self._answer(message, id(conn))
         except (ValueError, LookupError) as exc:
             conn.post(Error(message=str(exc), code="refused", req=req))
             return
@@ -352,11 +371,15 @@ class Coordinator:
         if conn.post(Reply(req=req, data=first)) and all(conn.post(Update(data=piece)) for piece in rest):
             self.publisher.watch(conn)
 
-    def _answer(self, message: Message) -> Any:
+    def _answer(self, message: Message, client: int) -> Any:
         if isinstance(message, Submit):
-            row = self.jobs.submit(JobSpec.from_wire(message.spec))
+            row = self.jobs.submit(self._with_project(JobSpec.from_wire(message.spec)))
             self.wake.set()
             return self._job_views([row])[0]
+        if isinstance(message, ProjectOffer):
+            return self.projects.offer(client, message.manifest, self._projects_in_use())
+        if isinstance(message, ContentPut):
+            return {"received": self.projects.put(client, message.digest, message.offset, message.data)}
         if isinstance(message, ListJobs):
             if not 1 <= message.limit <= JOBS_PER_FRAME:
                 raise ValueError(f"a page of jobs holds 1 to {JOBS_PER_FRAME} jobs")
@@ -378,6 +401,20 @@ class Coordinator:
         if isinstance(message, Drain):
             return self._drain(message)
         raise ValueError(f"a client may not send {message.kind}")
+
+    def _with_project(self, spec: JobSpec) -> JobSpec:
+        """The spec with its project's size from the stored manifest; refused while any of it is missing."""
+        if not spec.project:
+            return spec
+        problem = self.projects.missing(spec.project)
+        if problem:
+            raise ValueError(problem)
+        files, size = self.projects.summary(spec.project)
+        return dataclasses.replace(spec, project_files=files, project_bytes=size)
+
+    def _projects_in_use(self) -> set[str]:
+        unfinished = self.store.jobs((JobState.PENDING, JobState.STARTING, JobState.RUNNING))
+        return {row.spec.project for row in unfinished if row.spec.project}
 
     def _job_views(self, rows: list[JobRow]) -> list[dict[str, Any]]:
         traffic = self.traffic.totals([row.id for row in rows])
@@ -419,4 +456,5 @@ class Coordinator:
         attempt = message.attempt if message.attempt is not None else row.attempt
         chunks = self.logs.read(message.job, attempt, message.offsets, message.rank)
         return {"attempt": attempt, "state": row.state.value, "finished": row.state.finished,
+                "per_node": bool(row.spec.command),  # a command's output is each node's own channel
                 "chunks": {str(rank): data for rank, data in chunks.items()}}

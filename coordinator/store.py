@@ -11,6 +11,7 @@ only where they are sent (`script`), never with a row.
 
 from __future__ import annotations
 
+import base64
 import errno
 import json
 import logging
@@ -474,7 +475,14 @@ def _add_missing_columns(table: sqlite_utils.db.Table, columns: dict[str, type])
 def _spec_json(spec: JobSpec) -> str:
     data = spec.to_wire()
     del data["script"]
+    data["requirements"] = {name: base64.b64encode(text).decode() for name, text in spec.requirements.items()}
     return json.dumps(data)
+
+
+def _spec_of(text: str) -> JobSpec:
+    data = json.loads(text)
+    data["requirements"] = {name: base64.b64decode(text) for name, text in data.get("requirements", {}).items()}
+    return JobSpec(**data)
 
 
 _JOB_FIELDS = ("id", "spec", "state", "reason", "submitted_at", "started_at", "ended_at", "attempt", "exit_code",
@@ -484,7 +492,7 @@ _JOB_COLUMNS = ", ".join(f"j.{name}" for name in _JOB_FIELDS)
 
 def _job_row(row: dict[str, Any], hosts: Hosts) -> JobRow:
     return JobRow(
-        id=row["id"], spec=JobSpec(**json.loads(row["spec"])), state=JobState(row["state"]), reason=row["reason"] or "",
+        id=row["id"], spec=_spec_of(row["spec"]), state=JobState(row["state"]), reason=row["reason"] or "",
         submitted_at=row["submitted_at"], started_at=row["started_at"], ended_at=row["ended_at"],
         attempt=row["attempt"] or 0, exit_code=row["exit_code"], restarts=row["restarts"] or 0,
         requeued_because=row["requeued_because"] or "", failed_at=row["failed_at"], hosts=hosts,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -15,11 +16,14 @@ from typing import Any, Awaitable, Callable
 from gpudeck import __version__, config, output
 from gpudeck.client import NoCoordinator, connect, find_endpoints
 from gpudeck.capacity import MAX_GPUS, MAX_GPUS_PER_NODE, MAX_NODES
-from gpudeck.model import MAX_PRIORITY, MAX_RESTARTS, MAX_TIME_LIMIT, WORKLOADS, JobSpec, parse_duration
+from gpudeck.model import MAX_PRIORITY, MAX_RESTARTS, MAX_TIME_LIMIT, WORKLOADS, JobSpec, parse_duration, parse_size
+from gpudeck.coordinator.projects import DEFAULT_STORE_LIMIT
+from gpudeck.project import DEFAULT_CAP
 from gpudeck.protocol import auth
 from gpudeck.protocol.messages import Cancel, Drain, ListJobs, ListNodes, ReadLogs, ShowJob, Submit
 from gpudeck.protocol.session import ClientSession, Refused, split_address
 from gpudeck.text import visible
+from gpudeck.upload import ship
 
 
 class Failure(Exception):
@@ -64,6 +68,13 @@ def bounded(low: int, high: int) -> Callable[[str], int]:
 small_int = bounded(-1_000_000, 1_000_000)  # ranks (negative: torchrun's own output) and attempts
 port_number = bounded(1, 65535)
 simulated_gpus = bounded(0, MAX_GPUS_PER_NODE)  # 0: the node's real GPUs, as without the flag
+
+
+def size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def coordinator_address(text: str) -> str:
@@ -142,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     coord.add_argument("--job-ports", type=port_range, default=(29500, 29999), metavar="FIRST-LAST",
                        help="ports for the rendezvous of jobs' ranks, on the first node of each job; open them "
                        "between the nodes (default: 29500-29999)")
+    coord.add_argument("--project-cap", type=size, default=DEFAULT_CAP, metavar="SIZE",
+                       help="the most a job's project may ship (default: 512M)")
+    coord.add_argument("--project-store", type=size, default=DEFAULT_STORE_LIMIT, metavar="SIZE",
+                       help="room for shipped projects on the coordinator; the least recently used that no "
+                       "unfinished job needs go first (default: 8G)")
     _mdns_flags(coord)
 
     agent = sub.add_parser("agent", help="run a node agent (headless, for systemd)")
@@ -159,9 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
     token = sub.add_parser("token", help="print the join token of the coordinator on this machine")
     token.add_argument("--state-dir", type=Path, help="the coordinator's state dir (default: the data dir's coordinator/)")
 
-    submit = sub.add_parser("submit", help="queue a job; prints its id",
-                            description="Queue a torchrun job. Everything after SCRIPT is passed to it.")
-    submit.add_argument("--name", help="a name for the job (default: the script's or workload's name)")
+    submit = sub.add_parser(
+        "submit", help="queue a job; prints its id",
+        description="Queue a job: a Python script (one rank per GPU, as torchrun starts them; everything after "
+        "SCRIPT is passed to it), a built-in --workload, or any command after `--`, run once per node with "
+        "MASTER_ADDR, MASTER_PORT, NNODES, NODE_RANK and GPUS_PER_NODE set (for your own torchrun, accelerate "
+        "or shell script). Scripts and commands take the directory submit runs in along (the project: every "
+        "file but what .gitignore and .gpudeckignore leave out); each node runs the job in its own copy.",
+        epilog="examples: gpudeck submit --gpus 2 train.py --epochs 3\n"
+        "          gpudeck submit --nodes 2 --gpus-per-node 1 --requirements requirements.txt -- "
+        "sh -c 'torchrun --nnodes $NNODES --node-rank $NODE_RANK --nproc-per-node $GPUS_PER_NODE "
+        "--master-addr $MASTER_ADDR --master-port $MASTER_PORT train.py'",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    submit.add_argument("--name", help="a name for the job (default: the script's, command's or workload's name)")
     # The ranges are checked by JobSpec.check, as for the dashboard's form and the coordinator.
     submit.add_argument("--gpus", type=int, metavar="G",
                         help=f"G GPUs on as few nodes as possible, 1 to {MAX_GPUS} (default: 1)")
@@ -176,12 +202,29 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--max-restarts", type=int, default=0, metavar="K",
                         help=f"requeue the job up to K times when one of its nodes is lost, 0 to {MAX_RESTARTS} "
                         "(default: 0)")
+    where = submit.add_mutually_exclusive_group()
+    where.add_argument("--project", metavar="DIR", type=Path,
+                       help="ship this directory with the job (default: the directory submit runs in)")
+    where.add_argument("--no-project", action="store_true",
+                       help="ship only the script; the job runs in this directory where a node has it (a shared "
+                       "file system), else in an empty one")
+    setup = submit.add_mutually_exclusive_group()
+    setup.add_argument("--requirements", metavar="FILE", type=Path,
+                       help="a requirements.txt, pyproject.toml or uv.lock: each node builds the environment once "
+                       "with uv and keeps it for later jobs (the agent's torch is used unless the file names one)")
+    setup.add_argument("--python", metavar="PATH", help="an interpreter that exists on every node")
+    setup.add_argument("--venv", metavar="PATH", help="a virtual environment that exists on every node")
+    submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="set an environment variable for the job (repeatable)")
+    submit.add_argument("--env-file", metavar="FILE", type=Path,
+                        help="environment variables for the job, one KEY=VALUE a line (# starts a comment)")
     submit.add_argument("--workload", nargs=argparse.REMAINDER, metavar="W [ARGS]",
                         help="a built-in workload instead of a script, then its options (last on the line): "
                         + "; ".join(f"{name}: {text}" for name, text in sorted(WORKLOADS.items())))
     submit.add_argument("--json", action="store_true", help="print the job as JSON")
     submit.add_argument("script", nargs="?", metavar="SCRIPT", help="a Python training script, as for torchrun")
     submit.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="arguments for the script")
+    submit.set_defaults(command_line=[])  # what follows `--` (see parse_command_line)
     _client_flags(submit)
 
     for name, text in (("jobs", "list jobs"), ("nodes", "list nodes and their GPUs")):
@@ -211,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "sequence (by default only colours are kept: titles, clipboard writes and cursor moves are "
                       "dropped)")
     logs.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
-    logs.add_argument("--launcher", action="store_true", help="include torchrun's own output (always shown for failed jobs)")
+    logs.add_argument("--launcher", action="store_true", help="include each node's own output: torchrun's and the "
+                      "environment build's (always shown for failed jobs and for commands)")
     _client_flags(logs)
     return parser
 
@@ -236,11 +280,16 @@ def _read_script(path: str) -> tuple[str, bytes]:
 
 
 def _what_to_run(args: argparse.Namespace) -> tuple[str, list[str]]:
-    """The workload name ("" for a script) and the arguments for the script or workload."""
+    """The workload name ("" for a script or command) and the arguments for the script or workload."""
     known = ", ".join(sorted(WORKLOADS))
+    if args.command_line:
+        if args.script or args.workload is not None:
+            raise UsageError("give a script, --workload or a command after --, only one of them")
+        return "", []
     if args.workload is None:
         if not args.script:
-            raise UsageError("nothing to run: give a script (gpudeck submit train.py) or --workload NAME")
+            raise UsageError("nothing to run: give a script (gpudeck submit train.py), --workload NAME, or a "
+                             "command after -- (gpudeck submit -- ./run.sh)")
         return "", list(args.args)
     if not args.workload:
         raise UsageError(f"--workload needs a name: {known}")
@@ -251,23 +300,104 @@ def _what_to_run(args: argparse.Namespace) -> tuple[str, list[str]]:
     return args.workload[0], args.workload[1:]
 
 
+def project_root(args: argparse.Namespace) -> Path | None:
+    """The directory to ship: --project; else, for a script or a command, the current directory, or
+    the script's own where it lies outside the current one (a built-in workload needs none)."""
+    if args.no_project:
+        return None
+    if args.project is not None:
+        if not args.project.is_dir():
+            raise UsageError(f"--project {args.project}: no such directory")
+        return args.project.resolve()
+    here = Path.cwd().resolve()
+    if args.script and not Path(args.script).resolve().is_relative_to(here):
+        return Path(args.script).resolve().parent
+    return here if args.script or args.command_line else None
+
+
+def _inside(path: Path, root: Path, what: str) -> str:
+    try:
+        return path.resolve().relative_to(root).as_posix()
+    except ValueError:
+        raise UsageError(f"{what} {path} is outside the project {root}: run submit in the project, give "
+                         "--project DIR, or --no-project") from None
+
+
+def _environment(args: argparse.Namespace) -> dict[str, str]:
+    env: dict[str, str] = {}
+    if args.env_file is not None:
+        try:
+            lines = args.env_file.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise Failure(f"cannot read --env-file {args.env_file}: {getattr(exc, 'strerror', None) or exc}") from None
+        for number, line in enumerate(lines, 1):
+            line = line.strip()
+            if line and not line.startswith("#"):
+                key, value = _assignment(line.removeprefix("export "), f"{args.env_file} line {number}")
+                env[key] = value
+    for item in args.env:
+        key, value = _assignment(item, "--env")
+        env[key] = value
+    return env
+
+
+def _assignment(text: str, where: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise UsageError(f"{where}: {text!r} is not KEY=VALUE")
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        value = value[1:-1]
+    return key.strip(), value
+
+
+def _requirements(path: Path | None) -> dict[str, bytes]:
+    """The files an environment is built from, by their name on the wire (see model.REQUIREMENT_FILES)."""
+    if path is None:
+        return {}
+    kind = "uv.lock" if path.name == "uv.lock" else "pyproject.toml" if path.suffix == ".toml" else "requirements.txt"
+    wanted = {kind: path}
+    if kind == "uv.lock":
+        wanted["pyproject.toml"] = path.with_name("pyproject.toml")
+    files = {}
+    for name, source in wanted.items():
+        try:
+            files[name] = source.read_bytes()
+        except OSError as exc:
+            beside = " (a uv.lock needs the pyproject.toml beside it)" if source != path else ""
+            raise Failure(f"cannot read {source}{beside}: {exc.strerror}") from None
+    return files
+
+
 def spec_from_args(args: argparse.Namespace) -> JobSpec:
+    """The job as asked, without its project's digest (known once it is shipped: `cmd_submit`)."""
     workload, run_args = _what_to_run(args)
     if args.gpus is not None and (args.nodes is not None or args.gpus_per_node is not None):
         raise UsageError("use either --gpus G, or --nodes N with --gpus-per-node G, not both")
     if (args.nodes is None) != (args.gpus_per_node is None):
         raise UsageError("--nodes and --gpus-per-node go together")
-    script_name, script = _read_script(args.script) if args.script else ("", b"")
+    root = project_root(args)
+    script_name, script, subdir = "", b"", ""
+    if args.script and root is not None:
+        script_name = _inside(Path(args.script), root, "the script")
+    elif args.script:
+        script_name, script = _read_script(args.script)
+    if root is not None and Path.cwd().resolve().is_relative_to(root):
+        subdir = Path.cwd().resolve().relative_to(root).as_posix().removeprefix(".")
     try:
         time_limit = parse_duration(args.time_limit) if args.time_limit else None
     except ValueError as exc:
         raise UsageError(f"--time-limit: {exc}") from None
+    named = Path(args.script).stem if args.script else workload or Path(args.command_line[0]).name
     spec = JobSpec(
-        name=args.name or (Path(args.script).stem if args.script else workload),
+        name=args.name or named,
         gpus=None if args.nodes is not None else (args.gpus if args.gpus is not None else 1),
         nodes=args.nodes, gpus_per_node=args.gpus_per_node, priority=args.priority, time_limit=time_limit,
         max_restarts=args.max_restarts, script_name=script_name, script=script, workload=workload,
-        args=run_args, workdir=os.getcwd())
+        # A shipped project's digest is known once it is shipped (cmd_submit); this one only marks it.
+        args=run_args, workdir="" if root else os.getcwd(), project="0" * 64 if root else "", subdir=subdir,
+        command=list(args.command_line), env=_environment(args), python=args.python or "",
+        venv=args.venv or "", requirements=_requirements(args.requirements))
     try:
         spec.check()
     except ValueError as exc:
@@ -277,9 +407,18 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
 
 async def cmd_submit(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
+    root = project_root(args)
 
     async def work(session: ClientSession) -> int:
+        nonlocal spec
+        shipped = None
+        if root is not None:
+            cap = session.welcome.project_cap if session.welcome else DEFAULT_CAP
+            shipped = await ship(session, root, cap, [spec.script_name] if spec.script_name else [])
+            spec = dataclasses.replace(spec, project=shipped.digest)
         job = await session.request(Submit, spec=spec.to_wire())
+        if shipped is not None:
+            job["project"] = shipped.to_json()
         print(json.dumps(job, indent=2) if args.json else job["id"])
         return 0
 
@@ -326,7 +465,7 @@ async def cmd_logs(args: argparse.Namespace) -> int:
         offsets: dict[str, int] = {}
         while True:
             reply = await session.request(ReadLogs, job=args.job, attempt=args.attempt, rank=args.rank, offsets=offsets)
-            printer.include_launcher |= reply["state"] == "failed"
+            printer.include_launcher |= reply["state"] == "failed" or reply["per_node"]
             for rank, data in sorted(reply["chunks"].items(), key=lambda kv: int(kv[0])):
                 offsets[rank] = offsets.get(rank, 0) + len(data)
                 printer.feed(int(rank), data)
@@ -366,7 +505,8 @@ async def cmd_coordinator(args: argparse.Namespace) -> int:
 
     coordinator = Coordinator(args.state_dir or config.coordinator_dir(), args.host, args.port,
                               mdns_interfaces=args.mdns_interface, use_mdns=not args.no_mdns,
-                              job_ports=args.job_ports)
+                              job_ports=args.job_ports, project_cap=args.project_cap,
+                              project_store=args.project_store)
     await coordinator.start()
     try:
         await _until_signalled(asyncio.Event().wait())
@@ -423,9 +563,21 @@ ASYNC_COMMANDS = {"submit": cmd_submit, "jobs": cmd_listing, "nodes": cmd_listin
                   "cancel": cmd_listing, "drain": cmd_listing, "logs": cmd_logs, "coordinator": cmd_coordinator, "agent": cmd_agent}
 
 
+def parse_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse, with `submit [OPTIONS] -- CMD ARGS...` giving CMD its own line (after a script, `--`
+    is only one of the script's arguments)."""
+    if "--" in argv:
+        cut = argv.index("--")
+        head = parser.parse_args(argv[:cut])
+        if head.command == "submit" and not head.script and head.workload is None:
+            head.command_line = argv[cut + 1:]
+            return head
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_command_line(parser, list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)

@@ -14,6 +14,7 @@ from typing import AsyncIterator
 from gpudeck.config import DEFAULT_PORT, Endpoint, local_endpoint
 from gpudeck.discovery import Discovery
 from gpudeck.protocol import auth
+from gpudeck.protocol.messages import Welcome
 from gpudeck.protocol.session import ClientSession, Connection, open_session, split_address
 
 MDNS_WAIT = 3.0
@@ -47,14 +48,13 @@ async def find_endpoints(flag: str | None, mdns_interfaces: list[str] | None = N
     )
 
 
-async def _open_first(endpoints: list[Endpoint], token: auth.JoinToken, name: str) -> Connection:
+async def _open_first(endpoints: list[Endpoint], token: auth.JoinToken, name: str) -> tuple[Connection, Welcome]:
     """The first endpoint that proves to hold the token's certificate; a coordinator that was named
     explicitly and fails the pin is an error, a stale or foreign mDNS advert is only skipped."""
     failures = []
     for endpoint in endpoints:
         try:
-            conn, _ = await open_session(endpoint.host, endpoint.port, token, "client", name)
-            return conn
+            return await open_session(endpoint.host, endpoint.port, token, "client", name)
         except auth.PinMismatch:
             if len(endpoints) == 1:
                 raise
@@ -75,7 +75,7 @@ def _why(exc: BaseException) -> str:
 
 @asynccontextmanager
 async def connect(endpoints: list[Endpoint], token: auth.JoinToken, name: str = "cli") -> AsyncIterator[ClientSession]:
-    session = ClientSession(await _open_first(endpoints, token, name))
+    session = ClientSession(*await _open_first(endpoints, token, name))
     try:
         yield session
     finally:

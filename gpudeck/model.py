@@ -12,6 +12,7 @@ from enum import Enum
 from typing import Any
 
 from gpudeck.capacity import validate_request
+from gpudeck.project import path_problem
 from gpudeck.text import name_problem
 
 MAX_SCRIPT_BYTES = 1024 * 1024
@@ -105,6 +106,21 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?$")
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def parse_size(text: str) -> int:
+    """'512M', '8G', '1.5GiB', '4096' into bytes; ValueError with a sentence otherwise."""
+    match = _SIZE.match(text.strip().lower())
+    if not match:
+        raise ValueError(f"{text!r} is not a size (examples: 512M, 8G, 1T)")
+    size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+    if size <= 0:
+        raise ValueError("a size must be more than zero")
+    return size
+
+
 def format_duration(seconds: float) -> str:
     seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)
@@ -131,7 +147,23 @@ class JobSpec:
     script: bytes = b""
     workload: str = ""
     args: list[str] = field(default_factory=list)
-    workdir: str = ""
+    workdir: str = ""  # without a project: the submitter's directory
+    project: str = ""  # the manifest digest of the shipped project (see gpudeck.project)
+    project_files: int = 0  # filled in by the coordinator from the manifest
+    project_bytes: int = 0
+    subdir: str = ""  # where in the project the job runs (the folder submit ran from)
+    command: list[str] = field(default_factory=list)  # a command run once per node instead of a script
+    env: dict[str, str] = field(default_factory=dict)
+    python: str = ""  # an interpreter on the nodes, instead of the agent's
+    venv: str = ""  # a virtual environment on the nodes, instead of the agent's
+    requirements: dict[str, bytes] = field(default_factory=dict)  # what the job's environment is built from
+
+    @property
+    def what(self) -> list[str]:
+        """What runs, as the job's command line shows it."""
+        if self.command:
+            return ["--", *self.command]
+        return [self.script_name or f"--workload {self.workload}", *self.args]
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
@@ -157,26 +189,65 @@ class JobSpec:
             raise ValueError(problem)
         if self.time_limit is not None and not 0 < self.time_limit <= MAX_TIME_LIMIT:
             raise ValueError(f"a time limit must be more than zero and at most {MAX_TIME_LIMIT // 86400} days")
-        if bool(self.script_name) == bool(self.workload):
-            raise ValueError("give either a script or a built-in workload (--workload), not both or neither")
-        if self.script_name and not self.script:
-            raise ValueError(f"the script {self.script_name} is empty")
-        if len(self.script) > MAX_SCRIPT_BYTES:
-            raise ValueError(f"the script is over {MAX_SCRIPT_BYTES // 1024} KiB; put large code in modules on every node")
-        if "/" in self.script_name or self.script_name.startswith("."):
-            raise ValueError("the script name must be a plain file name")
+        if [bool(self.script_name), bool(self.workload), bool(self.command)].count(True) != 1:
+            raise ValueError("give one of a script, a built-in workload (--workload) or a command (-- CMD)")
+        self._check_code()
+        self._check_environment()
         if not 0 <= self.max_restarts <= MAX_RESTARTS:
             raise ValueError(f"--max-restarts must be between 0 and {MAX_RESTARTS}")
         if not -MAX_PRIORITY <= self.priority <= MAX_PRIORITY:
             raise ValueError(f"--priority must be between -{MAX_PRIORITY} and {MAX_PRIORITY}")
+
+    def _check_code(self) -> None:
+        if self.project:
+            if not _DIGEST.match(self.project):
+                raise ValueError("the job's project is not a manifest digest")
+            for label, path in (("script", self.script_name), ("folder", self.subdir)):
+                problem = path and path_problem(path)
+                if problem:
+                    raise ValueError(f"the {label} {path!r} is not inside the project: {problem}")
+            return
+        if self.script_name and not self.script:
+            raise ValueError(f"the script {self.script_name} is empty")
+        if len(self.script) > MAX_SCRIPT_BYTES:
+            raise ValueError(f"the script is over {MAX_SCRIPT_BYTES // 1024} KiB; ship it in a project (the default)")
+        if "/" in self.script_name or self.script_name.startswith("."):
+            raise ValueError("the script name must be a plain file name")
+
+    def _check_environment(self) -> None:
+        if len(self.env) > MAX_ENV or sum(len(k) + len(v) for k, v in self.env.items()) > MAX_SETUP_BYTES:
+            raise ValueError(f"at most {MAX_ENV} environment variables, of {MAX_SETUP_BYTES // 1024} KiB in all")
+        for key, value in self.env.items():
+            if not _ENV_NAME.match(key):
+                raise ValueError(f"{key!r} is not a usable environment variable name (letters, digits and _)")
+            if "\0" in value:
+                raise ValueError(f"the value of {key} holds a NUL byte")
+        if sum(bool(x) for x in (self.python, self.venv, self.requirements)) > 1:
+            raise ValueError("give at most one of --python, --venv and --requirements")
+        for label, path in (("--python", self.python), ("--venv", self.venv)):
+            if path and (not path.startswith("/") or "\0" in path):
+                raise ValueError(f"{label} must be an absolute path on the nodes")
+        if self.requirements and (set(self.requirements) - set(REQUIREMENT_FILES)
+                                  or sum(map(len, self.requirements.values())) > MAX_SETUP_BYTES):
+            raise ValueError("the requirements must be a requirements file, a pyproject.toml or a uv.lock "
+                             f"with its pyproject.toml, of at most {MAX_SETUP_BYTES // 1024} KiB")
 
 
 _SPEC_TYPES: dict[str, tuple[type, ...]] = {
     "name": (str,), "gpus": (int, type(None)), "nodes": (int, type(None)),
     "gpus_per_node": (int, type(None)), "priority": (int,), "time_limit": (int, float, type(None)),
     "max_restarts": (int,), "script_name": (str,), "script": (bytes,), "workload": (str,),
-    "args": (list,), "workdir": (str,),
+    "args": (list,), "workdir": (str,), "project": (str,), "project_files": (int,), "project_bytes": (int,),
+    "subdir": (str,), "command": (list,), "env": (dict,), "python": (str,), "venv": (str,), "requirements": (dict,),
 }
+
+
+# What an environment can be built from, by the name it has on the wire (see gpudeck.agent.environments).
+REQUIREMENT_FILES = ("requirements.txt", "pyproject.toml", "uv.lock")
+MAX_ENV = 1000
+MAX_SETUP_BYTES = 256 * 1024  # environment variables, and requirement files: kept in memory with the job
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
 
 def _check_types(spec: JobSpec) -> None:
@@ -184,8 +255,12 @@ def _check_types(spec: JobSpec) -> None:
         value = getattr(spec, name)
         if isinstance(value, bool) or not isinstance(value, allowed):
             raise ValueError(f"job field {name!r} has the wrong type ({type(value).__name__})")
-    if not all(isinstance(a, str) for a in spec.args):
+    if not all(isinstance(a, str) for a in [*spec.args, *spec.command]):
         raise ValueError("job arguments must be strings")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in spec.env.items()):
+        raise ValueError("environment variables must be strings")
+    if not all(isinstance(k, str) and isinstance(v, bytes) for k, v in spec.requirements.items()):
+        raise ValueError("requirement files must be bytes")
 
 
 # Built-in workloads, by the name `gpudeck submit --workload NAME` takes, with one line each for

@@ -94,7 +94,7 @@ class LogPrinter:
 
     @staticmethod
     def label(rank: int) -> str:
-        return f"[rank {rank}]" if rank >= 0 else f"[torchrun node {-rank - 1}]"
+        return f"[rank {rank}]" if rank >= 0 else f"[node {-rank - 1}]"
 
     def feed(self, rank: int, data: bytes) -> None:
         buffered = self._partial.get(rank, b"") + data

@@ -136,13 +136,17 @@ class Cluster:
         return wait_until(reached, timeout, f"job {job_id} to be {' or '.join(states)}", interval=0.5)
 
     def submit(self, *args: str) -> int:
-        """Submit; client flags go before the script so they are not taken as its arguments."""
+        return self.submit_json(*args)["id"]
+
+    def submit_json(self, *args: str, cwd: Path | None = None) -> dict[str, Any]:
+        """Submit from `cwd` (default: the cluster's root) and return the job as `submit --json`
+        prints it; client flags go before the script so they are not taken as its arguments."""
         flags = ["--coordinator", f"127.0.0.1:{self.port}", "--token", self.token]
         result = subprocess.run([sys.executable, "-m", "gpudeck", "submit", "--json", *flags, *args],
-                                capture_output=True, text=True, env=self.env, cwd=self.root, timeout=60)
+                                capture_output=True, text=True, env=self.env, cwd=cwd or self.root, timeout=60)
         if result.returncode != 0:
             raise AssertionError(f"submit exited {result.returncode}: {result.stderr}")
-        return json.loads(result.stdout)["id"]
+        return json.loads(result.stdout)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         proc = self.procs.pop(name)

@@ -147,7 +147,7 @@ def test_failing_job_reports_its_exit_code_and_launcher_output(cluster: Cluster)
     assert job["state"] == "failed" and job["exit_code"] not in (0, None)
     assert "exited with code" in job["reason"]
     logs = cluster.cli("logs", str(job_id)).stdout
-    assert "[torchrun node" in logs, "a failed job's logs include torchrun's own output"
+    assert "[node 0]" in logs, "a failed job's logs include torchrun's own output"
 
 
 def test_time_limit_stops_an_overrunning_job(cluster: Cluster):

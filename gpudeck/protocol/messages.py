@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 from gpudeck.protocol.payloads import GpuReading, JobReport, TrafficByRank
 from gpudeck.protocol.values import ShapeError, plain, typed_fields
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 
 class ProtocolError(Exception):
@@ -76,8 +76,11 @@ class Hello(Message):
 
 @message("welcome")
 class Welcome(Message):
+    """The handshake's answer, with the limits a client must keep to."""
+
     coordinator: str
     version: int
+    project_cap: int  # the most bytes of project files one job may ship
 
 
 @message("error")
@@ -130,6 +133,24 @@ class JobExited(Message):
     failed_at: float | None  # when the node's first failing rank ended (epoch seconds), if known
 
 
+@message("job_preparing")
+class JobPreparing(Message):
+    """What this node is doing before an attempt's ranks can start (copying the project, building
+    its environment); shown as the starting job's reason."""
+
+    job: int
+    attempt: int
+    doing: str
+
+
+@message("fetch_content")
+class FetchContent(Message):
+    """Ask for a chunk of a project content (a file or a manifest) at `offset`."""
+
+    digest: str
+    offset: int
+
+
 @message("log_chunk")
 class LogChunk(Message):
     """Bytes of one rank's log at an offset, so a repeated chunk rewrites the same place."""
@@ -166,9 +187,27 @@ class Launch(Message):
     master_port: int
     script_name: str  # file name of the user's script, "" for a built-in workload
     script: bytes  # the script's contents, copied to every node of the job
-    workload: str  # built-in workload name, "" for a script
+    workload: str  # built-in workload name, "" for a script or a command
     args: list[str]
-    workdir: str  # the submitter's directory; used when it exists on the node
+    workdir: str  # without a project: the submitter's directory, used when it exists on the node
+    project: str = ""  # the project's manifest digest, "" for none
+    subdir: str = ""  # the folder of the working copy to run in
+    command: list[str] = dataclasses.field(default_factory=list)  # run once on the node instead of ranks
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+    python: str = ""  # the interpreter to run ranks with, "" for the agent's
+    venv: str = ""
+    requirements: dict[str, bytes] = dataclasses.field(default_factory=dict)  # file name -> content
+
+
+@message("content_chunk")
+class ContentChunk(Message):
+    """A chunk of a content at `offset` and the content's whole size; `error` when it is not held."""
+
+    digest: str
+    offset: int
+    size: int
+    data: bytes
+    error: str
 
 
 @message("kill")
@@ -201,6 +240,25 @@ class Forget(Message):
 class Submit(Message):
     req: int
     spec: dict[str, Any]
+
+
+@message("project_offer")
+class ProjectOffer(Message):
+    """A project's manifest (`gpudeck.project.Manifest.encode`); the reply names the contents the
+    coordinator lacks, which this connection may then upload."""
+
+    req: int
+    manifest: bytes
+
+
+@message("content_put")
+class ContentPut(Message):
+    """Bytes of one missing content at `offset`, in order; the last chunk completes it."""
+
+    req: int
+    digest: str
+    offset: int
+    data: bytes
 
 
 @message("list_nodes")

@@ -90,6 +90,14 @@ class RequestView:
 
 
 @dataclass(frozen=True)
+class ProjectView:
+    """The shipped project of a job: how many files and bytes (`submit --json` adds what it uploaded)."""
+
+    files: int
+    bytes: int
+
+
+@dataclass(frozen=True)
 class JobView:
     """A job as `gpudeck jobs --json`, `show --json`, `submit --json` and the dashboard see it."""
 
@@ -112,6 +120,7 @@ class JobView:
     started_at: float | None
     ended_at: float | None
     traffic: TrafficView = field(default_factory=lambda: TrafficView.of({}))
+    project: ProjectView | None = None
 
     @classmethod
     def build(cls, job_id: int, spec: JobSpec, state: str, submitted_at: float, reason: str = "",
@@ -124,10 +133,11 @@ class JobView:
             gpus=spec.gpus if spec.gpus is not None else (spec.nodes or 0) * (spec.gpus_per_node or 0),
             placement=[PlacementView(node=node, node_rank=rank, gpus=list(gpus)) for rank, (node, gpus) in enumerate(hosts)],
             request=RequestView(gpus=spec.gpus, nodes=spec.nodes, gpus_per_node=spec.gpus_per_node),
-            command=[spec.script_name or f"--workload {spec.workload}", *spec.args], priority=spec.priority,
+            command=spec.what, priority=spec.priority,
             time_limit=spec.time_limit, max_restarts=spec.max_restarts, restarts=restarts, attempt=attempt,
             exit_code=exit_code, submitted_at=submitted_at, started_at=started_at, ended_at=ended_at,
-            traffic=TrafficView.of(traffic or {}))
+            traffic=TrafficView.of(traffic or {}),
+            project=ProjectView(files=spec.project_files, bytes=spec.project_bytes) if spec.project else None)
 
     def to_json(self) -> dict[str, Any]:
         return plain(self)

@@ -189,6 +189,7 @@ class ClientSession:
     """Request/reply for clients: each request carries an id; one reader task resolves the replies."""
 
     conn: Connection
+    welcome: Welcome | None = None  # the coordinator's handshake answer, with its limits
 
     def __post_init__(self) -> None:
         self._ids = itertools.count(1)

@@ -1,0 +1,222 @@
+"""A job's project: the files of the directory it is submitted from, each named by its content.
+
+The CLI walks the directory (`collect`), leaving out what `.gitignore` and `.gpudeckignore` files
+exclude and `.git` itself, hashes every file, and offers the coordinator a `Manifest`; the coordinator
+asks only for the contents it does not hold, and every node copies a job's working copy out of its own
+cache of contents. The manifest is itself stored as content (its digest names the project), so a job
+carries one string, and the coordinator, the agents and the CLI check it with the same rules here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import stat
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Iterator
+
+import pathspec
+
+DEFAULT_CAP = 512 * 1024 * 1024
+MAX_FILES = 30_000  # a manifest of this many files is about 3 MiB: it fits in one frame
+CHUNK = 1024 * 1024  # bytes of one upload or download frame
+IGNORE_FILES = (".gitignore", ".gpudeckignore")
+ALWAYS_LEFT_OUT = ".git"
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+_MAX_PATH = 1024
+
+
+@dataclass(frozen=True)
+class ProjectFile:
+    path: str  # relative, with '/' between parts
+    size: int
+    digest: str  # sha256 of the content, hex
+    executable: bool = False
+
+
+@dataclass(frozen=True)
+class Manifest:
+    files: tuple[ProjectFile, ...]
+
+    @property
+    def bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def encode(self) -> bytes:
+        """Canonical bytes (sorted paths, fixed keys), so equal projects have equal digests."""
+        rows = [[f.path, f.size, f.digest, f.executable] for f in sorted(self.files, key=lambda f: f.path)]
+        return json.dumps({"version": 1, "files": rows}, separators=(",", ":")).encode()
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.encode()).hexdigest()
+
+    def contents(self) -> dict[str, int]:
+        """Each distinct content's digest and size (equal files are stored and sent once)."""
+        return {f.digest: f.size for f in self.files}
+
+    def largest(self, count: int = 5) -> list[ProjectFile]:
+        return sorted(self.files, key=lambda f: f.size, reverse=True)[:count]
+
+    @classmethod
+    def decode(cls, data: bytes, cap: int) -> "Manifest":
+        """A manifest from a peer, checked: ValueError with a sentence on anything a node could not
+        safely write (a path out of the working copy, a file inside a file) or over the cap."""
+        try:
+            body = json.loads(data)
+            rows = body.get("files") if isinstance(body, dict) and body.get("version") == 1 else None
+        except (ValueError, UnicodeDecodeError):
+            rows = None
+        if not isinstance(rows, list):
+            raise ValueError("the project's manifest is not readable")
+        if len(rows) > MAX_FILES:
+            raise ValueError(f"the project has {len(rows)} files; at most {MAX_FILES} are shipped")
+        manifest = cls(tuple(_file_of(row) for row in rows))
+        _check_layout(manifest)
+        if manifest.bytes > cap:
+            raise ValueError(too_large(manifest, cap))
+        return manifest
+
+
+def _file_of(row: object) -> ProjectFile:
+    if not (isinstance(row, list) and len(row) == 4 and isinstance(row[0], str)
+            and isinstance(row[1], int) and not isinstance(row[1], bool) and isinstance(row[2], str)
+            and isinstance(row[3], bool)):
+        raise ValueError("the project's manifest has a malformed entry")
+    path, size, digest, executable = row
+    problem = path_problem(path)
+    if problem:
+        raise ValueError(f"the project's manifest names {path!r}: {problem}")
+    if size < 0 or not _DIGEST.match(digest):
+        raise ValueError(f"the project's manifest has a malformed entry for {path!r}")
+    return ProjectFile(path, size, digest, executable)
+
+
+def path_problem(path: str) -> str | None:
+    """Why a relative path from a peer could not be written inside a working copy, or None."""
+    parts = path.split("/")
+    if not path or len(path) > _MAX_PATH or "\0" in path or path.startswith("/"):
+        return "not a relative path"
+    if any(part in ("", ".", "..") for part in parts):
+        return "a path must not contain empty, '.' or '..' parts"
+    if parts[0] == ALWAYS_LEFT_OUT:
+        return "the .git folder is never shipped"
+    return None
+
+
+def _check_layout(manifest: Manifest) -> None:
+    paths = {f.path for f in manifest.files}
+    if len(paths) != len(manifest.files):
+        raise ValueError("the project's manifest names a file twice")
+    for path in paths:
+        parent = PurePosixPath(path).parent
+        while str(parent) != ".":
+            if str(parent) in paths:
+                raise ValueError(f"the project's manifest has {str(parent)!r} as both a file and a folder")
+            parent = parent.parent
+
+
+def too_large(manifest: Manifest, cap: int, root: Path | None = None) -> str:
+    largest = ", ".join(f"{f.path} ({human_bytes(f.size)})" for f in manifest.largest(3))
+    what = f"the project {root}" if root else "the project"
+    return (f"{what} is over the coordinator's cap of {human_bytes(cap)} for a job's files; its largest files "
+            f"are {largest}. Leave them out with a .gpudeckignore file, or give --no-project")
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+# --- the submitting side -------------------------------------------------------------------------
+
+
+class _Rules:
+    """The ignore files in force for one folder: its own and those of every folder above it, the
+    nearest deciding (as git reads nested .gitignore files)."""
+
+    def __init__(self, parent: "_Rules | None", folder: Path, relative: str) -> None:
+        self.parent, self.relative = parent, relative
+        lines: list[str] = []
+        for name in IGNORE_FILES:
+            try:
+                lines += (folder / name).read_text(errors="replace").splitlines()
+            except OSError:
+                continue
+        self.spec = pathspec.GitIgnoreSpec.from_lines(lines) if lines else None
+
+    def ignored(self, relative: str, is_dir: bool) -> bool:
+        rules: _Rules | None = self
+        while rules is not None:
+            if rules.spec is not None:
+                inner = relative[len(rules.relative) + 1:] if rules.relative else relative
+                result = rules.spec.check_file(inner + ("/" if is_dir else ""))
+                if result.include is not None:
+                    return bool(result.include)
+            rules = rules.parent
+        return False
+
+
+def walk(root: Path) -> Iterator[tuple[str, Path, os.stat_result]]:
+    """Every file that would be shipped, as (relative path, path, stat), without reading any."""
+    stack: list[tuple[Path, str, _Rules | None]] = [(root, "", None)]
+    while stack:
+        folder, relative, parent_rules = stack.pop()
+        rules = _Rules(parent_rules, folder, relative)
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            continue
+        for entry in entries:
+            path = f"{relative}/{entry.name}" if relative else entry.name
+            if entry.name == ALWAYS_LEFT_OUT and not relative:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                if not rules.ignored(path, True):
+                    stack.append((Path(entry.path), path, rules))
+                continue
+            try:
+                info = entry.stat()  # a link to a file ships the file's content
+            except OSError:
+                continue
+            if stat.S_ISREG(info.st_mode) and not rules.ignored(path, False) and path_problem(path) is None:
+                yield path, Path(entry.path), info
+
+
+def file_digest(path: Path) -> tuple[str, int]:
+    """The content's digest and its size as read (a file being written may have grown since stat)."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as handle:
+        while block := handle.read(CHUNK):
+            digest.update(block)
+            size += len(block)
+    return digest.hexdigest(), size
+
+
+def collect(root: Path, cap: int) -> tuple[Manifest, dict[str, Path]]:
+    """The project under `root` and where each content lies; ValueError with a sentence when it is
+    over `cap` or has too many files (found before any file is read, by their sizes)."""
+    found, total = [], 0
+    for item in walk(root):  # the walk stops at MAX_FILES: $HOME could take minutes
+        found.append(item)
+        total += item[2].st_size
+        if len(found) > MAX_FILES:
+            break
+    if total > cap:
+        sized = Manifest(tuple(ProjectFile(rel, info.st_size, "0" * 64) for rel, _, info in found))
+        raise ValueError(too_large(sized, cap, root))
+    if len(found) > MAX_FILES:
+        raise ValueError(f"the project {root} has more than {MAX_FILES} files, the most that are shipped. "
+                         "Leave some out with a .gpudeckignore file, or give --no-project")
+    files, sources = [], {}
+    for relative, path, info in found:
+        digest, size = file_digest(path)
+        files.append(ProjectFile(relative, size, digest, bool(info.st_mode & stat.S_IXUSR)))
+        sources[digest] = path
+    return Manifest(tuple(files)), sources

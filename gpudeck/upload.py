@@ -1,0 +1,93 @@
+"""Shipping a project from the submitting machine: offer its manifest, upload what the coordinator
+lacks, a few chunks in flight, with progress on a terminal when it takes more than a moment."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from gpudeck.project import CHUNK, collect, human_bytes
+from gpudeck.protocol.messages import ContentPut, ProjectOffer
+from gpudeck.protocol.session import ClientSession
+
+IN_FLIGHT = 4  # chunks sent before the first is answered
+PROGRESS_AFTER = 1.0  # seconds of uploading before progress is shown
+
+
+@dataclass(frozen=True)
+class Shipped:
+    digest: str
+    files: int
+    bytes: int
+    uploaded_bytes: int
+
+    def to_json(self) -> dict[str, int]:
+        return {"files": self.files, "bytes": self.bytes, "uploaded_bytes": self.uploaded_bytes}
+
+
+class _Progress:
+    """`uploading the project: 12.0 MiB of 80.0 MiB` on one line of stderr, once a second has passed."""
+
+    def __init__(self, total: int, stream: IO[str]) -> None:
+        self.total, self.done, self.stream = total, 0, stream
+        self.started = time.monotonic()
+        self.shown = False
+
+    def add(self, count: int) -> None:
+        self.done += count
+        if self.stream.isatty() and time.monotonic() - self.started > PROGRESS_AFTER:
+            self.shown = True
+            self.stream.write(f"\ruploading the project: {human_bytes(self.done)} of {human_bytes(self.total)}\x1b[K")
+            self.stream.flush()
+
+    def end(self) -> None:
+        if self.shown:
+            self.stream.write("\n")
+
+
+async def ship(session: ClientSession, root: Path, cap: int, needed: list[str],
+               stream: IO[str] = sys.stderr) -> Shipped:
+    """Offer the project under `root` and upload its missing contents; ValueError when it is over the
+    cap or leaves out a `needed` file."""
+    manifest, sources = await asyncio.to_thread(collect, root, cap)
+    shipped = {f.path for f in manifest.files}
+    for path in needed:
+        if path not in shipped:
+            raise ValueError(f"{path} is left out of the project by a .gitignore or .gpudeckignore file")
+    offer = await session.request(ProjectOffer, manifest=manifest.encode())
+    missing = [(digest, sources[digest]) for digest in offer["missing"]]
+    sizes = manifest.contents()
+    progress = _Progress(sum(sizes[d] for d, _ in missing), stream)
+    try:
+        for digest, path in missing:
+            await _upload(session, digest, path, sizes[digest], progress)
+    finally:
+        progress.end()
+    return Shipped(offer["project"], offer["files"], offer["bytes"], progress.done)
+
+
+async def _upload(session: ClientSession, digest: str, path: Path, size: int, progress: _Progress) -> None:
+    """One content, in order, IN_FLIGHT chunks ahead (an empty file is one empty chunk)."""
+    window: list[asyncio.Task[object]] = []
+    try:
+        with open(path, "rb") as handle:
+            for offset in range(0, size, CHUNK) if size else [0]:
+                data = handle.read(CHUNK)
+                if len(data) != min(CHUNK, size - offset):
+                    raise ValueError(f"{path} changed while it was uploaded; submit again")
+                window.append(asyncio.create_task(
+                    session.request(ContentPut, digest=digest, offset=offset, data=data, timeout=120.0)))
+                progress.add(len(data))
+                if len(window) >= IN_FLIGHT:
+                    await window.pop(0)
+        while window:
+            await window.pop(0)
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    finally:
+        for task in window:
+            task.cancel()

@@ -1,0 +1,168 @@
+"""Real projects on a real cluster: the directory shipped and copied on every node, an environment
+built with real uv from a requirements file, any command, and the refusals, each in one sentence."""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gpudeck.agent.environments import uv_binary
+from tests.cluster import Cluster
+from tests.conftest import SCRIPTS
+
+pytestmark = pytest.mark.slow
+ENDED = ("succeeded", "failed", "cancelled")
+SMALL_PACKAGE = "humanize"  # pure Python, small, and not among gpudeck's dependencies
+
+TRAIN = '''\
+import os, sys
+import humanize
+import mypkg
+from mypkg.config import load
+cfg = load("config.ini")
+print(f"rank {os.environ['RANK']} {mypkg.GREETING} lr={cfg['lr']} {humanize.naturalsize(2048)} in {os.getcwd()}")
+if os.environ["RANK"] == "0":
+    with open(os.path.join(os.environ["GPUDECK_OUTPUT_DIR"], "result.txt"), "w") as out:
+        out.write(f"trained with lr={cfg['lr']}\\n")
+'''
+
+
+@functools.cache
+def _index_unreachable() -> str:
+    """Why uv cannot install a package from an index here, or "" when it can."""
+    uv = uv_binary()
+    if uv is None:
+        return "uv is not installed (it comes with gpudeck[train])"
+    probe = subprocess.run([uv, "pip", "compile", "-", "--no-cache", "--quiet"], input=SMALL_PACKAGE,
+                           capture_output=True, text=True, timeout=120)
+    return "" if probe.returncode == 0 else f"uv cannot reach a package index here: {probe.stderr.strip()[-200:]}"
+
+
+def _needs_index() -> None:
+    reason = _index_unreachable()
+    if reason:
+        pytest.skip(reason)
+
+
+def _project(root: Path) -> Path:
+    (root / "mypkg").mkdir(parents=True)
+    (root / "mypkg" / "__init__.py").write_text('GREETING = "hello from mypkg"\n')
+    (root / "mypkg" / "config.py").write_text(
+        "def load(path):\n    return dict(line.strip().split('=', 1) for line in open(path) if '=' in line)\n")
+    (root / "config.ini").write_text("lr=0.25\n")
+    (root / "train.py").write_text(TRAIN)
+    (root / "requirements.txt").write_text(f"{SMALL_PACKAGE}\n")
+    (root / ".gitignore").write_text("checkpoints/\n")
+    (root / "checkpoints").mkdir()
+    (root / "checkpoints" / "huge.pt").write_bytes(b"\0" * 4096)
+    return root
+
+
+def _finished(cluster: Cluster, job_id: int) -> dict:
+    return cluster.wait_job(job_id, ENDED, timeout=180)
+
+
+def test_a_project_with_its_own_requirements_runs_on_two_nodes_after_its_source_is_gone(cluster: Cluster,
+                                                                                       tmp_path: Path):
+    _needs_index()
+    agent_python = subprocess.run([sys.executable, "-c", f"import {SMALL_PACKAGE}"], capture_output=True)
+    assert agent_python.returncode != 0, f"{SMALL_PACKAGE} must not be in the agent's environment for this test"
+    source = _project(tmp_path / "project")
+    first = cluster.submit_json("--nodes", "2", "--gpus-per-node", "1", "--requirements", "requirements.txt",
+                                "train.py", cwd=source)
+    shutil.move(source, tmp_path / "moved-away")
+    assert first["project"]["files"] == 6, first["project"]  # the ignored checkpoint is not among them
+    assert first["project"]["uploaded_bytes"] == first["project"]["bytes"] > 0
+    job = _finished(cluster, first["id"])
+    assert job["state"] == "succeeded", (job, cluster.cli("logs", str(first["id"]), "--launcher").stdout)
+    logs = cluster.cli("logs", str(first["id"])).stdout
+    for rank in (0, 1):
+        assert f"rank {rank} hello from mypkg lr=0.25 2.0 kB in " in logs, logs
+    launcher = cluster.cli("logs", str(first["id"]), "--launcher").stdout
+    assert launcher.count("building the environment for requirements.txt with uv") == 2, launcher
+    written = list((cluster.root / "node-a" / "jobs").glob("*/work/gpudeck-outputs/result.txt"))
+    written += list((cluster.root / "node-b" / "jobs").glob("*/work/gpudeck-outputs/result.txt"))
+    assert [p.read_text() for p in written] == ["trained with lr=0.25\n"]
+
+    shutil.move(tmp_path / "moved-away", source)
+    second = cluster.submit_json("--nodes", "2", "--gpus-per-node", "1", "--requirements", "requirements.txt",
+                                 "train.py", cwd=source)
+    assert second["project"]["uploaded_bytes"] == 0 and second["project"]["bytes"] == first["project"]["bytes"]
+    job = _finished(cluster, second["id"])
+    assert job["state"] == "succeeded", job
+    launcher = cluster.cli("logs", str(second["id"]), "--launcher").stdout
+    assert "building the environment" not in launcher
+    assert launcher.count("using the environment built earlier on this node") == 2, launcher
+
+
+def test_a_command_runs_once_per_node_with_the_rendezvous_in_its_environment_and_its_exit_code(cluster: Cluster,
+                                                                                             tmp_path: Path):
+    project = tmp_path / "cmd"
+    project.mkdir()
+    (project / "run.sh").write_text('#!/bin/sh\necho "node $NODE_RANK of $NNODES, $GPUS_PER_NODE GPU, '
+                                    'master $MASTER_ADDR:$MASTER_PORT, job $GPUDECK_JOB_ID, $GREETING"\nexit 7\n')
+    (project / "run.sh").chmod(0o755)
+    job = cluster.submit_json("--nodes", "2", "--gpus-per-node", "1", "--env", "GREETING=hi there", "--",
+                              "./run.sh", cwd=project)
+    ended = _finished(cluster, job["id"])
+    assert ended["state"] == "failed" and ended["exit_code"] == 7, ended
+    assert ended["command"] == ["--", "./run.sh"]
+    logs = cluster.cli("logs", str(job["id"])).stdout
+    for rank in (0, 1):
+        assert f"[node {rank}] node {rank} of 2, 1 GPU, master 127.0.0.1:" in logs, logs
+    assert f"job {job['id']}, hi there" in logs
+
+    exits = cluster.submit_json("--gpus", "1", "--", "sh", "-c", "exit 0", cwd=project)
+    assert _finished(cluster, exits["id"])["state"] == "succeeded"
+
+
+def test_a_command_that_starts_its_own_torchrun_on_two_nodes_runs(cluster: Cluster, tmp_path: Path):
+    project = tmp_path / "own-torchrun"
+    project.mkdir()
+    shutil.copy(SCRIPTS / "ddp_linear.py", project / "ddp_linear.py")
+    line = ("python -m torch.distributed.run --nnodes $NNODES --node-rank $NODE_RANK --nproc-per-node "
+            "$GPUS_PER_NODE --master-addr $MASTER_ADDR --master-port $MASTER_PORT ddp_linear.py --steps 3")
+    job = cluster.submit_json("--nodes", "2", "--gpus-per-node", "1", "--", "sh", "-c", line, cwd=project)
+    ended = _finished(cluster, job["id"])
+    assert ended["state"] == "succeeded", (ended, cluster.cli("logs", str(job["id"])).stdout)
+    assert cluster.cli("logs", str(job["id"])).stdout.count("step 2 loss") == 2
+
+
+def test_an_interpreter_a_node_lacks_fails_the_job_naming_the_node(cluster: Cluster, tmp_path: Path):
+    project = _project(tmp_path / "project")
+    job = cluster.submit_json("--gpus", "1", "--python", "/opt/no-such-python/bin/python3", "train.py", cwd=project)
+    ended = _finished(cluster, job["id"])
+    assert ended["state"] == "failed"
+    assert "--python /opt/no-such-python/bin/python3 does not exist on node-" in ended["reason"], ended
+
+
+def test_requirements_uv_cannot_resolve_fail_the_job_with_uvs_error(cluster: Cluster, tmp_path: Path):
+    _needs_index()
+    project = _project(tmp_path / "project")
+    (project / "requirements.txt").write_text("gpudeck-no-such-package-anywhere==1.0\n")
+    job = cluster.submit_json("--gpus", "1", "--requirements", "requirements.txt", "train.py", cwd=project)
+    ended = _finished(cluster, job["id"])
+    assert ended["state"] == "failed"
+    assert "the environment could not be built on node-" in ended["reason"], ended
+    assert "gpudeck-no-such-package-anywhere" in ended["reason"] and "Traceback" not in ended["reason"], ended
+
+
+def test_a_project_over_the_coordinators_cap_is_refused_in_one_line_naming_the_largest_file(tmp_path: Path):
+    cluster = Cluster(tmp_path)
+    try:
+        cluster.start_coordinator("--project-cap", "64K")
+        project = _project(tmp_path / "project")
+        (project / "stray-dataset.bin").write_bytes(b"\1" * 100_000)
+        refused = cluster.cli("submit", "--coordinator", f"127.0.0.1:{cluster.port}", "--token", cluster.token,
+                              "--gpus", "1", str(project / "train.py"), check=False, client=False)
+        assert refused.returncode == 1
+        lines = refused.stderr.strip().splitlines()
+        assert len(lines) == 1 and "stray-dataset.bin (97.7 KiB)" in lines[0] and "64.0 KiB" in lines[0], lines
+        assert cluster.json("jobs") == []
+    finally:
+        cluster.stop()

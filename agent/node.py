@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Awaitable
 
 from gpudeck.agent.gpus import GpuBackend
+from gpudeck.agent.outputs import DEFAULT_KEEP_FOR, DEFAULT_SPACE, OutputKeeper
 from gpudeck.agent.procs import marker_of, of_cluster
 from gpudeck.agent.projects import ContentFetcher
 from gpudeck.agent.runner import JobRunner
@@ -24,7 +25,7 @@ from gpudeck.discovery import Discovery
 from gpudeck.protocol import auth
 from gpudeck.protocol.framing import FrameError
 from gpudeck.protocol.messages import (
-    ContentChunk, Error, Forget, Kill, Launch, LogOffsets, Message, ProtocolError, Register, Telemetry,
+    ContentChunk, Error, Forget, Kill, Launch, SendOutput, LogOffsets, Message, ProtocolError, Register, Telemetry,
 )
 from gpudeck.protocol.payloads import GpuReading
 from gpudeck.protocol.session import Connection, Refused, open_session
@@ -44,6 +45,8 @@ class AgentConfig:
     coordinator: tuple[str, int] | None = None  # None: find it over mDNS
     mdns_interfaces: list[str] | None = None
     use_mdns: bool = True
+    keep_outputs_for: float = DEFAULT_KEEP_FOR
+    outputs_space: int = DEFAULT_SPACE
 
 
 class Agent:
@@ -53,8 +56,9 @@ class Agent:
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.sink = TrafficSink.reusing(config.state_dir / "traffic.port")
         self.fetcher = ContentFetcher(self.send)
+        keeper = OutputKeeper(config.state_dir.resolve() / "outputs", config.keep_outputs_for, config.outputs_space)
         self.runner = JobRunner(config.state_dir, config.token.cluster, config.name, self.sink, backend, self.send,
-                                self.fetcher)
+                                self.fetcher, keeper)
         self.discovery = Discovery(config.mdns_interfaces) if config.use_mdns else None
         self.conn: Connection | None = None
         self.latest: list[GpuReading] = []
@@ -168,6 +172,8 @@ class Agent:
             self._in_background(self.runner.kill(message.job, message.attempt, message.reason))
         elif isinstance(message, ContentChunk):
             self.fetcher.arrived(message)
+        elif isinstance(message, SendOutput):
+            self._in_background(self.runner.send_output(message))
         elif isinstance(message, Forget):
             self.runner.forget(message.job, message.attempt)
         elif isinstance(message, LogOffsets):

@@ -26,13 +26,16 @@ from typing import IO, Awaitable, Callable
 
 from gpudeck.agent import exits
 from gpudeck.agent.environments import BuildFailed, Environments
+from gpudeck.agent.outputs import OutputKeeper
 from gpudeck.agent.overlay import overlay_env, write_overlay
 from gpudeck.agent.projects import ContentFetcher, FetchFailed, NodeCache
 from gpudeck.agent.gpus import GpuBackend
 from gpudeck.agent.netif import interface_towards
 from gpudeck.agent.procs import MARKER, alive, run_marker, signal_all
 from gpudeck.agent.traffic_sink import TrafficSink
-from gpudeck.protocol.messages import JobExited, JobPreparing, JobStarted, Launch, LogChunk, Message, Traffic
+from gpudeck.protocol.messages import (
+    JobExited, JobPreparing, JobStarted, Launch, LogChunk, Message, OutputChunk, Outputs, SendOutput, Traffic,
+)
 from gpudeck.protocol.payloads import JobReport
 
 log = logging.getLogger(__name__)
@@ -134,12 +137,13 @@ class RunSetup:
 
 class JobRunner:
     def __init__(self, state_dir: Path, cluster: str, node: str, sink: TrafficSink, backend: GpuBackend,
-                 send: Send, fetcher: ContentFetcher | None = None) -> None:
+                 send: Send, fetcher: ContentFetcher | None = None, outputs: OutputKeeper | None = None) -> None:
         state_dir = state_dir.resolve()  # ranks run elsewhere: every path they are given is absolute
         self.root = state_dir / "jobs"
         self.cache = NodeCache(state_dir / "cache", fetcher or ContentFetcher(send))
         self.environments = Environments(state_dir / "environments")
         self.overlay = write_overlay(state_dir / "overlay")
+        self.outputs = outputs or OutputKeeper(state_dir / "outputs")
         self.cluster = cluster
         self.node = node
         self.sink = sink
@@ -380,6 +384,7 @@ class JobRunner:
         log.info("job %d attempt %d: ranks exited with code %d%s", job.job, job.attempt, code,
                  f" ({detail})" if detail else "")
         self.sink.drain()
+        await self._keep_outputs(job)
         await self.ship_traffic(job)
         try:
             await asyncio.wait_for(self.logs_resumed.wait(), LOG_RESUME_WAIT)
@@ -388,6 +393,35 @@ class JobRunner:
         await self.ship_logs(job)
         await self.send(JobExited(job=job.job, attempt=job.attempt, exit_code=code, detail=detail, retry=retry,
                                   failed_at=failed_at))
+
+    async def _keep_outputs(self, job: RunningJob) -> None:
+        """Keep what the attempt wrote to $GPUDECK_OUTPUT_DIR, drop the rest of its working copy, and
+        tell the coordinator what is kept (and what older outputs the keeper let go)."""
+        work = job.path / "work"
+        try:
+            files = self.outputs.keep(job.job, job.attempt, (work if work.is_dir() else job.path) / OUTPUT_DIR)
+        except OSError as exc:
+            log.warning("job %d attempt %d: could not keep its outputs (%s)", job.job, job.attempt, exc.strerror)
+            files = []
+        shutil.rmtree(work, ignore_errors=True)
+        if files:
+            await self.send(Outputs(job=job.job, attempt=job.attempt, files=files))
+        await self.prune_outputs()
+
+    async def prune_outputs(self) -> None:
+        for job_id, attempt in await asyncio.to_thread(self.outputs.prune):
+            log.info("job %d attempt %d: its kept outputs were removed (past their time or space)", job_id, attempt)
+            await self.send(Outputs(job=job_id, attempt=attempt, files=[]))
+
+    async def send_output(self, order: SendOutput) -> None:
+        try:
+            data, size = self.outputs.read(order.job, order.attempt, order.path, order.offset)
+        except (LookupError, OSError) as exc:
+            await self.send(OutputChunk(ticket=order.ticket, data=b"", size=0,
+                                        error=str(exc) if isinstance(exc, LookupError) else
+                                        f"{self.node} could not read {order.path}: {exc.strerror}"))
+            return
+        await self.send(OutputChunk(ticket=order.ticket, data=data, size=size, error=""))
 
     async def kill(self, job_id: int, attempt: int, reason: str) -> None:
         job = self.jobs.get((job_id, attempt))

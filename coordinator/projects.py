@@ -182,6 +182,6 @@ class ProjectStore:
 
     def _no_room(self, exc: OSError) -> ProjectStoreFull:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return ProjectStoreFull("the coordinator's disk is full: the project cannot be stored there")
+            return ProjectStoreFull(f"the coordinator's disk is full at {self.root}; the project was not stored")
         log.error("could not write to the project store %s: %s", self.root, exc)
         return ProjectStoreFull(f"the coordinator could not store the project ({exc.strerror or exc})")

@@ -23,6 +23,7 @@ from gpudeck.coordinator.admission import (
 )
 from gpudeck.coordinator.jobs import JOB_PORTS, JobControl
 from gpudeck.coordinator.logs import LogStore
+from gpudeck.coordinator.outputs import OutputRelay
 from gpudeck.coordinator.projects import DEFAULT_STORE_LIMIT, ProjectStore
 from gpudeck.coordinator.registry import SUSPECT_AFTER, AgentLink, Registry
 from gpudeck.coordinator.store import JobRow, Store, StoreFull
@@ -32,13 +33,13 @@ from gpudeck.coordinator.watch import JOBS_PER_FRAME, Publisher, split_update
 from gpudeck.config import ENDPOINT_FILE
 from gpudeck.discovery import Discovery
 from gpudeck.model import JobSpec, JobState, NodeState
-from gpudeck.project import DEFAULT_CAP
+from gpudeck.project import DEFAULT_CAP, path_problem
 from gpudeck.protocol import auth
 from gpudeck.protocol.framing import FrameError
 from gpudeck.protocol.messages import (
     PROTOCOL_VERSION, Cancel, ContentChunk, ContentPut, Drain, Error, FetchContent, Hello, JobExited, JobPreparing,
-    JobStarted, ListJobs, ListNodes, LogChunk, LogOffsets, Message, ProjectOffer, ProtocolError, ReadLogs, Register,
-    Reply, ShowJob, Submit, Telemetry, Traffic, Update, Watch, Welcome,
+    JobStarted, ListJobs, ListNodes, LogChunk, LogOffsets, Message, OutputChunk, Outputs, ProjectOffer, ProtocolError,
+    ReadLogs, ReadOutput, Register, Reply, ShowJob, Submit, Telemetry, Traffic, Update, Watch, Welcome,
 )
 from gpudeck.protocol.payloads import JobReport
 from gpudeck.protocol.session import HANDSHAKE_TIMEOUT, Connection
@@ -48,6 +49,7 @@ NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 TICK = 0.5
 PUBLISH_EVERY = 1.0
 WRONG_TOKEN_DELAY = 0.5
+MAX_OUTPUTS_LISTED = 1000  # output files of one job on one node named in its view
 
 
 class Coordinator:
@@ -72,6 +74,7 @@ class Coordinator:
         self.gate = AdmissionGate()
         self._accepting: set[asyncio.Task[None]] = set()
         self.publisher = Publisher()
+        self.relay = OutputRelay(self.send)
         self._published_at = 0.0
 
     async def start(self) -> tuple[str, int]:
@@ -277,6 +280,7 @@ class Coordinator:
                     # What could not be stored comes again: exits and logs with the agent's next report.
                     log.error("%s", exc)
         finally:
+            self.relay.node_left(name)
             if self.registry.detach(link):
                 log.info("node %s disconnected", name)
 
@@ -330,6 +334,10 @@ class Coordinator:
             link.conn.post(self._content_chunk(message))
         elif isinstance(message, JobPreparing):
             self.jobs.preparing(link.name, message.job, message.attempt, message.doing)
+        elif isinstance(message, Outputs):
+            self._kept_outputs(link.name, message)
+        elif isinstance(message, OutputChunk):
+            self.relay.answered(link.name, message)
         else:
             link.conn.post(Error(message=f"an agent may not send {message.kind}", code="bad_message", req=None))
 
@@ -349,11 +357,15 @@ class Coordinator:
         finally:
             self.publisher.unwatch(conn)
             self.projects.forget_client(id(conn))
+            self.relay.client_left(conn)
 
     def _answer_one(self, conn: Connection, message: Message) -> None:
         req = getattr(message, "req", None)
         if req is None:
             conn.post(Error(message=f"a client may not send {message.kind}", code="bad_message", req=None))
+            return
+        if isinstance(message, ReadOutput):
+            self._relay_output(conn, message)
             return
         try:
             data = self._answer(message, id(conn))
@@ -418,7 +430,22 @@ class Coordinator:
 
     def _job_views(self, rows: list[JobRow]) -> list[dict[str, Any]]:
         traffic = self.traffic.totals([row.id for row in rows])
-        return [job_view(row, traffic[row.id]).to_json() for row in rows]
+        outputs = self.store.outputs([row.id for row in rows])
+        return [job_view(row, traffic[row.id], outputs[row.id]).to_json() for row in rows]
+
+    def _kept_outputs(self, node: str, message: Outputs) -> None:
+        files = [f for f in message.files[:MAX_OUTPUTS_LISTED] if path_problem(f.path) is None and f.size >= 0]
+        if self.store.job(message.job) is not None:
+            self.store.set_outputs(message.job, node, message.attempt, files)
+
+    def _relay_output(self, conn: Connection, message: ReadOutput) -> None:
+        kept = self.store.outputs([message.job])[message.job].get(message.node) if self.store.job(message.job) else None
+        if kept is None or not any(f.path == message.path for f in kept):
+            conn.post(Error(message=f"{message.node} keeps no output {message.path!r} of job {message.job}",
+                            code="refused", req=message.req))
+            return
+        attempt = self.store.outputs_attempt(message.job, message.node)
+        self.relay.ask(conn, message.req, message.node, message.job, attempt, message.path, message.offset)
 
     def _job(self, job_id: int) -> JobRow:
         row = self.store.job(job_id)

@@ -24,7 +24,7 @@ from typing import Any
 import sqlite_utils
 
 from gpudeck.model import JobSpec, JobState, NodeState, check_transition
-from gpudeck.protocol.payloads import GpuReading
+from gpudeck.protocol.payloads import GpuReading, OutputFile
 from gpudeck.protocol.values import ShapeError, plain, typed
 
 Hosts = list[tuple[str, list[int]]]
@@ -126,7 +126,37 @@ class Store:
             _add_missing_columns(db["attempt_nodes"], {"fenced_until": float})
             db["traffic"].create({"job": int, "attempt": int, "rank": int, "kind": str, "bytes": int},
                                  pk=("job", "attempt", "rank", "kind"), if_not_exists=True)
+            db["outputs"].create({"job": int, "node": str, "attempt": int, "files": str}, pk=("job", "node"),
+                                 if_not_exists=True)
             db["jobs"].create_index(["state"], if_not_exists=True)
+
+    # --- outputs kept on nodes ----------------------------------------------------------------------
+
+    def set_outputs(self, job_id: int, node: str, attempt: int, files: list[OutputFile]) -> None:
+        """What a node keeps of a job's outputs (its latest attempt's); no files: nothing kept."""
+        with self._tx():
+            if files:
+                self.db["outputs"].upsert({"job": job_id, "node": node, "attempt": attempt,
+                                           "files": json.dumps(plain(files))}, pk=("job", "node"))
+            else:
+                self.db.conn.execute("DELETE FROM outputs WHERE job = ? AND node = ? AND attempt = ?",
+                                     [job_id, node, attempt])
+        self._changed.add(job_id)
+
+    def outputs_attempt(self, job_id: int, node: str) -> int:
+        row = self.db.conn.execute("SELECT attempt FROM outputs WHERE job = ? AND node = ?", [job_id, node]).fetchone()
+        return row[0] if row else 0
+
+    def outputs(self, job_ids: list[int]) -> dict[int, dict[str, list[OutputFile]]]:
+        """Each job's outputs by node, for these jobs, in one query."""
+        found: dict[int, dict[str, list[OutputFile]]] = {job_id: {} for job_id in job_ids}
+        if not job_ids:
+            return found
+        rows = self.db.conn.execute(f"SELECT job, node, files FROM outputs WHERE job IN ({','.join('?' * len(job_ids))})",
+                                    job_ids).fetchall()
+        for job_id, node, files in rows:
+            found[job_id][node] = typed(json.loads(files), list[OutputFile], "outputs")
+        return found
 
     def _tx(self, durable: bool = True) -> "_Transaction":
         return _Transaction(self.db.conn, durable, self.path)

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from gpudeck.coordinator.registry import Registry
 from gpudeck.coordinator.store import JobRow, NodeRow
-from gpudeck.protocol.payloads import JobView, NodeView, TrafficByRank
+from gpudeck.protocol.payloads import JobView, NodeView, OutputFile, TrafficByRank
 
 
-def job_view(row: JobRow, traffic: TrafficByRank) -> JobView:
+def job_view(row: JobRow, traffic: TrafficByRank, outputs: dict[str, list[OutputFile]]) -> JobView:
     return JobView.build(row.id, row.spec, state=row.state.value, reason=row.reason, hosts=row.hosts,
                          restarts=row.restarts, attempt=row.attempt, exit_code=row.exit_code,
                          submitted_at=row.submitted_at, started_at=row.started_at, ended_at=row.ended_at,
-                         traffic=traffic)
+                         traffic=traffic, outputs=outputs)
 
 
 def node_view(node: NodeRow, registry: Registry, jobs: list[int], now: float) -> NodeView:

@@ -23,7 +23,7 @@ from gpudeck.protocol import auth
 from gpudeck.protocol.messages import Cancel, Drain, ListJobs, ListNodes, ReadLogs, ShowJob, Submit
 from gpudeck.protocol.session import ClientSession, Refused, split_address
 from gpudeck.text import visible
-from gpudeck.upload import ship
+from gpudeck.upload import download_outputs, ship
 
 
 class Failure(Exception):
@@ -68,6 +68,13 @@ def bounded(low: int, high: int) -> Callable[[str], int]:
 small_int = bounded(-1_000_000, 1_000_000)  # ranks (negative: torchrun's own output) and attempts
 port_number = bounded(1, 65535)
 simulated_gpus = bounded(0, MAX_GPUS_PER_NODE)  # 0: the node's real GPUs, as without the flag
+
+
+def duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def size(text: str) -> int:
@@ -118,7 +125,7 @@ def port_range(text: str) -> tuple[int, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="gpudeck", description="Run your own GPU cluster from a terminal.",
+        prog="gpudeck", description="Run your own GPU cluster from a terminal.", allow_abbrev=False,
         epilog="Start here: `gpudeck up --simulate-gpus 4` runs a whole cluster on this machine.")
     parser.add_argument("--version", action="version", version=f"gpudeck {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
@@ -170,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--simulate-gpus", type=simulated_gpus, metavar="N",
                        help=f"N simulated GPUs instead of NVML, shown as SIM (at most {MAX_GPUS_PER_NODE})")
     agent.add_argument("--state-dir", type=Path, help="job directories and logs (default: the data dir's agent/)")
+    agent.add_argument("--keep-outputs", type=duration, default=7 * 86400.0, metavar="DUR",
+                       help="how long jobs' outputs are kept on this node (default: 7d)")
+    agent.add_argument("--outputs-space", type=size, default=10 * 1024**3, metavar="SIZE",
+                       help="the most space jobs' kept outputs take on this node; the oldest go first (default: 10G)")
     _mdns_flags(agent)
 
     token = sub.add_parser("token", help="print the join token of the coordinator on this machine")
@@ -245,6 +256,16 @@ def build_parser() -> argparse.ArgumentParser:
     drain.add_argument("node", metavar="NODE")
     drain.add_argument("--off", action="store_true", help="let the node take new jobs again")
     _client_flags(drain)
+
+    outputs = sub.add_parser(
+        "outputs", help="download what a job wrote to $GPUDECK_OUTPUT_DIR",
+        description="Download the files a job wrote under $GPUDECK_OUTPUT_DIR, which its nodes keep after it "
+        "ends (for a time and a space each agent sets). With several nodes, each node's files go in a folder "
+        "named after it.", epilog="example: gpudeck outputs 12 --to results/")
+    outputs.add_argument("job", type=job_id, metavar="JOB", help="the job's id, as submit printed it")
+    outputs.add_argument("--to", type=Path, default=Path("."), metavar="DIR", help="where to put them (default: here)")
+    outputs.add_argument("--node", metavar="NODE", help="only what this node keeps")
+    _client_flags(outputs)
 
     logs = sub.add_parser("logs", help="a job's output, every rank's lines prefixed with its rank")
     logs.add_argument("job", type=job_id, metavar="JOB")
@@ -379,6 +400,11 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
     root = project_root(args)
     script_name, script, subdir = "", b"", ""
     if args.script and root is not None:
+        try:
+            with open(args.script, "rb"):
+                pass
+        except OSError as exc:
+            raise Failure(f"cannot read the script {args.script}: {exc.strerror}") from None
         script_name = _inside(Path(args.script), root, "the script")
     elif args.script:
         script_name, script = _read_script(args.script)
@@ -480,6 +506,21 @@ async def cmd_logs(args: argparse.Namespace) -> int:
     return await _with_session(args, work)
 
 
+async def cmd_outputs(args: argparse.Namespace) -> int:
+    async def work(session: ClientSession) -> int:
+        job = await session.request(ShowJob, job=args.job)
+        kept = {node: files for node, files in job["outputs"].items() if args.node in (None, node)}
+        if not kept:
+            where = f" on {args.node}" if args.node else ""
+            raise Failure(f"job {args.job} has no outputs kept{where}: it wrote nothing to $GPUDECK_OUTPUT_DIR, "
+                          "or its nodes have let them go")
+        count = await download_outputs(session, args.job, kept, args.to)
+        print(f"{count} files of job {args.job} in {args.to}", file=sys.stderr)
+        return 0
+
+    return await _with_session(args, work)
+
+
 def cmd_token(args: argparse.Namespace) -> int:
     identity = auth.CoordinatorIdentity(args.state_dir or config.coordinator_dir())
     print(identity.token())
@@ -536,7 +577,8 @@ async def cmd_agent(args: argparse.Namespace) -> int:
     logging.getLogger("gpudeck.agent").info("%s", found)
     agent = Agent(AgentConfig(name=args.name or socket.gethostname().split(".")[0], token=token,
                               state_dir=args.state_dir or config.agent_dir(), coordinator=coordinator,
-                              mdns_interfaces=args.mdns_interface, use_mdns=not args.no_mdns), backend)
+                              mdns_interfaces=args.mdns_interface, use_mdns=not args.no_mdns,
+                              keep_outputs_for=args.keep_outputs, outputs_space=args.outputs_space), backend)
     await _until_signalled(agent.run())
     return 0
 
@@ -560,7 +602,7 @@ def cmd_tui(args: argparse.Namespace) -> int:
 # --- entry point ---------------------------------------------------------------------------------
 
 ASYNC_COMMANDS = {"submit": cmd_submit, "jobs": cmd_listing, "nodes": cmd_listing, "show": cmd_listing,
-                  "cancel": cmd_listing, "drain": cmd_listing, "logs": cmd_logs, "coordinator": cmd_coordinator, "agent": cmd_agent}
+                  "cancel": cmd_listing, "drain": cmd_listing, "logs": cmd_logs, "outputs": cmd_outputs, "coordinator": cmd_coordinator, "agent": cmd_agent}
 
 
 def parse_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:

@@ -6,6 +6,7 @@ import time
 from typing import Any, TextIO
 
 from gpudeck.model import format_duration
+from gpudeck.project import human_bytes
 from gpudeck.text import safe_output, visible, visible_data
 
 GIB = 1 << 30
@@ -80,7 +81,20 @@ def job_detail(job: dict[str, Any]) -> str:
     traffic = job["traffic"]["by_kind"]
     if traffic:
         lines.append("  traffic   " + ", ".join(f"{kind} {count:,} B" for kind, count in traffic.items()))
+    kept = outputs_text(job)
+    if kept:
+        lines.append(f"  outputs   {kept}")
     return "\n".join(lines)
+
+
+def outputs_text(job: dict[str, Any], most: int = 5) -> str:
+    """The outputs a job's nodes keep, in one line, with how to fetch them ("" when none)."""
+    files = [(node, f) for node, kept in sorted(job.get("outputs", {}).items()) for f in kept]
+    if not files:
+        return ""
+    named = ", ".join(f"{visible(f['path'])} ({human_bytes(f['size'])}, {visible(node)})" for node, f in files[:most])
+    more = f" and {len(files) - most} more" if len(files) > most else ""
+    return f"{named}{more}: fetch with `gpudeck outputs {job['id']}`"
 
 
 class LogPrinter:

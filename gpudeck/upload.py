@@ -1,5 +1,6 @@
-"""Shipping a project from the submitting machine: offer its manifest, upload what the coordinator
-lacks, a few chunks in flight, with progress on a terminal when it takes more than a moment."""
+"""Moving files between the submitting machine and the cluster: shipping a project (offer its
+manifest, upload what the coordinator lacks, a few chunks in flight) and downloading a job's kept
+outputs, with progress on a terminal when it takes more than a moment."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from gpudeck.project import CHUNK, collect, human_bytes
-from gpudeck.protocol.messages import ContentPut, ProjectOffer
+from gpudeck.project import CHUNK, collect, human_bytes, path_problem
+from gpudeck.protocol.messages import ContentPut, ProjectOffer, ReadOutput
 from gpudeck.protocol.session import ClientSession
 
 IN_FLIGHT = 4  # chunks sent before the first is answered
@@ -32,7 +33,8 @@ class Shipped:
 class _Progress:
     """`uploading the project: 12.0 MiB of 80.0 MiB` on one line of stderr, once a second has passed."""
 
-    def __init__(self, total: int, stream: IO[str]) -> None:
+    def __init__(self, total: int, stream: IO[str], doing: str = "uploading the project") -> None:
+        self.doing = doing
         self.total, self.done, self.stream = total, 0, stream
         self.started = time.monotonic()
         self.shown = False
@@ -41,7 +43,7 @@ class _Progress:
         self.done += count
         if self.stream.isatty() and time.monotonic() - self.started > PROGRESS_AFTER:
             self.shown = True
-            self.stream.write(f"\ruploading the project: {human_bytes(self.done)} of {human_bytes(self.total)}\x1b[K")
+            self.stream.write(f"\r{self.doing}: {human_bytes(self.done)} of {human_bytes(self.total)}\x1b[K")
             self.stream.flush()
 
     def end(self) -> None:
@@ -91,3 +93,42 @@ async def _upload(session: ClientSession, digest: str, path: Path, size: int, pr
     finally:
         for task in window:
             task.cancel()
+
+
+async def download_outputs(session: ClientSession, job: int, kept: dict[str, list[dict[str, object]]],
+                           destination: Path, stream: IO[str] = sys.stderr) -> int:
+    """Fetch every kept file into `destination` (in a folder per node when several nodes keep some);
+    the number of files written. Paths come from the coordinator and are checked again here."""
+    total = sum(int(f["size"]) for files in kept.values() for f in files)
+    progress = _Progress(total, stream, "downloading the outputs")
+    count = 0
+    try:
+        for node, files in sorted(kept.items()):
+            folder = destination / node if len(kept) > 1 else destination
+            for entry in files:
+                path = str(entry["path"])
+                if path_problem(path):
+                    raise ValueError(f"the coordinator named an output {path!r} that cannot be written here")
+                await _download(session, job, node, path, folder / path, progress)
+                count += 1
+    finally:
+        progress.end()
+    return count
+
+
+async def _download(session: ClientSession, job: int, node: str, path: str, target: Path,
+                    progress: _Progress) -> None:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "wb") as handle:
+            offset, size = 0, None
+            while size is None or offset < size:
+                chunk = await session.request(ReadOutput, job=job, node=node, path=path, offset=offset, timeout=120.0)
+                size = chunk["size"]
+                if not chunk["data"] and offset < size:
+                    raise ValueError(f"{path} on {node} became shorter while it was downloaded")
+                handle.write(chunk["data"])
+                offset += len(chunk["data"])
+                progress.add(len(chunk["data"]))
+    except OSError as exc:
+        raise ValueError(f"cannot write {target}: {exc.strerror}") from None

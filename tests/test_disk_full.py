@@ -49,10 +49,10 @@ def fill(directory: Path) -> Path:
     return filler
 
 
-def _submit(cluster: Cluster, script: Path) -> subprocess.CompletedProcess[str]:
+def _submit(cluster: Cluster, script: Path, *how: str) -> subprocess.CompletedProcess[str]:
     """Submit, the client flags before the script so that they are not taken as its arguments."""
     return cluster.cli("submit", "--coordinator", f"127.0.0.1:{cluster.port}", "--token", cluster.token,
-                       "--gpus", "1", str(script), check=False, client=False)
+                       "--gpus", "1", *how, str(script), check=False, client=False)
 
 
 def test_a_full_coordinator_disk_refuses_with_a_sentence_keeps_its_jobs_and_recovers(tmp_path: Path, small_disk):
@@ -65,10 +65,10 @@ def test_a_full_coordinator_disk_refuses_with_a_sentence_keeps_its_jobs_and_reco
         cluster.cli("drain", "node-a")  # jobs stay queued: only the store is under test
         big = tmp_path / "big_script.py"
         big.write_text("# " + "x" * (900 * 1024) + "\n")
-        kept = [int(_submit(cluster, big).stdout) for _ in range(2)]
+        kept = [int(_submit(cluster, big, "--no-project").stdout) for _ in range(2)]
         filler = fill(state)
         for _ in range(40):  # the WAL may still hold free pages for a few submits
-            refused = _submit(cluster, big)
+            refused = _submit(cluster, big, "--no-project")
             if refused.returncode != 0:
                 break
             kept.append(int(refused.stdout))
@@ -76,6 +76,12 @@ def test_a_full_coordinator_disk_refuses_with_a_sentence_keeps_its_jobs_and_reco
         assert f"the coordinator's disk is full at {state}; nothing was stored" in refused.stderr, refused.stderr
         assert "Traceback" not in refused.stderr
         assert [job["id"] for job in cluster.json("jobs")] == kept, "every stored job is still there"
+        project = tmp_path / "project"
+        project.mkdir()
+        (project / "train.py").write_text("# " + "y" * (900 * 1024) + "\n")
+        shipped = _submit(cluster, project / "train.py")
+        assert shipped.returncode == 1 and "Traceback" not in shipped.stderr
+        assert f"the coordinator's disk is full at {state / 'projects'}; the project was not stored" in shipped.stderr
         filler.unlink()
         assert _submit(cluster, SCRIPTS / "ddp_linear.py").returncode == 0, "it goes on once there is space"
     finally:
@@ -91,9 +97,14 @@ def test_an_agent_that_cannot_write_its_job_directory_fails_the_job_with_the_rea
                       "--name", "node-a", "--simulate-gpus", "2", "--no-mdns", "--state-dir", str(agent_state))
         cluster.wait_nodes("up", 1)
         fill(agent_state)
-        job = cluster.wait_job(int(_submit(cluster, SCRIPTS / "ddp_linear.py").stdout), ("succeeded", "failed"))
+        job = cluster.wait_job(int(_submit(cluster, SCRIPTS / "ddp_linear.py", "--no-project").stdout),
+                               ("succeeded", "failed"))
         assert job["state"] == "failed", job
         assert "could not write the job's directory" in job["reason"] and "No space left" in job["reason"], job
+        shipped = cluster.wait_job(int(_submit(cluster, SCRIPTS / "ddp_linear.py").stdout), ("succeeded", "failed"))
+        assert shipped["state"] == "failed", shipped
+        assert "could not copy the project to node-a" in shipped["reason"], shipped
+        assert "No space left" in shipped["reason"], shipped
         assert cluster.nodes()[0]["state"] == "up", "the agent stays connected"
     finally:
         cluster.stop()

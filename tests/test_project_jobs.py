@@ -85,9 +85,14 @@ def test_a_project_with_its_own_requirements_runs_on_two_nodes_after_its_source_
         assert f"rank {rank} hello from mypkg lr=0.25 2.0 kB in " in logs, logs
     launcher = cluster.cli("logs", str(first["id"]), "--launcher").stdout
     assert launcher.count("building the environment for requirements.txt with uv") == 2, launcher
-    written = list((cluster.root / "node-a" / "jobs").glob("*/work/gpudeck-outputs/result.txt"))
-    written += list((cluster.root / "node-b" / "jobs").glob("*/work/gpudeck-outputs/result.txt"))
-    assert [p.read_text() for p in written] == ["trained with lr=0.25\n"]
+    assert list(job["outputs"]) in (["node-a"], ["node-b"]), job["outputs"]  # rank 0's node only
+    assert list(job["outputs"].values())[0] == [{"path": "result.txt", "size": len("trained with lr=0.25\n")}]
+    shown = cluster.cli("show", str(first["id"])).stdout
+    assert "outputs   result.txt (21 B, node-" in shown and f"fetch with `gpudeck outputs {first['id']}`" in shown
+    fetched = cluster.cli("outputs", str(first["id"]), "--to", str(tmp_path / "results"))
+    assert (tmp_path / "results" / "result.txt").read_text() == "trained with lr=0.25\n"
+    assert "1 files of job" in fetched.stderr
+    assert not list((cluster.root / "node-a" / "jobs").glob("*/work")), "working copies go when the job ends"
 
     shutil.move(tmp_path / "moved-away", source)
     second = cluster.submit_json("--nodes", "2", "--gpus-per-node", "1", "--requirements", "requirements.txt",
@@ -131,6 +136,17 @@ def test_a_command_that_starts_its_own_torchrun_on_two_nodes_runs(cluster: Clust
     ended = _finished(cluster, job["id"])
     assert ended["state"] == "succeeded", (ended, cluster.cli("logs", str(job["id"])).stdout)
     assert cluster.cli("logs", str(job["id"])).stdout.count("step 2 loss") == 2
+
+
+def test_outputs_of_a_job_that_wrote_none_or_of_a_node_without_any_are_one_sentence(cluster: Cluster,
+                                                                                  tmp_path: Path):
+    project = tmp_path / "quiet"
+    project.mkdir()
+    job = cluster.submit_json("--gpus", "1", "--", "true", cwd=project)
+    assert _finished(cluster, job["id"])["state"] == "succeeded"
+    refused = cluster.cli("outputs", str(job["id"]), check=False)
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1
+    assert f"job {job['id']} has no outputs kept" in refused.stderr
 
 
 def test_an_interpreter_a_node_lacks_fails_the_job_naming_the_node(cluster: Cluster, tmp_path: Path):

@@ -20,6 +20,7 @@ from textual.widget import Widget
 from textual.widgets import Button, Footer, Input, Label, Log, Select, Static, TabbedContent, TabPane
 
 from gpudeck.model import format_duration
+from gpudeck.output import outputs_text
 from gpudeck.text import safe_output, visible
 from gpudeck.protocol.session import Refused
 from gpudeck.tui.client import NotConnected
@@ -204,6 +205,9 @@ class JobScreen(Screen):
         if job.get("reason"):
             text.append(f"{job['reason']}\n", style="italic")
         text.append("$ " + " ".join(job.get("command", [])), style="dim")
+        kept = outputs_text(job)
+        if kept:
+            text.append(f"\noutputs {kept}")
         return text
 
     def _update_traffic(self, job: dict[str, Any]) -> None:

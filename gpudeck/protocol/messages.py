@@ -12,7 +12,7 @@ import dataclasses
 import typing
 from typing import Any, ClassVar
 
-from gpudeck.protocol.payloads import GpuReading, JobReport, TrafficByRank
+from gpudeck.protocol.payloads import GpuReading, JobReport, OutputFile, TrafficByRank
 from gpudeck.protocol.values import ShapeError, plain, typed_fields
 
 PROTOCOL_VERSION = 4
@@ -151,6 +151,25 @@ class FetchContent(Message):
     offset: int
 
 
+@message("outputs")
+class Outputs(Message):
+    """What this node keeps of an attempt's outputs; an empty list once it removed them."""
+
+    job: int
+    attempt: int
+    files: list[OutputFile]
+
+
+@message("output_chunk")
+class OutputChunk(Message):
+    """The answer to `send_output`: bytes of a kept output file at the asked offset, and its size."""
+
+    ticket: int
+    data: bytes
+    size: int
+    error: str
+
+
 @message("log_chunk")
 class LogChunk(Message):
     """Bytes of one rank's log at an offset, so a repeated chunk rewrites the same place."""
@@ -210,6 +229,17 @@ class ContentChunk(Message):
     error: str
 
 
+@message("send_output")
+class SendOutput(Message):
+    """Read a chunk of an output file this node keeps, for a client's download (see `OutputChunk`)."""
+
+    ticket: int
+    job: int
+    attempt: int
+    path: str
+    offset: int
+
+
 @message("kill")
 class Kill(Message):
     job: int
@@ -259,6 +289,17 @@ class ContentPut(Message):
     digest: str
     offset: int
     data: bytes
+
+
+@message("read_output")
+class ReadOutput(Message):
+    """A chunk of an output file a node keeps for a job, relayed from that node's agent."""
+
+    req: int
+    job: int
+    node: str
+    path: str
+    offset: int
 
 
 @message("list_nodes")

@@ -90,6 +90,14 @@ class RequestView:
 
 
 @dataclass(frozen=True)
+class OutputFile:
+    """A file a job wrote under $GPUDECK_OUTPUT_DIR, kept on its node after the job (path relative)."""
+
+    path: str
+    size: int
+
+
+@dataclass(frozen=True)
 class ProjectView:
     """The shipped project of a job: how many files and bytes (`submit --json` adds what it uploaded)."""
 
@@ -121,12 +129,14 @@ class JobView:
     ended_at: float | None
     traffic: TrafficView = field(default_factory=lambda: TrafficView.of({}))
     project: ProjectView | None = None
+    outputs: dict[str, list[OutputFile]] = field(default_factory=dict)  # by node, while the nodes keep them
 
     @classmethod
     def build(cls, job_id: int, spec: JobSpec, state: str, submitted_at: float, reason: str = "",
               hosts: Sequence[tuple[str, list[int]]] = (), restarts: int = 0, attempt: int = 0,
               exit_code: int | None = None, started_at: float | None = None, ended_at: float | None = None,
-              traffic: TrafficByRank | None = None) -> "JobView":
+              traffic: TrafficByRank | None = None,
+              outputs: dict[str, list[OutputFile]] | None = None) -> "JobView":
         """The view of a job with this spec and this history (the coordinator's rows, or a recorded link)."""
         return cls(
             id=job_id, name=spec.name, state=state, reason=reason, nodes=[node for node, _ in hosts],
@@ -137,7 +147,8 @@ class JobView:
             time_limit=spec.time_limit, max_restarts=spec.max_restarts, restarts=restarts, attempt=attempt,
             exit_code=exit_code, submitted_at=submitted_at, started_at=started_at, ended_at=ended_at,
             traffic=TrafficView.of(traffic or {}),
-            project=ProjectView(files=spec.project_files, bytes=spec.project_bytes) if spec.project else None)
+            project=ProjectView(files=spec.project_files, bytes=spec.project_bytes) if spec.project else None,
+            outputs=outputs or {})
 
     def to_json(self) -> dict[str, Any]:
         return plain(self)

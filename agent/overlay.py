@@ -2,7 +2,8 @@
 
 It lets an interpreter that is not the agent's (a uv-built environment, `--python`, `--venv`) import
 the agent's torch and gpudeck after its own packages, where the Python version is the same: so the
-counting wrapper and the built-in workloads run there, and an environment need not install torch.
+counting wrapper and the built-in workloads run there, and an environment need not install torch. In
+a command job it also arms the counting of ranks the job's own launcher starts (gpudeck.train.autocount).
 A `sitecustomize` the interpreter had of its own is still imported after this one.
 """
 
@@ -15,6 +16,7 @@ from pathlib import Path
 
 SITE_DIRS = "GPUDECK_AGENT_SITE"
 PYTHON_VERSION = "GPUDECK_AGENT_PYTHON"
+AUTOCOUNT = "GPUDECK_AUTOCOUNT"  # the same name as gpudeck.train.autocount.ENABLED (no import of train here)
 
 _SITECUSTOMIZE = '''"""gpudeck's start-up hook for job processes (written by the agent; see gpudeck.agent.overlay)."""
 import os as _os
@@ -28,6 +30,12 @@ def _gpudeck_overlay():
         for folder in _os.environ.get("%(dirs)s", "").split(_os.pathsep):
             if folder:
                 site.addsitedir(folder)
+    if _os.environ.get("%(autocount)s") and "RANK" in _os.environ:
+        try:
+            from gpudeck.train import autocount
+            autocount.arm()
+        except Exception as exc:  # counting is an extra: it never stops a rank
+            _sys.stderr.write("gpudeck: traffic of this rank is not counted (%%s)\\n" %% exc)
     # The sitecustomize this one hides, if the interpreter has one.
     me = _sys.modules.pop(__name__)
     saved = _sys.path[:]
@@ -41,7 +49,7 @@ def _gpudeck_overlay():
 
 
 _gpudeck_overlay()
-''' % {"version": PYTHON_VERSION, "dirs": SITE_DIRS}
+''' % {"version": PYTHON_VERSION, "dirs": SITE_DIRS, "autocount": AUTOCOUNT}
 
 
 def write_overlay(folder: Path) -> Path:

@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import IO, Awaitable, Callable
 
 from gpudeck.agent import exits
+from gpudeck.agent.containers import Runtime, container_command, find_runtime
 from gpudeck.agent.environments import BuildFailed, Environments
 from gpudeck.agent.outputs import OutputKeeper
-from gpudeck.agent.overlay import overlay_env, write_overlay
+from gpudeck.agent.overlay import AUTOCOUNT, overlay_env, write_overlay
 from gpudeck.agent.projects import ContentFetcher, FetchFailed, NodeCache
 from gpudeck.agent.gpus import GpuBackend
 from gpudeck.agent.netif import interface_towards
@@ -133,6 +134,7 @@ class RunSetup:
     cwd: Path
     script: str  # the script's path here, "" for a workload or a command
     outputs: Path
+    container: Runtime | None = None  # with --image: the runtime that runs it
 
 
 class JobRunner:
@@ -151,6 +153,7 @@ class JobRunner:
         self.send = send
         self.jobs: dict[tuple[int, int], RunningJob] = {}
         self._preparing: dict[tuple[int, int], asyncio.Task[RunSetup]] = {}
+        self._runtime: tuple[Runtime | None, str] | None = None  # the container runtime, once looked for
         self._followers: set[asyncio.Task[None]] = set()
         # Set once the coordinator said how much of each log it has; logs wait for it after a connect.
         self.logs_resumed = asyncio.Event()
@@ -203,10 +206,11 @@ class JobRunner:
     async def _start(self, order: Launch, job: RunningJob, setup: RunSetup) -> None:
         self.sink.expect(order.job, order.attempt)
         try:
+            env = self._env(order, job.path, setup)
             with open(job.path / "launcher.log", "ab") as launcher_log:
                 process = await asyncio.create_subprocess_exec(
-                    "/bin/sh", "-c", _LAUNCHER, "gpudeck-launch", *self._command(order, setup),
-                    cwd=setup.cwd, env=self._env(order, job.path, setup),
+                    "/bin/sh", "-c", _LAUNCHER, "gpudeck-launch", *self._command(order, setup, env),
+                    cwd=setup.cwd, env=env,
                     stdin=asyncio.subprocess.DEVNULL, stdout=launcher_log, stderr=asyncio.subprocess.STDOUT,
                     start_new_session=True)
         except OSError as exc:
@@ -248,10 +252,22 @@ class JobRunner:
             target = str(self._write_script(order, directory)) if order.script_name else ""
         outputs = (work or directory) / OUTPUT_DIR
         outputs.mkdir(parents=True, exist_ok=True)
-        return RunSetup(python=python, bin_dir=bin_dir, cwd=cwd, script=target, outputs=outputs)
+        container = await self._container(order) if order.image else None
+        return RunSetup(python=python, bin_dir=bin_dir, cwd=cwd, script=target, outputs=outputs, container=container)
+
+    async def _container(self, order: Launch) -> Runtime:
+        if self._runtime is None:
+            self._runtime = await find_runtime()
+        runtime, why = self._runtime
+        if runtime is None:
+            self._runtime = None  # looked for again next time: one may be installed meanwhile
+            raise PrepareFailed(127, f"{self.node} cannot run containers, which --image needs: {why}")
+        return runtime
 
     async def _interpreter(self, order: Launch, job: RunningJob, launcher_log: IO[bytes]) -> tuple[str, str]:
         """The interpreter of the attempt and the folder of its scripts (first on PATH)."""
+        if order.image:
+            return "python", ""  # the image's own
         if order.requirements:
             started = time.monotonic()
             reporter = asyncio.create_task(self._say_while(
@@ -297,18 +313,29 @@ class JobRunner:
             await self._say(job, doing())
             await asyncio.sleep(SAY_EVERY)
 
-    def _command(self, order: Launch, setup: RunSetup) -> list[str]:
+    def _command(self, order: Launch, setup: RunSetup, env: dict[str, str]) -> list[str]:
         if order.command:
-            return list(order.command)
-        target = ["--workload", order.workload] if order.workload else [setup.script]
-        return [
-            setup.python, "-m", "torch.distributed.run",
-            "--nnodes", str(order.nnodes), "--node-rank", str(order.node_rank),
-            "--nproc-per-node", str(max(1, len(order.gpus))),
-            "--master-addr", order.master_addr, "--master-port", str(order.master_port),
-            "--max-restarts", "0",
-            "-m", "gpudeck.train.run", *target, *order.args,
-        ]
+            inner = list(order.command)
+        else:
+            target = ["--workload", order.workload] if order.workload else [setup.script]
+            # In a container gpudeck is not installed: torchrun runs the script itself, uncounted.
+            wrapper = [] if setup.container else ["-m", "gpudeck.train.run"]
+            inner = [
+                setup.python, "-m", "torch.distributed.run",
+                "--nnodes", str(order.nnodes), "--node-rank", str(order.node_rank),
+                "--nproc-per-node", str(max(1, len(order.gpus))),
+                "--master-addr", order.master_addr, "--master-port", str(order.master_port),
+                "--max-restarts", "0", *wrapper, *target, *order.args,
+            ]
+        if setup.container is None:
+            return inner
+        mounts = sorted({str(setup.cwd), str(setup.outputs.parent), env["GPUDECK_LOG_DIR"]})
+        names = sorted(set(order.env) | {k for k in env if k.startswith("GPUDECK_")} | {
+            "CUDA_VISIBLE_DEVICES", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK", "GPUS_PER_NODE",
+            "PYTHONUNBUFFERED", MARKER} - {AUTOCOUNT})
+        return container_command(setup.container, order.image, f"gpudeck-{order.job}-{order.attempt}-{order.node_rank}-"
+                                 f"{self.node}", inner, str(setup.cwd), mounts, names, order.gpus,
+                                 getattr(self.backend, "simulated", False))
 
     @staticmethod
     def _write_script(order: Launch, directory: Path) -> Path:
@@ -345,6 +372,8 @@ class JobRunner:
         if interface:
             env.setdefault("GLOO_SOCKET_IFNAME", interface)
             env.setdefault("NCCL_SOCKET_IFNAME", interface)
+        if order.command:
+            env[AUTOCOUNT] = "1"
         if not order.project and _usable_dir(order.workdir):
             env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH", ""), order.workdir) if p)
         return env

@@ -225,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "with uv and keeps it for later jobs (the agent's torch is used unless the file names one)")
     setup.add_argument("--python", metavar="PATH", help="an interpreter that exists on every node")
     setup.add_argument("--venv", metavar="PATH", help="a virtual environment that exists on every node")
+    setup.add_argument("--image", metavar="IMAGE", help="run the job in this container image, with podman or docker "
+                       "on the nodes (its own python runs a script; traffic is not counted inside containers)")
     submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="set an environment variable for the job (repeatable)")
     submit.add_argument("--env-file", metavar="FILE", type=Path,
@@ -423,7 +425,7 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
         # A shipped project's digest is known once it is shipped (cmd_submit); this one only marks it.
         args=run_args, workdir="" if root else os.getcwd(), project="0" * 64 if root else "", subdir=subdir,
         command=list(args.command_line), env=_environment(args), python=args.python or "",
-        venv=args.venv or "", requirements=_requirements(args.requirements))
+        venv=args.venv or "", requirements=_requirements(args.requirements), image=args.image or "")
     try:
         spec.check()
     except ValueError as exc:

@@ -157,6 +157,7 @@ class JobSpec:
     python: str = ""  # an interpreter on the nodes, instead of the agent's
     venv: str = ""  # a virtual environment on the nodes, instead of the agent's
     requirements: dict[str, bytes] = field(default_factory=dict)  # what the job's environment is built from
+    image: str = ""  # a container image to run the job in (podman or docker on the nodes)
 
     @property
     def what(self) -> list[str]:
@@ -222,8 +223,10 @@ class JobSpec:
                 raise ValueError(f"{key!r} is not a usable environment variable name (letters, digits and _)")
             if "\0" in value:
                 raise ValueError(f"the value of {key} holds a NUL byte")
-        if sum(bool(x) for x in (self.python, self.venv, self.requirements)) > 1:
-            raise ValueError("give at most one of --python, --venv and --requirements")
+        if sum(bool(x) for x in (self.python, self.venv, self.requirements, self.image)) > 1:
+            raise ValueError("give at most one of --python, --venv, --requirements and --image")
+        if self.image and not _IMAGE.match(self.image):
+            raise ValueError(f"{self.image!r} is not a container image name (like python:3.11 or ghcr.io/org/img:tag)")
         for label, path in (("--python", self.python), ("--venv", self.venv)):
             if path and (not path.startswith("/") or "\0" in path):
                 raise ValueError(f"{label} must be an absolute path on the nodes")
@@ -239,6 +242,7 @@ _SPEC_TYPES: dict[str, tuple[type, ...]] = {
     "max_restarts": (int,), "script_name": (str,), "script": (bytes,), "workload": (str,),
     "args": (list,), "workdir": (str,), "project": (str,), "project_files": (int,), "project_bytes": (int,),
     "subdir": (str,), "command": (list,), "env": (dict,), "python": (str,), "venv": (str,), "requirements": (dict,),
+    "image": (str,),
 }
 
 
@@ -248,6 +252,7 @@ MAX_ENV = 1000
 MAX_SETUP_BYTES = 256 * 1024  # environment variables, and requirement files: kept in memory with the job
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
+_IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$")
 
 
 def _check_types(spec: JobSpec) -> None:

@@ -3,6 +3,7 @@ built with real uv from a requirements file, any command, and the refusals, each
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import shutil
 import subprocess
@@ -11,12 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from gpudeck.agent.containers import find_runtime
 from gpudeck.agent.environments import uv_binary
-from tests.cluster import Cluster
+from tests.cluster import Cluster, wait_until
 from tests.conftest import SCRIPTS
 
 pytestmark = pytest.mark.slow
 ENDED = ("succeeded", "failed", "cancelled")
+GRAD_BYTES = 2080 * 4  # ddp_linear.py's Linear(64, 32): 2,080 float32 parameters
 SMALL_PACKAGE = "humanize"  # pure Python, small, and not among gpudeck's dependencies
 
 TRAIN = '''\
@@ -105,6 +108,98 @@ def test_a_project_with_its_own_requirements_runs_on_two_nodes_after_its_source_
     assert launcher.count("using the environment built earlier on this node") == 2, launcher
 
 
+GATE_BACKEND = '''\
+"""A build backend that waits for a file named open beside it: a build that lasts exactly as long as
+the test wants."""
+import os, time, zipfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def get_requires_for_build_wheel(config_settings=None):
+    return []
+
+
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    while not os.path.exists(os.path.join(HERE, "open")):
+        time.sleep(0.05)
+    name = "gatepkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(os.path.join(wheel_directory, name), "w") as wheel:
+        wheel.writestr("gatepkg/__init__.py", "OPENED = True\\n")
+        wheel.writestr("gatepkg-1.0.dist-info/METADATA", "Metadata-Version: 2.1\\nName: gatepkg\\nVersion: 1.0\\n")
+        wheel.writestr("gatepkg-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\\nGenerator: test\\nRoot-Is-Purelib: true\\nTag: py3-none-any\\n")
+        wheel.writestr("gatepkg-1.0.dist-info/RECORD", "")
+    return name
+'''
+
+
+def _gated_package(root: Path) -> Path:
+    root.mkdir(parents=True)
+    (root / "pyproject.toml").write_text('[build-system]\nrequires = []\nbuild-backend = "gate_backend"\n'
+                                         'backend-path = ["."]\n\n[project]\nname = "gatepkg"\nversion = "1.0"\n')
+    (root / "gate_backend.py").write_text(GATE_BACKEND)
+    return root
+
+
+def test_jobs_wanting_one_environment_at_once_build_it_once_and_say_so_while_it_builds(cluster: Cluster,
+                                                                                     tmp_path: Path):
+    gate = _gated_package(tmp_path / "gatepkg")
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "requirements.txt").write_text(f"gatepkg @ {gate.as_uri()}\n")
+    (project / "train.py").write_text("import gatepkg\nprint('gate opened:', gatepkg.OPENED)\n")
+    cluster.cli("drain", "node-b")  # both jobs on node-a, at the same time
+    jobs = [cluster.submit_json("--gpus", "1", "--requirements", "requirements.txt", "train.py", cwd=project)["id"]
+            for _ in range(2)]
+
+    def building() -> bool:
+        return all(cluster.job(j)["reason"].startswith("building the environment on node-a (uv, ") for j in jobs)
+
+    wait_until(building, 60, "both jobs to say the environment is being built")
+    assert [cluster.job(j)["state"] for j in jobs] == ["starting", "starting"]
+    (gate / "open").touch()
+    for job_id in jobs:
+        assert _finished(cluster, job_id)["state"] == "succeeded"
+    launchers = "".join(cluster.cli("logs", str(j), "--launcher").stdout for j in jobs)
+    assert launchers.count("building the environment for requirements.txt with uv") == 1, launchers
+    assert launchers.count("using the environment built earlier on this node") == 1, launchers
+    assert "gate opened: True" in cluster.cli("logs", str(jobs[1])).stdout
+
+
+def test_a_job_cancelled_while_its_environment_builds_stops_and_leaves_none_half_built(cluster: Cluster,
+                                                                                   tmp_path: Path):
+    gate = _gated_package(tmp_path / "gatepkg")
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "requirements.txt").write_text(f"gatepkg @ {gate.as_uri()}\n")
+    (project / "train.py").write_text("import gatepkg\n")
+    job = cluster.submit_json("--gpus", "1", "--requirements", "requirements.txt", "train.py", cwd=project)["id"]
+    wait_until(lambda: cluster.job(job)["reason"].startswith("building the environment"), 60, "the build to start")
+    node = cluster.job(job)["nodes"][0]
+    wait_until(lambda: _uv_running_for(cluster.root / node), 30, f"uv to build on {node}")
+    cluster.cli("cancel", str(job))
+    assert _finished(cluster, job)["state"] == "cancelled"
+    wait_until(lambda: not _uv_running_for(cluster.root / node), 30, f"uv on {node} to be stopped")
+    cluster.cli("drain", "node-b" if node == "node-a" else "node-a")  # the next job goes where it was cancelled
+    (gate / "open").touch()
+    again = cluster.submit_json("--nodes", "1", "--gpus-per-node", "1", "--requirements", "requirements.txt",
+                                "train.py", cwd=project)["id"]
+    assert _finished(cluster, again)["state"] == "succeeded"
+    assert "building the environment for requirements.txt" in cluster.cli("logs", str(again), "--launcher").stdout
+
+
+def _uv_running_for(state_dir: Path) -> bool:
+    """Whether a uv process still works on an environment under this agent's state directory."""
+    for proc in Path("/proc").iterdir():
+        try:
+            line = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if line and line[0].endswith(b"uv") and any(str(state_dir).encode() in part for part in line):
+            return True
+    return False
+
+
 def test_a_command_runs_once_per_node_with_the_rendezvous_in_its_environment_and_its_exit_code(cluster: Cluster,
                                                                                              tmp_path: Path):
     project = tmp_path / "cmd"
@@ -136,6 +231,10 @@ def test_a_command_that_starts_its_own_torchrun_on_two_nodes_runs(cluster: Clust
     ended = _finished(cluster, job["id"])
     assert ended["state"] == "succeeded", (ended, cluster.cli("logs", str(job["id"])).stdout)
     assert cluster.cli("logs", str(job["id"])).stdout.count("step 2 loss") == 2
+    # Counted although gpudeck did not start the ranks: each rank all-reduces the gradients 3 times,
+    # after DDP's first broadcast of the parameters (as when gpudeck starts the ranks).
+    counted = {"all_reduce": 3 * GRAD_BYTES, "broadcast": GRAD_BYTES}
+    assert ended["traffic"]["by_rank"] == {"0": counted, "1": counted}
 
 
 def test_outputs_of_a_job_that_wrote_none_or_of_a_node_without_any_are_one_sentence(cluster: Cluster,
@@ -182,3 +281,35 @@ def test_a_project_over_the_coordinators_cap_is_refused_in_one_line_naming_the_l
         assert cluster.json("jobs") == []
     finally:
         cluster.stop()
+
+
+@functools.cache
+def _runtime() -> tuple[str, str]:
+    """The container runtime that works here ("" if none) and why none does."""
+    runtime, why = asyncio.run(find_runtime())
+    return (runtime.name if runtime else ""), why
+
+
+def test_an_image_where_no_container_runtime_works_fails_the_job_saying_why(cluster: Cluster, tmp_path: Path):
+    name, why = _runtime()
+    if name:
+        pytest.skip(f"{name} works on this machine, so the refusal cannot be seen here")
+    job = cluster.submit_json("--gpus", "1", "--image", "docker.io/library/busybox:latest", "--", "true",
+                              cwd=tmp_path)
+    ended = _finished(cluster, job["id"])
+    assert ended["state"] == "failed" and ended["exit_code"] == 127, ended
+    assert f"cannot run containers, which --image needs: {why}" in ended["reason"], ended
+
+
+def test_a_command_runs_in_a_container_image_on_two_nodes_with_its_exit_code(cluster: Cluster, tmp_path: Path):
+    name, why = _runtime()
+    if not name:
+        pytest.skip(f"no container runtime works on this machine ({why})")
+    (tmp_path / "hello.txt").write_text("shipped into the container\n")
+    job = cluster.submit_json("--nodes", "2", "--gpus-per-node", "1", "--image", "docker.io/library/busybox:latest",
+                              "--", "sh", "-c", 'echo "node $NODE_RANK of $NNODES: $(cat hello.txt)"; exit 3',
+                              cwd=tmp_path)
+    ended = _finished(cluster, job["id"])
+    assert ended["state"] == "failed" and ended["exit_code"] == 3, ended
+    logs = cluster.cli("logs", str(job["id"])).stdout
+    assert "node 0 of 2: shipped into the container" in logs and "node 1 of 2: shipped into the container" in logs

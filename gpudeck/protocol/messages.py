@@ -216,6 +216,7 @@ class Launch(Message):
     python: str = ""  # the interpreter to run ranks with, "" for the agent's
     venv: str = ""
     requirements: dict[str, bytes] = dataclasses.field(default_factory=dict)  # file name -> content
+    image: str = ""  # a container image to run in, "" for none
 
 
 @message("content_chunk")

@@ -18,12 +18,14 @@ import re
 import shutil
 import sys
 import tomllib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 # An override whose marker is never true: uv leaves torch out of the environment entirely.
 _NO_TORCH = 'torch ; python_version < "0"\n'
+DEFAULT_KEEP = 8  # environments a node keeps
 _TORCH = re.compile(r"^\s*torch\s*($|[=<>!~;\[ @])", re.IGNORECASE)
 
 
@@ -33,6 +35,7 @@ class BuildFailed(Exception):
 
 @dataclass(frozen=True)
 class Environment:
+    key: str
     python: str  # the environment's interpreter
     bin: str  # its scripts folder, first on the job's PATH
     built_now: bool
@@ -77,23 +80,54 @@ def names_torch(files: dict[str, bytes], exported: str = "") -> bool:
 
 
 class Environments:
-    def __init__(self, root: Path) -> None:
+    """The environments of this node, at most `keep` of them: beyond that the least recently used
+    that no job of this node uses go."""
+
+    def __init__(self, root: Path, keep: int = DEFAULT_KEEP) -> None:
         self.root = root
+        self.keep = keep
         self._locks: dict[str, asyncio.Lock] = {}
+        self._in_use: Counter[str] = Counter()
 
     async def get(self, files: dict[str, bytes], log: IO[bytes]) -> Environment:
-        """The ready environment for these files, building it first if this node has none."""
+        """The ready environment for these files, building it first if this node has none; in use
+        until `release`d."""
         key = environment_key(files)
         home, ready = self.root / key, self.root / f"{key}.ready"
-        async with self._locks.setdefault(key, asyncio.Lock()):
-            built_now = not ready.exists()
-            if built_now:
-                await self._build(files, home, log)
-                ready.write_text(", ".join(sorted(files)) + "\n")
-            else:
-                log.write(f"gpudeck: using the environment built earlier on this node for these {' and '.join(sorted(files))} "
-                          f"({home})\n".encode())
-        return Environment(python=str(home / "bin" / "python"), bin=str(home / "bin"), built_now=built_now)
+        self._in_use[key] += 1
+        try:
+            async with self._locks.setdefault(key, asyncio.Lock()):
+                built_now = not ready.exists()
+                if built_now:
+                    await self._build(files, home, log)
+                    ready.write_text(", ".join(sorted(files)) + "\n")
+                else:
+                    os.utime(ready)
+                    log.write(f"gpudeck: using the environment built earlier on this node for these "
+                              f"{' and '.join(sorted(files))} ({home})\n".encode())
+        except BaseException:
+            self.release(key)
+            raise
+        self._prune()
+        return Environment(key=key, python=str(home / "bin" / "python"), bin=str(home / "bin"), built_now=built_now)
+
+    def hold(self, key: str) -> None:
+        """Mark an environment in use by a job an earlier agent started (see JobRunner.adopt)."""
+        if key:
+            self._in_use[key] += 1
+
+    def release(self, key: str) -> None:
+        if key and self._in_use[key] > 0:
+            self._in_use[key] -= 1
+
+    def _prune(self) -> None:
+        ready = sorted(self.root.glob("*.ready"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for marker in ready[self.keep:]:
+            key = marker.name.removesuffix(".ready")
+            if self._in_use[key] == 0 and not self._locks.get(key, asyncio.Lock()).locked():
+                marker.unlink(missing_ok=True)  # first: never a ready marker over a half-removed one
+                shutil.rmtree(self.root / key, ignore_errors=True)
+                shutil.rmtree(self.root / f"{key}.files", ignore_errors=True)
 
     async def _build(self, files: dict[str, bytes], home: Path, log: IO[bytes]) -> None:
         uv = uv_binary()

@@ -15,10 +15,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Awaitable
 
+from gpudeck.agent.environments import DEFAULT_KEEP
 from gpudeck.agent.gpus import GpuBackend
 from gpudeck.agent.outputs import DEFAULT_KEEP_FOR, DEFAULT_SPACE, OutputKeeper
 from gpudeck.agent.procs import marker_of, of_cluster
-from gpudeck.agent.projects import ContentFetcher
+from gpudeck.agent.projects import DEFAULT_CACHE_LIMIT, ContentFetcher
 from gpudeck.agent.runner import JobRunner
 from gpudeck.agent.traffic_sink import TrafficSink
 from gpudeck.discovery import Discovery
@@ -47,6 +48,8 @@ class AgentConfig:
     use_mdns: bool = True
     keep_outputs_for: float = DEFAULT_KEEP_FOR
     outputs_space: int = DEFAULT_SPACE
+    cache_space: int = DEFAULT_CACHE_LIMIT
+    environments: int = DEFAULT_KEEP
 
 
 class Agent:
@@ -58,7 +61,7 @@ class Agent:
         self.fetcher = ContentFetcher(self.send)
         keeper = OutputKeeper(config.state_dir.resolve() / "outputs", config.keep_outputs_for, config.outputs_space)
         self.runner = JobRunner(config.state_dir, config.token.cluster, config.name, self.sink, backend, self.send,
-                                self.fetcher, keeper)
+                                self.fetcher, keeper, config.cache_space, config.environments)
         self.discovery = Discovery(config.mdns_interfaces) if config.use_mdns else None
         self.conn: Connection | None = None
         self.latest: list[GpuReading] = []

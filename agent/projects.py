@@ -75,6 +75,8 @@ class NodeCache:
         self.fetcher = fetcher
         self.limit = limit
         (root / "partial").mkdir(parents=True, exist_ok=True)
+        for stale in (root / "partial").iterdir():  # left by an agent that stopped while fetching
+            stale.unlink(missing_ok=True)
         self._fetching: dict[str, asyncio.Task[Path]] = {}
 
     def path(self, digest: str) -> Path:

@@ -26,10 +26,10 @@ from typing import IO, Awaitable, Callable
 
 from gpudeck.agent import exits
 from gpudeck.agent.containers import Runtime, container_command, find_runtime
-from gpudeck.agent.environments import BuildFailed, Environments
+from gpudeck.agent.environments import DEFAULT_KEEP, BuildFailed, Environments
 from gpudeck.agent.outputs import OutputKeeper
 from gpudeck.agent.overlay import AUTOCOUNT, overlay_env, write_overlay
-from gpudeck.agent.projects import ContentFetcher, FetchFailed, NodeCache
+from gpudeck.agent.projects import DEFAULT_CACHE_LIMIT, ContentFetcher, FetchFailed, NodeCache
 from gpudeck.agent.gpus import GpuBackend
 from gpudeck.agent.netif import interface_towards
 from gpudeck.agent.procs import MARKER, alive, run_marker, signal_all
@@ -71,6 +71,7 @@ class RunningJob:
     failed_at: float | None = None  # when its first failing rank ended (see exits)
     retry: bool = False  # could not start for a reason of the moment: place the job again
     kill_reason: str = ""
+    environment: str = ""  # the key of the built environment it runs in, "" for none
     sent_offsets: dict[int, int] = field(default_factory=dict)
 
     @property
@@ -101,7 +102,7 @@ class RunningJob:
 
     def save(self) -> None:
         record = {k: v for k, v in asdict(self).items()
-                  if k in ("node", "job", "attempt", "node_rank", "gpus", "pgid", "cluster")}
+                  if k in ("node", "job", "attempt", "node_rank", "gpus", "pgid", "cluster", "environment")}
         (self.path / "job.json").write_text(json.dumps(record))
 
 
@@ -139,11 +140,12 @@ class RunSetup:
 
 class JobRunner:
     def __init__(self, state_dir: Path, cluster: str, node: str, sink: TrafficSink, backend: GpuBackend,
-                 send: Send, fetcher: ContentFetcher | None = None, outputs: OutputKeeper | None = None) -> None:
+                 send: Send, fetcher: ContentFetcher | None = None, outputs: OutputKeeper | None = None,
+                 cache_space: int = DEFAULT_CACHE_LIMIT, environments: int = DEFAULT_KEEP) -> None:
         state_dir = state_dir.resolve()  # ranks run elsewhere: every path they are given is absolute
         self.root = state_dir / "jobs"
-        self.cache = NodeCache(state_dir / "cache", fetcher or ContentFetcher(send))
-        self.environments = Environments(state_dir / "environments")
+        self.cache = NodeCache(state_dir / "cache", fetcher or ContentFetcher(send), cache_space)
+        self.environments = Environments(state_dir / "environments", environments)
         self.overlay = write_overlay(state_dir / "overlay")
         self.outputs = outputs or OutputKeeper(state_dir / "outputs")
         self.cluster = cluster
@@ -274,6 +276,7 @@ class JobRunner:
                 job, lambda: f"building the environment on {self.node} (uv, {time.monotonic() - started:.0f} s)"))
             try:
                 env = await self.environments.get(order.requirements, launcher_log)
+                job.environment = env.key
             except BuildFailed as exc:
                 raise PrepareFailed(1, f"the environment could not be built on {self.node}: {exc}") from None
             finally:
@@ -402,6 +405,7 @@ class JobRunner:
         # Ranks that outlive their torchrun (it was killed) can only hang: stop them with it.
         signal_all(job.marker, signal.SIGKILL)
         job.exit_code, job.detail, job.retry, job.failed_at = code, detail, retry, failed_at
+        self.environments.release(job.environment)
         self.sink.merge(job.job, job.attempt, exits.traffic_totals(job.path))
         for index in job.gpus:
             self.backend.assign(index, [])
@@ -538,6 +542,7 @@ class JobRunner:
             if job is None or job.cluster != self.cluster or (directory / "exit.json").exists():
                 continue
             self.jobs[job.key] = job
+            self.environments.hold(job.environment)
             self.sink.expect(job.job, job.attempt)
             log.info("job %d attempt %d: following the ranks an earlier agent started", job.job, job.attempt)
             self._follow(job)

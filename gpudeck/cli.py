@@ -181,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how long jobs' outputs are kept on this node (default: 7d)")
     agent.add_argument("--outputs-space", type=size, default=10 * 1024**3, metavar="SIZE",
                        help="the most space jobs' kept outputs take on this node; the oldest go first (default: 10G)")
+    agent.add_argument("--cache-space", type=size, default=16 * 1024**3, metavar="SIZE",
+                       help="the most space this node's cache of project files takes (default: 16G)")
+    agent.add_argument("--environments", type=bounded(1, 1000), default=8, metavar="N",
+                       help="how many environments built from requirements files this node keeps (default: 8)")
     _mdns_flags(agent)
 
     token = sub.add_parser("token", help="print the join token of the coordinator on this machine")
@@ -580,7 +584,8 @@ async def cmd_agent(args: argparse.Namespace) -> int:
     agent = Agent(AgentConfig(name=args.name or socket.gethostname().split(".")[0], token=token,
                               state_dir=args.state_dir or config.agent_dir(), coordinator=coordinator,
                               mdns_interfaces=args.mdns_interface, use_mdns=not args.no_mdns,
-                              keep_outputs_for=args.keep_outputs, outputs_space=args.outputs_space), backend)
+                              keep_outputs_for=args.keep_outputs, outputs_space=args.outputs_space,
+                              cache_space=args.cache_space, environments=args.environments), backend)
     await _until_signalled(agent.run())
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 import shutil
 import subprocess
 import sys
@@ -301,14 +302,41 @@ def test_an_image_where_no_container_runtime_works_fails_the_job_saying_why(clus
     assert f"cannot run containers, which --image needs: {why}" in ended["reason"], ended
 
 
+def _shell_image(runtime: str, root: Path) -> str:
+    """A local image of this machine's /bin/sh and cat with their libraries (no registry needed), or
+    a skip saying why the runtime cannot run it here."""
+    rootfs = root / "rootfs"
+    for program in ("/bin/sh", "/bin/cat"):
+        real = Path(program).resolve()
+        libraries = re.findall(r"(/\S+\.so[.\d]*)", subprocess.run(["ldd", str(real)], capture_output=True,
+                                                                   text=True).stdout)
+        for source in [str(real), *libraries]:
+            target = rootfs / source.lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source, target)
+        (rootfs / "bin").mkdir(exist_ok=True)
+        shutil.copy(real, rootfs / "bin" / Path(program).name)
+    subprocess.run(["tar", "-C", str(rootfs), "-cf", str(root / "rootfs.tar"), "."], check=True)
+    image = "localhost/gpudeck-test-shell:1"
+    made = subprocess.run([runtime, "import", str(root / "rootfs.tar"), image], capture_output=True, text=True)
+    trial = subprocess.run([runtime, "run", "--rm", image, "sh", "-c", "true"], capture_output=True, text=True,
+                           timeout=120) if made.returncode == 0 else made
+    if trial.returncode != 0:
+        pytest.skip(f"{runtime} is installed but cannot run a container here: {trial.stderr.strip()[-200:]}")
+    return image
+
+
 def test_a_command_runs_in_a_container_image_on_two_nodes_with_its_exit_code(cluster: Cluster, tmp_path: Path):
     name, why = _runtime()
     if not name:
         pytest.skip(f"no container runtime works on this machine ({why})")
-    (tmp_path / "hello.txt").write_text("shipped into the container\n")
-    job = cluster.submit_json("--nodes", "2", "--gpus-per-node", "1", "--image", "docker.io/library/busybox:latest",
+    image = _shell_image(name, tmp_path / "image")
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "hello.txt").write_text("shipped into the container\n")
+    job = cluster.submit_json("--nodes", "2", "--gpus-per-node", "1", "--image", image,
                               "--", "sh", "-c", 'echo "node $NODE_RANK of $NNODES: $(cat hello.txt)"; exit 3',
-                              cwd=tmp_path)
+                              cwd=project)
     ended = _finished(cluster, job["id"])
     assert ended["state"] == "failed" and ended["exit_code"] == 3, ended
     logs = cluster.cli("logs", str(job["id"])).stdout

@@ -13,7 +13,7 @@ from gpudeck.tui.client import RecordedLink
 from gpudeck.tui.screens import ConfirmScreen, HelpScreen, JobScreen, NotFoundScreen, SubmitScreen
 from tests.conftest import SCRIPTS
 from tests.tui import recorded
-from tests.tui.helpers import wait_for
+from tests.tui.helpers import screen_text, wait_for
 
 
 def app_with(tmp_path, keymap: dict[str, str] | None = None) -> tuple[GpudeckApp, RecordedLink]:
@@ -131,3 +131,22 @@ async def test_a_screen_closed_at_once_while_the_title_changes_does_not_crash(tm
             await asyncio.sleep(0)
             await pilot.pause()
         assert app.sub_title == "subtitle 9" and not isinstance(app.screen, NotFoundScreen)
+
+
+async def test_a_finished_jobs_detail_names_the_outputs_its_nodes_keep_and_how_to_fetch_them(tmp_path):
+    snapshot = recorded.snapshot()
+    warmup = next(job for job in snapshot["jobs"] if job["id"] == 6)
+    warmup["outputs"] = {"node-a": [{"path": "model/final.pt", "size": 3 * 1024 * 1024},
+                                    {"path": "metrics.json", "size": 812}]}
+    app = GpudeckApp(RecordedLink(snapshot, logs=recorded.LOGS), keymap_path=tmp_path / "keymap.json", tick=0,
+                     cwd=str(SCRIPTS), workloads={})
+    async with app.run_test(size=(160, 40)) as pilot:
+        await wait_for(pilot, "the snapshot", lambda: app.cluster.connected)
+        app.push_screen(JobScreen(6))
+        expected = ("outputs model/final.pt (3.0 MiB, node-a), metrics.json (812 B, node-a): fetch with "
+                    "`gpudeck outputs 6`")
+        await wait_for(pilot, "the outputs in the detail", lambda: expected in screen_text(app))
+        app.pop_screen()
+        app.push_screen(JobScreen(5))
+        await wait_for(pilot, "job 5's detail", lambda: "bad-config" in screen_text(app))
+        assert "outputs" not in screen_text(app).split("Traffic")[0], "a job without kept outputs names none"

@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -192,15 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     submit = sub.add_parser(
         "submit", help="queue a job; prints its id",
-        description="Queue a job: a Python script (one rank per GPU, as torchrun starts them; everything after "
+        description=textwrap.fill("Queue a job: a Python script (one rank per GPU, as torchrun starts them; everything after "
         "SCRIPT is passed to it), a built-in --workload, or any command after `--`, run once per node with "
         "MASTER_ADDR, MASTER_PORT, NNODES, NODE_RANK and GPUS_PER_NODE set (for your own torchrun, accelerate "
         "or shell script). Scripts and commands take the directory submit runs in along (the project: every "
-        "file but what .gitignore and .gpudeckignore leave out); each node runs the job in its own copy.",
-        epilog="examples: gpudeck submit --gpus 2 train.py --epochs 3\n"
-        "          gpudeck submit --nodes 2 --gpus-per-node 1 --requirements requirements.txt -- "
-        "sh -c 'torchrun --nnodes $NNODES --node-rank $NODE_RANK --nproc-per-node $GPUS_PER_NODE "
-        "--master-addr $MASTER_ADDR --master-port $MASTER_PORT train.py'",
+        "file but what .gitignore and .gpudeckignore leave out); each node runs the job in its own copy.", 100),
+        epilog="examples:\n"
+        "  gpudeck submit --gpus 2 train.py --epochs 3\n"
+        "  gpudeck submit --gpus 4 --requirements requirements.txt train.py\n"
+        "  gpudeck submit --nodes 2 --gpus-per-node 8 -- ./launch.sh\n"
+        "      (launch.sh runs: torchrun --nnodes $NNODES --node-rank $NODE_RANK --nproc-per-node $GPUS_PER_NODE\n"
+        "       --master-addr $MASTER_ADDR --master-port $MASTER_PORT train.py)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     submit.add_argument("--name", help="a name for the job (default: the script's, command's or workload's name)")
     # The ranges are checked by JobSpec.check, as for the dashboard's form and the coordinator.

@@ -157,6 +157,7 @@ class Agent:
         for job in list(self.runner.jobs.values()):
             # Totals of attempts that ended while the coordinator was away go right behind the report.
             await self.runner.ship_traffic(job)
+        await self.runner.report_outputs()
         log.info("joined the coordinator at %s as %s", conn.peer_host, self.config.name)
         try:
             while (message := await conn.recv()) is not None:

@@ -42,6 +42,15 @@ class OutputKeeper:
                 files.append(OutputFile(path=path.relative_to(folder).as_posix(), size=path.stat().st_size))
         return files
 
+    def held(self) -> list[tuple[int, int]]:
+        """The (job, attempt) of every attempt whose outputs are kept here."""
+        found = []
+        for folder in sorted(self.root.iterdir()):
+            job, _, attempt = folder.name.partition("-")
+            if folder.is_dir() and job.isdigit() and attempt.isdigit():
+                found.append((int(job), int(attempt)))
+        return found
+
     def read(self, job: int, attempt: int, path: str, offset: int) -> tuple[bytes, int]:
         """A chunk of a kept file; LookupError with a sentence when there is no such file."""
         folder = self.folder(job, attempt)

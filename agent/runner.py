@@ -441,6 +441,14 @@ class JobRunner:
             await self.send(Outputs(job=job.job, attempt=job.attempt, files=files))
         await self.prune_outputs()
 
+    async def report_outputs(self) -> None:
+        """After a register: every kept attempt's outputs (the coordinator forgot what it knew of
+        this node's, so outputs removed while it was away are not named any more)."""
+        for job_id, attempt in self.outputs.held():
+            files = self.outputs.listing(job_id, attempt)
+            if files and not await self.send(Outputs(job=job_id, attempt=attempt, files=files)):
+                return
+
     async def prune_outputs(self) -> None:
         for job_id, attempt in await asyncio.to_thread(self.outputs.prune):
             log.info("job %d attempt %d: its kept outputs were removed (past their time or space)", job_id, attempt)

@@ -293,6 +293,7 @@ class Coordinator:
         if previous:
             await previous.conn.close()
         self.store.upsert_node(name, register.hostname, address, register.simulated, register.gpus, now)
+        self.store.forget_outputs(name)  # the agent reports what it keeps right after its register
         self.registry.states[name] = NodeState.UP
         self.refused_agents.pop((conn.peer_host, name), None)
         log.info("node %s joined from %s with %d GPUs%s", name, address, len(register.gpus),

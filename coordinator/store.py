@@ -143,6 +143,12 @@ class Store:
                                      [job_id, node, attempt])
         self._changed.add(job_id)
 
+    def forget_outputs(self, node: str) -> None:
+        with self._tx():
+            jobs = [row[0] for row in self.db.conn.execute("SELECT job FROM outputs WHERE node = ?", [node])]
+            self.db.conn.execute("DELETE FROM outputs WHERE node = ?", [node])
+        self._changed.update(jobs)
+
     def outputs_attempt(self, job_id: int, node: str) -> int:
         row = self.db.conn.execute("SELECT attempt FROM outputs WHERE job = ? AND node = ?", [job_id, node]).fetchone()
         return row[0] if row else 0

@@ -96,9 +96,9 @@ class Cluster:
         with socket.socket() as sock:
             return sock.connect_ex(("127.0.0.1", self.port)) == 0
 
-    def start_agent(self, name: str, gpus: int = 2) -> None:
+    def start_agent(self, name: str, gpus: int = 2, *extra: str) -> None:
         self.spawn(name, "agent", "--coordinator", f"127.0.0.1:{self.port}", "--token", self.token, "--name", name,
-                   "--simulate-gpus", str(gpus), "--no-mdns", "--state-dir", str(self.root / name))
+                   "--simulate-gpus", str(gpus), "--no-mdns", "--state-dir", str(self.root / name), *extra)
 
     def cli(self, *args: str, check: bool = True, client: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         flags = ["--coordinator", f"127.0.0.1:{self.port}", "--token", self.token] if client else []

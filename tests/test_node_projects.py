@@ -13,9 +13,11 @@ import pytest
 
 from gpudeck import upload
 from gpudeck.agent.environments import Environments, environment_key, names_torch, uv_binary
+from gpudeck.agent.outputs import OutputKeeper
 from gpudeck.agent.projects import ContentFetcher, FetchFailed, NodeCache
 from gpudeck.project import CHUNK, Manifest, ProjectFile
 from gpudeck.protocol.messages import ContentChunk, FetchContent, Message
+from gpudeck.protocol.payloads import OutputFile
 
 
 class Contents:
@@ -153,3 +155,20 @@ async def test_a_node_keeps_its_most_recently_used_environments_and_every_one_in
     assert kept == {"b", "c", "d"}, "a went (least recent); b stays while in use though older than c"
     again = await environments.get({"requirements.txt": b"# c\n"}, log)
     assert not again.built_now
+
+
+def test_kept_outputs_go_past_their_time_or_oldest_first_past_their_space(tmp_path: Path):
+    keeper = OutputKeeper(tmp_path / "kept", keep_for=100.0, space=2500)
+    for job in (1, 2, 3):
+        written = tmp_path / f"work-{job}"
+        (written / "sub").mkdir(parents=True)
+        (written / "sub" / "weights.bin").write_bytes(b"w" * 1000)
+        assert keeper.keep(job, 1, written) == [OutputFile("sub/weights.bin", 1000)]
+        os.utime(keeper.folder(job, 1), (1000.0 + job, 1000.0 + job))
+    assert keeper.keep(4, 1, tmp_path / "wrote-nothing") == []
+    assert keeper.prune(now=1050.0) == [(1, 1)], "3,000 bytes over a space of 2,500: the oldest goes"
+    assert keeper.held() == [(2, 1), (3, 1)]
+    assert keeper.prune(now=1102.5) == [(2, 1)], "job 2 is past its 100 s"
+    with pytest.raises(LookupError, match="keeps no output"):
+        keeper.read(3, 1, "../../etc/passwd", 0)
+    assert keeper.read(3, 1, "sub/weights.bin", 0) == (b"w" * 1000, 1000)

@@ -134,11 +134,14 @@ def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
 '''
 
 
-def _gated_package(root: Path) -> Path:
+def _gated_package(root: Path, requires: str = "") -> Path:
+    """A local package (no index needed) whose build waits for `root / "open"`; its wheel requires
+    `requires` when given."""
     root.mkdir(parents=True)
     (root / "pyproject.toml").write_text('[build-system]\nrequires = []\nbuild-backend = "gate_backend"\n'
                                          'backend-path = ["."]\n\n[project]\nname = "gatepkg"\nversion = "1.0"\n')
-    (root / "gate_backend.py").write_text(GATE_BACKEND)
+    metadata = f"\\nRequires-Dist: {requires}" if requires else ""
+    (root / "gate_backend.py").write_text(GATE_BACKEND.replace("Version: 1.0\\n", f"Version: 1.0{metadata}\\n", 1))
     return root
 
 
@@ -341,3 +344,67 @@ def test_a_command_runs_in_a_container_image_on_two_nodes_with_its_exit_code(clu
     assert ended["state"] == "failed" and ended["exit_code"] == 3, ended
     logs = cluster.cli("logs", str(job["id"])).stdout
     assert "node 0 of 2: shipped into the container" in logs and "node 1 of 2: shipped into the container" in logs
+
+
+def test_an_environment_whose_package_needs_torch_uses_the_agents_torch(cluster: Cluster, tmp_path: Path):
+    gate = _gated_package(tmp_path / "gatepkg", requires="torch>=2")
+    (gate / "open").touch()
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "requirements.txt").write_text(f"gatepkg @ {gate.as_uri()}\n")
+    (project / "train.py").write_text("import gatepkg, torch\nprint('torch from', torch.__file__)\n")
+    job = cluster.submit_json("--gpus", "1", "--requirements", "requirements.txt", "train.py", cwd=project)
+    ended = _finished(cluster, job["id"])
+    assert ended["state"] == "succeeded", (ended, cluster.cli("logs", str(job["id"]), "--launcher").stdout)
+    import torch
+
+    assert f"torch from {torch.__file__}" in cluster.cli("logs", str(job["id"])).stdout
+    assert "+ torch" not in cluster.cli("logs", str(job["id"]), "--launcher").stdout, "uv installed no torch"
+
+
+def test_a_venv_the_lab_made_runs_the_job_with_the_agents_torch_after_its_own_packages(cluster: Cluster,
+                                                                                      tmp_path: Path):
+    gate = _gated_package(tmp_path / "gatepkg")
+    (gate / "open").touch()
+    venv = tmp_path / "lab-venv"
+    subprocess.run([uv_binary(), "venv", "--quiet", "--python", sys.executable, str(venv)], check=True)
+    subprocess.run([uv_binary(), "pip", "install", "--quiet", "--python", str(venv / "bin" / "python"), str(gate)],
+                   check=True)
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "train.py").write_text("import sys, gatepkg\nprint('venv python', sys.prefix)\n")
+    (project / "vars.env").write_text("# the lab's settings\nexport DATASET='/data/imagenet'\nSEED=7\n")
+    job = cluster.submit_json("--gpus", "1", "--venv", str(venv), "--env-file", "vars.env", "--env", "SEED=8", "--",
+                              "sh", "-c", 'python train.py && echo "dataset $DATASET seed $SEED"', cwd=project)
+    ended = _finished(cluster, job["id"])
+    assert ended["state"] == "succeeded", (ended, cluster.cli("logs", str(job["id"])).stdout)
+    logs = cluster.cli("logs", str(job["id"])).stdout
+    assert f"venv python {venv}" in logs and "dataset /data/imagenet seed 8" in logs, logs
+    lacking = cluster.submit_json("--gpus", "1", "--venv", str(tmp_path / "nowhere"), "train.py", cwd=project)
+    assert f"--venv {tmp_path / 'nowhere'} is not a virtual environment on node-" in _finished(
+        cluster, lacking["id"])["reason"]
+
+
+def test_kept_outputs_give_way_to_newer_ones_and_are_named_again_after_an_agent_restart(tmp_path: Path):
+    cluster = Cluster(tmp_path)
+    try:
+        cluster.start_coordinator()
+        cluster.start_agent("node-a", 2, "--outputs-space", "3K")
+        cluster.wait_nodes("up", 1)
+        project = tmp_path / "project"
+        project.mkdir()
+        write = 'head -c 2000 /dev/zero > "$GPUDECK_OUTPUT_DIR/$0.bin"'
+        first = cluster.submit_json("--gpus", "1", "--", "sh", "-c", write, "first", cwd=project)["id"]
+        assert _finished(cluster, first)["outputs"] == {"node-a": [{"path": "first.bin", "size": 2000}]}
+        second = cluster.submit_json("--gpus", "1", "--", "sh", "-c", write, "second", cwd=project)["id"]
+        _finished(cluster, second)
+        wait_until(lambda: cluster.job(first)["outputs"] == {}, 30, "the older outputs to be let go")
+        assert cluster.job(second)["outputs"] == {"node-a": [{"path": "second.bin", "size": 2000}]}
+        cluster.kill("node-a")
+        cluster.start_agent("node-a", 2, "--outputs-space", "3K")
+        cluster.wait_nodes("up", 1)
+        wait_until(lambda: cluster.job(second)["outputs"] != {}, 30, "the restarted agent to name its outputs")
+        cluster.cli("outputs", str(second), "--to", str(tmp_path / "got"))
+        assert (tmp_path / "got" / "second.bin").read_bytes() == b"\0" * 2000
+    finally:
+        cluster.stop()

@@ -38,8 +38,10 @@ class _Upload:
 class _Offer:
     """What one connection may upload: the contents its latest offer lacked, by digest and size."""
 
+    project: str
     expected: dict[str, int]
     uploads: dict[str, _Upload] = field(default_factory=dict)
+    uploaded: int = 0  # bytes of contents completed for this offer
 
 
 class ProjectStore:
@@ -79,7 +81,7 @@ class ProjectStore:
                 missing[content] = size
         os.utime(self.path(digest), (now, now))
         self.collect(keep | {digest}, room=sum(missing.values()))
-        self._offers[client] = _Offer(missing)
+        self._offers[client] = _Offer(digest, missing)
         return {"project": digest, "missing": sorted(missing), "files": len(manifest.files), "bytes": manifest.bytes}
 
     def put(self, client: int, digest: str, offset: int, data: bytes) -> int:
@@ -111,7 +113,13 @@ class ProjectStore:
             self.path(digest).parent.mkdir(exist_ok=True)
             os.replace(partial, self.path(digest))
             self.size += upload.size
+            offer.uploaded += upload.size
         return upload.received
+
+    def uploaded(self, client: int, project: str) -> int:
+        """The bytes this client uploaded for its latest offer of `project` (0 for another)."""
+        offer = self._offers.get(client)
+        return offer.uploaded if offer is not None and offer.project == project else 0
 
     def missing(self, digest: str) -> str | None:
         """Why the project `digest` cannot be run yet, or None when every content is here."""

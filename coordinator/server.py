@@ -386,7 +386,7 @@ class Coordinator:
 
     def _answer(self, message: Message, client: int) -> Any:
         if isinstance(message, Submit):
-            row = self.jobs.submit(self._with_project(JobSpec.from_wire(message.spec)))
+            row = self.jobs.submit(self._with_project(JobSpec.from_wire(message.spec), client))
             self.wake.set()
             return self._job_views([row])[0]
         if isinstance(message, ProjectOffer):
@@ -415,15 +415,17 @@ class Coordinator:
             return self._drain(message)
         raise ValueError(f"a client may not send {message.kind}")
 
-    def _with_project(self, spec: JobSpec) -> JobSpec:
-        """The spec with its project's size from the stored manifest; refused while any of it is missing."""
+    def _with_project(self, spec: JobSpec, client: int) -> JobSpec:
+        """The spec with its project's size from the stored manifest and what this client uploaded of
+        it; refused while any of it is missing."""
         if not spec.project:
             return spec
         problem = self.projects.missing(spec.project)
         if problem:
             raise ValueError(problem)
         files, size = self.projects.summary(spec.project)
-        return dataclasses.replace(spec, project_files=files, project_bytes=size)
+        return dataclasses.replace(spec, project_files=files, project_bytes=size,
+                                   project_uploaded=self.projects.uploaded(client, spec.project))
 
     def _projects_in_use(self) -> set[str]:
         unfinished = self.store.jobs((JobState.PENDING, JobState.STARTING, JobState.RUNNING))

@@ -446,14 +446,11 @@ async def cmd_submit(args: argparse.Namespace) -> int:
 
     async def work(session: ClientSession) -> int:
         nonlocal spec
-        shipped = None
         if root is not None:
             cap = session.welcome.project_cap if session.welcome else DEFAULT_CAP
-            shipped = await ship(session, root, cap, [spec.script_name] if spec.script_name else [])
-            spec = dataclasses.replace(spec, project=shipped.digest)
+            digest = await ship(session, root, cap, [spec.script_name] if spec.script_name else [])
+            spec = dataclasses.replace(spec, project=digest)
         job = await session.request(Submit, spec=spec.to_wire())
-        if shipped is not None:
-            job["project"] = shipped.to_json()
         print(json.dumps(job, indent=2) if args.json else job["id"])
         return 0
 

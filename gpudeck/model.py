@@ -151,6 +151,7 @@ class JobSpec:
     project: str = ""  # the manifest digest of the shipped project (see gpudeck.project)
     project_files: int = 0  # filled in by the coordinator from the manifest
     project_bytes: int = 0
+    project_uploaded: int = 0  # of which the submitting client uploaded (the rest was already there)
     subdir: str = ""  # where in the project the job runs (the folder submit ran from)
     command: list[str] = field(default_factory=list)  # a command run once per node instead of a script
     env: dict[str, str] = field(default_factory=dict)
@@ -240,7 +241,7 @@ _SPEC_TYPES: dict[str, tuple[type, ...]] = {
     "name": (str,), "gpus": (int, type(None)), "nodes": (int, type(None)),
     "gpus_per_node": (int, type(None)), "priority": (int,), "time_limit": (int, float, type(None)),
     "max_restarts": (int,), "script_name": (str,), "script": (bytes,), "workload": (str,),
-    "args": (list,), "workdir": (str,), "project": (str,), "project_files": (int,), "project_bytes": (int,),
+    "args": (list,), "workdir": (str,), "project": (str,), "project_files": (int,), "project_bytes": (int,), "project_uploaded": (int,),
     "subdir": (str,), "command": (list,), "env": (dict,), "python": (str,), "venv": (str,), "requirements": (dict,),
     "image": (str,),
 }

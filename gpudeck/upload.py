@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -17,17 +16,6 @@ from gpudeck.protocol.session import ClientSession
 
 IN_FLIGHT = 4  # chunks sent before the first is answered
 PROGRESS_AFTER = 1.0  # seconds of uploading before progress is shown
-
-
-@dataclass(frozen=True)
-class Shipped:
-    digest: str
-    files: int
-    bytes: int
-    uploaded_bytes: int
-
-    def to_json(self) -> dict[str, int]:
-        return {"files": self.files, "bytes": self.bytes, "uploaded_bytes": self.uploaded_bytes}
 
 
 class _Progress:
@@ -52,9 +40,9 @@ class _Progress:
 
 
 async def ship(session: ClientSession, root: Path, cap: int, needed: list[str],
-               stream: IO[str] = sys.stderr) -> Shipped:
-    """Offer the project under `root` and upload its missing contents; ValueError when it is over the
-    cap or leaves out a `needed` file."""
+               stream: IO[str] = sys.stderr) -> str:
+    """Offer the project under `root` and upload its missing contents; its digest. ValueError when it
+    is over the cap or leaves out a `needed` file."""
     manifest, sources = await asyncio.to_thread(collect, root, cap)
     shipped = {f.path for f in manifest.files}
     for path in needed:
@@ -69,7 +57,7 @@ async def ship(session: ClientSession, root: Path, cap: int, needed: list[str],
             await _upload(session, digest, path, sizes[digest], progress)
     finally:
         progress.end()
-    return Shipped(offer["project"], offer["files"], offer["bytes"], progress.done)
+    return offer["project"]
 
 
 async def _upload(session: ClientSession, digest: str, path: Path, size: int, progress: _Progress) -> None:

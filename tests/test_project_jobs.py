@@ -82,6 +82,7 @@ def test_a_project_with_its_own_requirements_runs_on_two_nodes_after_its_source_
     shutil.move(source, tmp_path / "moved-away")
     assert first["project"]["files"] == 6, first["project"]  # the ignored checkpoint is not among them
     assert first["project"]["uploaded_bytes"] == first["project"]["bytes"] > 0
+    assert cluster.job(first["id"])["project"] == first["project"], "show --json has what submit --json had"
     job = _finished(cluster, first["id"])
     assert job["state"] == "succeeded", (job, cluster.cli("logs", str(first["id"]), "--launcher").stdout)
     logs = cluster.cli("logs", str(first["id"])).stdout

@@ -63,5 +63,5 @@ async def test_wrong_uploads_are_refused_and_only_a_whole_project_runs(one_node:
         await session.request(ProjectOffer, manifest=manifest.encode())
         await session.request(ContentPut, digest=manifest.files[0].digest, offset=0, data=script)
         job = await session.request(Submit, spec=spec.to_wire())
-        assert job["project"] == {"files": 1, "bytes": len(script)}
+        assert job["project"] == {"files": 1, "bytes": len(script), "uploaded_bytes": len(script)}
     assert [j["name"] for j in one_node.json("jobs")] == ["shipped"], "the coordinator goes on serving"

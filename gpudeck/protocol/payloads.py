@@ -99,10 +99,11 @@ class OutputFile:
 
 @dataclass(frozen=True)
 class ProjectView:
-    """The shipped project of a job: how many files and bytes (`submit --json` adds what it uploaded)."""
+    """The shipped project of a job: how many files and bytes, and how many bytes its submit uploaded."""
 
     files: int
     bytes: int
+    uploaded_bytes: int
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,8 @@ class JobView:
             time_limit=spec.time_limit, max_restarts=spec.max_restarts, restarts=restarts, attempt=attempt,
             exit_code=exit_code, submitted_at=submitted_at, started_at=started_at, ended_at=ended_at,
             traffic=TrafficView.of(traffic or {}),
-            project=ProjectView(files=spec.project_files, bytes=spec.project_bytes) if spec.project else None,
+            project=ProjectView(files=spec.project_files, bytes=spec.project_bytes,
+                                uploaded_bytes=spec.project_uploaded) if spec.project else None,
             outputs=outputs or {})
 
     def to_json(self) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rich.cells import cell_len
 from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
@@ -96,6 +97,16 @@ class NodeMatrix(Widget):
         return text
 
 
+class JobLog(Log):
+    """Textual's Log measures new lines in a thread worker that calls `self.app`; once the job's
+    screen is closed (Esc while lines stream) that raises NoActiveAppError in the thread, and the
+    failed worker closes the whole dashboard. A chunk of a log is small: measure it here instead."""
+
+    def _update_size(self, updates: int, lines: list[str]) -> None:  # type: ignore[override]
+        if lines:
+            self._update_maximum_width(updates, max(cell_len(self._process_line(line)) for line in lines))
+
+
 RANK_COLUMNS = [
     Column("rank", "RANK", 4, align="right"),
     Column("node", "NODE", 10, flex=1, max_width=30),
@@ -153,7 +164,7 @@ class JobScreen(Screen):
                     yield NodeMatrix(id="node-matrix")
             with TabPane("Logs", id="logs"):
                 yield Static(id="log-status")
-                yield Log(max_lines=LOG_LINES, id="job-log", auto_scroll=True)
+                yield JobLog(max_lines=LOG_LINES, id="job-log", auto_scroll=True)
         yield Footer()
 
     def on_mount(self) -> None:

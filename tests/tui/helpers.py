@@ -23,15 +23,25 @@ def live_app(cluster: Cluster) -> GpudeckApp:
     return GpudeckApp(link, keymap_path=cluster.root / "no-keymap.json", cwd=str(SCRIPTS))
 
 
-async def wait_for(pilot: Pilot, what: str, predicate: Callable[[], Any], timeout: float = 60.0) -> Any:
-    """Poll (letting the app run) until `predicate` is true; fail saying what did not happen."""
+async def wait_for(pilot: Pilot, what: str, predicate: Callable[[], Any], timeout: float = 60.0,
+                   seen: Callable[[], str] | None = None) -> Any:
+    """Poll (letting the app run) until `predicate` is true; fail saying what did not happen, and
+    what `seen` says was there instead."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         await pilot.pause(0.1)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+    instead = f"; instead: {seen()}" if seen else ""
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}{instead}")
+
+
+def app_state(app: GpudeckApp) -> str:
+    """Where the dashboard is: its screens, the focused widget, the view and the selected job."""
+    job = app.selected_job()
+    return (f"screens {[type(s).__name__ for s in app.screen_stack]}, focus {app.focused!r}, view {app.active_tab}, "
+            f"selected job {job and (job['id'], job['state'])}, cancel applies: {app.check_action('cancel_job', ())}")
 
 
 def rows(table: DeckTable, width: int = 200) -> list[str]:

@@ -7,6 +7,7 @@ import asyncio
 import json
 
 from textual.command import CommandPalette
+from textual.widgets import Log
 
 from gpudeck.tui.app import GpudeckApp
 from gpudeck.tui.client import RecordedLink
@@ -150,3 +151,18 @@ async def test_a_finished_jobs_detail_names_the_outputs_its_nodes_keep_and_how_t
         app.push_screen(JobScreen(5))
         await wait_for(pilot, "job 5's detail", lambda: "bad-config" in screen_text(app))
         assert "outputs" not in screen_text(app).split("Traffic")[0], "a job without kept outputs names none"
+
+
+async def test_a_log_that_measures_new_lines_after_its_screen_closed_does_not_close_the_dashboard(tmp_path):
+    app, _ = app_with(tmp_path)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await wait_for(pilot, "the snapshot", lambda: app.cluster.connected)
+        app.push_screen(JobScreen(7, "logs"))
+        log = await wait_for(pilot, "the job's logs", lambda: isinstance(app.screen, JobScreen) and app.screen.query(Log)
+                             and app.screen.query_one(Log))
+        await app.pop_screen()
+        log.write_lines(["a line that arrives as the screen closes (Esc while logs stream)"])
+        await wait_for(pilot, "the main screen", lambda: len(app.screen_stack) == 1)
+        await pilot.press("2")
+        await wait_for(pilot, "the jobs view", lambda: app.active_tab == "jobs")
+        assert app.is_running and app.return_code is None

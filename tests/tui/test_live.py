@@ -16,7 +16,7 @@ from gpudeck.tui.client import CoordinatorLink
 from gpudeck.tui.screens import ConfirmScreen, JobScreen, KindRates, NotFoundScreen, SubmitScreen
 from gpudeck.tui.views import Banner
 from tests.cluster import Cluster, free_port
-from tests.tui.helpers import live_app, rows, screen_text, wait_for
+from tests.tui.helpers import app_state, live_app, rows, screen_text, wait_for
 
 pytestmark = pytest.mark.slow
 SIZE = (120, 36)
@@ -72,7 +72,7 @@ async def test_nodes_submit_traffic_logs_cancel_and_filter(cluster: Cluster):
         await wait_for(pilot, "the jobs view with the job selected", lambda: app.active_tab == "jobs" and (
             app.selected_job() or {}).get("id") == job_id)
         await pilot.press("c")
-        await wait_for(pilot, "the confirmation", lambda: isinstance(app.screen, ConfirmScreen))
+        await wait_for(pilot, "the confirmation", lambda: isinstance(app.screen, ConfirmScreen), seen=lambda: app_state(app))
         await pilot.press("y")
         await wait_for(pilot, "the job to be cancelled", lambda: app.cluster.jobs[job_id]["state"] == "cancelled", 30)
         assert "cancelled" in rows(app.jobs_view.table)[0]

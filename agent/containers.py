@@ -10,8 +10,13 @@ them, so a cancel finds its processes as any rank's. GPUs go in through CDI with
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gpudeck.protocol.messages import Launch
 
 RUNTIMES = ("podman", "docker")
 PROBE_TIMEOUT = 10.0
@@ -31,13 +36,22 @@ async def find_runtime() -> tuple[Runtime | None, str]:
         if path is None:
             why.append(f"{name} is not installed")
             continue
+        code = -1
         try:
             probe = await asyncio.create_subprocess_exec(path, "info", stdin=asyncio.subprocess.DEVNULL,
                                                          stdout=asyncio.subprocess.DEVNULL,
                                                          stderr=asyncio.subprocess.DEVNULL)
-            code = await asyncio.wait_for(probe.wait(), PROBE_TIMEOUT)
-        except (OSError, asyncio.TimeoutError):
-            code = -1
+        except OSError:
+            probe = None
+        if probe is not None:
+            try:
+                code = await asyncio.wait_for(probe.wait(), PROBE_TIMEOUT)
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                if probe.returncode is None:
+                    probe.kill()
+                    await probe.wait()
         if code == 0:
             return Runtime(name, path), ""
         why.append(f"{name} is installed but `{name} info` fails" + (" (is its daemon running?)" if name == "docker" else ""))
@@ -50,6 +64,10 @@ def container_command(runtime: Runtime, image: str, name: str, inner: list[str],
     environment: only the names are on the command line, so no value shows in `ps`)."""
     command = [runtime.path, "run", "--rm", "--init", "--name", name, "--network", "host", "--ipc", "host",
                "--workdir", cwd]
+    if os.getuid() != 0:
+        # The job's files in the working copy and its outputs stay the agent's, so it can keep and
+        # remove them: docker runs as the daemon's root otherwise, podman maps to the agent's user.
+        command += ["--user", f"{os.getuid()}:{os.getgid()}"] if runtime.name == "docker" else ["--userns", "keep-id"]
     for folder in mounts:
         command += ["--volume", f"{folder}:{folder}"]
     for key in env_names:
@@ -60,3 +78,39 @@ def container_command(runtime: Runtime, image: str, name: str, inner: list[str],
         else:
             command += ["--gpus", f"device={','.join(map(str, gpus))}"]
     return [*command, image, *inner]
+
+
+def container_name(order: "Launch", node: str) -> str:
+    return f"gpudeck-{order.job}-{order.attempt}-{order.node_rank}-{node}"
+
+
+async def _runtime_says(command: list[str]) -> None:
+    """Run a runtime command to its end (bounded), its output dropped: stopping is best effort."""
+    try:
+        process = await asyncio.create_subprocess_exec(*command, stdin=asyncio.subprocess.DEVNULL,
+                                                       stdout=asyncio.subprocess.DEVNULL,
+                                                       stderr=asyncio.subprocess.DEVNULL)
+    except OSError:
+        return
+    try:
+        await asyncio.wait_for(process.wait(), PROBE_TIMEOUT)
+    except asyncio.TimeoutError:
+        pass
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def stop_container(container: list[str]) -> None:
+    """Ask the runtime to stop the job's container: a daemon's containers may run as another user,
+    out of reach of the agent's signals."""
+    if container:
+        runtime, name = container
+        await _runtime_says([runtime, "stop", "--time", "5", name])
+
+
+async def remove_container(container: list[str]) -> None:
+    if container:
+        runtime, name = container
+        await _runtime_says([runtime, "rm", "--force", name])

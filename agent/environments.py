@@ -121,6 +121,11 @@ class Environments:
             self._in_use[key] -= 1
 
     def _prune(self) -> None:
+        for files in self.root.glob("*.files"):  # builds that failed: nothing marks them ready
+            key = files.name.removesuffix(".files")
+            if not (self.root / f"{key}.ready").exists() and not self._in_use[key]:
+                shutil.rmtree(self.root / key, ignore_errors=True)
+                shutil.rmtree(files, ignore_errors=True)
         ready = sorted(self.root.glob("*.ready"), key=lambda p: p.stat().st_mtime, reverse=True)
         for marker in ready[self.keep:]:
             key = marker.name.removesuffix(".ready")

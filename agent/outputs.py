@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
+import threading
 import time
 from pathlib import Path
 
@@ -20,34 +22,45 @@ class OutputKeeper:
     def __init__(self, root: Path, keep_for: float = DEFAULT_KEEP_FOR, space: int = DEFAULT_SPACE) -> None:
         self.root = root
         self.keep_for, self.space = keep_for, space
+        self._lock = threading.Lock()
         root.mkdir(parents=True, exist_ok=True)
 
     def folder(self, job: int, attempt: int) -> Path:
         return self.root / f"{job}-{attempt}"
 
     def keep(self, job: int, attempt: int, written: Path) -> list[OutputFile]:
-        """Move what the attempt wrote into the keeper; the files kept, by path under the folder."""
+        """Move what the attempt wrote into the keeper; the files kept, by path under the folder. A
+        folder the job replaced by a link is not followed: only files inside it are ever kept."""
         target = self.folder(job, attempt)
-        if not written.is_dir() or not any(written.iterdir()):
+        if written.is_symlink() or not written.is_dir() or not any(written.iterdir()):
             return []
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.move(str(written), target)
+        with self._lock:
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.move(str(written), target)
+            os.utime(target)  # kept now: the last to go
         return self.listing(job, attempt)
 
     def listing(self, job: int, attempt: int) -> list[OutputFile]:
+        """Regular files under the attempt's folder (links, to files or folders, are left out)."""
         folder = self.folder(job, attempt)
         files = []
-        for path in sorted(folder.rglob("*")):
-            if path.is_file() and not path.is_symlink():
-                files.append(OutputFile(path=path.relative_to(folder).as_posix(), size=path.stat().st_size))
-        return files
+        for top, folders, names in os.walk(folder):  # does not follow links to folders
+            for name in names:
+                path = Path(top) / name
+                try:
+                    info = path.lstat()
+                except OSError:
+                    continue
+                if stat.S_ISREG(info.st_mode):
+                    files.append(OutputFile(path=path.relative_to(folder).as_posix(), size=info.st_size))
+        return sorted(files, key=lambda f: f.path)
 
     def held(self) -> list[tuple[int, int]]:
         """The (job, attempt) of every attempt whose outputs are kept here."""
         found = []
         for folder in sorted(self.root.iterdir()):
             job, _, attempt = folder.name.partition("-")
-            if folder.is_dir() and job.isdigit() and attempt.isdigit():
+            if job.isdigit() and attempt.isdigit() and folder.is_dir() and not folder.is_symlink():
                 found.append((int(job), int(attempt)))
         return found
 
@@ -55,26 +68,39 @@ class OutputKeeper:
         """A chunk of a kept file; LookupError with a sentence when there is no such file."""
         folder = self.folder(job, attempt)
         target = folder / path
-        if path_problem(path) or not target.is_file() or target.is_symlink():
-            raise LookupError(f"this node keeps no output {path!r} of job {job}")
-        with open(target, "rb") as handle:
+        missing = LookupError(f"this node keeps no output {path!r} of job {job}")
+        if path_problem(path) or not target.resolve().is_relative_to(folder.resolve()):
+            raise missing
+        try:
+            fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            raise missing from None
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise missing
             handle.seek(max(0, offset))
-            return handle.read(CHUNK), os.fstat(handle.fileno()).st_size
+            return handle.read(CHUNK), os.fstat(fd).st_size
 
     def prune(self, now: float | None = None) -> list[tuple[int, int]]:
         """Remove kept outputs past their time, then the oldest until the rest fit the space; the
         (job, attempt) of each removed."""
         now = time.time() if now is None else now
-        kept = sorted(((d.stat().st_mtime, d) for d in self.root.iterdir() if d.is_dir()), key=lambda t: t[0])
-        sizes = {d: sum(p.stat().st_size for p in d.rglob("*") if p.is_file()) for _, d in kept}
-        total = sum(sizes.values())
-        removed = []
-        for mtime, folder in kept:
-            if now - mtime <= self.keep_for and total <= self.space:
-                continue
-            shutil.rmtree(folder, ignore_errors=True)
-            total -= sizes[folder]
-            job, _, attempt = folder.name.partition("-")
-            if job.isdigit() and attempt.isdigit():
-                removed.append((int(job), int(attempt)))
-        return removed
+        with self._lock:  # two jobs ending at once prune in two threads
+            kept = []
+            for job, attempt in self.held():
+                folder = self.folder(job, attempt)
+                try:
+                    kept.append((folder.stat().st_mtime, folder, job, attempt))
+                except OSError:
+                    continue
+            kept.sort(key=lambda t: t[0])
+            sizes = {folder: sum(f.size for f in self.listing(job, attempt)) for _, folder, job, attempt in kept}
+            total = sum(sizes.values())
+            removed = []
+            for mtime, folder, job, attempt in kept:
+                if now - mtime <= self.keep_for and total <= self.space:
+                    continue
+                shutil.rmtree(folder, ignore_errors=True)
+                total -= sizes[folder]
+                removed.append((job, attempt))
+            return removed

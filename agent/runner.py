@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import IO, Awaitable, Callable
 
 from gpudeck.agent import exits
-from gpudeck.agent.containers import Runtime, container_command, find_runtime
+from gpudeck.agent.containers import (
+    Runtime, container_command, container_name, find_runtime, remove_container, stop_container,
+)
 from gpudeck.agent.environments import DEFAULT_KEEP, BuildFailed, Environments
 from gpudeck.agent.outputs import OutputKeeper
 from gpudeck.agent.overlay import AUTOCOUNT, overlay_env, write_overlay
@@ -46,6 +48,10 @@ LOG_CHUNK = 64 * 1024
 KEEP_FINISHED = 50
 LOG_RESUME_WAIT = 5.0
 SAY_EVERY = 2.0  # seconds between reports of what a preparing attempt is doing
+PROBE_TIMEOUT = 60.0
+# Each node starts its ranks once it has prepared (copied the project, built the environment); the
+# others wait for it at the rendezvous up to this many seconds (torchrun's own default is 600).
+RENDEZVOUS_TIMEOUT = 1800  # for the job's interpreter to say whether it has torch
 OUTPUT_DIR = "gpudeck-outputs"  # in the working copy: $GPUDECK_OUTPUT_DIR
 _RANK_LOG = re.compile(r"^rank-(\d+)\.log$")
 # The shell stays the session leader, so its pid is the process group of every rank.
@@ -72,6 +78,7 @@ class RunningJob:
     retry: bool = False  # could not start for a reason of the moment: place the job again
     kill_reason: str = ""
     environment: str = ""  # the key of the built environment it runs in, "" for none
+    container: list[str] = field(default_factory=list)  # with --image: the runtime and the container's name
     sent_offsets: dict[int, int] = field(default_factory=dict)
 
     @property
@@ -102,7 +109,8 @@ class RunningJob:
 
     def save(self) -> None:
         record = {k: v for k, v in asdict(self).items()
-                  if k in ("node", "job", "attempt", "node_rank", "gpus", "pgid", "cluster", "environment")}
+                  if k in ("node", "job", "attempt", "node_rank", "gpus", "pgid", "cluster", "environment",
+                           "container")}
         (self.path / "job.json").write_text(json.dumps(record))
 
 
@@ -119,11 +127,12 @@ def torch_available() -> bool:
 
 
 class PrepareFailed(Exception):
-    """An attempt cannot start on this node; `detail` says why, as its exit does."""
+    """An attempt cannot start on this node; `detail` says why, as its exit does. `retry`: for a
+    reason of the moment (the coordinator's connection dropped), so the job is placed again."""
 
-    def __init__(self, code: int, detail: str) -> None:
+    def __init__(self, code: int, detail: str, retry: bool = False) -> None:
         super().__init__(detail)
-        self.code, self.detail = code, detail
+        self.code, self.detail, self.retry = code, detail, retry
 
 
 @dataclass(frozen=True)
@@ -194,7 +203,7 @@ class JobRunner:
                                        f"{exc.strerror or exc}")
             return
         except PrepareFailed as exc:
-            await self._finish(job, exc.code, exc.detail)
+            await self._finish(job, exc.code, exc.detail, retry=exc.retry)
             return
         if job.kill_reason:
             await self._finish(job, 143, f"stopped before it started: {job.kill_reason}")
@@ -209,6 +218,8 @@ class JobRunner:
         self.sink.expect(order.job, order.attempt)
         try:
             env = self._env(order, job.path, setup)
+            if setup.container is not None:
+                job.container = [setup.container.path, container_name(order, self.node)]
             with open(job.path / "launcher.log", "ab") as launcher_log:
                 process = await asyncio.create_subprocess_exec(
                     "/bin/sh", "-c", _LAUNCHER, "gpudeck-launch", *self._command(order, setup, env),
@@ -220,6 +231,8 @@ class JobRunner:
                                          f"{self.node}: {exc}")
             return
         job.pgid = process.pid
+        if job.kill_reason:  # killed while it was being started
+            signal_all(job.marker, signal.SIGTERM)
         try:
             job.save()
         except OSError as exc:
@@ -244,10 +257,15 @@ class JobRunner:
                 manifest = await self.cache.manifest(order.project)
                 await self.cache.working_copy(manifest, work)
             except FetchFailed as exc:
-                raise PrepareFailed(1, f"could not copy the project to {self.node}: {exc}") from None
+                raise PrepareFailed(1, f"could not copy the project to {self.node}: {exc}", retry=exc.transient) from None
+            except OSError as exc:
+                raise PrepareFailed(1, f"could not copy the project to {self.node}: {exc.strerror or exc}") from None
         python, bin_dir = await self._interpreter(order, job, launcher_log)
         if order.project:
-            cwd = work / order.subdir if order.subdir and (work / order.subdir).is_dir() else work
+            cwd = work / order.subdir if order.subdir else work
+            if not cwd.is_dir():
+                raise PrepareFailed(1, f"the folder {order.subdir} that submit ran in is not in the project (an "
+                                       "ignore file leaves it out): submit from another folder")
             target = str(work / order.script_name) if order.script_name else ""
         else:
             cwd = Path(order.workdir) if _usable_dir(order.workdir) else directory
@@ -279,6 +297,9 @@ class JobRunner:
                 job.environment = env.key
             except BuildFailed as exc:
                 raise PrepareFailed(1, f"the environment could not be built on {self.node}: {exc}") from None
+            except OSError as exc:
+                raise PrepareFailed(1, f"the environment could not be built on {self.node}: "
+                                       f"{exc.strerror or exc}") from None
             finally:
                 reporter.cancel()
             python, bin_dir = env.python, env.bin
@@ -302,11 +323,21 @@ class JobRunner:
         if python == sys.executable:
             return torch_available()
         env = dict(os.environ, **overlay_env(self.overlay, dict(os.environ)))
-        probe = await asyncio.create_subprocess_exec(
-            python, "-c", "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is None)",
-            env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL)
-        return await probe.wait() == 0
+        try:
+            probe = await asyncio.create_subprocess_exec(
+                python, "-c", "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is None)",
+                env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL)
+        except OSError as exc:
+            raise PrepareFailed(127, f"{python} cannot be run on {self.node}: {exc.strerror or exc}") from None
+        try:
+            return await asyncio.wait_for(probe.wait(), PROBE_TIMEOUT) == 0
+        except asyncio.TimeoutError:
+            raise PrepareFailed(127, f"{python} on {self.node} did not start within {PROBE_TIMEOUT:.0f} s") from None
+        finally:
+            if probe.returncode is None:  # timed out, or the job was cancelled: the probe goes too
+                probe.kill()
+                await probe.wait()
 
     async def _say(self, job: RunningJob, doing: str) -> None:
         await self.send(JobPreparing(job=job.job, attempt=job.attempt, doing=doing))
@@ -328,7 +359,8 @@ class JobRunner:
                 "--nnodes", str(order.nnodes), "--node-rank", str(order.node_rank),
                 "--nproc-per-node", str(max(1, len(order.gpus))),
                 "--master-addr", order.master_addr, "--master-port", str(order.master_port),
-                "--max-restarts", "0", *wrapper, *target, *order.args,
+                "--max-restarts", "0", "--rdzv-conf", f"timeout={RENDEZVOUS_TIMEOUT}",
+                *wrapper, *target, *order.args,
             ]
         if setup.container is None:
             return inner
@@ -336,9 +368,8 @@ class JobRunner:
         names = sorted(set(order.env) | {k for k in env if k.startswith("GPUDECK_")} | {
             "CUDA_VISIBLE_DEVICES", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK", "GPUS_PER_NODE",
             "PYTHONUNBUFFERED", MARKER} - {AUTOCOUNT})
-        return container_command(setup.container, order.image, f"gpudeck-{order.job}-{order.attempt}-{order.node_rank}-"
-                                 f"{self.node}", inner, str(setup.cwd), mounts, names, order.gpus,
-                                 getattr(self.backend, "simulated", False))
+        return container_command(setup.container, order.image, container_name(order, self.node), inner, str(setup.cwd),
+                                 mounts, names, order.gpus, getattr(self.backend, "simulated", False))
 
     @staticmethod
     def _write_script(order: Launch, directory: Path) -> Path:
@@ -404,6 +435,7 @@ class JobRunner:
                       failed_at: float | None = None) -> None:
         # Ranks that outlive their torchrun (it was killed) can only hang: stop them with it.
         signal_all(job.marker, signal.SIGKILL)
+        await remove_container(job.container)
         job.exit_code, job.detail, job.retry, job.failed_at = code, detail, retry, failed_at
         self.environments.release(job.environment)
         self.sink.merge(job.job, job.attempt, exits.traffic_totals(job.path))
@@ -432,14 +464,18 @@ class JobRunner:
         tell the coordinator what is kept (and what older outputs the keeper let go)."""
         work = job.path / "work"
         try:
-            files = self.outputs.keep(job.job, job.attempt, (work if work.is_dir() else job.path) / OUTPUT_DIR)
+            files = await asyncio.to_thread(self.outputs.keep, job.job, job.attempt,
+                                            (work if work.is_dir() else job.path) / OUTPUT_DIR)
         except OSError as exc:
             log.warning("job %d attempt %d: could not keep its outputs (%s)", job.job, job.attempt, exc.strerror)
             files = []
-        shutil.rmtree(work, ignore_errors=True)
+        await asyncio.to_thread(shutil.rmtree, work, True)
         if files:
             await self.send(Outputs(job=job.job, attempt=job.attempt, files=files))
-        await self.prune_outputs()
+        try:
+            await self.prune_outputs()
+        except OSError as exc:
+            log.warning("could not remove old outputs (%s)", exc.strerror)
 
     async def report_outputs(self) -> None:
         """After a register: every kept attempt's outputs (the coordinator forgot what it knew of
@@ -475,6 +511,7 @@ class JobRunner:
             return
         log.info("job %d attempt %d: stopping (%s)", job_id, attempt, reason)
         signal_all(job.marker, signal.SIGTERM)
+        await stop_container(job.container)
         for _ in range(int(KILL_GRACE / POLL)):
             await asyncio.sleep(POLL)
             if not alive(job.marker):

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gpudeck.project import CHUNK, DEFAULT_CAP, Manifest, human_bytes
+from gpudeck.project import CHUNK, DEFAULT_CAP, DIGEST, Manifest, human_bytes
 
 log = logging.getLogger(__name__)
 DEFAULT_STORE_LIMIT = 8 * 1024 * 1024 * 1024
@@ -59,6 +59,10 @@ class ProjectStore:
         return [p for p in self.root.glob("??/*") if p.is_file()]
 
     def path(self, digest: str) -> Path:
+        """Where a content lies; LookupError for anything but a digest (a peer's text never becomes a
+        path of its own)."""
+        if not DIGEST.match(digest):
+            raise LookupError(f"{digest[:80]!r} is not a content digest")
         return self.root / digest[:2] / digest
 
     def has(self, digest: str) -> bool:
@@ -80,7 +84,9 @@ class ProjectStore:
             else:
                 missing[content] = size
         os.utime(self.path(digest), (now, now))
-        self.collect(keep | {digest}, room=sum(missing.values()))
+        self.forget_client(client)  # one offer at a time: what an earlier one left half uploaded goes
+        in_flight = {offer.project for offer in self._offers.values()}  # other clients are uploading these
+        self.collect(keep | in_flight | {digest}, room=sum(missing.values()))
         self._offers[client] = _Offer(digest, missing)
         return {"project": digest, "missing": sorted(missing), "files": len(manifest.files), "bytes": manifest.bytes}
 
@@ -91,10 +97,11 @@ class ProjectStore:
         if offer is None or digest not in offer.expected:
             raise ValueError("that content was not asked for: offer the project first")
         upload = offer.uploads.setdefault(digest, _Upload(offer.expected[digest]))
+        partial = self.root / "partial" / f"{client}-{digest}"
         if offset != upload.received or len(data) > CHUNK or upload.received + len(data) > upload.size:
             offer.uploads.pop(digest, None)
+            partial.unlink(missing_ok=True)
             raise ValueError(f"an upload chunk of {digest[:12]} does not follow the bytes before it")
-        partial = self.root / "partial" / f"{client}-{digest}"
         try:
             with open(partial, "ab" if offset else "wb") as handle:
                 handle.write(data)
@@ -111,8 +118,9 @@ class ProjectStore:
                 raise ValueError("a file's content does not match what the project's manifest says: it changed "
                                  "while it was uploaded; submit again")
             self.path(digest).parent.mkdir(exist_ok=True)
+            if not self.has(digest):  # another client may have completed the same content meanwhile
+                self.size += upload.size
             os.replace(partial, self.path(digest))
-            self.size += upload.size
             offer.uploaded += upload.size
         return upload.received
 
@@ -152,6 +160,8 @@ class ProjectStore:
                 return handle.read(CHUNK), size
         except FileNotFoundError:
             raise LookupError(f"the coordinator no longer holds the content {digest[:12]}") from None
+        except OSError as exc:
+            raise LookupError(f"the coordinator could not read the content {digest[:12]}: {exc.strerror}") from None
 
     # --- bounds ----------------------------------------------------------------------------------
 

@@ -437,9 +437,11 @@ class Coordinator:
         return [job_view(row, traffic[row.id], outputs[row.id]).to_json() for row in rows]
 
     def _kept_outputs(self, node: str, message: Outputs) -> None:
+        """A node's word on what it keeps of a job's outputs: only of an attempt it had a share of."""
+        if not any(share.node == node for share in self.store.attempt_nodes(message.job, message.attempt)):
+            return
         files = [f for f in message.files[:MAX_OUTPUTS_LISTED] if path_problem(f.path) is None and f.size >= 0]
-        if self.store.job(message.job) is not None:
-            self.store.set_outputs(message.job, node, message.attempt, files)
+        self.store.set_outputs(message.job, node, message.attempt, files)
 
     def _relay_output(self, conn: Connection, message: ReadOutput) -> None:
         kept = self.store.outputs([message.job])[message.job].get(message.node) if self.store.job(message.job) else None

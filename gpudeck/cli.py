@@ -19,7 +19,7 @@ from gpudeck.client import NoCoordinator, connect, find_endpoints
 from gpudeck.capacity import MAX_GPUS, MAX_GPUS_PER_NODE, MAX_NODES
 from gpudeck.model import MAX_PRIORITY, MAX_RESTARTS, MAX_TIME_LIMIT, WORKLOADS, JobSpec, parse_duration, parse_size
 from gpudeck.coordinator.projects import DEFAULT_STORE_LIMIT
-from gpudeck.project import DEFAULT_CAP
+from gpudeck.project import DEFAULT_CAP, OUTPUTS_HERE
 from gpudeck.protocol import auth
 from gpudeck.protocol.messages import Cancel, Drain, ListJobs, ListNodes, ReadLogs, ShowJob, Submit
 from gpudeck.protocol.session import ClientSession, Refused, split_address
@@ -272,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
         "ends (for a time and a space each agent sets). With several nodes, each node's files go in a folder "
         "named after it.", epilog="example: gpudeck outputs 12 --to results/")
     outputs.add_argument("job", type=job_id, metavar="JOB", help="the job's id, as submit printed it")
-    outputs.add_argument("--to", type=Path, default=Path("."), metavar="DIR", help="where to put them (default: here)")
+    outputs.add_argument("--to", type=Path, metavar="DIR",
+                         help="where to put them (default: gpudeck-outputs/JOB here); files there are never overwritten")
     outputs.add_argument("--node", metavar="NODE", help="only what this node keeps")
     _client_flags(outputs)
 
@@ -341,7 +342,9 @@ def project_root(args: argparse.Namespace) -> Path | None:
         return args.project.resolve()
     here = Path.cwd().resolve()
     if args.script and not Path(args.script).resolve().is_relative_to(here):
-        return Path(args.script).resolve().parent
+        folder = Path(args.script).resolve().parent
+        print(f"gpudeck: the script is outside {here}: shipping its folder {folder} as the project", file=sys.stderr)
+        return folder
     return here if args.script or args.command_line else None
 
 
@@ -418,7 +421,8 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
     elif args.script:
         script_name, script = _read_script(args.script)
     if root is not None and Path.cwd().resolve().is_relative_to(root):
-        subdir = Path.cwd().resolve().relative_to(root).as_posix().removeprefix(".")
+        inside = Path.cwd().resolve().relative_to(root).as_posix()
+        subdir = "" if inside == "." else inside
     try:
         time_limit = parse_duration(args.time_limit) if args.time_limit else None
     except ValueError as exc:
@@ -520,8 +524,9 @@ async def cmd_outputs(args: argparse.Namespace) -> int:
             where = f" on {args.node}" if args.node else ""
             raise Failure(f"job {args.job} has no outputs kept{where}: it wrote nothing to $GPUDECK_OUTPUT_DIR, "
                           "or its nodes have let them go")
-        count = await download_outputs(session, args.job, kept, args.to)
-        print(f"{count} files of job {args.job} in {args.to}", file=sys.stderr)
+        destination = args.to or Path(OUTPUTS_HERE) / str(args.job)
+        count = await download_outputs(session, args.job, kept, destination)
+        print(f"{count} files of job {args.job} in {destination}", file=sys.stderr)
         return 0
 
     return await _with_session(args, work)

@@ -12,7 +12,7 @@ from enum import Enum
 from typing import Any
 
 from gpudeck.capacity import validate_request
-from gpudeck.project import path_problem
+from gpudeck.project import DIGEST, path_problem
 from gpudeck.text import name_problem
 
 MAX_SCRIPT_BYTES = 1024 * 1024
@@ -202,7 +202,7 @@ class JobSpec:
 
     def _check_code(self) -> None:
         if self.project:
-            if not _DIGEST.match(self.project):
+            if not DIGEST.match(self.project):
                 raise ValueError("the job's project is not a manifest digest")
             for label, path in (("script", self.script_name), ("folder", self.subdir)):
                 problem = path and path_problem(path)
@@ -222,6 +222,9 @@ class JobSpec:
         for key, value in self.env.items():
             if not _ENV_NAME.match(key):
                 raise ValueError(f"{key!r} is not a usable environment variable name (letters, digits and _)")
+            if key.startswith("GPUDECK_") or key in RESERVED_ENV:
+                raise ValueError(f"{key} is set by gpudeck for every job (the GPUs it was given, its rendezvous, "
+                                 "its place): it cannot be set with --env")
             if "\0" in value:
                 raise ValueError(f"the value of {key} holds a NUL byte")
         if sum(bool(x) for x in (self.python, self.venv, self.requirements, self.image)) > 1:
@@ -250,9 +253,11 @@ _SPEC_TYPES: dict[str, tuple[type, ...]] = {
 # What an environment can be built from, by the name it has on the wire (see gpudeck.agent.environments).
 REQUIREMENT_FILES = ("requirements.txt", "pyproject.toml", "uv.lock")
 MAX_ENV = 1000
+# What the agent sets for a job (with every GPUDECK_ name); a job's own value would misplace it.
+RESERVED_ENV = frozenset({"CUDA_VISIBLE_DEVICES", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK",
+                          "GPUS_PER_NODE"})
 MAX_SETUP_BYTES = 256 * 1024  # environment variables, and requirement files: kept in memory with the job
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_DIGEST = re.compile(r"^[0-9a-f]{64}$")
 _IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$")
 
 

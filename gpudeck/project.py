@@ -1,7 +1,7 @@
 """A job's project: the files of the directory it is submitted from, each named by its content.
 
 The CLI walks the directory (`collect`), leaving out what `.gitignore` and `.gpudeckignore` files
-exclude and `.git` itself, hashes every file, and offers the coordinator a `Manifest`; the coordinator
+exclude, `.git` itself and the `gpudeck-outputs` folder that `gpudeck outputs` fills, hashes every file, and offers the coordinator a `Manifest`; the coordinator
 asks only for the contents it does not hold, and every node copies a job's working copy out of its own
 cache of contents. The manifest is itself stored as content (its digest names the project), so a job
 carries one string, and the coordinator, the agents and the CLI check it with the same rules here.
@@ -25,7 +25,8 @@ MAX_FILES = 30_000  # a manifest of this many files is about 3 MiB: it fits in o
 CHUNK = 1024 * 1024  # bytes of one upload or download frame
 IGNORE_FILES = (".gitignore", ".gpudeckignore")
 ALWAYS_LEFT_OUT = ".git"
-_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+OUTPUTS_HERE = "gpudeck-outputs"  # where `gpudeck outputs` puts what it fetches: never shipped back
+DIGEST = re.compile(r"^[0-9a-f]{64}$")
 _MAX_PATH = 1024
 
 
@@ -90,7 +91,7 @@ def _file_of(row: object) -> ProjectFile:
     problem = path_problem(path)
     if problem:
         raise ValueError(f"the project's manifest names {path!r}: {problem}")
-    if size < 0 or not _DIGEST.match(digest):
+    if size < 0 or not DIGEST.match(digest):
         raise ValueError(f"the project's manifest has a malformed entry for {path!r}")
     return ProjectFile(path, size, digest, executable)
 
@@ -175,7 +176,7 @@ def walk(root: Path) -> Iterator[tuple[str, Path, os.stat_result]]:
             continue
         for entry in entries:
             path = f"{relative}/{entry.name}" if relative else entry.name
-            if entry.name == ALWAYS_LEFT_OUT and not relative:
+            if entry.name in (ALWAYS_LEFT_OUT, OUTPUTS_HERE) and not relative:
                 continue
             if entry.is_dir(follow_symlinks=False):
                 if not rules.ignored(path, True):
@@ -216,7 +217,11 @@ def collect(root: Path, cap: int) -> tuple[Manifest, dict[str, Path]]:
                          "Leave some out with a .gpudeckignore file, or give --no-project")
     files, sources = [], {}
     for relative, path, info in found:
-        digest, size = file_digest(path)
+        try:
+            digest, size = file_digest(path)
+        except OSError as exc:
+            raise ValueError(f"cannot read {relative} in the project {root}: {exc.strerror}; leave it out with a "
+                             ".gpudeckignore file") from None
         files.append(ProjectFile(relative, size, digest, bool(info.st_mode & stat.S_IXUSR)))
         sources[digest] = path
     return Manifest(tuple(files)), sources

@@ -108,7 +108,7 @@ async def _download(session: ClientSession, job: int, node: str, path: str, targ
                     progress: _Progress) -> None:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        with open(target, "wb") as handle:
+        with open(target, "xb") as handle:
             offset, size = 0, None
             while size is None or offset < size:
                 chunk = await session.request(ReadOutput, job=job, node=node, path=path, offset=offset, timeout=120.0)
@@ -118,5 +118,7 @@ async def _download(session: ClientSession, job: int, node: str, path: str, targ
                 handle.write(chunk["data"])
                 offset += len(chunk["data"])
                 progress.add(len(chunk["data"]))
+    except FileExistsError:
+        raise ValueError(f"{target} already exists: give another --to, or move it away") from None
     except OSError as exc:
         raise ValueError(f"cannot write {target}: {exc.strerror}") from None

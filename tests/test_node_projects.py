@@ -172,3 +172,21 @@ def test_kept_outputs_go_past_their_time_or_oldest_first_past_their_space(tmp_pa
     with pytest.raises(LookupError, match="keeps no output"):
         keeper.read(3, 1, "../../etc/passwd", 0)
     assert keeper.read(3, 1, "sub/weights.bin", 0) == (b"w" * 1000, 1000)
+
+
+def test_links_a_job_leaves_in_its_outputs_are_never_followed(tmp_path: Path):
+    keeper = OutputKeeper(tmp_path / "kept")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("the node's own file")
+    linked = tmp_path / "work-link"
+    linked.symlink_to("/")
+    assert keeper.keep(1, 1, linked) == [], "an output folder replaced by a link is not kept"
+    written = tmp_path / "work"
+    (written / "real").mkdir(parents=True)
+    (written / "real" / "a.txt").write_text("mine")
+    (written / "leak.txt").symlink_to(secret)
+    (written / "root").symlink_to("/")
+    assert keeper.keep(2, 1, written) == [OutputFile("real/a.txt", 4)]
+    for path in ("leak.txt", "root/etc/hostname"):
+        with pytest.raises(LookupError, match="keeps no output"):
+            keeper.read(2, 1, path, 0)

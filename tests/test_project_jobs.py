@@ -97,6 +97,10 @@ def test_a_project_with_its_own_requirements_runs_on_two_nodes_after_its_source_
     fetched = cluster.cli("outputs", str(first["id"]), "--to", str(tmp_path / "results"))
     assert (tmp_path / "results" / "result.txt").read_text() == "trained with lr=0.25\n"
     assert "1 files of job" in fetched.stderr
+    again = cluster.cli("outputs", str(first["id"]), "--to", str(tmp_path / "results"), check=False)
+    assert again.returncode == 1 and "result.txt already exists" in again.stderr, "nothing is overwritten"
+    cluster.cli("outputs", str(first["id"]))  # run in the cluster's root: gpudeck-outputs/JOB there
+    assert (cluster.root / "gpudeck-outputs" / str(first["id"]) / "result.txt").read_text() == "trained with lr=0.25\n"
     assert not list((cluster.root / "node-a" / "jobs").glob("*/work")), "working copies go when the job ends"
 
     shutil.move(tmp_path / "moved-away", source)
@@ -210,7 +214,9 @@ def test_a_command_runs_once_per_node_with_the_rendezvous_in_its_environment_and
     project = tmp_path / "cmd"
     project.mkdir()
     (project / "run.sh").write_text('#!/bin/sh\necho "node $NODE_RANK of $NNODES, $GPUS_PER_NODE GPU, '
-                                    'master $MASTER_ADDR:$MASTER_PORT, job $GPUDECK_JOB_ID, $GREETING"\nexit 7\n')
+                                    'master $MASTER_ADDR:$MASTER_PORT, job $GPUDECK_JOB_ID, $GREETING"\n'
+                                    # Only the second node fails: a node that fails first has the others stopped.
+                                    '[ "$NODE_RANK" = 1 ] && exit 7\nexit 0\n')
     (project / "run.sh").chmod(0o755)
     job = cluster.submit_json("--nodes", "2", "--gpus-per-node", "1", "--env", "GREETING=hi there", "--",
                               "./run.sh", cwd=project)
@@ -222,6 +228,10 @@ def test_a_command_runs_once_per_node_with_the_rendezvous_in_its_environment_and
         assert f"[node {rank}] node {rank} of 2, 1 GPU, master 127.0.0.1:" in logs, logs
     assert f"job {job['id']}, hi there" in logs
 
+    for reserved in ("CUDA_VISIBLE_DEVICES=3", "GPUDECK_RUN=x", "MASTER_PORT=1"):
+        refused = cluster.cli("submit", "--coordinator", f"127.0.0.1:{cluster.port}", "--token", cluster.token,
+                              "--env", reserved, "--", "true", check=False, client=False)
+        assert refused.returncode == 2 and "is set by gpudeck for every job" in refused.stderr, refused.stderr
     exits = cluster.submit_json("--gpus", "1", "--", "sh", "-c", "exit 0", cwd=project)
     assert _finished(cluster, exits["id"])["state"] == "succeeded"
 

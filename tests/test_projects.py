@@ -140,3 +140,10 @@ def test_the_store_collects_the_least_recently_used_that_no_unfinished_job_needs
     digest, entry = _content(b"Z" * 2900)
     with pytest.raises(ProjectStoreFull, match="full with the projects of unfinished jobs"):
         store.offer(1, Manifest((entry,)).encode(), keep={first[0], third[0]})
+
+
+@pytest.mark.parametrize("digest", ["../../../etc/hostname", "/etc/hostname", "", "A" * 64, "a" * 63])
+def test_the_store_reads_only_contents_named_by_a_digest(tmp_path: Path, digest: str):
+    store = ProjectStore(tmp_path / "projects")
+    with pytest.raises(LookupError, match="not a content digest"):
+        store.read(digest, 0)

@@ -57,13 +57,17 @@ def arm() -> None:
 
 
 def _start() -> None:
-    from gpudeck.train.counter import TrafficCounter
-    from gpudeck.train.reporter import reporter_from_env
-    from gpudeck.train.run import install_counting
+    """Counting is an extra: whatever goes wrong here is said on stderr, and `import torch` goes on."""
+    try:
+        from gpudeck.train.counter import TrafficCounter
+        from gpudeck.train.reporter import reporter_from_env
+        from gpudeck.train.run import install_counting
 
-    counter = TrafficCounter()
-    install_counting(counter)
-    reporter = reporter_from_env(counter)
-    if reporter is not None:
-        reporter.start()
-        atexit.register(reporter.close)
+        counter = TrafficCounter()
+        install_counting(counter)
+        reporter = reporter_from_env(counter)
+        if reporter is not None:
+            reporter.start()
+            atexit.register(reporter.close)
+    except Exception as exc:  # noqa: BLE001
+        print(f"gpudeck: traffic of this rank is not counted ({type(exc).__name__}: {exc})", file=sys.stderr)

@@ -36,22 +36,7 @@ async def find_runtime() -> tuple[Runtime | None, str]:
         if path is None:
             why.append(f"{name} is not installed")
             continue
-        code = -1
-        try:
-            probe = await asyncio.create_subprocess_exec(path, "info", stdin=asyncio.subprocess.DEVNULL,
-                                                         stdout=asyncio.subprocess.DEVNULL,
-                                                         stderr=asyncio.subprocess.DEVNULL)
-        except OSError:
-            probe = None
-        if probe is not None:
-            try:
-                code = await asyncio.wait_for(probe.wait(), PROBE_TIMEOUT)
-            except asyncio.TimeoutError:
-                pass
-            finally:
-                if probe.returncode is None:
-                    probe.kill()
-                    await probe.wait()
+        code = await _run_bounded([path, "info"])
         if code == 0:
             return Runtime(name, path), ""
         why.append(f"{name} is installed but `{name} info` fails" + (" (is its daemon running?)" if name == "docker" else ""))
@@ -84,18 +69,19 @@ def container_name(order: "Launch", node: str) -> str:
     return f"gpudeck-{order.job}-{order.attempt}-{order.node_rank}-{node}"
 
 
-async def _runtime_says(command: list[str]) -> None:
-    """Run a runtime command to its end (bounded), its output dropped: stopping is best effort."""
+async def _run_bounded(command: list[str]) -> int:
+    """Run a runtime command to its end, its output dropped; its exit code, -1 when it could not
+    start or took over PROBE_TIMEOUT (then it is killed)."""
     try:
         process = await asyncio.create_subprocess_exec(*command, stdin=asyncio.subprocess.DEVNULL,
                                                        stdout=asyncio.subprocess.DEVNULL,
                                                        stderr=asyncio.subprocess.DEVNULL)
     except OSError:
-        return
+        return -1
     try:
-        await asyncio.wait_for(process.wait(), PROBE_TIMEOUT)
+        return await asyncio.wait_for(process.wait(), PROBE_TIMEOUT)
     except asyncio.TimeoutError:
-        pass
+        return -1
     finally:
         if process.returncode is None:
             process.kill()
@@ -107,10 +93,10 @@ async def stop_container(container: list[str]) -> None:
     out of reach of the agent's signals."""
     if container:
         runtime, name = container
-        await _runtime_says([runtime, "stop", "--time", "5", name])
+        await _run_bounded([runtime, "stop", "--time", "5", name])  # best effort: the marker's kill follows
 
 
 async def remove_container(container: list[str]) -> None:
     if container:
         runtime, name = container
-        await _runtime_says([runtime, "rm", "--force", name])
+        await _run_bounded([runtime, "rm", "--force", name])

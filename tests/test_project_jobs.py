@@ -419,3 +419,21 @@ def test_kept_outputs_give_way_to_newer_ones_and_are_named_again_after_an_agent_
         assert (tmp_path / "got" / "second.bin").read_bytes() == b"\0" * 2000
     finally:
         cluster.stop()
+
+
+def test_a_uv_lock_with_its_pyproject_builds_the_locked_environment(cluster: Cluster, tmp_path: Path):
+    gate = _gated_package(tmp_path / "gatepkg")
+    (gate / "open").touch()
+    project = tmp_path / "locked"
+    project.mkdir()
+    (project / "pyproject.toml").write_text(
+        '[project]\nname = "locked"\nversion = "0.1"\nrequires-python = ">=3.10"\n'
+        f'dependencies = ["gatepkg @ {gate.as_uri()}"]\n')
+    locked = subprocess.run([uv_binary(), "lock", "--offline", "--project", str(project)], capture_output=True, text=True)
+    assert locked.returncode == 0, locked.stderr
+    (project / "train.py").write_text("import gatepkg\nprint('locked gate opened:', gatepkg.OPENED)\n")
+    job = cluster.submit_json("--gpus", "1", "--requirements", "uv.lock", "train.py", cwd=project)
+    ended = _finished(cluster, job["id"])
+    assert ended["state"] == "succeeded", (ended, cluster.cli("logs", str(job["id"]), "--launcher").stdout)
+    assert "locked gate opened: True" in cluster.cli("logs", str(job["id"])).stdout
+    assert "for pyproject.toml and uv.lock with uv" in cluster.cli("logs", str(job["id"]), "--launcher").stdout

@@ -342,9 +342,7 @@ def project_root(args: argparse.Namespace) -> Path | None:
         return args.project.resolve()
     here = Path.cwd().resolve()
     if args.script and not Path(args.script).resolve().is_relative_to(here):
-        folder = Path(args.script).resolve().parent
-        print(f"gpudeck: the script is outside {here}: shipping its folder {folder} as the project", file=sys.stderr)
-        return folder
+        return Path(args.script).resolve().parent
     return here if args.script or args.command_line else None
 
 
@@ -447,6 +445,10 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
 async def cmd_submit(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     root = project_root(args)
+    if args.project is None and root is not None and not Path.cwd().resolve().is_relative_to(root) \
+            and sys.stderr.isatty():
+        print(f"gpudeck: the script is outside {Path.cwd()}: shipping its folder {root} as the project",
+              file=sys.stderr)
 
     async def work(session: ClientSession) -> int:
         nonlocal spec

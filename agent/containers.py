@@ -9,11 +9,12 @@ them, so a cancel finds its processes as any rank's. GPUs go in through CDI with
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from gpudeck.agent.procs import run_bounded
 
 if TYPE_CHECKING:
     from gpudeck.protocol.messages import Launch
@@ -70,22 +71,12 @@ def container_name(order: "Launch", node: str) -> str:
 
 
 async def _run_bounded(command: list[str]) -> int:
-    """Run a runtime command to its end, its output dropped; its exit code, -1 when it could not
-    start or took over PROBE_TIMEOUT (then it is killed)."""
+    """A runtime command's exit code, -1 when it could not start or ran past PROBE_TIMEOUT."""
     try:
-        process = await asyncio.create_subprocess_exec(*command, stdin=asyncio.subprocess.DEVNULL,
-                                                       stdout=asyncio.subprocess.DEVNULL,
-                                                       stderr=asyncio.subprocess.DEVNULL)
+        code = await run_bounded(command, PROBE_TIMEOUT)
     except OSError:
         return -1
-    try:
-        return await asyncio.wait_for(process.wait(), PROBE_TIMEOUT)
-    except asyncio.TimeoutError:
-        return -1
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+    return -1 if code is None else code
 
 
 async def stop_container(container: list[str]) -> None:

@@ -9,6 +9,7 @@ clusters that share a machine, and a node name, off each other's processes.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -79,3 +80,19 @@ def signal_pids(pids: list[int], sig: int) -> int:
 
 def alive(marker: str) -> bool:
     return bool(pids_with(marker))
+
+
+async def run_bounded(command: list[str], timeout: float, env: dict[str, str] | None = None) -> int | None:
+    """Run a helper program to its end, its output dropped: its exit code, or None when it ran past
+    `timeout`. It never outlives the call, also when the caller is cancelled; OSError when it cannot
+    start."""
+    process = await asyncio.create_subprocess_exec(*command, env=env, stdin=asyncio.subprocess.DEVNULL,
+                                                   stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        return await asyncio.wait_for(process.wait(), timeout)
+    except asyncio.TimeoutError:
+        return None
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

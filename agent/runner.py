@@ -29,13 +29,14 @@ from gpudeck.agent.containers import (
     Runtime, container_command, container_name, find_runtime, remove_container, stop_container,
 )
 from gpudeck.agent.environments import DEFAULT_KEEP, BuildFailed, Environments
-from gpudeck.agent.outputs import OutputKeeper
-from gpudeck.agent.overlay import AUTOCOUNT, overlay_env, write_overlay
-from gpudeck.agent.projects import DEFAULT_CACHE_LIMIT, ContentFetcher, FetchFailed, NodeCache
 from gpudeck.agent.gpus import GpuBackend
 from gpudeck.agent.netif import interface_towards
-from gpudeck.agent.procs import MARKER, alive, run_marker, signal_all
+from gpudeck.agent.outputs import OutputKeeper
+from gpudeck.agent.overlay import AUTOCOUNT, overlay_env, write_overlay
+from gpudeck.agent.procs import MARKER, alive, run_bounded, run_marker, signal_all
+from gpudeck.agent.projects import DEFAULT_CACHE_LIMIT, ContentFetcher, FetchFailed, NodeCache
 from gpudeck.agent.traffic_sink import TrafficSink
+from gpudeck.model import RESERVED_ENV
 from gpudeck.protocol.messages import (
     JobExited, JobPreparing, JobStarted, Launch, LogChunk, Message, OutputChunk, Outputs, SendOutput, Traffic,
 )
@@ -323,21 +324,14 @@ class JobRunner:
         if python == sys.executable:
             return torch_available()
         env = dict(os.environ, **overlay_env(self.overlay, dict(os.environ)))
+        probe = [python, "-c", "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is None)"]
         try:
-            probe = await asyncio.create_subprocess_exec(
-                python, "-c", "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is None)",
-                env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.DEVNULL)
+            code = await run_bounded(probe, PROBE_TIMEOUT, env)
         except OSError as exc:
             raise PrepareFailed(127, f"{python} cannot be run on {self.node}: {exc.strerror or exc}") from None
-        try:
-            return await asyncio.wait_for(probe.wait(), PROBE_TIMEOUT) == 0
-        except asyncio.TimeoutError:
-            raise PrepareFailed(127, f"{python} on {self.node} did not start within {PROBE_TIMEOUT:.0f} s") from None
-        finally:
-            if probe.returncode is None:  # timed out, or the job was cancelled: the probe goes too
-                probe.kill()
-                await probe.wait()
+        if code is None:
+            raise PrepareFailed(127, f"{python} on {self.node} did not start within {PROBE_TIMEOUT:.0f} s")
+        return code == 0
 
     async def _say(self, job: RunningJob, doing: str) -> None:
         await self.send(JobPreparing(job=job.job, attempt=job.attempt, doing=doing))
@@ -365,9 +359,8 @@ class JobRunner:
         if setup.container is None:
             return inner
         mounts = sorted({str(setup.cwd), str(setup.outputs.parent), env["GPUDECK_LOG_DIR"]})
-        names = sorted(set(order.env) | {k for k in env if k.startswith("GPUDECK_")} | {
-            "CUDA_VISIBLE_DEVICES", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK", "GPUS_PER_NODE",
-            "PYTHONUNBUFFERED", MARKER} - {AUTOCOUNT})
+        names = sorted((set(order.env) | {k for k in env if k.startswith("GPUDECK_")} | RESERVED_ENV
+                        | {"PYTHONUNBUFFERED"}) - {AUTOCOUNT})
         return container_command(setup.container, order.image, container_name(order, self.node), inner, str(setup.cwd),
                                  mounts, names, order.gpus, getattr(self.backend, "simulated", False))
 

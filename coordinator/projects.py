@@ -129,20 +129,16 @@ class ProjectStore:
         offer = self._offers.get(client)
         return offer.uploaded if offer is not None and offer.project == project else 0
 
-    def missing(self, digest: str) -> str | None:
-        """Why the project `digest` cannot be run yet, or None when every content is here."""
+    def complete(self, digest: str) -> Manifest:
+        """The project `digest`, every content of it here; ValueError saying why it cannot run yet."""
         try:
             manifest = Manifest.decode(self.path(digest).read_bytes(), self.cap)
         except OSError:
-            return "the project was never offered to this coordinator"
+            raise ValueError("the project was never offered to this coordinator") from None
         absent = [f.path for f in manifest.files if not self.has(f.digest)]
         if absent:
-            return f"{len(absent)} files of the project were not uploaded (the first: {absent[0]})"
-        return None
-
-    def summary(self, digest: str) -> tuple[int, int]:
-        manifest = Manifest.decode(self.path(digest).read_bytes(), self.cap)
-        return len(manifest.files), manifest.bytes
+            raise ValueError(f"{len(absent)} files of the project were not uploaded (the first: {absent[0]})")
+        return manifest
 
     def forget_client(self, client: int) -> None:
         offer = self._offers.pop(client, None)

@@ -420,11 +420,8 @@ class Coordinator:
         it; refused while any of it is missing."""
         if not spec.project:
             return spec
-        problem = self.projects.missing(spec.project)
-        if problem:
-            raise ValueError(problem)
-        files, size = self.projects.summary(spec.project)
-        return dataclasses.replace(spec, project_files=files, project_bytes=size,
+        manifest = self.projects.complete(spec.project)
+        return dataclasses.replace(spec, project_files=len(manifest.files), project_bytes=manifest.bytes,
                                    project_uploaded=self.projects.uploaded(client, spec.project))
 
     def _projects_in_use(self) -> set[str]:
@@ -444,12 +441,11 @@ class Coordinator:
         self.store.set_outputs(message.job, node, message.attempt, files)
 
     def _relay_output(self, conn: Connection, message: ReadOutput) -> None:
-        kept = self.store.outputs([message.job])[message.job].get(message.node) if self.store.job(message.job) else None
-        if kept is None or not any(f.path == message.path for f in kept):
+        attempt, kept = self.store.kept_outputs(message.job, message.node)
+        if not any(f.path == message.path for f in kept):
             conn.post(Error(message=f"{message.node} keeps no output {message.path!r} of job {message.job}",
                             code="refused", req=message.req))
             return
-        attempt = self.store.outputs_attempt(message.job, message.node)
         self.relay.ask(conn, message.req, message.node, message.job, attempt, message.path, message.offset)
 
     def _job(self, job_id: int) -> JobRow:

@@ -149,9 +149,11 @@ class Store:
             self.db.conn.execute("DELETE FROM outputs WHERE node = ?", [node])
         self._changed.update(jobs)
 
-    def outputs_attempt(self, job_id: int, node: str) -> int:
-        row = self.db.conn.execute("SELECT attempt FROM outputs WHERE job = ? AND node = ?", [job_id, node]).fetchone()
-        return row[0] if row else 0
+    def kept_outputs(self, job_id: int, node: str) -> tuple[int, list[OutputFile]]:
+        """The attempt whose outputs `node` keeps for this job, and their files (0 and none if none)."""
+        row = self.db.conn.execute("SELECT attempt, files FROM outputs WHERE job = ? AND node = ?",
+                                   [job_id, node]).fetchone()
+        return (row[0], typed(json.loads(row[1]), list[OutputFile], "outputs")) if row else (0, [])
 
     def outputs(self, job_ids: list[int]) -> dict[int, dict[str, list[OutputFile]]]:
         """Each job's outputs by node, for these jobs, in one query."""

@@ -105,7 +105,8 @@ def test_the_store_asks_only_for_what_it_lacks_and_checks_each_upload(tmp_path: 
     manifest = Manifest((big_file, small_file))
     offer = store.offer(1, manifest.encode(), keep=set())
     assert sorted(offer["missing"]) == sorted([big, small]) and offer["bytes"] == len(body) + 7
-    assert store.missing(offer["project"]) is not None
+    with pytest.raises(ValueError, match="2 files of the project were not uploaded"):
+        store.complete(offer["project"])
     with pytest.raises(ValueError, match="not asked for"):
         store.put(2, small, 0, b"print()")  # another connection made no offer
     with pytest.raises(ValueError, match="does not follow"):
@@ -118,7 +119,7 @@ def test_the_store_asks_only_for_what_it_lacks_and_checks_each_upload(tmp_path: 
     again = store.offer(1, manifest.encode(), keep=set())
     assert again["missing"] == [small] and again["project"] == offer["project"]
     store.put(1, small, 0, b"print()")
-    assert store.missing(offer["project"]) is None
+    assert store.complete(offer["project"]).digest == offer["project"]
     assert store.offer(3, manifest.encode(), keep=set())["missing"] == []
     assert not list((tmp_path / "projects" / "partial").iterdir())
 

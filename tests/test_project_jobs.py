@@ -150,13 +150,19 @@ def _gated_package(root: Path, requires: str = "") -> Path:
     return root
 
 
-def test_jobs_wanting_one_environment_at_once_build_it_once_and_say_so_while_it_builds(cluster: Cluster,
-                                                                                     tmp_path: Path):
-    gate = _gated_package(tmp_path / "gatepkg")
-    project = tmp_path / "project"
+def _gated_project(root: Path, script: str) -> tuple[Path, Path]:
+    """A project whose requirements.txt names the gated package, and that package."""
+    gate = _gated_package(root / "gatepkg")
+    project = root / "project"
     project.mkdir()
     (project / "requirements.txt").write_text(f"gatepkg @ {gate.as_uri()}\n")
-    (project / "train.py").write_text("import gatepkg\nprint('gate opened:', gatepkg.OPENED)\n")
+    (project / "train.py").write_text(script)
+    return gate, project
+
+
+def test_jobs_wanting_one_environment_at_once_build_it_once_and_say_so_while_it_builds(cluster: Cluster,
+                                                                                     tmp_path: Path):
+    gate, project = _gated_project(tmp_path, "import gatepkg\nprint('gate opened:', gatepkg.OPENED)\n")
     cluster.cli("drain", "node-b")  # both jobs on node-a, at the same time
     jobs = [cluster.submit_json("--gpus", "1", "--requirements", "requirements.txt", "train.py", cwd=project)["id"]
             for _ in range(2)]
@@ -177,11 +183,7 @@ def test_jobs_wanting_one_environment_at_once_build_it_once_and_say_so_while_it_
 
 def test_a_job_cancelled_while_its_environment_builds_stops_and_leaves_none_half_built(cluster: Cluster,
                                                                                    tmp_path: Path):
-    gate = _gated_package(tmp_path / "gatepkg")
-    project = tmp_path / "project"
-    project.mkdir()
-    (project / "requirements.txt").write_text(f"gatepkg @ {gate.as_uri()}\n")
-    (project / "train.py").write_text("import gatepkg\n")
+    gate, project = _gated_project(tmp_path, "import gatepkg\n")
     job = cluster.submit_json("--gpus", "1", "--requirements", "requirements.txt", "train.py", cwd=project)["id"]
     wait_until(lambda: cluster.job(job)["reason"].startswith("building the environment"), 60, "the build to start")
     node = cluster.job(job)["nodes"][0]

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from gpudeck.config import ENVIRONMENTS_KEPT
+
 # An override whose marker is never true: uv leaves torch out of the environment entirely.
 _NO_TORCH = 'torch ; python_version < "0"\n'
-DEFAULT_KEEP = 8  # environments a node keeps
 _TORCH = re.compile(r"^\s*torch\s*($|[=<>!~;\[ @])", re.IGNORECASE)
 
 
@@ -83,7 +84,7 @@ class Environments:
     """The environments of this node, at most `keep` of them: beyond that the least recently used
     that no job of this node uses go."""
 
-    def __init__(self, root: Path, keep: int = DEFAULT_KEEP) -> None:
+    def __init__(self, root: Path, keep: int = ENVIRONMENTS_KEPT) -> None:
         self.root = root
         self.keep = keep
         self._locks: dict[str, asyncio.Lock] = {}

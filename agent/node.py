@@ -15,11 +15,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Awaitable
 
-from gpudeck.agent.environments import DEFAULT_KEEP
+from gpudeck import config
 from gpudeck.agent.gpus import GpuBackend
-from gpudeck.agent.outputs import DEFAULT_KEEP_FOR, DEFAULT_SPACE, OutputKeeper
+from gpudeck.agent.outputs import OutputKeeper
 from gpudeck.agent.procs import marker_of, of_cluster
-from gpudeck.agent.projects import DEFAULT_CACHE_LIMIT, ContentFetcher
+from gpudeck.agent.projects import ContentFetcher
 from gpudeck.agent.runner import JobRunner
 from gpudeck.agent.traffic_sink import TrafficSink
 from gpudeck.discovery import Discovery
@@ -46,10 +46,10 @@ class AgentConfig:
     coordinator: tuple[str, int] | None = None  # None: find it over mDNS
     mdns_interfaces: list[str] | None = None
     use_mdns: bool = True
-    keep_outputs_for: float = DEFAULT_KEEP_FOR
-    outputs_space: int = DEFAULT_SPACE
-    cache_space: int = DEFAULT_CACHE_LIMIT
-    environments: int = DEFAULT_KEEP
+    keep_outputs_for: float = config.KEEP_OUTPUTS_FOR
+    outputs_space: int = config.OUTPUTS_SPACE
+    cache_space: int = config.NODE_CACHE_LIMIT
+    environments: int = config.ENVIRONMENTS_KEPT
 
 
 class Agent:

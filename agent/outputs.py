@@ -11,15 +11,14 @@ import threading
 import time
 from pathlib import Path
 
+from gpudeck.config import KEEP_OUTPUTS_FOR, OUTPUTS_SPACE
 from gpudeck.project import CHUNK, path_problem
 from gpudeck.protocol.payloads import OutputFile
 
-DEFAULT_KEEP_FOR = 7 * 86400.0
-DEFAULT_SPACE = 10 * 1024**3
 
 
 class OutputKeeper:
-    def __init__(self, root: Path, keep_for: float = DEFAULT_KEEP_FOR, space: int = DEFAULT_SPACE) -> None:
+    def __init__(self, root: Path, keep_for: float = KEEP_OUTPUTS_FOR, space: int = OUTPUTS_SPACE) -> None:
         self.root = root
         self.keep_for, self.space = keep_for, space
         self._lock = threading.Lock()

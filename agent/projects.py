@@ -17,13 +17,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Awaitable, Callable
 
+from gpudeck.config import NODE_CACHE_LIMIT
 from gpudeck.project import CHUNK, Manifest, human_bytes
 from gpudeck.protocol.messages import ContentChunk, FetchContent, Message
 
 IN_FLIGHT = 4  # chunks of one content asked for ahead
 IN_FLIGHT_PER_NODE = 8  # chunks asked for at once by the whole node
 FETCH_TIMEOUT = 60.0
-DEFAULT_CACHE_LIMIT = 16 * 1024 * 1024 * 1024
 ANY_SIZE = 1 << 50  # the coordinator already held the manifest to its cap
 
 Post = Callable[[Message], Awaitable[bool]]
@@ -84,7 +84,7 @@ class ContentFetcher:
 
 
 class NodeCache:
-    def __init__(self, root: Path, fetcher: ContentFetcher, limit: int = DEFAULT_CACHE_LIMIT) -> None:
+    def __init__(self, root: Path, fetcher: ContentFetcher, limit: int = NODE_CACHE_LIMIT) -> None:
         self.root = root
         self.fetcher = fetcher
         self.limit = limit

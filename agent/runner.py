@@ -28,14 +28,15 @@ from gpudeck.agent import exits
 from gpudeck.agent.containers import (
     Runtime, container_command, container_name, find_runtime, remove_container, stop_container,
 )
-from gpudeck.agent.environments import DEFAULT_KEEP, BuildFailed, Environments
+from gpudeck.agent.environments import BuildFailed, Environments
 from gpudeck.agent.gpus import GpuBackend
 from gpudeck.agent.netif import interface_towards
 from gpudeck.agent.outputs import OutputKeeper
 from gpudeck.agent.overlay import AUTOCOUNT, overlay_env, write_overlay
 from gpudeck.agent.procs import MARKER, alive, run_bounded, run_marker, signal_all
-from gpudeck.agent.projects import DEFAULT_CACHE_LIMIT, ContentFetcher, FetchFailed, NodeCache
+from gpudeck.agent.projects import ContentFetcher, FetchFailed, NodeCache
 from gpudeck.agent.traffic_sink import TrafficSink
+from gpudeck.config import ENVIRONMENTS_KEPT, NODE_CACHE_LIMIT
 from gpudeck.model import RESERVED_ENV
 from gpudeck.protocol.messages import (
     JobExited, JobPreparing, JobStarted, Launch, LogChunk, Message, OutputChunk, Outputs, SendOutput, Traffic,
@@ -151,7 +152,7 @@ class RunSetup:
 class JobRunner:
     def __init__(self, state_dir: Path, cluster: str, node: str, sink: TrafficSink, backend: GpuBackend,
                  send: Send, fetcher: ContentFetcher | None = None, outputs: OutputKeeper | None = None,
-                 cache_space: int = DEFAULT_CACHE_LIMIT, environments: int = DEFAULT_KEEP) -> None:
+                 cache_space: int = NODE_CACHE_LIMIT, environments: int = ENVIRONMENTS_KEPT) -> None:
         state_dir = state_dir.resolve()  # ranks run elsewhere: every path they are given is absolute
         self.root = state_dir / "jobs"
         self.cache = NodeCache(state_dir / "cache", fetcher or ContentFetcher(send), cache_space)

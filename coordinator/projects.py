@@ -17,10 +17,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gpudeck.config import PROJECT_STORE_LIMIT
 from gpudeck.project import CHUNK, DEFAULT_CAP, DIGEST, Manifest, human_bytes
 
 log = logging.getLogger(__name__)
-DEFAULT_STORE_LIMIT = 8 * 1024 * 1024 * 1024
 
 
 class ProjectStoreFull(ValueError):
@@ -45,7 +45,7 @@ class _Offer:
 
 
 class ProjectStore:
-    def __init__(self, root: Path, cap: int = DEFAULT_CAP, limit: int = DEFAULT_STORE_LIMIT) -> None:
+    def __init__(self, root: Path, cap: int = DEFAULT_CAP, limit: int = PROJECT_STORE_LIMIT) -> None:
         self.root = root
         self.cap = cap
         self.limit = max(limit, cap)

@@ -24,13 +24,13 @@ from gpudeck.coordinator.admission import (
 from gpudeck.coordinator.jobs import JOB_PORTS, JobControl
 from gpudeck.coordinator.logs import LogStore
 from gpudeck.coordinator.outputs import OutputRelay
-from gpudeck.coordinator.projects import DEFAULT_STORE_LIMIT, ProjectStore
+from gpudeck.coordinator.projects import ProjectStore
 from gpudeck.coordinator.registry import SUSPECT_AFTER, AgentLink, Registry
 from gpudeck.coordinator.store import JobRow, Store, StoreFull
 from gpudeck.coordinator.traffic import TrafficBook
 from gpudeck.coordinator.views import job_view, node_view
 from gpudeck.coordinator.watch import JOBS_PER_FRAME, Publisher, split_update
-from gpudeck.config import ENDPOINT_FILE
+from gpudeck.config import ENDPOINT_FILE, PROJECT_STORE_LIMIT
 from gpudeck.discovery import Discovery
 from gpudeck.model import JobSpec, JobState, NodeState
 from gpudeck.project import DEFAULT_CAP, path_problem
@@ -56,7 +56,7 @@ class Coordinator:
     def __init__(self, state_dir: Path, host: str = "0.0.0.0", port: int = 7070,
                  mdns_interfaces: list[str] | None = None, use_mdns: bool = True,
                  clock: Callable[[], float] = time.time, job_ports: tuple[int, int] = JOB_PORTS,
-                 project_cap: int = DEFAULT_CAP, project_store: int = DEFAULT_STORE_LIMIT) -> None:
+                 project_cap: int = DEFAULT_CAP, project_store: int = PROJECT_STORE_LIMIT) -> None:
         self.state_dir = state_dir
         self.job_ports = job_ports
         self.project_limits = (project_cap, project_store)

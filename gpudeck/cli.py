@@ -18,7 +18,6 @@ from gpudeck import __version__, config, output
 from gpudeck.client import NoCoordinator, connect, find_endpoints
 from gpudeck.capacity import MAX_GPUS, MAX_GPUS_PER_NODE, MAX_NODES
 from gpudeck.model import MAX_PRIORITY, MAX_RESTARTS, MAX_TIME_LIMIT, WORKLOADS, JobSpec, parse_duration, parse_size
-from gpudeck.coordinator.projects import DEFAULT_STORE_LIMIT
 from gpudeck.project import DEFAULT_CAP, OUTPUTS_HERE
 from gpudeck.protocol import auth
 from gpudeck.protocol.messages import Cancel, Drain, ListJobs, ListNodes, ReadLogs, ShowJob, Submit
@@ -163,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "between the nodes (default: 29500-29999)")
     coord.add_argument("--project-cap", type=size, default=DEFAULT_CAP, metavar="SIZE",
                        help="the most a job's project may ship (default: 512M)")
-    coord.add_argument("--project-store", type=size, default=DEFAULT_STORE_LIMIT, metavar="SIZE",
+    coord.add_argument("--project-store", type=size, default=config.PROJECT_STORE_LIMIT, metavar="SIZE",
                        help="room for shipped projects on the coordinator; the least recently used that no "
                        "unfinished job needs go first (default: 8G)")
     _mdns_flags(coord)
@@ -178,13 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--simulate-gpus", type=simulated_gpus, metavar="N",
                        help=f"N simulated GPUs instead of NVML, shown as SIM (at most {MAX_GPUS_PER_NODE})")
     agent.add_argument("--state-dir", type=Path, help="job directories and logs (default: the data dir's agent/)")
-    agent.add_argument("--keep-outputs", type=duration, default=7 * 86400.0, metavar="DUR",
+    agent.add_argument("--keep-outputs", type=duration, default=config.KEEP_OUTPUTS_FOR, metavar="DUR",
                        help="how long jobs' outputs are kept on this node (default: 7d)")
-    agent.add_argument("--outputs-space", type=size, default=10 * 1024**3, metavar="SIZE",
+    agent.add_argument("--outputs-space", type=size, default=config.OUTPUTS_SPACE, metavar="SIZE",
                        help="the most space jobs' kept outputs take on this node; the oldest go first (default: 10G)")
-    agent.add_argument("--cache-space", type=size, default=16 * 1024**3, metavar="SIZE",
+    agent.add_argument("--cache-space", type=size, default=config.NODE_CACHE_LIMIT, metavar="SIZE",
                        help="the most space this node's cache of project files takes (default: 16G)")
-    agent.add_argument("--environments", type=bounded(1, 1000), default=8, metavar="N",
+    agent.add_argument("--environments", type=bounded(1, 1000), default=config.ENVIRONMENTS_KEPT, metavar="N",
                        help="how many environments built from requirements files this node keeps (default: 8)")
     _mdns_flags(agent)
 

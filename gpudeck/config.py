@@ -17,6 +17,13 @@ from gpudeck.protocol import auth
 DEFAULT_PORT = 7070
 ENDPOINT_FILE = "endpoint.json"
 
+# Storage bounds, each a flag of `gpudeck coordinator` or `gpudeck agent` (the default here).
+PROJECT_STORE_LIMIT = 8 * 1024**3  # the coordinator's store of shipped project files
+NODE_CACHE_LIMIT = 16 * 1024**3  # a node's cache of project files
+KEEP_OUTPUTS_FOR = 7 * 86400.0  # seconds a node keeps a job's outputs...
+OUTPUTS_SPACE = 10 * 1024**3  # ...or until they take this much, the oldest going first
+ENVIRONMENTS_KEPT = 8  # environments built from requirements files a node keeps
+
 
 def data_dir() -> Path:
     if home := os.environ.get("GPUDECK_HOME"):

@@ -1,8 +1,10 @@
 """How this node's ranks of an attempt ended, once they are gone: which rank failed first, with what.
 
-torchrun exits 1 whatever its ranks did, so the code the job records comes from the ranks' own end
-files (`gpudeck.protocol.rank_end`); a rank killed by a signal leaves none, and then torchrun's
-"Root Cause (first observed failure)" section in its log names the rank and the signal.
+The ranks' own end files (`gpudeck.protocol.rank_end`) say each rank's exact status; a rank killed
+by a signal leaves none. Ranks the agent starts itself each run under an exit recorder that leaves
+`rank-R.exit` (the shell's status: 128 + N for signal N) when the rank is gone, whoever watched.
+Under torchrun, which exits 1 whatever its ranks did, the "Root Cause (first observed failure)"
+section of its log names the rank and the signal instead.
 """
 
 from __future__ import annotations
@@ -75,3 +77,37 @@ def _root_cause(launcher_log: Path) -> tuple[int, int] | None:
 def traffic_totals(job_dir: Path) -> dict[int, dict[str, int]]:
     """Final totals by rank from the end files: exact, whatever datagrams were lost."""
     return {end.rank: dict(end.traffic) for end in rank_end.read_all(job_dir / "logs")}
+
+
+def rank_exit_file(log_dir: Path, rank: int) -> Path:
+    return log_dir / f"rank-{rank}.exit"
+
+
+def ranks_outcome(job_dir: Path, ranks: list[int], now: float) -> Outcome:
+    """The node's outcome for ranks the agent started: the first rank to fail, by when its recorder
+    saw it end (those stopped because of it end later); a status the end file lacks came from a signal."""
+    logs = job_dir / "logs"
+    ends = {end.rank: end for end in rank_end.read_all(logs)}
+    failures: list[tuple[float, int, int, str]] = []
+    for rank in ranks:
+        path = rank_exit_file(logs, rank)
+        try:
+            recorded: int | None = int(path.read_text().strip())
+            ended = path.stat().st_mtime
+        except (OSError, ValueError):
+            recorded, ended = None, ends[rank].time if rank in ends else now
+        if rank in ends:
+            code = ends[rank].exit_code
+            detail = f"rank {rank} exited with code {code}"
+        elif recorded is None:
+            code, detail = 137, f"rank {rank} ended and left no exit status (it was killed with its recorder)"
+        elif recorded > 128:
+            code, detail = recorded, f"rank {rank} was killed by {signal_name(recorded - 128)}"
+        else:
+            code, detail = recorded, f"rank {rank} exited with code {recorded}"
+        if code != 0:
+            failures.append((ended, rank, code, detail))
+    if not failures:
+        return Outcome(0, "", None)
+    ended, _, code, detail = min(failures)
+    return Outcome(code, detail, ended)

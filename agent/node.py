@@ -18,10 +18,11 @@ from typing import Awaitable
 from gpudeck import config
 from gpudeck.agent.gpus import GpuBackend
 from gpudeck.agent.outputs import OutputKeeper
-from gpudeck.agent.procs import marker_of, of_cluster
+from gpudeck.agent.procs import marker_of, of_cluster, session_of
 from gpudeck.agent.projects import ContentFetcher
 from gpudeck.agent.runner import JobRunner
 from gpudeck.agent.traffic_sink import TrafficSink
+from gpudeck.agent.warm import WarmPool
 from gpudeck.discovery import Discovery
 from gpudeck.protocol import auth
 from gpudeck.protocol.framing import FrameError
@@ -50,6 +51,7 @@ class AgentConfig:
     outputs_space: int = config.OUTPUTS_SPACE
     cache_space: int = config.NODE_CACHE_LIMIT
     environments: int = config.ENVIRONMENTS_KEPT
+    warm: int = config.WARM_INTERPRETERS
 
 
 class Agent:
@@ -60,8 +62,10 @@ class Agent:
         self.sink = TrafficSink.reusing(config.state_dir / "traffic.port")
         self.fetcher = ContentFetcher(self.send)
         keeper = OutputKeeper(config.state_dir.resolve() / "outputs", config.keep_outputs_for, config.outputs_space)
+        self.warm = WarmPool(config.warm, f"{config.token.cluster}/{config.name}", config.state_dir.resolve())
         self.runner = JobRunner(config.state_dir, config.token.cluster, config.name, self.sink, backend, self.send,
-                                self.fetcher, keeper, config.cache_space, config.environments)
+                                self.fetcher, keeper, config.cache_space, config.environments,
+                                self.warm if config.warm else None)
         self.discovery = Discovery(config.mdns_interfaces) if config.use_mdns else None
         self.conn: Connection | None = None
         self.latest: list[GpuReading] = []
@@ -72,6 +76,7 @@ class Agent:
         self.sink.start(asyncio.get_running_loop())
         self.runner.prune()
         self.runner.adopt()
+        await self.warm.start()
         self.latest = await asyncio.to_thread(self.backend.read)
         if self.discovery:
             await self.discovery.start()
@@ -86,6 +91,7 @@ class Agent:
 
     async def stop(self, kill_jobs: bool = False) -> None:
         await self.runner.shutdown(kill_jobs)
+        await self.warm.close()
         if self.conn:
             await self.conn.close()
         if self.discovery:
@@ -200,13 +206,15 @@ class Agent:
                 self.latest = await asyncio.to_thread(self.backend.read)
             except Exception:  # noqa: BLE001 - a broken reading must not stop the heartbeat
                 log.exception("reading the GPUs failed")
-            await self.send(Telemetry(gpus=self._readings()))
+            await self.send(Telemetry(gpus=self._readings(), warm=self.warm.status()))
             await self.runner.ship_all()
             await asyncio.sleep(TELEMETRY_INTERVAL)
 
     def _readings(self) -> list[GpuReading]:
         """The latest readings, each process marked foreign unless it is one of this cluster's ranks."""
         cluster = self.config.token.cluster
-        return [replace(reading, processes=tuple(replace(p, foreign=not of_cluster(marker_of(p.pid), cluster))
-                                                 for p in reading.processes))
+        sessions = self.runner.sessions()
+        return [replace(reading, processes=tuple(
+                    replace(p, foreign=not (of_cluster(marker_of(p.pid), cluster) or session_of(p.pid) in sessions))
+                    for p in reading.processes))
                 for reading in self.latest]

@@ -1,17 +1,24 @@
-"""Finding a job's processes by the marker in their environment.
+"""Finding a job's processes: by the marker in their environment, and by the sessions of its ranks.
 
 torchrun starts every rank in a session of its own, so the launcher's process group does not hold
 the ranks, and a rank whose torchrun died is re-parented away from it. What every process of a job
 keeps, whoever its parent, is the environment it inherited:
 `GPUDECK_RUN=<cluster>/<node>/<job>/<attempt>`. The cluster part (see `JoinToken.cluster`) keeps two
 clusters that share a machine, and a node name, off each other's processes.
+
+A rank forked from a warm interpreter (gpudeck.train.warm) has no marker in /proc: that file shows
+the environment a process was exec'd with, and a fork execs nothing. Each rank the agent starts leads
+a session of its own (`Leader`), which its processes keep; a leader is named by its pid and its start
+time, so a pid the kernel gave to another process since is not taken for it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 MARKER = "GPUDECK_RUN"
 PROC = Path("/proc")
@@ -60,9 +67,9 @@ def pids_with(marker: str) -> list[int]:
     return pids_with_env(MARKER, marker)
 
 
-def signal_all(marker: str, sig: int) -> int:
+def signal_all(marker: str, sig: int, leaders: Sequence["Leader"] = ()) -> int:
     """Signal every process of a job and the process group each leads; returns how many were found."""
-    return signal_pids(pids_with(marker), sig)
+    return signal_pids(job_pids(marker, leaders), sig)
 
 
 def signal_pids(pids: list[int], sig: int) -> int:
@@ -78,8 +85,79 @@ def signal_pids(pids: list[int], sig: int) -> int:
     return len(pids)
 
 
-def alive(marker: str) -> bool:
-    return bool(pids_with(marker))
+def alive(marker: str, leaders: Sequence["Leader"] = ()) -> bool:
+    return bool(job_pids(marker, leaders))
+
+
+@dataclass(frozen=True)
+class Leader:
+    """A process that leads the session of one rank (its exit recorder), as a job's record keeps it."""
+
+    pid: int
+    started: int  # clock ticks after boot (field 22 of /proc/PID/stat)
+
+    @classmethod
+    def of(cls, pid: int) -> "Leader | None":
+        stat = _stat(pid)
+        return None if stat is None else cls(pid, stat[1])
+
+    def alive(self) -> bool:
+        stat = _stat(self.pid)
+        return stat is not None and stat[1] == self.started
+
+
+def _stat(pid: int) -> tuple[int, int] | None:
+    """(session id, start time) of a live process; None for one that is gone or a zombie."""
+    try:
+        text = (PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rfind(")") + 2:].split()  # the name in parentheses may hold spaces
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[3]), int(fields[19])
+
+
+def session_of(pid: int) -> int | None:
+    stat = _stat(pid)
+    return None if stat is None else stat[0]
+
+
+def job_pids(marker: str, leaders: Sequence[Leader] = ()) -> list[int]:
+    """The live processes of a job: those with its marker, and those in the sessions its ranks lead.
+
+    The kernel gives no new process the id of a session that still has members, so a session whose
+    leader has ended still names only the job's processes; a leader's pid held by a process with
+    another start time was given out again after the whole session ended."""
+    found = set(pids_with(marker))
+    sessions = set()
+    for leader in leaders:
+        stat = _stat(leader.pid)
+        if stat is None or stat[1] == leader.started:
+            sessions.add(leader.pid)
+    if sessions:
+        for pid in (int(p.name) for p in PROC.iterdir() if p.name.isdigit()):
+            stat = _stat(pid)
+            if stat is not None and stat[0] in sessions:
+                found.add(pid)
+    found.discard(os.getpid())
+    return sorted(found)
+
+
+async def wait_exit(pid: int) -> None:
+    """Return once a process (a child or not) has ended, without polling: a pidfd is readable then."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    loop = asyncio.get_running_loop()
+    ended = loop.create_future()
+    loop.add_reader(fd, lambda: ended.done() or ended.set_result(None))
+    try:
+        await ended
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
 
 
 async def run_bounded(command: list[str], timeout: float, env: dict[str, str] | None = None) -> int | None:

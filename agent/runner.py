@@ -1,10 +1,20 @@
-"""The job runner: starts this node's ranks of a job attempt with torchrun and follows them.
+"""The job runner: starts this node's ranks of a job attempt and follows them.
 
-torchrun runs under a small shell in a session of its own, and every process of the attempt carries
-its marker in its environment (see `procs`), so a cancel, a time limit or the loss of another node of
-the job stops every rank, even those torchrun put in sessions of their own. The ranks outlive the
-agent: a restarted agent adopts them from the job directory, where the shell writes the exit code. The runner keeps each attempt until the coordinator says it recorded the exit (`forget`), so
-exits that happen while the coordinator is away are reported when it is back.
+By default the agent starts each rank itself, with the variables torchrun would give it
+(`rank_variables`), so `init_process_group("env://")` scripts run unchanged and no launcher process
+imports torch first: forked from a warm interpreter where one is ready (gpudeck.agent.warm), else
+as `python -m gpudeck.train.run` under a small shell. Either way each rank runs under an exit
+recorder that leads a session of its own and leaves the rank's status in its log folder; the agent
+waits on the recorders (pidfds: no polling, also for those an earlier agent started), and when one
+rank fails it stops the others, as torchrun does. `submit --torchrun`, a command (`-- CMD`) and a
+container run one process per node instead (torchrun, the command) under a shell that records its
+exit code.
+
+Every process of the attempt is found by its marker or its ranks' sessions (see `procs`), so a
+cancel, a time limit or the loss of another node of the job stops every rank. The ranks outlive the
+agent: a restarted agent adopts them from the job directory. The runner keeps each attempt until
+the coordinator says it recorded the exit (`forget`), so exits that happen while the coordinator is
+away are reported when it is back.
 """
 
 from __future__ import annotations
@@ -33,9 +43,10 @@ from gpudeck.agent.gpus import GpuBackend
 from gpudeck.agent.netif import interface_towards
 from gpudeck.agent.outputs import OutputKeeper
 from gpudeck.agent.overlay import AUTOCOUNT, overlay_env, write_overlay
-from gpudeck.agent.procs import MARKER, alive, run_bounded, run_marker, signal_all
+from gpudeck.agent.procs import MARKER, Leader, alive, run_bounded, run_marker, signal_all, wait_exit
 from gpudeck.agent.projects import ContentFetcher, FetchFailed, NodeCache
 from gpudeck.agent.traffic_sink import TrafficSink
+from gpudeck.agent.warm import WarmPool
 from gpudeck.config import ENVIRONMENTS_KEPT, NODE_CACHE_LIMIT
 from gpudeck.model import RESERVED_ENV
 from gpudeck.protocol.messages import (
@@ -50,14 +61,18 @@ LOG_CHUNK = 64 * 1024
 KEEP_FINISHED = 50
 LOG_RESUME_WAIT = 5.0
 SAY_EVERY = 2.0  # seconds between reports of what a preparing attempt is doing
-PROBE_TIMEOUT = 60.0
+PROBE_TIMEOUT = 60.0  # for the job's interpreter to say whether it has torch
 # Each node starts its ranks once it has prepared (copied the project, built the environment); the
-# others wait for it at the rendezvous up to this many seconds (torchrun's own default is 600).
-RENDEZVOUS_TIMEOUT = 1800  # for the job's interpreter to say whether it has torch
+# others wait for it at torchrun's rendezvous up to this many seconds (torchrun's own default is 600).
+RENDEZVOUS_TIMEOUT = 1800
 OUTPUT_DIR = "gpudeck-outputs"  # in the working copy: $GPUDECK_OUTPUT_DIR
 _RANK_LOG = re.compile(r"^rank-(\d+)\.log$")
 # The shell stays the session leader, so its pid is the process group of every rank.
 _LAUNCHER = '"$@"; code=$?; echo $code > "$GPUDECK_EXIT_FILE"; exit $code'
+# One rank's exit recorder: it outlives the signals that stop its rank (a trap, unlike an ignored
+# signal, is not inherited) and writes the status the rank ended with.
+_RECORDER = ('trap : TERM INT HUP; "$@"; code=$?; echo $code > "$GPUDECK_RANK_EXIT.partial"; '
+             'mv "$GPUDECK_RANK_EXIT.partial" "$GPUDECK_RANK_EXIT"; exit $code')
 
 Send = Callable[[Message], Awaitable[bool]]
 
@@ -81,6 +96,9 @@ class RunningJob:
     kill_reason: str = ""
     environment: str = ""  # the key of the built environment it runs in, "" for none
     container: list[str] = field(default_factory=list)  # with --image: the runtime and the container's name
+    ranks: list[int] = field(default_factory=list)  # ranks the agent started itself (none under torchrun)
+    leaders: list[list[int]] = field(default_factory=list)  # their recorders: [pid, start time] each
+    forked: int = 0  # how many of them were forked from a warm interpreter
     sent_offsets: dict[int, int] = field(default_factory=dict)
 
     @property
@@ -94,6 +112,16 @@ class RunningJob:
     @property
     def path(self) -> Path:
         return Path(self.directory)
+
+    @property
+    def sessions(self) -> list[Leader]:
+        return [Leader(pid, started) for pid, started in self.leaders]
+
+    def alive(self) -> bool:
+        return alive(self.marker, self.sessions)
+
+    def signal(self, sig: int) -> None:
+        signal_all(self.marker, sig, self.sessions)
 
     @property
     def launcher_rank(self) -> int:
@@ -112,7 +140,7 @@ class RunningJob:
     def save(self) -> None:
         record = {k: v for k, v in asdict(self).items()
                   if k in ("node", "job", "attempt", "node_rank", "gpus", "pgid", "cluster", "environment",
-                           "container")}
+                           "container", "ranks", "leaders", "forked")}
         (self.path / "job.json").write_text(json.dumps(record))
 
 
@@ -152,13 +180,15 @@ class RunSetup:
 class JobRunner:
     def __init__(self, state_dir: Path, cluster: str, node: str, sink: TrafficSink, backend: GpuBackend,
                  send: Send, fetcher: ContentFetcher | None = None, outputs: OutputKeeper | None = None,
-                 cache_space: int = NODE_CACHE_LIMIT, environments: int = ENVIRONMENTS_KEPT) -> None:
+                 cache_space: int = NODE_CACHE_LIMIT, environments: int = ENVIRONMENTS_KEPT,
+                 warm: WarmPool | None = None) -> None:
         state_dir = state_dir.resolve()  # ranks run elsewhere: every path they are given is absolute
         self.root = state_dir / "jobs"
         self.cache = NodeCache(state_dir / "cache", fetcher or ContentFetcher(send), cache_space)
         self.environments = Environments(state_dir / "environments", environments)
         self.overlay = write_overlay(state_dir / "overlay")
         self.outputs = outputs or OutputKeeper(state_dir / "outputs")
+        self.warm = warm
         self.cluster = cluster
         self.node = node
         self.sink = sink
@@ -218,6 +248,9 @@ class JobRunner:
 
     async def _start(self, order: Launch, job: RunningJob, setup: RunSetup) -> None:
         self.sink.expect(order.job, order.attempt)
+        if not (order.command or order.launcher or setup.container):
+            await self._start_ranks(order, job, setup)
+            return
         try:
             env = self._env(order, job.path, setup)
             if setup.container is not None:
@@ -233,8 +266,42 @@ class JobRunner:
                                          f"{self.node}: {exc}")
             return
         job.pgid = process.pid
+        await self._started(order, job, process)
+
+    async def _start_ranks(self, order: Launch, job: RunningJob, setup: RunSetup) -> None:
+        """Start each of this node's ranks under its own exit recorder: forked where the rank runs in
+        the agent's own interpreter and a warm one is ready, else cold."""
+        env = self._env(order, job.path, setup)
+        target = ["--workload", order.workload] if order.workload else [setup.script]
+        argv = [*target, *order.args]  # for gpudeck.train.run
+        warm = self.warm if setup.python == sys.executable and not order.requirements else None
+        logs = job.path / "logs"
+        for local_rank in range(max(1, len(order.gpus))):
+            rank_env = {**env, **rank_variables(order, local_rank, env)}
+            rank = int(rank_env["RANK"])
+            rank_env["GPUDECK_RANK_EXIT"] = str(exits.rank_exit_file(logs, rank))
+            rank_env["TORCHELASTIC_ERROR_FILE"] = str(logs / f"rank-{rank}.error.json")
+            log_file = logs / f"rank-{rank}.log"
+            pid = await warm.fork(argv, rank_env, setup.cwd, log_file) if warm is not None else None
+            if pid is not None:
+                job.forked += 1
+            else:
+                try:
+                    pid = await _spawn_cold([setup.python, "-m", "gpudeck.train.run", *argv], rank_env, setup.cwd,
+                                            log_file)
+                except OSError as exc:
+                    job.signal(signal.SIGKILL)
+                    await self._finish(job, 127, f"could not start rank {rank} on {self.node}: {exc}")
+                    return
+            leader = Leader.of(pid) or Leader(pid, -1)  # -1: it has already ended
+            job.ranks.append(rank)
+            job.leaders.append([leader.pid, leader.started])
+        job.pgid = job.leaders[0][0]
+        await self._started(order, job)
+
+    async def _started(self, order: Launch, job: RunningJob, process: asyncio.subprocess.Process | None = None) -> None:
         if job.kill_reason:  # killed while it was being started
-            signal_all(job.marker, signal.SIGTERM)
+            job.signal(signal.SIGTERM)
         try:
             job.save()
         except OSError as exc:
@@ -242,8 +309,9 @@ class JobRunner:
                         order.job, order.attempt, exc.strerror)
         for index in job.gpus:
             self.backend.assign(index, [job.pgid])
-        log.info("job %d attempt %d: started node rank %d on GPUs %s (process group %d)", order.job, order.attempt,
-                 order.node_rank, job.gpus, job.pgid)
+        how = f", {job.forked} forked warm" if job.forked else ""
+        log.info("job %d attempt %d: started node rank %d on GPUs %s (process group %d%s)", order.job, order.attempt,
+                 order.node_rank, job.gpus, job.pgid, how)
         await self.send(JobStarted(job=order.job, attempt=order.attempt, pid=job.pgid))
         self._follow(job, process)
 
@@ -354,7 +422,7 @@ class JobRunner:
                 "--nnodes", str(order.nnodes), "--node-rank", str(order.node_rank),
                 "--nproc-per-node", str(max(1, len(order.gpus))),
                 "--master-addr", order.master_addr, "--master-port", str(order.master_port),
-                "--max-restarts", "0", "--rdzv-conf", f"timeout={RENDEZVOUS_TIMEOUT}",
+                "--max-restarts", "0", "--rdzv-conf", f"timeout={RENDEZVOUS_TIMEOUT}", "--rdzv-id", run_id(order),
                 *wrapper, *target, *order.args,
             ]
         if setup.container is None:
@@ -409,15 +477,25 @@ class JobRunner:
     # --- following and ending ------------------------------------------------------------------
 
     def _follow(self, job: RunningJob, process: asyncio.subprocess.Process | None = None) -> None:
-        task = asyncio.create_task(self._wait(job, process))
+        self._keep_task(self._wait(job, process))
+
+    def _keep_task(self, coroutine: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coroutine)
         self._followers.add(task)
         task.add_done_callback(self._followers.discard)
 
     async def _wait(self, job: RunningJob, process: asyncio.subprocess.Process | None) -> None:
+        stopped = f"stopped: {job.kill_reason}" if job.kill_reason else ""
+        if job.ranks:
+            await self._wait_ranks(job)
+            ended = exits.ranks_outcome(job.path, job.ranks, time.time())
+            stopped = f"stopped: {job.kill_reason}" if job.kill_reason else ""  # the kill came while it ran
+            await self._finish(job, ended.exit_code, stopped or ended.detail, failed_at=ended.failed_at)
+            return
         if process is not None:
             code = await process.wait()
         else:
-            while alive(job.marker):
+            while job.alive():
                 await asyncio.sleep(POLL)
             code = _recorded_exit(job.path)
         stopped = f"stopped: {job.kill_reason}" if job.kill_reason else ""
@@ -425,10 +503,43 @@ class JobRunner:
         missing = "the ranks ended while no agent was watching and left no exit code" if code is None else ""
         await self._finish(job, ended.exit_code, stopped or ended.detail or missing, failed_at=ended.failed_at)
 
+    async def _wait_ranks(self, job: RunningJob) -> None:
+        """Until every rank's recorder has ended; the first rank to fail stops the others, as under
+        torchrun (they would only wait for it in their next collective)."""
+        waiting = {asyncio.create_task(wait_exit(leader.pid)): rank
+                   for rank, leader in zip(job.ranks, job.sessions) if leader.alive()}
+        logs = job.path / "logs"
+        failed = any(_rank_failed(logs, rank) for rank in job.ranks if rank not in waiting.values())
+        if failed:
+            job.signal(signal.SIGTERM)
+        try:
+            while waiting:
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                ended = [waiting.pop(task) for task in done]
+                first = next((rank for rank in ended if _rank_failed(logs, rank)), None)
+                if not failed and first is not None:
+                    failed = True
+                    note = f"rank {first} failed ({_rank_status(logs, first)}); stopping the other ranks on {self.node}"
+                    log.info("job %d attempt %d: %s", job.job, job.attempt, note)
+                    _append(job.path / "launcher.log", f"gpudeck: {note}\n")
+                    job.signal(signal.SIGTERM)
+                    self._keep_task(self._kill_after_grace(job))
+        finally:
+            for task in waiting:
+                task.cancel()
+
+    async def _kill_after_grace(self, job: RunningJob) -> None:
+        for _ in range(int(KILL_GRACE / POLL)):
+            await asyncio.sleep(POLL)
+            if not job.alive():
+                return
+        log.info("job %d attempt %d: still running after %.0f s; killing", job.job, job.attempt, KILL_GRACE)
+        job.signal(signal.SIGKILL)
+
     async def _finish(self, job: RunningJob, code: int, detail: str, retry: bool = False,
                       failed_at: float | None = None) -> None:
         # Ranks that outlive their torchrun (it was killed) can only hang: stop them with it.
-        signal_all(job.marker, signal.SIGKILL)
+        job.signal(signal.SIGKILL)
         await remove_container(job.container)
         job.exit_code, job.detail, job.retry, job.failed_at = code, detail, retry, failed_at
         self.environments.release(job.environment)
@@ -504,14 +615,13 @@ class JobRunner:
                 preparing.cancel()  # it stops before it starts (see launch)
             return
         log.info("job %d attempt %d: stopping (%s)", job_id, attempt, reason)
-        signal_all(job.marker, signal.SIGTERM)
+        job.signal(signal.SIGTERM)
         await stop_container(job.container)
-        for _ in range(int(KILL_GRACE / POLL)):
-            await asyncio.sleep(POLL)
-            if not alive(job.marker):
-                return
-        log.info("job %d attempt %d: still running after %.0f s; killing", job_id, attempt, KILL_GRACE)
-        signal_all(job.marker, signal.SIGKILL)
+        await self._kill_after_grace(job)
+
+    def sessions(self) -> set[int]:
+        """The sessions of the ranks this node runs: a forked rank carries no marker to know it by."""
+        return {pid for job in self.jobs.values() if job.exit_code is None for pid, _ in job.leaders}
 
     def forget(self, job_id: int, attempt: int) -> None:
         job = self.jobs.get((job_id, attempt))
@@ -612,6 +722,64 @@ def _port_taken(port: int) -> bool:
         except OSError:
             return True
     return False
+
+
+def rank_variables(order: Launch, local_rank: int, env: dict[str, str]) -> dict[str, str]:
+    """What torchrun's static rendezvous gives each rank, so scripts run as under torchrun; rank 0
+    hosts the rendezvous store on MASTER_PORT itself, where torchrun's launcher would."""
+    per_node = max(1, len(order.gpus))
+    world = per_node * order.nnodes
+    rank = order.node_rank * per_node + local_rank
+    variables = {
+        "RANK": rank, "LOCAL_RANK": local_rank, "WORLD_SIZE": world, "LOCAL_WORLD_SIZE": per_node,
+        "GROUP_RANK": order.node_rank, "GROUP_WORLD_SIZE": order.nnodes, "ROLE_RANK": rank,
+        "ROLE_WORLD_SIZE": world, "ROLE_NAME": "default", "TORCHELASTIC_RUN_ID": run_id(order),
+        "TORCHELASTIC_RESTART_COUNT": 0, "TORCHELASTIC_MAX_RESTARTS": 0, "TORCHELASTIC_USE_AGENT_STORE": "False",
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": env.get("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1"),
+    }
+    if per_node > 1 and "OMP_NUM_THREADS" not in env:
+        variables["OMP_NUM_THREADS"] = 1  # as torchrun: one thread per rank unless the job says otherwise
+    return {key: str(value) for key, value in variables.items()}
+
+
+def run_id(order: Launch) -> str:
+    return f"gpudeck-{order.job}-{order.attempt}"
+
+
+async def _spawn_cold(command: list[str], env: dict[str, str], cwd: Path, log_file: Path) -> int:
+    """Start a rank under its shell recorder in a session of its own; the pid is the recorder's."""
+    with open(log_file, "ab") as output:
+        process = await asyncio.create_subprocess_exec(
+            "/bin/sh", "-c", _RECORDER, "gpudeck-rank", *command, cwd=cwd, env=env,
+            stdin=asyncio.subprocess.DEVNULL, stdout=output, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+    return process.pid
+
+
+def _rank_failed(logs: Path, rank: int) -> bool:
+    """Whether a rank that ended failed: its recorder's status, or no status at all (killed with it)."""
+    return _recorded_status(logs, rank) != 0
+
+
+def _recorded_status(logs: Path, rank: int) -> int | None:
+    try:
+        return int(exits.rank_exit_file(logs, rank).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _rank_status(logs: Path, rank: int) -> str:
+    code = _recorded_status(logs, rank)
+    if code is None:
+        return "it left no exit status"
+    return f"killed by {exits.signal_name(code - 128)}" if code > 128 else f"exit code {code}"
+
+
+def _append(path: Path, text: str) -> None:
+    try:
+        with open(path, "a") as handle:
+            handle.write(text)
+    except OSError as exc:
+        log.warning("could not write to %s (%s)", path, exc.strerror)
 
 
 def _usable_dir(path: str) -> bool:

@@ -47,7 +47,7 @@ def _launch_order(job_id: int, attempt: int, node_rank: int, nnodes: int, gpus: 
                   master_addr=master_addr, master_port=master_port, script_name=spec.script_name, script=script,
                   workload=spec.workload, args=spec.args, workdir=spec.workdir, project=spec.project,
                   subdir=spec.subdir, command=spec.command, env=spec.env, python=spec.python, venv=spec.venv,
-                  requirements=spec.requirements, image=spec.image)
+                  requirements=spec.requirements, image=spec.image, launcher=spec.launcher)
 
 
 def _failure(node: str, exit_code: int, detail: str) -> str:

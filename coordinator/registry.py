@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from gpudeck.model import NodeState
-from gpudeck.protocol.payloads import GpuReading
+from gpudeck.protocol.payloads import GpuReading, WarmStatus
 from gpudeck.protocol.session import Connection
 
 SUSPECT_AFTER = 3.0
@@ -28,6 +28,7 @@ class AgentLink:
     conn: Connection
     gpus: list[GpuReading]
     last_seen: float
+    warm: WarmStatus = field(default_factory=WarmStatus)
 
 
 @dataclass

@@ -315,7 +315,7 @@ class Coordinator:
             return
         self.registry.heard(link.name, self.clock())
         if isinstance(message, Telemetry):
-            link.gpus = message.gpus
+            link.gpus, link.warm = message.gpus, message.warm
         elif isinstance(message, JobStarted):
             self.jobs.started(link.name, message.job, message.attempt)
         elif isinstance(message, JobExited):

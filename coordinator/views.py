@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from gpudeck.coordinator.registry import Registry
 from gpudeck.coordinator.store import JobRow, NodeRow
-from gpudeck.protocol.payloads import JobView, NodeView, OutputFile, TrafficByRank
+from gpudeck.protocol.payloads import JobView, NodeView, OutputFile, TrafficByRank, WarmStatus
 
 
 def job_view(row: JobRow, traffic: TrafficByRank, outputs: dict[str, list[OutputFile]]) -> JobView:
@@ -21,4 +21,5 @@ def node_view(node: NodeRow, registry: Registry, jobs: list[int], now: float) ->
     return NodeView(
         name=node.name, state=registry.states.get(node.name, node.state).value, draining=node.draining,
         simulated=node.simulated, hostname=node.hostname, address=node.address, connected=link is not None,
-        last_heartbeat_age=round(max(0.0, now - heard), 1), jobs=jobs, gpus=link.gpus if link else node.gpus)
+        last_heartbeat_age=round(max(0.0, now - heard), 1), jobs=jobs, gpus=link.gpus if link else node.gpus,
+        warm=link.warm if link else WarmStatus())

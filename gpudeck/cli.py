@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the most space this node's cache of project files takes (default: 16G)")
     agent.add_argument("--environments", type=bounded(1, 1000), default=config.ENVIRONMENTS_KEPT, metavar="N",
                        help="how many environments built from requirements files this node keeps (default: 8)")
+    agent.add_argument("--warm", type=bounded(0, 64), default=config.WARM_INTERPRETERS, metavar="N",
+                       help="interpreters with torch already imported that this node keeps, to fork ranks from so "
+                       "that a script starts at once (0: none; each holds a few hundred MB; default: 1)")
     _mdns_flags(agent)
 
     token = sub.add_parser("token", help="print the join token of the coordinator on this machine")
@@ -233,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     setup.add_argument("--venv", metavar="PATH", help="a virtual environment that exists on every node")
     setup.add_argument("--image", metavar="IMAGE", help="run the job in this container image, with podman or docker "
                        "on the nodes (its own python runs a script; traffic is not counted inside containers)")
+    submit.add_argument("--torchrun", action="store_true",
+                        help="start each node's ranks with torchrun, for a script that needs its elastic features "
+                        "(by default the agent starts the ranks itself, with the same variables, and sooner)")
     submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="set an environment variable for the job (repeatable)")
     submit.add_argument("--env-file", metavar="FILE", type=Path,
@@ -433,7 +439,8 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
         # A shipped project's digest is known once it is shipped (cmd_submit); this one only marks it.
         args=run_args, workdir="" if root else os.getcwd(), project="0" * 64 if root else "", subdir=subdir,
         command=list(args.command_line), env=_environment(args), python=args.python or "",
-        venv=args.venv or "", requirements=_requirements(args.requirements), image=args.image or "")
+        venv=args.venv or "", requirements=_requirements(args.requirements), image=args.image or "",
+        launcher="torchrun" if args.torchrun else "")
     try:
         spec.check()
     except ValueError as exc:
@@ -591,7 +598,8 @@ async def cmd_agent(args: argparse.Namespace) -> int:
                               state_dir=args.state_dir or config.agent_dir(), coordinator=coordinator,
                               mdns_interfaces=args.mdns_interface, use_mdns=not args.no_mdns,
                               keep_outputs_for=args.keep_outputs, outputs_space=args.outputs_space,
-                              cache_space=args.cache_space, environments=args.environments), backend)
+                              cache_space=args.cache_space, environments=args.environments,
+                              warm=args.warm), backend)
     await _until_signalled(agent.run())
     return 0
 

@@ -23,6 +23,7 @@ NODE_CACHE_LIMIT = 16 * 1024**3  # a node's cache of project files
 KEEP_OUTPUTS_FOR = 7 * 86400.0  # seconds a node keeps a job's outputs...
 OUTPUTS_SPACE = 10 * 1024**3  # ...or until they take this much, the oldest going first
 ENVIRONMENTS_KEPT = 8  # environments built from requirements files a node keeps
+WARM_INTERPRETERS = 1  # interpreters with torch imported that a node keeps to fork ranks from
 
 
 def data_dir() -> Path:

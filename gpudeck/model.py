@@ -159,6 +159,7 @@ class JobSpec:
     venv: str = ""  # a virtual environment on the nodes, instead of the agent's
     requirements: dict[str, bytes] = field(default_factory=dict)  # what the job's environment is built from
     image: str = ""  # a container image to run the job in (podman or docker on the nodes)
+    launcher: str = ""  # "torchrun": torchrun starts each node's ranks; "": the agent starts them itself
 
     @property
     def what(self) -> list[str]:
@@ -229,6 +230,10 @@ class JobSpec:
                 raise ValueError(f"the value of {key} holds a NUL byte")
         if sum(bool(x) for x in (self.python, self.venv, self.requirements, self.image)) > 1:
             raise ValueError("give at most one of --python, --venv, --requirements and --image")
+        if self.launcher not in LAUNCHERS:
+            raise ValueError(f"{self.launcher!r} is not a launcher (the agent starts the ranks, or \"torchrun\")")
+        if self.launcher and self.command:
+            raise ValueError("--torchrun starts a script's ranks; a command (-- CMD) starts its own")
         if self.image and not _IMAGE.match(self.image):
             raise ValueError(f"{self.image!r} is not a container image name (like python:3.11 or ghcr.io/org/img:tag)")
         for label, path in (("--python", self.python), ("--venv", self.venv)):
@@ -246,13 +251,14 @@ _SPEC_TYPES: dict[str, tuple[type, ...]] = {
     "max_restarts": (int,), "script_name": (str,), "script": (bytes,), "workload": (str,),
     "args": (list,), "workdir": (str,), "project": (str,), "project_files": (int,), "project_bytes": (int,), "project_uploaded": (int,),
     "subdir": (str,), "command": (list,), "env": (dict,), "python": (str,), "venv": (str,), "requirements": (dict,),
-    "image": (str,),
+    "image": (str,), "launcher": (str,),
 }
 
 
 # What an environment can be built from, by the name it has on the wire (see gpudeck.agent.environments).
 REQUIREMENT_FILES = ("requirements.txt", "pyproject.toml", "uv.lock")
 MAX_ENV = 1000
+LAUNCHERS = ("", "torchrun")
 # What the agent sets for a job (with every GPUDECK_ name); a job's own value would misplace it.
 RESERVED_ENV = frozenset({"CUDA_VISIBLE_DEVICES", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK",
                           "GPUS_PER_NODE"})

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpudeck.agent.procs import pids_with_env, run_marker, signal_pids
+from gpudeck.agent.procs import Leader, job_pids, pids_with_env, run_marker, signal_pids
 from gpudeck.protocol.auth import JoinToken
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,8 +97,11 @@ class Cluster:
             return sock.connect_ex(("127.0.0.1", self.port)) == 0
 
     def start_agent(self, name: str, gpus: int = 2, *extra: str) -> None:
+        """An agent; without warm interpreters unless `extra` asks for them (each imports torch: two
+        seconds of CPU at every agent start, which tests of other things should not pay)."""
+        warm = [] if "--warm" in extra else ["--warm", "0"]
         self.spawn(name, "agent", "--coordinator", f"127.0.0.1:{self.port}", "--token", self.token, "--name", name,
-                   "--simulate-gpus", str(gpus), "--no-mdns", "--state-dir", str(self.root / name), *extra)
+                   "--simulate-gpus", str(gpus), "--no-mdns", "--state-dir", str(self.root / name), *warm, *extra)
 
     def cli(self, *args: str, check: bool = True, client: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         flags = ["--coordinator", f"127.0.0.1:{self.port}", "--token", self.token] if client else []
@@ -111,6 +114,11 @@ class Cluster:
     def marker(self, node: str, job_id: int, attempt: int = 1) -> str:
         """The marker every process of that job attempt on that node carries (see agent.procs)."""
         return run_marker(JoinToken.parse(self.token).cluster, node, job_id, attempt)
+
+    def job_pids(self, node: str, job_id: int, attempt: int = 1) -> list[int]:
+        """The live processes of that job attempt on that node: by marker, and in the sessions its
+        ranks lead (a rank forked from a warm interpreter has no marker in /proc)."""
+        return job_pids(self.marker(node, job_id, attempt), _leaders(self.root / node / "jobs" / f"{job_id}-{attempt}"))
 
     def json(self, *args: str) -> Any:
         return json.loads(self.cli(*args, "--json").stdout)
@@ -178,5 +186,16 @@ def stop_processes(procs: dict[str, subprocess.Popen[bytes]], root: Path) -> Non
 
 def _kill_leftover_jobs(root: Path) -> None:
     """Job ranks outlive agents by design (and torchrun puts each in a session of its own); a test
-    must not leave any behind, so every process whose job logs go under `root` is killed."""
+    must not leave any behind, so every process whose job logs go under `root` is killed, and every
+    process in the sessions of the ranks the agents under `root` recorded."""
     signal_pids(pids_with_env("GPUDECK_LOG_DIR", f"{root}/", prefix=True), signal.SIGKILL)
+    leaders = [leader for record in root.glob("*/jobs/*/job.json") for leader in _leaders(record.parent)]
+    if leaders:
+        signal_pids(job_pids("-", leaders), signal.SIGKILL)
+
+
+def _leaders(job_dir: Path) -> list[Leader]:
+    try:
+        return [Leader(pid, started) for pid, started in json.loads((job_dir / "job.json").read_text()).get("leaders", [])]
+    except (OSError, ValueError):
+        return []

@@ -11,7 +11,6 @@ import struct
 import msgpack
 import pytest
 
-from gpudeck.agent.procs import pids_with
 from tests.cluster import Cluster, free_port, wait_until
 from tests.conftest import SCRIPTS
 
@@ -20,8 +19,8 @@ GRAD_BYTES = 2080 * 4  # Linear(64, 32): 2,080 float32 parameters
 
 
 def _ranks_alive(cluster: Cluster, node: str, job_id: int, attempt: int = 1) -> int:
-    """How many processes of that job attempt on that node still run (torchrun, ranks, launcher)."""
-    return len(pids_with(cluster.marker(node, job_id, attempt)))
+    """How many processes of that job attempt on that node still run (ranks and their recorders)."""
+    return len(cluster.job_pids(node, job_id, attempt))
 
 
 def test_two_node_ddp_job_succeeds_with_logs_and_exact_all_reduce_bytes(cluster: Cluster):
@@ -42,7 +41,7 @@ def test_two_node_ddp_job_succeeds_with_logs_and_exact_all_reduce_bytes(cluster:
 def test_cancel_stops_every_rank_and_frees_the_gpus(cluster: Cluster):
     job_id = cluster.submit("--gpus", "4", "--name", "long", str(SCRIPTS / "slow_ddp.py"), "--steps", "1000")
     cluster.wait_job(job_id, ("running",))
-    wait_until(lambda: _ranks_alive(cluster, "node-a", job_id) >= 4, 20, "torchrun and both ranks on node-a")
+    wait_until(lambda: _ranks_alive(cluster, "node-a", job_id) >= 4, 20, "both ranks on node-a and their recorders")
     blocked = cluster.submit("--gpus", "1", str(SCRIPTS / "ddp_linear.py"), "--steps", "1")
     assert "needs 1 GPU" in cluster.job(blocked)["reason"] or cluster.job(blocked)["state"] == "pending"
     assert cluster.cli("cancel", str(job_id)).stdout.strip() == f"job {job_id} cancelled"
@@ -57,7 +56,7 @@ def test_cancel_stops_every_rank_and_frees_the_gpus(cluster: Cluster):
 def test_cancel_kills_ranks_that_ignore_sigterm(cluster: Cluster):
     job_id = cluster.submit("--gpus", "2", str(SCRIPTS / "slow_ddp.py"), "--steps", "1000", "--ignore-sigterm")
     node = cluster.wait_job(job_id, ("running",))["nodes"][0]
-    wait_until(lambda: _ranks_alive(cluster, node, job_id) >= 4, 20, "torchrun and both ranks")
+    wait_until(lambda: _ranks_alive(cluster, node, job_id) >= 4, 20, "both ranks and their recorders")
     cluster.cli("cancel", str(job_id))
     wait_until(lambda: not _ranks_alive(cluster, node, job_id), 20, "the stubborn ranks to be killed")
 
@@ -140,14 +139,17 @@ def test_impossible_and_malformed_requests_are_refused_with_a_reason(cluster: Cl
     assert cluster.json("jobs") == []
 
 
-def test_failing_job_reports_its_exit_code_and_launcher_output(cluster: Cluster):
-    job_id = cluster.submit("--nodes", "2", "--gpus-per-node", "1", str(SCRIPTS / "slow_ddp.py"),
+@pytest.mark.parametrize("launcher", [[], ["--torchrun"]], ids=["agent-started", "torchrun"])
+def test_failing_job_reports_its_exit_code_and_launcher_output(cluster: Cluster, launcher: list[str]):
+    job_id = cluster.submit(*launcher, "--nodes", "2", "--gpus-per-node", "1", str(SCRIPTS / "slow_ddp.py"),
                             "--steps", "5", "--sleep", "0", "--fail-at", "2")
     job = cluster.wait_job(job_id, ("succeeded", "failed"))
-    assert job["state"] == "failed" and job["exit_code"] not in (0, None)
-    assert "exited with code" in job["reason"]
+    assert job["state"] == "failed" and job["exit_code"] == 3
+    assert "exited with code 3" in job["reason"]
     logs = cluster.cli("logs", str(job_id)).stdout
-    assert "[node 0]" in logs, "a failed job's logs include torchrun's own output"
+    assert "[node 0]" in logs, "a failed job's logs include what its launcher (torchrun, or the agent) said"
+    if not launcher:
+        assert "failed (exit code 3); stopping the other ranks on" in logs
 
 
 def test_time_limit_stops_an_overrunning_job(cluster: Cluster):
@@ -175,7 +177,7 @@ def test_agent_killed_mid_job_stops_the_other_ranks_and_requeues(cluster: Cluste
     job = cluster.wait_job(job_id, ("running",))
     assert _ranks_alive(cluster, "node-a", job_id) and _ranks_alive(cluster, "node-b", job_id)
     cluster.kill("node-b", signal.SIGKILL)
-    for pid in pids_with(cluster.marker("node-b", job_id)):  # the machine is gone: its ranks with it
+    for pid in cluster.job_pids("node-b", job_id):  # the machine is gone: its ranks with it
         os.kill(pid, signal.SIGKILL)
     wait_until(lambda: any(n["name"] == "node-b" and n["state"] == "down" for n in cluster.nodes()), 20,
                "node-b to be down")
@@ -217,8 +219,8 @@ def test_a_frozen_node_that_comes_back_has_its_stale_ranks_stopped(cluster: Clus
     job_id = cluster.submit("--nodes", "2", "--gpus-per-node", "1", "--max-restarts", "1",
                             str(SCRIPTS / "slow_ddp.py"), "--steps", "1000")
     cluster.wait_job(job_id, ("running",))
-    wait_until(lambda: _ranks_alive(cluster, "node-b", job_id) >= 3, 20, "node-b's ranks")
-    frozen = [cluster.procs["node-b"].pid, *pids_with(cluster.marker("node-b", job_id))]
+    wait_until(lambda: _ranks_alive(cluster, "node-b", job_id) >= 2, 20, "node-b's rank and its recorder")
+    frozen = [cluster.procs["node-b"].pid, *cluster.job_pids("node-b", job_id)]
     for pid in frozen:
         os.kill(pid, signal.SIGSTOP)
     try:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from gpudeck.agent.procs import pids_with
 from tests.cluster import Cluster, wait_until
 from tests.conftest import SCRIPTS, _start
 
@@ -82,13 +81,13 @@ def test_two_clusters_on_one_machine_never_touch_each_others_ranks(cluster: Clus
         assert ours == theirs == 1, "both clusters have a job 1"
         node = cluster.wait_job(ours, ("running",))["nodes"][0]
         other.wait_job(theirs, ("running",))
-        wait_until(lambda: pids_with(other.marker("node-a", theirs)), 30, "the other cluster's ranks")
+        wait_until(lambda: other.job_pids("node-a", theirs), 30, "the other cluster's ranks")
         if node == "node-a":
-            assert set(pids_with(cluster.marker("node-a", ours))).isdisjoint(pids_with(other.marker("node-a", theirs)))
+            assert set(cluster.job_pids("node-a", ours)).isdisjoint(other.job_pids("node-a", theirs))
         cluster.cli("cancel", str(ours))
         cluster.wait_job(ours, ("cancelled",))
-        wait_until(lambda: not pids_with(cluster.marker(node, ours)), 20, "our ranks to stop")
-        assert other.job(theirs)["state"] == "running" and pids_with(other.marker("node-a", theirs))
+        wait_until(lambda: not cluster.job_pids(node, ours), 20, "our ranks to stop")
+        assert other.job(theirs)["state"] == "running" and other.job_pids("node-a", theirs)
     finally:
         other.stop()
 
@@ -104,7 +103,7 @@ def test_a_lost_nodes_gpus_wait_until_it_confirms_its_ranks_are_gone(cluster: Cl
     second = cluster.submit("--gpus", "4", str(SCRIPTS / "slow_ddp.py"), "--steps", "100000")
     wait_until(lambda: _alive(cluster, "node-b", first) >= 4, 20, "node-b's ranks")
     agent = cluster.procs["node-b"].pid
-    frozen = [agent, *pids_with(cluster.marker("node-b", first))]
+    frozen = [agent, *cluster.job_pids("node-b", first)]
     for pid in frozen:
         os.kill(pid, signal.SIGSTOP)
     try:
@@ -126,4 +125,4 @@ def _continue(pid: int) -> None:
 
 
 def _alive(cluster: Cluster, node: str, job_id: int) -> int:
-    return len(pids_with(cluster.marker(node, job_id)))
+    return len(cluster.job_pids(node, job_id))

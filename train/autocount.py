@@ -1,12 +1,15 @@
-"""Counting the traffic of ranks gpudeck did not start itself: those a job's own command starts
-(`gpudeck submit -- torchrun ...`, `accelerate launch`, a shell script).
+"""Counting starts when the rank's code imports torch, so nothing heavy runs before its first line.
 
-The overlay's `sitecustomize` (see gpudeck.agent.overlay) calls `arm()` in every Python process of
-such a job. In a process that is a rank (RANK set, as every launcher sets it) it waits for `torch`
-to be imported (which imports torch.distributed; hooking that alone would run inside torch's own
-start, half initialised), then installs the counting wrappers and the reporter, and sends the final
-totals at exit. Nothing is imported before that, so a process that never imports torch
-pays nothing, and the launcher itself (no RANK) is never counted.
+`after_torch(callback)` runs the callback right after `torch` has been imported (which imports
+torch.distributed; hooking that alone would run inside torch's own start, half initialised), or at
+once where torch is already loaded (a rank forked from a warm interpreter). gpudeck.train.run uses
+it for the ranks the agent starts.
+
+For ranks gpudeck did not start itself (those a job's own command starts: `gpudeck submit --
+torchrun ...`, `accelerate launch`, a shell script) the overlay's `sitecustomize` (see
+gpudeck.agent.overlay) calls `arm()` in every Python process of the job. In a process that is a rank
+(RANK set, as every launcher sets it) it installs the counting wrappers and the reporter once torch
+is imported, and sends the final totals at exit; the launcher itself (no RANK) is never counted.
 """
 
 from __future__ import annotations
@@ -17,15 +20,18 @@ import importlib.machinery
 import os
 import sys
 import types
-from typing import Sequence
+from typing import Callable, Sequence
 
 WATCHED = "torch"  # torch's own start imports torch.distributed: counting goes in once torch is whole
 ENABLED = "GPUDECK_AUTOCOUNT"  # set by the agent for command jobs only: its own wrapper counts the rest
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: it wraps the real loader of torch so that counting starts right after
+    """Finds nothing itself: it wraps the real loader of torch so that the callback runs right after
     that module has run, and then steps out of the import system."""
+
+    def __init__(self, callback: Callable[[], None]) -> None:
+        self.callback = callback
 
     def find_spec(self, name: str, path: Sequence[str] | None, target: types.ModuleType | None = None
                   ) -> importlib.machinery.ModuleSpec | None:
@@ -45,15 +51,22 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 
         def exec_module(module: types.ModuleType) -> None:
             run_module(module)
-            _start()
+            self.callback()
 
         loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec
 
 
+def after_torch(callback: Callable[[], None]) -> None:
+    if WATCHED in sys.modules:
+        callback()
+    else:
+        sys.meta_path.insert(0, _AfterImport(callback))
+
+
 def arm() -> None:
     if os.environ.get(ENABLED) and "RANK" in os.environ and WATCHED not in sys.modules:
-        sys.meta_path.insert(0, _AfterImport())
+        after_torch(_start)
 
 
 def _start() -> None:

@@ -6,7 +6,9 @@ on ``sys.path``; its exit status is this process's), and in addition:
 
 * with ``GPUDECK_LOG_DIR`` set, fds 1 and 2 go to ``$GPUDECK_LOG_DIR/rank-$RANK.log`` (append), so
   native output from torch, gloo or NCCL lands there too;
-* bytes handed to torch.distributed are counted by kind (:mod:`gpudeck.train.counting`);
+* bytes handed to torch.distributed are counted by kind (:mod:`gpudeck.train.counting`), from the
+  moment the script imports torch (:mod:`gpudeck.train.autocount`): nothing imports it before the
+  script's first line, so a script that never does starts in the time of a bare interpreter;
 * with ``GPUDECK_TRAFFIC_ADDR`` set, totals go to the agent once a second and once at the end
   (:mod:`gpudeck.train.reporter`);
 * with ``GPUDECK_LOG_DIR`` set, the rank's own exit status and final totals are left in
@@ -29,6 +31,7 @@ from collections.abc import Mapping
 
 from gpudeck.protocol import rank_end
 from gpudeck.protocol.rank_end import RankEnd, exit_status
+from gpudeck.train.autocount import after_torch
 from gpudeck.train.counter import TrafficCounter
 from gpudeck.train.reporter import reporter_from_env
 
@@ -54,7 +57,7 @@ def main(argv: list[str]) -> int:
         print(f"{sys.executable}: can't open file {argv[0]!r}: no such file", file=sys.stderr)
         return 2
     counter = TrafficCounter()
-    install_counting(counter)
+    after_torch(lambda: install_counting(counter))  # the script's first line runs before torch is imported
     reporter = reporter_from_env(counter)
     if reporter is not None:
         reporter.start()

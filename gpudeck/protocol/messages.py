@@ -12,10 +12,10 @@ import dataclasses
 import typing
 from typing import Any, ClassVar
 
-from gpudeck.protocol.payloads import GpuReading, JobReport, OutputFile, TrafficByRank
+from gpudeck.protocol.payloads import GpuReading, JobReport, OutputFile, TrafficByRank, WarmStatus
 from gpudeck.protocol.values import ShapeError, plain, typed_fields
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 
 class ProtocolError(Exception):
@@ -111,6 +111,7 @@ class Telemetry(Message):
     """GPU readings, once a second; also the agent's heartbeat."""
 
     gpus: list[GpuReading]
+    warm: WarmStatus = dataclasses.field(default_factory=WarmStatus)
 
 
 @message("job_started")
@@ -217,6 +218,7 @@ class Launch(Message):
     venv: str = ""
     requirements: dict[str, bytes] = dataclasses.field(default_factory=dict)  # file name -> content
     image: str = ""  # a container image to run in, "" for none
+    launcher: str = ""  # "torchrun": one torchrun per node starts the ranks; "": the agent starts them
 
 
 @message("content_chunk")

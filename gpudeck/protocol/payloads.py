@@ -48,6 +48,16 @@ class GpuReading:
 
 
 @dataclass(frozen=True)
+class WarmStatus:
+    """A node's warm interpreters (gpudeck.agent.warm): how many it keeps, how many are ready to
+    fork a rank, and the memory they hold (proportional set size, in bytes)."""
+
+    size: int = 0
+    ready: int = 0
+    memory_bytes: int = 0
+
+
+@dataclass(frozen=True)
 class JobReport:
     """One job attempt an agent holds, in its register: running (exit_code None) or ended while the
     coordinator was away, with what it would have said in `job_exited`."""
@@ -174,6 +184,7 @@ class NodeView:
     last_heartbeat_age: float
     jobs: list[int]
     gpus: list[GpuReading]
+    warm: WarmStatus = field(default_factory=WarmStatus)
 
     def to_json(self) -> dict[str, Any]:
         return plain(self)

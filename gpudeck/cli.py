@@ -1,29 +1,32 @@
-"""The `gpudeck` command. Exit codes: 0 success, 1 the request was refused (reason on stderr), 2 usage."""
+"""The `gpudeck` command. Exit codes: 0 success, 1 the request was refused (reason on stderr), 2 usage.
+
+Each command imports what it uses when it runs (asyncio, TLS, the protocol, zeroconf only where mDNS
+is asked), so `gpudeck --version` starts in the time of a small Python program and `submit` pays
+only for the connection it makes.
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import json
 import logging
 import os
-import signal
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
-from gpudeck import __version__, config, output
-from gpudeck.client import NoCoordinator, connect, find_endpoints
+from gpudeck import __version__, config
 from gpudeck.capacity import MAX_GPUS, MAX_GPUS_PER_NODE, MAX_NODES
+from gpudeck.config import split_address
 from gpudeck.model import MAX_PRIORITY, MAX_RESTARTS, MAX_TIME_LIMIT, WORKLOADS, JobSpec, parse_duration, parse_size
 from gpudeck.project import DEFAULT_CAP, OUTPUTS_HERE
-from gpudeck.protocol import auth
-from gpudeck.protocol.messages import Cancel, Drain, ListJobs, ListNodes, ReadLogs, ShowJob, Submit
-from gpudeck.protocol.session import ClientSession, Refused, split_address
 from gpudeck.text import visible
-from gpudeck.upload import download_outputs, ship
+
+if TYPE_CHECKING:
+    from gpudeck.protocol import auth
+    from gpudeck.protocol.session import ClientSession
 
 
 class Failure(Exception):
@@ -300,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def _with_session(args: argparse.Namespace, work: Callable[[ClientSession], Awaitable[int]]) -> int:
+    from gpudeck.client import connect, find_endpoints
+
     token = config.find_token(args.token, args.token_file)
     endpoints = await find_endpoints(args.coordinator)
     async with connect(endpoints, token) as session:
@@ -449,6 +454,9 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
 
 
 async def cmd_submit(args: argparse.Namespace) -> int:
+    from gpudeck.protocol.messages import Submit
+    from gpudeck.upload import ship
+
     spec = spec_from_args(args)
     root = project_root(args)
     if args.project is None and root is not None and not Path.cwd().resolve().is_relative_to(root) \
@@ -471,6 +479,8 @@ async def cmd_submit(args: argparse.Namespace) -> int:
 
 async def _all_jobs(session: ClientSession) -> list[dict[str, Any]]:
     """Every job, page by page (a long history is more than one frame)."""
+    from gpudeck.protocol.messages import ListJobs
+
     jobs: list[dict[str, Any]] = []
     while True:
         page = await session.request(ListJobs, after=jobs[-1]["id"] if jobs else 0, limit=JOBS_PAGE)
@@ -480,6 +490,9 @@ async def _all_jobs(session: ClientSession) -> list[dict[str, Any]]:
 
 
 async def cmd_listing(args: argparse.Namespace) -> int:
+    from gpudeck import output
+    from gpudeck.protocol.messages import Cancel, Drain, ListNodes, ShowJob
+
     async def work(session: ClientSession) -> int:
         if args.command == "jobs":
             data = await _all_jobs(session)
@@ -503,6 +516,11 @@ async def cmd_listing(args: argparse.Namespace) -> int:
 
 
 async def cmd_logs(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from gpudeck import output
+    from gpudeck.protocol.messages import ReadLogs
+
     async def work(session: ClientSession) -> int:
         printer = output.LogPrinter(sys.stdout, include_launcher=args.launcher or args.rank is not None and args.rank < 0,
                                     raw=args.raw)
@@ -525,6 +543,9 @@ async def cmd_logs(args: argparse.Namespace) -> int:
 
 
 async def cmd_outputs(args: argparse.Namespace) -> int:
+    from gpudeck.protocol.messages import ShowJob
+    from gpudeck.upload import download_outputs
+
     async def work(session: ClientSession) -> int:
         job = await session.request(ShowJob, job=args.job)
         kept = {node: files for node, files in job["outputs"].items() if args.node in (None, node)}
@@ -541,6 +562,8 @@ async def cmd_outputs(args: argparse.Namespace) -> int:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
+    from gpudeck.protocol import auth
+
     identity = auth.CoordinatorIdentity(args.state_dir or config.coordinator_dir())
     print(identity.token())
     return 0
@@ -550,6 +573,9 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 async def _until_signalled(main: Awaitable[Any]) -> None:
+    import asyncio
+    import signal
+
     task = asyncio.ensure_future(main)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -561,6 +587,8 @@ async def _until_signalled(main: Awaitable[Any]) -> None:
 
 
 async def cmd_coordinator(args: argparse.Namespace) -> int:
+    import asyncio
+
     from gpudeck.coordinator.server import Coordinator
 
     coordinator = Coordinator(args.state_dir or config.coordinator_dir(), args.host, args.port,
@@ -576,6 +604,8 @@ async def cmd_coordinator(args: argparse.Namespace) -> int:
 
 
 def _agent_token(args: argparse.Namespace) -> auth.JoinToken:
+    from gpudeck.protocol import auth
+
     text = args.token or os.environ.get("GPUDECK_TOKEN")
     path = args.token_file or os.environ.get("GPUDECK_TOKEN_FILE")
     return auth.read_token_text(text, path) if text or path else config.find_token(None, None)
@@ -667,15 +697,31 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"{parser.prog} {args.command}: error: {visible(str(exc))}", file=sys.stderr)
         return 2
-    except (Failure, Refused, auth.TokenError, auth.PinMismatch, NoCoordinator, ValueError) as exc:
-        return _refused(str(exc))
-    except (ConnectionError, asyncio.TimeoutError) as exc:
-        return _refused("the coordinator closed the connection or stopped answering before it replied "
-                        f"({exc or type(exc).__name__})")
-    except OSError as exc:
+    except (Failure, ValueError) as exc:
         return _refused(str(exc))
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        return _refused(_why_refused(exc))
+
+
+def _why_refused(exc: Exception) -> str:
+    """The sentence for a refusal or a failed connection (their types come with the modules that
+    raise them, imported only by the commands that connect); anything else is a bug and goes on."""
+    import asyncio
+
+    from gpudeck.client import NoCoordinator
+    from gpudeck.protocol import auth
+    from gpudeck.protocol.session import Refused
+
+    if isinstance(exc, (Refused, auth.TokenError, auth.PinMismatch, NoCoordinator)):
+        return str(exc)
+    if isinstance(exc, (ConnectionError, asyncio.TimeoutError)):
+        return ("the coordinator closed the connection or stopped answering before it replied "
+                f"({exc or type(exc).__name__})")
+    if isinstance(exc, OSError):
+        return str(exc)
+    raise exc
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -692,6 +738,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    import asyncio
+
     if args.command == "tui":
         return cmd_tui(args)
     if args.command == "token":

@@ -11,11 +11,10 @@ import os
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
-from gpudeck.config import DEFAULT_PORT, Endpoint, local_endpoint
-from gpudeck.discovery import Discovery
+from gpudeck.config import DEFAULT_PORT, Endpoint, local_endpoint, split_address
 from gpudeck.protocol import auth
 from gpudeck.protocol.messages import Welcome
-from gpudeck.protocol.session import ClientSession, Connection, open_session, split_address
+from gpudeck.protocol.session import ClientSession, Connection, open_session
 
 MDNS_WAIT = 3.0
 
@@ -33,6 +32,8 @@ async def find_endpoints(flag: str | None, mdns_interfaces: list[str] | None = N
     local = local_endpoint()
     if local:
         return [local]
+    from gpudeck.discovery import Discovery  # zeroconf: imported only when nothing closer says where to go
+
     discovery = Discovery(mdns_interfaces)
     await discovery.start()
     try:

@@ -11,8 +11,10 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from gpudeck.protocol import auth
+if TYPE_CHECKING:
+    from gpudeck.protocol import auth
 
 DEFAULT_PORT = 7070
 ENDPOINT_FILE = "endpoint.json"
@@ -58,8 +60,21 @@ def local_endpoint(state_dir: Path | None = None) -> Endpoint | None:
         return None
 
 
+def split_address(address: str, default_port: int | None = None) -> tuple[str, int]:
+    """`HOST:PORT` (or `[v6]:PORT`) into its parts, with a sentence when it is not one."""
+    host, sep, port = address.rpartition(":")
+    if not sep and default_port is not None:
+        return address, default_port
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{address!r} is not HOST:PORT (for example 192.168.1.10:7070)")
+    return host, int(port)
+
+
 def find_token(text: str | None, path: str | None) -> auth.JoinToken:
     """The token from --token, --token-file, $GPUDECK_TOKEN, $GPUDECK_TOKEN_FILE, or the local coordinator."""
+    from gpudeck.protocol import auth  # TLS and hashing: for the commands that connect, not for every import
+
     text = text or os.environ.get("GPUDECK_TOKEN")
     path = path or os.environ.get("GPUDECK_TOKEN_FILE")
     if text or path:

@@ -16,9 +16,8 @@ import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterator
+from typing import Any, Iterator
 
-import pathspec
 
 DEFAULT_CAP = 512 * 1024 * 1024
 MAX_FILES = 30_000  # a manifest of this many files is about 3 MiB: it fits in one frame
@@ -138,6 +137,12 @@ def human_bytes(count: float) -> str:
 # --- the submitting side -------------------------------------------------------------------------
 
 
+def _gitignore(lines: list[str]) -> Any:
+    import pathspec  # only for a project that has ignore files: every command imports this module
+
+    return pathspec.GitIgnoreSpec.from_lines(lines)
+
+
 class _Rules:
     """The ignore files in force for one folder: its own and those of every folder above it, the
     nearest deciding (as git reads nested .gitignore files)."""
@@ -150,7 +155,7 @@ class _Rules:
                 lines += (folder / name).read_text(errors="replace").splitlines()
             except OSError:
                 continue
-        self.spec = pathspec.GitIgnoreSpec.from_lines(lines) if lines else None
+        self.spec = _gitignore(lines) if lines else None
 
     def ignored(self, relative: str, is_dir: bool) -> bool:
         rules: _Rules | None = self

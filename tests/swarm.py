@@ -30,7 +30,8 @@ from gpudeck.protocol.messages import (
     PROTOCOL_VERSION, Hello, JobExited, JobStarted, Kill, Launch, Register, Telemetry, Watch,
 )
 from gpudeck.protocol.payloads import GpuReading
-from gpudeck.protocol.session import Connection, open_session, split_address
+from gpudeck.config import split_address
+from gpudeck.protocol.session import Connection, open_session
 
 TELEMETRY_INTERVAL = 1.0
 

@@ -109,8 +109,8 @@ def test_agent_started_ranks_get_torchruns_environment_and_forked_ones_start_cle
                                     check=True).stdout.strip()
         facts = {}
         for how in ("torchrun", "forked"):
-            job_id = Launched(cluster, how).submit("--nodes", "2", "--gpus-per-node", "2", "--env", "OMP_NUM_THREADS=3",
-                                                   str(SCRIPTS / "rank_facts.py"), "--flag")
+            job_id = Launched(cluster, how).submit("--nodes", "2", "--gpus-per-node", "2", str(SCRIPTS / "rank_facts.py"),
+                                                   "--flag")
             job = cluster.wait_job(job_id, ("succeeded", "failed"))
             assert job["state"] == "succeeded", job
             for node in ("node-a", "node-b"):
@@ -133,7 +133,11 @@ def test_agent_started_ranks_get_torchruns_environment_and_forked_ones_start_cle
             assert rank["sigterm_default"] and rank["sigint_default"] and rank["sigchld_default"]
             assert rank["stdin_is_null"]
             assert str(rank["torch_seed"]) == fresh_seed, "torch's generator starts as in a fresh interpreter"
-            assert rank["torch_threads"] == 3, "OMP_NUM_THREADS from the job reaches torch"
+            assert rank["torch_threads"] == 1, "torchrun's OMP_NUM_THREADS=1 for 2 ranks a node reaches torch"
+        threads = cluster.submit("--gpus", "1", "--env", "OMP_NUM_THREADS=3", str(SCRIPTS / "rank_facts.py"))
+        assert cluster.wait_job(threads, ("succeeded", "failed"))["state"] == "succeeded"
+        (alone,) = _facts(cluster, threads).values()
+        assert alone["torch_threads"] == 3, "the job's OMP_NUM_THREADS reaches torch, which read it at its import"
 
 
 def test_a_cold_rank_gets_the_same_environment_and_runs_its_first_line_before_torch(cluster: Cluster):

@@ -151,17 +151,6 @@ class Connection:
             pass
 
 
-def split_address(address: str, default_port: int | None = None) -> tuple[str, int]:
-    """`HOST:PORT` (or `[v6]:PORT`) into its parts, with a sentence when it is not one."""
-    host, sep, port = address.rpartition(":")
-    if not sep and default_port is not None:
-        return address, default_port
-    host = host.strip("[]")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{address!r} is not HOST:PORT (for example 192.168.1.10:7070)")
-    return host, int(port)
-
-
 async def open_session(host: str, port: int, token: auth.JoinToken, role: str, name: str,
                        timeout: float = HANDSHAKE_TIMEOUT) -> tuple[Connection, Welcome]:
     """Connect, check the pin, prove the secret. Raises `PinMismatch`, `Refused` or `OSError`."""

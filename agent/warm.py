@@ -69,10 +69,10 @@ class WarmPool:
         env.update({FD: str(theirs.fileno()), POOL: self.owner, "PYTHONUNBUFFERED": "1"})
         loop = asyncio.get_running_loop()
         try:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "gpudeck.train.warm", env=env, cwd=self.cwd, pass_fds=(theirs.fileno(),),
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-                start_new_session=True)
+            with open(self.cwd / "warm.log", "ab") as output:
+                process = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "gpudeck.train.warm", env=env, cwd=self.cwd, pass_fds=(theirs.fileno(),),
+                    stdin=asyncio.subprocess.DEVNULL, stdout=output, stderr=output, start_new_session=True)
         except OSError as exc:
             log.warning("could not start a warm interpreter (%s); ranks start cold", exc)
             ours.close()
@@ -97,12 +97,12 @@ class WarmPool:
                 await process.wait()
         if self._closed:
             return
-        why = (await process.stderr.read()).decode(errors="replace").strip().splitlines()[-1:] if process.stderr else []
+        why = _last_line(self.cwd / "warm.log")
         early = loop.time() - one.started < EARLY_END
         self._early_ends = self._early_ends + 1 if early else 0
         if self._early_ends >= GIVE_UP_AFTER:
             log.warning("warm interpreters keep ending at their start (%s); ranks start cold from now on",
-                        why[0] if why else f"exit code {process.returncode}")
+                        why or f"exit code {process.returncode}")
             return
         log.info("a warm interpreter ended (exit code %s); starting another", process.returncode)
         self._keep(self._run_one())
@@ -149,6 +149,16 @@ class WarmPool:
             if one.process.returncode is None:
                 one.process.kill()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _last_line(path: Path) -> str:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(max(0, handle.seek(0, 2) - 4096))
+            lines = handle.read().decode(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
 
 
 def _pss(pid: int) -> int:

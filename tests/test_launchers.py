@@ -105,8 +105,9 @@ def _comparable(rendezvous: dict[str, str], job_id: int) -> dict[str, str]:
 def test_agent_started_ranks_get_torchruns_environment_and_forked_ones_start_clean(tmp_path: Path):
     for launched in _cluster(tmp_path, "forked"):
         cluster = launched.cluster
-        fresh_seed = subprocess.run([sys.executable, "-c", FRESH_TORCH_SEED], capture_output=True, text=True,
-                                    check=True).stdout.strip()
+        fresh_seeds = {subprocess.run([sys.executable, "-c", FRESH_TORCH_SEED], capture_output=True, text=True,
+                                      check=True).stdout for _ in range(2)}
+        assert len(fresh_seeds) == 2, "a fresh interpreter seeds torch from the OS"
         facts = {}
         for how in ("torchrun", "forked"):
             job_id = Launched(cluster, how).submit("--nodes", "2", "--gpus-per-node", "2", str(SCRIPTS / "rank_facts.py"),
@@ -125,6 +126,7 @@ def test_agent_started_ranks_get_torchruns_environment_and_forked_ones_start_cle
             assert facts["forked"][rank]["argv"][1:] == ["--flag"] and facts["forked"][rank]["main"] == "__main__"
         forked = list(facts["forked"].values())
         assert len({rank["random"] for rank in forked}) == 4, "each forked rank seeds `random` afresh"
+        assert len({rank["torch_seed"] for rank in forked}) == 4, "and torch's generator, as a fresh interpreter does"
         for rank in forked:
             assert rank["torch_loaded_before_first_line"], "forked from an interpreter that imported torch"
             assert not rank["cuda_initialized"]
@@ -132,7 +134,6 @@ def test_agent_started_ranks_get_torchruns_environment_and_forked_ones_start_cle
             assert rank["session_leader_is_parent"], "each rank runs in the session its recorder leads"
             assert rank["sigterm_default"] and rank["sigint_default"] and rank["sigchld_default"]
             assert rank["stdin_is_null"]
-            assert str(rank["torch_seed"]) == fresh_seed, "torch's generator starts as in a fresh interpreter"
             assert rank["torch_threads"] == 1, "torchrun's OMP_NUM_THREADS=1 for 2 ranks a node reaches torch"
         threads = cluster.submit("--gpus", "1", "--env", "OMP_NUM_THREADS=3", str(SCRIPTS / "rank_facts.py"))
         assert cluster.wait_job(threads, ("succeeded", "failed"))["state"] == "succeeded"

@@ -14,9 +14,9 @@ Why forking here is safe, and what each fork does:
 * the recorder (first fork) leads a session of its own, as the agent's shell does for a cold rank,
   outlives the signals that stop its rank and leaves ``rank-R.exit`` (128 + N for signal N);
 * the rank (second fork) gets the job's environment, folder, log on fds 1 and 2 and default signal
-  handlers, reseeds what a fresh interpreter seeds from the OS (``random``; numpy's global state when
-  torch loaded numpy) and takes ``OMP_NUM_THREADS`` into torch, which read it once at its import;
-  torch's own generator is untouched, so it starts from the same seed as in a fresh interpreter;
+  handlers, reseeds what a fresh interpreter seeds from the OS (``random``, torch's default
+  generator, numpy's global state when torch loaded numpy) and takes ``OMP_NUM_THREADS`` into
+  torch, which read it once at its import;
 * then it runs ``gpudeck.train.run`` as ``python -m gpudeck.train.run ARGV`` would, and exits through
   the interpreter's normal end (atexit, flushed streams).
 """
@@ -83,6 +83,10 @@ def _threads() -> int:
 def _record(request: dict[str, Any]) -> dict[str, Any]:
     """In the recorder: lead a session, fork the rank, and leave its status when it is gone."""
     os.setsid()
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):  # the interpreter's own output goes to the agent's file: not this rank's
+        os.dup2(null, fd)
+    os.close(null)
     for number in _STOPPING:
         signal.signal(number, lambda *_: None)  # the stop is for the rank; its status must still be written
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -113,14 +117,12 @@ def _become_rank(request: dict[str, Any]) -> None:
     for folder in reversed([p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]):
         if folder not in sys.path:
             sys.path.insert(1, folder)
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    os.close(null)
     log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(log, 1)
     os.dup2(log, 2)
     os.close(log)
     random.seed()
+    torch.seed()  # a fresh interpreter's generator starts from the OS's entropy: this one's was the template's
     numpy = sys.modules.get("numpy")
     if numpy is not None:
         numpy.random.seed()

@@ -8,8 +8,7 @@ submit` command starts, so its own start, TLS and the round trip count. The base
 * Slurm 22.05 from Debian's packages (bench/slurm.py: one node on loopback, tuned for latency),
   `sbatch --wrap "python SCRIPT"`; without Slurm this says so and uses a bare `python SCRIPT`
   started by hand;
-* for the DDP figure, `torchrun --standalone --nproc-per-node 2 SCRIPT` started by hand (what
-  bench/launch_overhead.py used to measure alone).
+* for the DDP figure, `torchrun --standalone --nproc-per-node 2 SCRIPT` started by hand.
 
 Figures (median ratio gpudeck / baseline; lower is better except for throughput):
 1. submit -> first line of a script that does not import torch;
@@ -24,6 +23,8 @@ Figures (median ratio gpudeck / baseline; lower is better except for throughput)
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import signal
 import statistics
 import subprocess
@@ -38,7 +39,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import slurm  # noqa: E402
-from bench.launch_overhead import DDP_SCRIPT, FIRST_STEP, PlainRun, kill_everything_under  # noqa: E402
 from tests.cluster import Cluster, wait_until  # noqa: E402
 
 NO_TORCH = """
@@ -52,6 +52,87 @@ TORCH_FIRST = """
 """
 TIMEOUT = 300.0
 DONE = ("succeeded", "failed", "cancelled")
+
+DDP_SCRIPT = """
+    import time
+    import torch, torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    model = DDP(torch.nn.Linear(64, 32))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(16, 64)).pow(2).mean().backward()
+        optimizer.step()
+        if step == 0:
+            print(f"FIRST_STEP rank={dist.get_rank()} t={time.time():.6f}", flush=True)
+    dist.destroy_process_group()
+"""
+FIRST_STEP = re.compile(r"FIRST_STEP rank=0 t=([0-9.]+)")
+
+
+def kill_everything_under(root: Path) -> None:
+    """SIGKILL every process whose command line names `root` (a fresh temp dir only this run uses).
+
+    torchrun (torch 2.13) starts each rank in a session of its own, so killing torchrun's process
+    group, or the job launcher's as tests/cluster.py does, leaves the ranks running; they all name
+    their script, which lies under `root`.
+    """
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                command = handle.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(root) in command:
+            try:
+                pid = int(entry)
+                if os.getpgid(pid) == pid:
+                    os.killpg(pid, signal.SIGKILL)  # a rank leads its own group: take its workers too
+                else:
+                    os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def child_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+class PlainRun:
+    """Plain torchrun in a session of its own, so a failure or Ctrl-C can stop every rank."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[str] | None = None
+
+    def run(self, script: Path, workdir: Path) -> dict[str, float]:
+        start = time.time()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env(), cwd=workdir,
+            start_new_session=True)
+        try:
+            output, _ = self.proc.communicate(timeout=TIMEOUT)
+        finally:
+            self.stop()
+        match = FIRST_STEP.search(output)
+        if self.proc.returncode != 0 or match is None:
+            raise RuntimeError(f"plain torchrun failed ({self.proc.returncode}):\n{output[-3000:]}")
+        return {"first_step": float(match.group(1)) - start}
+
+    def stop(self) -> None:
+        """Stop torchrun's group; its ranks, in sessions of their own, go with kill_everything_under."""
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
 
 
 def first_line(text: str) -> float:

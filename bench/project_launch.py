@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.launch_overhead import kill_everything_under  # noqa: E402
+from bench.launch_vs_slurm import kill_everything_under  # noqa: E402
 from gpudeck.agent.environments import uv_binary  # noqa: E402
 from tests.cluster import Cluster  # noqa: E402
 

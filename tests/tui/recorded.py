@@ -26,7 +26,8 @@ def node(name: str, gpus: list[dict[str, Any]], state: str = "up", simulated: bo
          jobs: list[int] | None = None, draining: bool = False, age: float = 0.4) -> dict[str, Any]:
     return NodeView.from_json({"name": name, "state": state, "draining": draining, "simulated": simulated,
                                "hostname": name, "address": address, "connected": state != "down",
-                               "last_heartbeat_age": age, "jobs": jobs or [], "gpus": gpus}).to_json()
+                               "last_heartbeat_age": age, "jobs": jobs or [], "gpus": gpus,
+                               "warm": {"size": 1, "ready": 1, "memory_bytes": 412 * 2**20}}).to_json()
 
 
 def job(job_id: int, name: str, state: str, placement: list[tuple[str, list[int]]] | None = None,

@@ -22,8 +22,8 @@ from gpudeck.protocol.payloads import GpuReading, JobReport
 
 log = logging.getLogger(__name__)
 _RANK_DETAIL = re.compile(r"^rank (\d+) (.+)$")
-JOB_PORTS = (29500, 29999)
-FENCE_DEADLINE = 120.0  # longest a lost node's GPUs wait for it to confirm its ranks are gone  # torchrun's rendezvous ports, first and last; the firewall must open them
+JOB_PORTS = (29500, 29999)  # the rendezvous ports, first and last; the firewall must open them
+FENCE_DEADLINE = 120.0  # longest a lost node's GPUs wait for it to confirm its ranks are gone
 
 MAX_REASON = 300  # characters of a node's word on what it is doing
 Send = Callable[[str, Message], bool]  # queues the message for a node; never waits on it
@@ -251,10 +251,23 @@ class JobControl:
             self._kill_open(job_id, attempt, f"placing the job again: {detail}")
             self.store.transition(job_id, JobState.PENDING, reason=f"placing it again: {detail}")
             log.info("job %d attempt %d could not start on %s (%s); placing it again", job_id, attempt, node, detail)
+        elif exit_code != 0 and (silent := self._silent_peer(shares, node)):
+            self._lost(job_id, attempt, silent, f"node {silent} stopped answering", confirmed=False)
         elif exit_code != 0:
             self._end(row, JobState.FAILED, _failure(node, exit_code, detail), exit_code, failed_at)
         elif all(s.exit_code == 0 for s in shares):
             self._end(row, JobState.SUCCEEDED, "", 0)
+
+    def _silent_peer(self, shares: list[AttemptNode], reporter: str) -> str | None:
+        """A node of the attempt that stopped answering without saying its ranks ended. A dead
+        machine's peers see their sockets close and fail within a second, well before the node is
+        judged down: their failure is then that node's loss, which requeues the job."""
+        for share in shares:
+            if (share.node != reporter and share.exit_code is None
+                    and (self.registry.link(share.node) is None
+                         or self.registry.states.get(share.node) is not NodeState.UP)):
+                return share.node
+        return None
 
     def _earlier_failure(self, job_id: int, attempt: int, node: str, exit_code: int, detail: str,
                          failed_at: float) -> None:

@@ -145,7 +145,8 @@ def test_a_taken_rendezvous_port_places_the_job_again(deck: Deck):
 
 def _lose(deck: Deck, node: str) -> None:
     """The node stops answering until it is judged down; the others keep their heartbeat."""
-    deck.registry.detach(deck.registry.links[node])
+    if node in deck.registry.links:
+        deck.registry.detach(deck.registry.links[node])
     deck.clock.now += DOWN_AFTER
     for name in deck.registry.links:
         deck.registry.heard(name, deck.clock.now)
@@ -194,6 +195,37 @@ def test_a_lost_node_without_restarts_fails_the_job(deck: Deck):
     row = deck.job(job)
     assert row.state is JobState.FAILED and row.reason == "node node-b stopped answering"
     assert [node for node, _ in deck.taken(Kill)] == ["node-a"]
+
+
+def test_a_rank_that_fails_after_its_peer_node_went_silent_requeues_the_job(deck: Deck):
+    """A peer's machine dies: the surviving ranks see their sockets close and exit with an error
+    seconds before the node is judged down. That failure is the node's loss, not the job's."""
+    job = deck.submit(nodes=2, gpus_per_node=1, max_restarts=1)
+    deck.control.schedule()
+    deck.start_all(job)
+    deck.registry.detach(deck.registry.links["node-b"])
+    deck.clock.now += 1
+    deck.registry.tick(deck.clock.now)
+    deck.control.exited("node-a", job, 1, 1, "rank 0 exited with code 1", failed_at=deck.clock.now)
+    row = deck.job(job)
+    assert row.state is JobState.PENDING and row.restarts == 1, row
+    assert row.reason == "requeued: node node-b stopped answering (restart 1 of 1)"
+    _lose(deck, "node-b")
+    assert deck.job(job).restarts == 1, "the node's loss, once judged, spends no second restart"
+    deck.join("node-b", 1)
+    deck.control.schedule()
+    assert deck.job(job).state is JobState.PENDING, "node-b's GPU stays fenced until it says its ranks ended"
+    deck.control.reconcile("node-b", [JobReport(job=job, attempt=1, exit_code=-9, detail="killed")])
+    deck.control.schedule()
+    assert deck.job(job).state is JobState.STARTING and deck.job(job).attempt == 2
+
+
+def test_a_failure_while_every_peer_answers_is_the_jobs_own(deck: Deck):
+    job = deck.submit(nodes=2, gpus_per_node=1, max_restarts=1)
+    deck.control.schedule()
+    deck.start_all(job)
+    deck.control.exited("node-a", job, 1, 1, "rank 0 exited with code 1")
+    assert deck.job(job).state is JobState.FAILED and deck.job(job).restarts == 0
 
 
 def test_the_time_limit_fails_a_running_job(deck: Deck):

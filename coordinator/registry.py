@@ -69,13 +69,13 @@ class Registry:
     def tick(self, now: float) -> list[tuple[str, NodeState]]:
         """Advance every node's health by the clock; returns the nodes whose state changed."""
         changes = []
-        for name, heard in list(self.last_heard.items()):
+        for name, heard in self.last_heard.items():
+            if self.states.get(name) is NodeState.DOWN and name not in self.links:
+                continue  # judged already; its last heartbeat stays, for the age clients show
             state = self._judge(name, now - heard)
             if state is not self.states.get(name):
                 self.states[name] = state
                 changes.append((name, state))
-            if state is NodeState.DOWN:
-                del self.last_heard[name]
         return changes
 
     def _judge(self, name: str, silent: float) -> NodeState:

@@ -135,7 +135,7 @@ class Coordinator:
 
     def _tick(self) -> None:
         for name, state in self.registry.tick(self.clock()):
-            self.store.set_node_state(name, state)
+            self.store.set_node_state(name, state, last_seen=self.registry.last_heard.get(name))
             log.info("node %s is %s", name, state.value)
             if state is NodeState.DOWN:
                 self.jobs.node_down(name)

@@ -16,6 +16,7 @@ import pytest
 from gpudeck.coordinator.jobs import FENCE_DEADLINE, JobControl
 from gpudeck.coordinator.registry import DOWN_AFTER, SUSPECT_AFTER, AgentLink, Registry
 from gpudeck.coordinator.store import JobRow, Store
+from gpudeck.coordinator.views import node_view
 from gpudeck.model import IllegalTransition, JobSpec, JobState, NodeState
 from gpudeck.protocol.messages import Forget, Kill, Launch, Message
 from gpudeck.protocol.payloads import GpuReading, JobReport
@@ -310,6 +311,17 @@ def test_registry_suspect_then_down_then_up_again():
     registry.attach(AgentLink(name="n", hostname="n", address="a", simulated=True, conn=None, gpus=[],  # type: ignore[arg-type]
                               last_seen=10_001))
     assert registry.tick(10_001) == [("n", NodeState.UP)]
+
+
+def test_a_down_node_shows_the_age_of_its_last_heartbeat(deck: Deck):
+    """Judged down, a node is still shown with how long ago it was last heard (not since it joined)."""
+    deck.clock.now += 400
+    deck.registry.heard("node-b", deck.clock.now)
+    _lose(deck, "node-b")
+    deck.clock.now += 30
+    row = next(n for n in deck.store.nodes() if n.name == "node-b")
+    view = node_view(row, deck.registry, [], deck.clock.now)
+    assert view.state == "down" and view.last_heartbeat_age == DOWN_AFTER + 30, view
 
 
 def test_a_pass_with_nothing_freed_schedules_only_new_jobs_and_reasons_stay_true(tmp_path: Path):

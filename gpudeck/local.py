@@ -62,7 +62,7 @@ async def _with_dashboard(coordinator: Any, runner: asyncio.Task[Any], host: str
 
     link = CoordinatorLink(endpoints=[Endpoint("127.0.0.1", coordinator.port, "gpudeck up")],
                            join_token=coordinator.token, name="up")
-    app = GpudeckApp(link)
+    app = GpudeckApp(link, local_node=name)
     log_file = config.data_dir() / "up.log"
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, app.exit)
     with quiet_logging(log_file):

@@ -60,24 +60,30 @@ class ModelChanged(Message):
 class GpudeckApp(App[int]):
     CSS_PATH = "gpudeck.tcss"
     TITLE = "gpudeck"
+    # In the order the help window lists them: the views, then what acts on them.
     BINDINGS = [
-        Binding("1", "view('nodes')", "Nodes", id="gpudeck.nodes", show=False),
-        Binding("2", "view('jobs')", "Jobs", id="gpudeck.jobs", show=False),
-        Binding("3", "view('traffic')", "Traffic", id="gpudeck.traffic", show=False),
-        Binding("s", "submit", "Submit", id="gpudeck.submit"),
-        Binding("c", "cancel_job", "Cancel", id="gpudeck.cancel"),
-        Binding("l", "logs", "Logs", id="gpudeck.logs"),
-        Binding("d", "drain", "Drain", id="gpudeck.drain"),
-        Binding("e", "expand_all", "Expand", id="gpudeck.expand_all"),
-        Binding("slash", "filter", "Filter", id="gpudeck.filter"),
-        Binding("question_mark", "help", "Help", id="gpudeck.help"),
-        Binding("q", "quit", "Quit", id="gpudeck.quit"),
+        Binding("1", "view('nodes')", "Nodes", id="gpudeck.nodes", show=False, tooltip="view: nodes and their GPUs"),
+        Binding("2", "view('jobs')", "Jobs", id="gpudeck.jobs", show=False, tooltip="view: the queue and history"),
+        Binding("3", "view('traffic')", "Traffic", id="gpudeck.traffic", show=False,
+                tooltip="view: every running job's parameter-sync traffic"),
+        Binding("s", "submit", "Submit", id="gpudeck.submit", tooltip="submit a job (a form)"),
+        Binding("c", "cancel_job", "Cancel", id="gpudeck.cancel", tooltip="cancel the selected job, after asking"),
+        Binding("l", "logs", "Logs", id="gpudeck.logs", tooltip="the selected job's logs, live, per rank"),
+        Binding("d", "drain", "Drain", id="gpudeck.drain",
+                tooltip="drain the selected node (no new jobs there), or resume it"),
+        Binding("e", "expand_all", "Expand", id="gpudeck.expand_all", tooltip="nodes: show or hide every node's GPUs"),
+        Binding("slash", "filter", "Filter", id="gpudeck.filter", tooltip="show only the rows matching some words"),
+        Binding("question_mark", "help", "Help", id="gpudeck.help", tooltip="this help"),
+        Binding("q", "quit", "Quit", id="gpudeck.quit", tooltip="quit the dashboard"),
     ]
 
     def __init__(self, link: Link, keymap_path: Path | None = None, wall: Callable[[], float] = time.time,
                  mono: Callable[[], float] = time.monotonic, tick: float = 1.0, cwd: str | None = None,
-                 workloads: dict[str, str] | None = None) -> None:
+                 workloads: dict[str, str] | None = None, local_node: str | None = None) -> None:
+        """`local_node`: the agent `gpudeck up` runs beside this dashboard, whose coordinator and agent
+        stop when it quits."""
         super().__init__()
+        self.local_node = local_node
         self.link = link
         self.workloads = WORKLOADS if workloads is None else workloads
         self.cluster = Cluster(wall, mono)
@@ -91,7 +97,7 @@ class GpudeckApp(App[int]):
         self._posted = False
         self._link_worker: Worker[None] | None = None
         self._binding_state: tuple[Any, ...] = ()
-        self.nodes_view = NodesView(self.cluster, id="nodes-view")
+        self.nodes_view = NodesView(self.cluster, id="nodes-view", local_node=local_node)
         self.jobs_view = JobsView(self.cluster, id="jobs-view")
         self.traffic_view = TrafficView(self.cluster, id="traffic-view")
         theme = os.environ.get("GPUDECK_THEME")
@@ -113,7 +119,8 @@ class GpudeckApp(App[int]):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.sub_title = "looking for the coordinator…"
+        self.sub_title = (f"starting the coordinator and the local agent ({self.local_node})…" if self.local_node
+                          else "looking for the coordinator…")
         self._load_keymap()
         self.restart_link()
         if self.tick_every:
@@ -131,6 +138,11 @@ class GpudeckApp(App[int]):
         if not isinstance(keymap, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in keymap.items()):
             self.notify(f"ignored {self.keymap_path}: it must map binding ids to keys", severity="warning")
             return
+        unknown = sorted(set(keymap) - binding_ids())
+        if unknown:
+            self.notify(f"{self.keymap_path}: no key has the binding id {', '.join(map(repr, unknown))}, so "
+                        f"{'it is' if len(unknown) == 1 else 'they are'} ignored; ? lists the ids",
+                        severity="warning", markup=False)
         self.set_keymap(keymap)
 
     # --- the link -----------------------------------------------------------------------------------
@@ -197,7 +209,8 @@ class GpudeckApp(App[int]):
             if isinstance(screen, NotFoundScreen):
                 screen.show(event.reason, event.retry_in)
                 return
-        self.push_screen(NotFoundScreen(event.reason, event.retry_in))
+        asked = getattr(self.link, "coordinator", None) or os.environ.get("GPUDECK_COORDINATOR")
+        self.push_screen(NotFoundScreen(event.reason, event.retry_in, visible(asked) if asked else None))
 
     def on_model_changed(self, message: ModelChanged) -> None:
         changes, self._changes, self._posted = self._changes, Changes(), False
@@ -206,12 +219,33 @@ class GpudeckApp(App[int]):
         for screen in self.screen_stack:
             if isinstance(screen, JobScreen):
                 screen.model_changed(changes)
-        if self.lost is None and self.cluster.connected:
-            totals = self.cluster.totals()
-            sim = f" ({totals['simulated']} SIM)" if totals["simulated"] else ""
-            self.sub_title = (f"{self.where} · {totals['up']}/{totals['nodes']} nodes up · {totals['gpus']} GPUs{sim}"
-                              f" · {totals['busy']} busy · {totals['running']} running · {totals['pending']} pending")
+            elif isinstance(screen, SubmitScreen) and (changes.nodes or changes.node_set or changes.reset):
+                screen.check()  # whether the request fits depends on the nodes there are now
+        self.show_totals()
         self.refresh_bindings_soon()
+
+    def show_totals(self) -> None:
+        """The header's counts; where the terminal is narrow, without the coordinator's address."""
+        if self.lost is not None or not self.cluster.connected:
+            return
+        totals = self.cluster.totals()
+        sim = f" ({totals['simulated']} SIM)" if totals["simulated"] else ""
+        nodes = f"{totals['up']}/{totals['nodes']} node{'s' if totals['nodes'] != 1 else ''} up"
+        if not totals["nodes"] and self.local_node:
+            nodes = f"the local agent ({self.local_node}) is starting"
+        counts = (f"{nodes} · {totals['gpus']} GPU{'s' if totals['gpus'] != 1 else ''}{sim} · {totals['busy']} busy"
+                  f" · {totals['running']} running · {totals['pending']} pending")
+        room = self.size.width - HEADER_MARGIN - max(len(screen.title or self.title) for screen in self.screen_stack)
+        if len(f" — {self.where} · {counts}") <= room:
+            self.sub_title = f"{self.where} · {counts}"
+        elif len(f" — {counts}") <= room:
+            self.sub_title = counts
+        else:  # the counts a person acts on, in the fewest words
+            self.sub_title = (f"{totals['up']}/{totals['nodes']} up · {totals['gpus']} GPUs · {totals['busy']} busy"
+                              f" · {totals['running']} running · {totals['pending']} pending")
+
+    def on_resize(self) -> None:
+        self.show_totals()
 
     def _tick(self) -> None:
         """Once a second: ages and runtimes move on without any update."""
@@ -346,8 +380,8 @@ class GpudeckApp(App[int]):
         where = f" on {', '.join(job['nodes'])}" if job.get("nodes") else ""
         detail = (f"It is {job['state']}{where}; every rank will be stopped." if job["state"] in ACTIVE_STATES
                   else "It is still waiting; it will not start.")
-        self.push_screen(ConfirmScreen(f"Cancel job {job['id']} {job['name']}?", detail, "Cancel the job"),
-                         partial(self._cancel_confirmed, job["id"]))
+        self.push_screen(ConfirmScreen(f"Cancel job {job['id']} {job['name']}?", detail, "Cancel the job",
+                                       "Keep the job"), partial(self._cancel_confirmed, job["id"]))
 
     def _cancel_confirmed(self, job_id: int, yes: bool | None) -> None:
         if yes:
@@ -360,13 +394,13 @@ class GpudeckApp(App[int]):
             return
         if node.get("draining"):
             self.push_screen(ConfirmScreen(f"Resume node {name}?", "New jobs may be placed on it again.",
-                                           "Resume it"), partial(self._drain_confirmed, name, False))
+                                           "Resume it", "Keep it drained"), partial(self._drain_confirmed, name, False))
         else:
             jobs = len(node.get("jobs", []))
-            self.push_screen(ConfirmScreen(
-                f"Drain node {name}?",
-                f"No new jobs will be placed on it; the {jobs} job{'s' if jobs != 1 else ''} running there go on.",
-                "Drain it"), partial(self._drain_confirmed, name, True))
+            running = ("no job runs there now" if not jobs else "the job running there goes on" if jobs == 1
+                       else f"the {jobs} jobs running there go on")
+            self.push_screen(ConfirmScreen(f"Drain node {name}?", f"No new jobs will be placed on it; {running}.",
+                                           "Drain it", "Don't drain"), partial(self._drain_confirmed, name, True))
 
     def _drain_confirmed(self, name: str, on: bool, yes: bool | None) -> None:
         if yes:
@@ -390,6 +424,22 @@ class GpudeckApp(App[int]):
         self.on_model_changed(ModelChanged())
         self.notify(done, markup=False)  # it names a job or node
 
+    async def action_quit(self) -> None:
+        """In `gpudeck up`, quitting stops the coordinator and the agent: with jobs running, ask first."""
+        running = len(self.cluster.active_jobs())
+        if not self.local_node or not running:
+            self.exit()
+            return
+        self.push_screen(ConfirmScreen(
+            "Quit gpudeck up?",
+            f"{running} job{' is' if running == 1 else 's are'} running. Quitting stops the coordinator and the local "
+            "agent; the ranks keep running and are adopted on the next `gpudeck up`.", "Quit", "Stay"),
+            self._quit_confirmed)
+
+    def _quit_confirmed(self, yes: bool | None) -> None:
+        if yes:
+            self.exit()
+
     def action_filter(self) -> None:
         view = self.active_view
         if isinstance(view, FilteredView):
@@ -399,21 +449,17 @@ class GpudeckApp(App[int]):
         self.nodes_view.toggle_all()
 
     def action_help(self) -> None:
-        keys = []
-        for binding in self.screen_stack[0].active_bindings.values():
-            b = binding.binding
-            if b.id and binding.node is self:
-                keys.append((self.get_key_display(b), b.description, b.id))
-        for extra in (("enter", "open the row (a node: its GPUs; a job: its detail)", "table.select"),
-                      ("j k ↑ ↓", "move; PgUp PgDn page; g G first, last", "table.*"),
-                      ("ctrl+p", "command palette: every action, and the theme", "")):
-            keys.append(extra)
+        """Every key of where the user is: the views, the actions, the open screen's own keys, then
+        moving around; each as the keymap has it now."""
+        keys = [self._key_help(binding) for binding in self.BINDINGS]
         if isinstance(self.screen, JobScreen):
-            keys += [("t / l", "job: traffic / logs tab", "job.traffic, job.logs"),
-                     ("f", "logs: follow on or off", "job.follow"),
-                     ("[ ]", "logs: previous or next rank (or torchrun's own output)", "job.prev_rank, job.next_rank"),
-                     ("escape", "back", "job.back")]
-        self.push_screen(HelpScreen(sorted(set(keys), key=lambda k: k[2] or "~"), str(self.keymap_path)))
+            keys += [self._key_help(binding, "job: ") for binding in self.screen.BINDINGS]
+        keys += MOVING_KEYS
+        self.push_screen(HelpScreen(keys, str(self.keymap_path)))
+
+    def _key_help(self, binding: Binding, prefix: str = "") -> tuple[str, str, str]:
+        return (self.get_key_display(binding), prefix + (binding.tooltip or binding.description.lower()),
+                binding.id or "")
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
@@ -422,6 +468,23 @@ class GpudeckApp(App[int]):
             if self.applies(name, screen):
                 yield SystemCommand(title, text, partial(self.run_action, action))
 
+
+HEADER_MARGIN = 12  # the header's icon and padding, in columns
+
+
+def binding_ids() -> set[str]:
+    """Every binding id a keymap file may name (the app's, its screens' and the tables')."""
+    owners = (GpudeckApp, JobScreen, SubmitScreen, ConfirmScreen, HelpScreen, NotFoundScreen, DeckTable)
+    return {binding.id for owner in owners for binding in owner.BINDINGS
+            if isinstance(binding, Binding) and binding.id}
+
+
+# Keys of the tables and the command palette, for the help window: (keys, what they do, binding id).
+MOVING_KEYS = [
+    ("enter", "open the row (a node: show or hide its GPUs; a job: its detail)", "table.select"),
+    ("j k ↑ ↓", "move; PgUp PgDn page; g G first, last", ""),
+    ("ctrl+p", "command palette: every action, and the theme", ""),
+]
 
 _OWN_ACTIONS = {"view", "submit", "cancel_job", "logs", "open_job", "drain", "expand_all", "filter", "help"}
 

@@ -515,9 +515,26 @@ def gib(count: int | None) -> str:
 
 
 def age(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.0f}s"
-    return format_duration(seconds)
+    """An age in at most four characters (the SEEN column): 42s, 7m, 5h, 12d."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def known_steps(job: Job) -> int | None:
+    """How many steps a job that succeeded trained, where that is known: a built-in workload runs
+    exactly its --steps. A script's arguments mean what the script says, so nothing is assumed."""
+    command = job.get("command") or []
+    if job.get("state") != "succeeded" or not command or not command[0].startswith("--workload "):
+        return None
+    args = command[1:]
+    for number, arg in enumerate(args):
+        value = arg.removeprefix("--steps=") if arg.startswith("--steps=") else (
+            args[number + 1] if arg == "--steps" and number + 1 < len(args) else None)
+        if value is not None:
+            return int(value) if value.isdigit() and int(value) > 0 else None
+    return None
 
 
 def request_text(job: Job) -> str:

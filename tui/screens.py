@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.cells import cell_len
+from rich.markup import escape
 from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
@@ -20,14 +21,15 @@ from textual.suggester import Suggester
 from textual.widget import Widget
 from textual.widgets import Button, Footer, Input, Label, Log, Select, Static, TabbedContent, TabPane
 
+from gpudeck import config
 from gpudeck.model import format_duration
 from gpudeck.output import outputs_text
 from gpudeck.text import safe_output, visible
 from gpudeck.protocol.session import Refused
 from gpudeck.tui.client import NotConnected
 from gpudeck.tui.model import (
-    ACTIVE_STATES, MATRIX_HELP, Changes, node_matrix, rank_health, rank_places, rate, request_text,
-    sparkline, human_bytes,
+    ACTIVE_STATES, FINISHED_STATES, MATRIX_HELP, Changes, human_bytes, known_steps, node_matrix, rank_health,
+    rank_places, rate, request_text, sparkline,
 )
 from gpudeck.tui.spec import SCRIPT, Form, check_form
 from gpudeck.tui.table import Column, DeckTable, Palette
@@ -41,18 +43,25 @@ LOG_POLL = 0.5
 
 
 def launcher_label(rank: int) -> str:
-    return f"torchrun n{-rank - 1}"
+    """A node's own output (rank -1 is node 0's): environment builds, gpudeck's notes, torchrun's."""
+    return f"node {-rank - 1}"
 
 
 # --- job detail ------------------------------------------------------------------------------------
 
 
 class KindRates(Widget):
-    """Bytes per second by kind of operation, each with its history."""
+    """Bytes per second by kind of operation while the job runs, each with its history; once it has
+    ended, what it moved by kind, in total and per step where the step count is known. Its height
+    follows its rows (a detail opened before the first report starts with one line)."""
 
-    rows: reactive[tuple[tuple[str, float, tuple[float, ...]], ...]] = reactive(())
+    rows: reactive[tuple[tuple[str, float, tuple[float, ...]], ...]] = reactive((), layout=True)
+    moved: reactive[tuple[tuple[str, int], ...]] = reactive((), layout=True)
+    steps: reactive[int | None] = reactive(None)
 
     def render(self) -> Text:
+        if self.moved:
+            return self._moved()
         text = Text()
         if not self.rows:
             text.append("no traffic reported yet (ranks report once a second)", style="dim")
@@ -67,11 +76,22 @@ class KindRates(Widget):
             text.append(sparkline(series, width, peak))
         return text
 
+    def _moved(self) -> Text:
+        text = Text()
+        for number, (kind, count) in enumerate(self.moved):
+            if number:
+                text.append("\n")
+            text.append(f"{kind:<15}", style="bold" if kind == "total" else "")
+            text.append(f"{human_bytes(count):>12}")
+            if self.steps:
+                text.append(f"  {human_bytes(count / self.steps)} per step", style="dim")
+        return text
+
 
 class NodeMatrix(Widget):
     """Node-to-node bytes per second: a row is what a node sends, a column what it receives."""
 
-    data: reactive[tuple[tuple[str, ...], tuple[tuple[float, ...], ...]]] = reactive(((), ()))
+    data: reactive[tuple[tuple[str, ...], tuple[tuple[float, ...], ...]]] = reactive(((), ()), layout=True)
 
     def render(self) -> Text:
         names, matrix = self.data
@@ -123,12 +143,14 @@ class JobScreen(Screen):
     """One job: what it asked for, where its ranks run, its traffic and its logs."""
 
     BINDINGS = [
-        Binding("escape", "back", "Back", id="job.back"),
-        Binding("t", "tab('traffic')", "Traffic", id="job.traffic"),
-        Binding("l", "tab('logs')", "Logs", id="job.logs"),
-        Binding("f", "follow", "Follow", id="job.follow"),
-        Binding("left_square_bracket", "rank(-1)", "Prev rank", id="job.prev_rank"),
-        Binding("right_square_bracket", "rank(1)", "Next rank", id="job.next_rank"),
+        Binding("t", "tab('traffic')", "Traffic", id="job.traffic", tooltip="the traffic tab"),
+        Binding("l", "tab('logs')", "Logs", id="job.logs", tooltip="the logs tab"),
+        Binding("f", "follow", "Follow", id="job.follow", tooltip="logs: follow new lines, or stop"),
+        Binding("left_square_bracket", "rank(-1)", "Prev rank", id="job.prev_rank",
+                tooltip="logs: the previous rank (or a node's own output)"),
+        Binding("right_square_bracket", "rank(1)", "Next rank", id="job.next_rank",
+                tooltip="logs: the next rank (or a node's own output)"),
+        Binding("escape", "back", "Back", id="job.back", tooltip="back to the views"),
     ]
 
     follow: reactive[bool] = reactive(True)
@@ -155,7 +177,7 @@ class JobScreen(Screen):
         with TabbedContent(initial=self.initial_tab, id="job-tabs"):
             with TabPane("Traffic", id="traffic"):
                 with VerticalScroll(id="job-traffic"):
-                    yield Static("bytes per second by kind", classes="section")
+                    yield Static("bytes per second by kind", classes="section", id="kinds-title")
                     yield KindRates(id="kind-rates")
                     yield Static("ranks: where they run and what they send", classes="section")
                     yield self.ranks
@@ -185,7 +207,9 @@ class JobScreen(Screen):
         job = self.job
         if job is None:
             return
-        self.title = f"job {job['id']} {job['name']}"
+        if self.title != (title := f"job {job['id']} {job['name']}"):
+            self.title = title
+            self.deck.show_totals()  # the header's counts make room for this title
         self._show_summary(job)
         if self.job_id in changes.jobs or changes.traffic or changes.reset:
             self._update_traffic(job)
@@ -225,6 +249,14 @@ class JobScreen(Screen):
         traffic = self.deck.cluster.traffic.get(self.job_id)
         places = rank_places(job)
         self._places = places
+        ended = job["state"] in FINISHED_STATES
+        kinds_widget = self.query_one(KindRates)
+        by_kind = job.get("traffic", {}).get("by_kind", {})
+        kinds_widget.steps = known_steps(job)
+        kinds_widget.moved = (("total", sum(by_kind.values())), *sorted(by_kind.items())) if ended and by_kind else ()
+        self.query_one("#kinds-title", Static).update("bytes moved by kind" + (", in total and per step" if
+                                                      kinds_widget.steps and kinds_widget.moved else "")
+                                                      if kinds_widget.moved else "bytes per second by kind")
         if traffic is None:
             self.query_one(KindRates).rows = ()
             self._rank_rates: dict[int, dict[str, float]] = {}
@@ -256,6 +288,12 @@ class JobScreen(Screen):
         sent = sum((traffic.latest.get(rank, {}) if traffic else {}).values())
         reported = traffic is not None and rank in traffic.latest
         flag = getattr(self, "_health", {}).get(rank, "")
+        if job.get("state") in FINISHED_STATES:
+            moved = job.get("traffic", {}).get("by_rank", {}).get(str(rank), {})
+            sent = sum(moved.values())
+            kinds_text = ", ".join(f"{k} {human_bytes(v)}" for k, v in sorted(moved.items(), key=lambda kv: -kv[1]) if v)
+        else:
+            kinds_text = ", ".join(f"{k} {rate(v)}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]) if v)
         gpu = Text()
         if node.get("simulated"):
             gpu.append("SIM ", style=p.sim)
@@ -268,8 +306,8 @@ class JobScreen(Screen):
             pace = Text("ok" if job.get("state") == "running" else "-", style=p.dim)
         return {
             "rank": str(rank), "node": place.node, "node_rank": str(place.node_rank), "gpu": gpu,
-            "rate": rate(sum(kinds.values())), "sent": human_bytes(sent),
-            "kinds": ", ".join(f"{k} {rate(v)}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]) if v) or "-",
+            "rate": "-" if job.get("state") in FINISHED_STATES else rate(sum(kinds.values())),
+            "sent": human_bytes(sent), "kinds": kinds_text or "-",
             "health": pace,
         }
 
@@ -337,12 +375,11 @@ class JobScreen(Screen):
                 self.partial.clear()
             if shown:
                 log.write_lines(shown)
-            count = sum(1 for rank, _ in self.lines if rank >= 0)
-            self.log_note = (f"attempt {attempt}, {count} lines" + (", finished" if reply["finished"] else ""))
+            self.log_note = f"attempt {attempt}" + (", finished" if reply["finished"] else "")
             self._update_log_status()
             if reply["finished"] and not more:
                 if reply["state"] == "failed":
-                    self._rewrite()  # failed jobs also show torchrun's own output
+                    self._rewrite()  # failed jobs also show each node's own output
                 return
             if not more:
                 await asyncio.sleep(LOG_POLL)
@@ -358,9 +395,14 @@ class JobScreen(Screen):
         except Exception:  # noqa: BLE001 - not mounted yet
             return
         choice = self.rank_choice
-        which = "every rank" if choice is None else (f"rank {choice}" if choice >= 0 else launcher_label(choice))
+        which = ("every rank" if choice is None else f"rank {choice}" if choice >= 0
+                 else f"{launcher_label(choice)}'s own output")
+        count = sum(1 for rank, _ in self.lines if self._shows(rank))
+        lines = f"{count} line{'s' if count != 1 else ''}" if count else "no lines"
         status.update(Text.assemble(("showing ", "dim"), (which, "bold"), ("  ([ ] to change)  follow: ", "dim"),
-                                    ("on" if self.follow else "off", "bold"), ("  (f)  ", "dim"), (self.log_note, "dim")))
+                                    ("on" if self.follow else "off", "bold"), ("  (f)  ", "dim"),
+                                    (f"{self.log_note}, {lines}" if self.log_note.startswith("attempt") else self.log_note,
+                                     "dim")))
 
     def watch_follow(self, follow: bool) -> None:
         log = self.query_one(Log)
@@ -564,9 +606,9 @@ class ConfirmScreen(ModalScreen[bool]):
         Binding("n,escape", "answer(False)", "No", id="confirm.no"),
     ]
 
-    def __init__(self, question: str, detail: str, yes: str) -> None:
+    def __init__(self, question: str, detail: str, yes: str, no: str = "No") -> None:
         super().__init__()
-        self.question, self.detail, self.yes = question, detail, yes
+        self.question, self.detail, self.yes, self.no = question, detail, yes, no
 
     def compose(self) -> ComposeResult:
         with Vertical(id="confirm"):
@@ -574,7 +616,7 @@ class ConfirmScreen(ModalScreen[bool]):
             yield Static(self.detail, classes="detail", markup=False)
             with Horizontal(classes="buttons"):
                 yield Button(f"{self.yes} (y)", id="yes", variant="error", compact=True)
-                yield Button("Keep it (n)", id="no", compact=True)
+                yield Button(f"{self.no} (n)", id="no", compact=True)
         yield Footer()
 
     def on_mount(self) -> None:
@@ -623,7 +665,8 @@ class HelpScreen(ModalScreen[None]):
         self.keymap_path = keymap_path
 
     def compose(self) -> ComposeResult:
-        lines = "\n".join(f"  [b]{key:<10}[/b] {text}  [dim]({binding_id})[/dim]" for key, text, binding_id in self.keys)
+        lines = "\n".join(f"  [b]{escape(key):<10}[/b] {escape(text)}" + (f"  [dim]({binding_id})[/dim]" if binding_id else "")
+                          for key, text, binding_id in self.keys)
         with VerticalScroll(id="help"):
             yield Static(HELP.format(matrix=MATRIX_HELP, keys=lines, keymap=self.keymap_path), markup=True)
         yield Footer()
@@ -640,10 +683,12 @@ class NotFoundScreen(Screen):
         Binding("q", "app.quit", "Quit", id="notfound.quit"),
     ]
 
-    def __init__(self, reason: str, retry_in: float | None = None) -> None:
+    def __init__(self, reason: str, retry_in: float | None = None, asked: str | None = None) -> None:
+        """`asked`: the coordinator the user named (flag or environment), which the advice repeats."""
         super().__init__()
         self.reason = reason
         self.retry_in = retry_in
+        self.asked = asked
 
     def compose(self) -> ComposeResult:
         yield DeckHeader(show_clock=False)
@@ -656,7 +701,7 @@ class NotFoundScreen(Screen):
                 "(or quit and run it here: it opens this dashboard itself). This screen connects by itself "
                 "as soon as a coordinator answers.\n\n"
                 "[b]To watch a cluster elsewhere[/b]:\n\n"
-                "    gpudeck --coordinator HOST:7070 --token-file FILE\n\n"
+                f"    gpudeck --coordinator {escape(self.asked or f'HOST:{config.DEFAULT_PORT}')} --token-file FILE\n\n"
                 "or set GPUDECK_COORDINATOR and GPUDECK_TOKEN. `gpudeck token` on the coordinator's machine "
                 "prints the token.", markup=True, classes="advice")
         yield Footer()

@@ -20,8 +20,8 @@ from textual.widgets._header import HeaderTitle
 
 from gpudeck.text import visible
 from gpudeck.tui.model import (
-    ACTIVE_STATES, Changes, Cluster, age, bar, describe_process, foreign_processes, gib, matches, rank_health,
-    rank_places, rate, request_text, sparkline,
+    ACTIVE_STATES, Changes, Cluster, JobTraffic, age, bar, describe_process, foreign_processes, gib, human_bytes,
+    matches, rank_health, rank_places, rate, request_text, sparkline,
 )
 from gpudeck.tui.table import SPAN, SPAN_FROM, Column, DeckTable, Palette
 
@@ -118,12 +118,13 @@ NODE_COLUMNS = [
     Column("history", "HISTORY", 8, priority=3, flex=1, max_width=40),
     Column("temp", "TEMP", 4, priority=4, align="right"),
     Column("power", "POWER", 5, priority=5, align="right"),
-    Column("address", "ADDRESS", 15, priority=2),
+    Column("address", "ADDRESS", 15, priority=6),  # the first to go: a narrow terminal keeps temperature and power
     Column("heartbeat", "SEEN", 4, align="right"),
     Column("jobs", "JOBS / PROCESSES", 6, flex=2),
 ]
 
 STATE_STYLE = {"up": "good", "suspect": "warn", "down": "bad", "unjoined": "warn"}
+READING_COLUMNS = {"util", "memory", "history", "temp", "power"}
 
 
 def _watts(value: float) -> str:
@@ -135,15 +136,15 @@ class NodesView(FilteredView):
 
     kind = "node"
 
-    def __init__(self, cluster: Cluster, id: str | None = None) -> None:
+    def __init__(self, cluster: Cluster, id: str | None = None, local_node: str | None = None) -> None:
         super().__init__(cluster, id=id)
+        self.local_node = local_node  # the agent `gpudeck up` starts beside the dashboard
         self.expanded: set[str] = set()
         self.collapsed: set[str] = set()
         self.expand_all = True
         self.sized = False
         self.table = DeckTable(NODE_COLUMNS, self._row, version=self._version, id="nodes-table",
-                               empty="no nodes have joined yet: run `gpudeck agent` on each GPU machine "
-                                     "(or `gpudeck up` on this one)")
+                               empty=self._nothing_joined())
 
     def compose(self) -> ComposeResult:
         yield self.table
@@ -155,7 +156,14 @@ class NodesView(FilteredView):
     def is_expanded(self, name: str) -> bool:
         return name in self.expanded or (self.expand_all and name not in self.collapsed)
 
+    def _nothing_joined(self) -> str:
+        if self.local_node:
+            return f"the local agent ({self.local_node}) is starting; its GPUs appear here once it has joined"
+        return "no nodes have joined yet: run `gpudeck agent` on each GPU machine (or `gpudeck up` on this one)"
+
     def rebuild(self) -> None:
+        self.table.empty = (f"no nodes match {self.filter_text.strip()!r} (esc in the filter clears it)"
+                            if self.filter_text.strip() and self.cluster.nodes else self._nothing_joined())
         keys: list[Hashable] = []
         for name in self.cluster.node_names():
             node = self.cluster.nodes[name]
@@ -210,7 +218,8 @@ class NodesView(FilteredView):
         return key[1] if key and key[0] in ("node", "gpu") else None
 
     def on_deck_table_selected(self, event: DeckTable.Selected) -> None:
-        if event.key and event.key[0] in ("node", "gpu"):
+        """Enter on a node shows or hides its GPUs; on a GPU it stays put (the preview has its detail)."""
+        if event.key and event.key[0] == "node":
             self.toggle(event.key[1])
             self.table.move_to(("node", event.key[1]))
 
@@ -300,7 +309,10 @@ class NodesView(FilteredView):
         if foreign:
             jobs.append(f" !{foreign} outside", style=p.bad)
         util = sum(utils) / len(utils) if utils else None
-        return {
+        stale = node["state"] == "down"
+        if stale:
+            jobs = Text("stale ", style=p.warn) + jobs
+        return self._dim_readings(stale, p, {
             "name": Text(marker + name, style="bold"),
             "state": Text(state, style=getattr(p, STATE_STYLE.get(node["state"], "warn")) if state != "draining" else p.warn),
             "gpus": gpus_cell,
@@ -313,7 +325,15 @@ class NodesView(FilteredView):
             "address": node.get("address", ""),
             "heartbeat": Text(age(seen), style=p.warn if seen > HEARTBEAT_LATE else p.dim),
             "jobs": jobs,
-        }
+        })
+
+    @staticmethod
+    def _dim_readings(stale: bool, p: Palette, cells: dict[str, Any]) -> dict[str, Any]:
+        """A down node's last readings, dimmed: they are what it said before it stopped answering."""
+        if stale:
+            for key in READING_COLUMNS & cells.keys():
+                cells[key] = Text(cells[key].plain if isinstance(cells[key], Text) else cells[key], style=p.dim)
+        return cells
 
     def _gpu_cells(self, name: str, index: int, p: Palette) -> dict[str, Any]:
         node = self.cluster.nodes.get(name)
@@ -328,7 +348,10 @@ class NodesView(FilteredView):
         gpu_name = (gpu.get("name") or "GPU").removeprefix("NVIDIA ")
         if not (node.get("simulated") and gpu_name.startswith("Simulated")):
             label.append(gpu_name, style=p.dim)
-        if foreign:
+        stale = node["state"] == "down"
+        if stale:
+            state, style = "stale", p.warn
+        elif foreign:
             state, style = "outside", p.bad
         elif job is not None:
             state, style = "busy", p.good
@@ -362,7 +385,7 @@ class NodesView(FilteredView):
         rest.append_text(use or Text("-", style=p.dim))
         cells[SPAN_FROM] = "address"
         cells[SPAN] = rest
-        return cells
+        return self._dim_readings(stale, p, cells)
 
     @staticmethod
     def _util(value: float | None, p: Palette) -> Text:
@@ -550,9 +573,15 @@ class TrafficView(Vertical):
             "history": Text(sparkline(traffic.series() if traffic else [], self.table.column_width("history")),
                             style=p.accent),
             "kinds": ", ".join(f"{k} {rate(v)}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]) if v)
-                     or Text("none yet", style=p.dim),
+                     or _quiet(traffic, p),
             "health": Text("rank " + ", ".join(off), style=p.bad) if off else Text("-", style=p.dim),
         }
+
+
+def _quiet(traffic: JobTraffic | None, p: Palette) -> Text:
+    """A job sending nothing now: what it has sent so far, or that it has not reported yet."""
+    sent = sum(count for kinds in (traffic.latest.values() if traffic else ()) for count in kinds.values())
+    return Text(f"quiet now; sent {human_bytes(sent)} so far" if sent else "no traffic reported yet", style=p.dim)
 
 
 class Banner(Static):

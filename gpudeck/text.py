@@ -71,3 +71,8 @@ def visible_data(value: Any) -> Any:
     if isinstance(value, list):
         return [visible_data(item) for item in value]
     return value
+
+
+def counted(count: int, noun: str) -> str:
+    """'1 GPU', '2 GPUs', '0 jobs': a count with its noun, singular only for one."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"

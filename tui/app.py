@@ -26,7 +26,7 @@ from textual.worker import Worker
 from gpudeck import config
 from gpudeck.model import WORKLOADS
 from gpudeck.protocol.session import Refused
-from gpudeck.text import visible
+from gpudeck.text import counted, visible
 from gpudeck.tui.client import Changed, Connected, CoordinatorLink, Link, Lost, NotConnected, NotFound
 from gpudeck.tui.model import ACTIVE_STATES, FINISHED_STATES, Changes, Cluster
 from gpudeck.tui.screens import ConfirmScreen, HelpScreen, JobScreen, NotFoundScreen, SubmitScreen
@@ -230,10 +230,10 @@ class GpudeckApp(App[int]):
             return
         totals = self.cluster.totals()
         sim = f" ({totals['simulated']} SIM)" if totals["simulated"] else ""
-        nodes = f"{totals['up']}/{totals['nodes']} node{'s' if totals['nodes'] != 1 else ''} up"
+        nodes = f"{totals['up']}/{counted(totals['nodes'], 'node')} up"
         if not totals["nodes"] and self.local_node:
             nodes = f"the local agent ({self.local_node}) is starting"
-        counts = (f"{nodes} · {totals['gpus']} GPU{'s' if totals['gpus'] != 1 else ''}{sim} · {totals['busy']} busy"
+        counts = (f"{nodes} · {counted(totals['gpus'], 'GPU')}{sim} · {totals['busy']} busy"
                   f" · {totals['running']} running · {totals['pending']} pending")
         room = self.size.width - HEADER_MARGIN - max(len(screen.title or self.title) for screen in self.screen_stack)
         if len(f" — {self.where} · {counts}") <= room:
@@ -241,7 +241,7 @@ class GpudeckApp(App[int]):
         elif len(f" — {counts}") <= room:
             self.sub_title = counts
         else:  # the counts a person acts on, in the fewest words
-            self.sub_title = (f"{totals['up']}/{totals['nodes']} up · {totals['gpus']} GPUs · {totals['busy']} busy"
+            self.sub_title = (f"{totals['up']}/{totals['nodes']} up · {counted(totals['gpus'], 'GPU')} · {totals['busy']} busy"
                               f" · {totals['running']} running · {totals['pending']} pending")
 
     def on_resize(self) -> None:

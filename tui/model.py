@@ -429,14 +429,14 @@ def request_problem(gpus: int | None, nodes: int | None, gpus_per_node: int | No
     """
     if gpus is not None:
         if not 1 <= gpus <= MAX_GPUS:
-            return f"GPUs must be between 1 and {MAX_GPUS}"
+            return f"a job takes from 1 to {MAX_GPUS} GPUs"
     else:
         if nodes is None or gpus_per_node is None:
             return "say how many GPUs: G, or N nodes x G GPUs per node (like 2x4)"
         if not 1 <= nodes <= MAX_NODES:
-            return f"nodes must be between 1 and {MAX_NODES}"
+            return f"a job spans from 1 to {MAX_NODES} nodes"
         if not 1 <= gpus_per_node <= MAX_GPUS_PER_NODE:
-            return f"GPUs per node must be between 1 and {MAX_GPUS_PER_NODE}"
+            return f"a job takes from 1 to {MAX_GPUS_PER_NODE} GPUs on each node"
     alive = [(n["name"], len(n["gpus"])) for n in cluster if n["state"] != "down"]
     return impossible_reason(gpus, nodes, gpus_per_node, alive)
 
@@ -544,6 +544,12 @@ def request_text(job: Job) -> str:
     if req.get("nodes") is not None:
         return f"{req['nodes']}x{req['gpus_per_node']}"
     return str(job.get("gpus", "?"))
+
+
+def asked_text(job: Job) -> str:
+    """What a job asked for, with its noun: '1 GPU', '4 GPUs', '2x4 GPUs'."""
+    asked = request_text(job)
+    return f"{asked} GPU" if asked == "1" else f"{asked} GPUs"
 
 
 def foreign_processes(gpu: dict[str, Any]) -> list[dict[str, Any]]:

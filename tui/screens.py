@@ -28,8 +28,8 @@ from gpudeck.text import safe_output, visible
 from gpudeck.protocol.session import Refused
 from gpudeck.tui.client import NotConnected
 from gpudeck.tui.model import (
-    ACTIVE_STATES, FINISHED_STATES, MATRIX_HELP, Changes, human_bytes, known_steps, node_matrix, rank_health,
-    rank_places, rate, request_text, sparkline,
+    ACTIVE_STATES, FINISHED_STATES, MATRIX_HELP, Changes, asked_text, human_bytes, known_steps, node_matrix, rank_health,
+    rank_places, rate, sparkline,
 )
 from gpudeck.tui.spec import SCRIPT, Form, check_form
 from gpudeck.tui.table import Column, DeckTable, Palette
@@ -235,7 +235,7 @@ class JobScreen(Screen):
         exit_code = "-" if job.get("exit_code") is None else str(job["exit_code"])
         text.append(f"  attempt {job['attempt']}  runtime {cluster.runtime(job)}  exit {exit_code}\n")
         limit = format_duration(job["time_limit"]) if job.get("time_limit") else "none"
-        text.append(f"asked {request_text(job)} GPUs  priority {job['priority']}  restarts "
+        text.append(f"asked {asked_text(job)}  priority {job['priority']}  restarts "
                     f"{job['restarts']}/{job['max_restarts']}  time limit {limit}\n", style="dim")
         if job.get("reason"):
             text.append(f"{job['reason']}\n", style="italic")
@@ -555,8 +555,10 @@ class SubmitScreen(ModalScreen[dict[str, Any] | None]):
     def on_select_changed(self, event: Select.Changed) -> None:
         workload = isinstance(event.value, str) and event.value != SCRIPT
         self.query_one("#row-script Label", Label).update("Arguments" if workload else "Script + args")
+        hints = dict((k, h) for k, _, h in FIELDS)
         self.query_one("#f-script", Input).placeholder = ("arguments for the workload (optional)" if workload
-                                                          else dict((k, h) for k, _, h in FIELDS)["script"])
+                                                          else hints["script"])
+        self.query_one("#f-name", Input).placeholder = ("default: the workload's name" if workload else hints["name"])
         self.check()
 
     def on_input_submitted(self, event: Input.Submitted) -> None:

@@ -18,9 +18,9 @@ from textual.dom import NoScreen
 from textual.widgets import Header, Input, Static
 from textual.widgets._header import HeaderTitle
 
-from gpudeck.text import visible
+from gpudeck.text import counted, visible
 from gpudeck.tui.model import (
-    ACTIVE_STATES, Changes, Cluster, JobTraffic, age, bar, describe_process, foreign_processes, gib, human_bytes,
+    ACTIVE_STATES, Changes, Cluster, JobTraffic, age, asked_text, bar, describe_process, foreign_processes, gib, human_bytes,
     matches, rank_health, rank_places, rate, request_text, sparkline,
 )
 from gpudeck.tui.table import SPAN, SPAN_FROM, Column, DeckTable, Palette
@@ -228,7 +228,8 @@ class NodesView(FilteredView):
         if key[0] in ("section", "unjoined"):
             for advert in self.cluster.unjoined:
                 if key[0] == "section" or advert["name"] == key[1]:
-                    text.append(f"{advert['name']} at {advert['address']} ({advert.get('gpus', '?')} GPUs) has not "
+                    gpus = counted(advert["gpus"], "GPU") if isinstance(advert.get("gpus"), int) else "? GPUs"
+                    text.append(f"{advert['name']} at {advert['address']} ({gpus}) has not "
                                 f"joined: {advert['why']}\n")
             return text.rstrip() or Text("")
         node = self.cluster.nodes.get(key[1])
@@ -239,7 +240,7 @@ class NodesView(FilteredView):
             text.append(key[1], style="bold")
             text.append(f" ({node.get('hostname')}, {node.get('address')}) {node['state']}"
                         + (", draining" if node.get("draining") else "")
-                        + f" · {len(node['gpus'])}{sim} GPUs · jobs {','.join(map(str, node.get('jobs', []))) or 'none'}"
+                        + f" · {counted(len(node['gpus']), sim.strip() + ' GPU' if sim else 'GPU')} · jobs {','.join(map(str, node.get('jobs', []))) or 'none'}"
                         + f" · heartbeat {age(self.cluster.heartbeat_age(key[1]))} ago")
             outside = [(g["index"], p) for g in node["gpus"] for p in foreign_processes(g)]
             for index, process in outside:
@@ -463,7 +464,7 @@ class JobsView(FilteredView):
         if job.get("reason"):
             text.append(f": {job['reason']}")
         submitted = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job["submitted_at"]))
-        text.append(f"\n$ {' '.join(job.get('command', []))} · asked {request_text(job)} GPUs · priority "
+        text.append(f"\n$ {' '.join(job.get('command', []))} · asked {asked_text(job)} · priority "
                     f"{job.get('priority', 0)} · submitted {submitted}", style="dim")
         return text
 

@@ -120,7 +120,7 @@ def test_impossible_requests_say_why_in_the_schedulers_words():
     down = [n | {"state": "down"} if n["name"] == "node-a" else n for n in nodes]
     assert request_problem(4, None, None, down) == "needs 4 GPUs but the 2 nodes have only 3 GPUs in all"
     assert request_problem(99, None, None, []) is None, "nodes may still join an empty cluster"
-    assert request_problem(0, None, None, nodes) == "GPUs must be between 1 and 4096"
+    assert request_problem(0, None, None, nodes) == "a job takes from 1 to 4096 GPUs"
 
 
 def test_form_checks_as_you_type_and_reads_the_script_when_sent(tmp_path):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from textual.widgets import Static
+from textual.widgets import Input, Static
 
 from gpudeck.model import JobSpec
 from gpudeck.protocol.payloads import JobView
@@ -233,3 +233,22 @@ async def test_a_keymap_entry_with_an_unknown_id_is_named_once(tmp_path):
         await wait_for(pilot, "the snapshot", lambda: app.cluster.connected)
         said = [n.message for n in app._notifications]
         assert len([m for m in said if "gpudeck.sumbit" in m]) == 1 and not any("'gpudeck.submit'" in m for m in said), said
+
+
+async def test_the_name_placeholder_follows_the_chosen_workload(tmp_path):
+    app = GpudeckApp(RecordedLink(recorded.snapshot()), keymap_path=tmp_path / "k.json", tick=0, cwd=str(SCRIPTS),
+                     workloads=recorded.WORKLOADS)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_for(pilot, "the snapshot", lambda: app.cluster.connected)
+        await pilot.press("s", "shift+tab", "shift+tab", "enter", "down", "enter")  # Run: the first workload
+        name = lambda: app.screen.query_one("#f-name", Input).placeholder  # noqa: E731
+        await wait_for(pilot, "the workload's placeholder", lambda: "workload" in name(), seen=name)
+
+
+async def test_one_gpu_is_one_gpu(tmp_path):
+    app = app_on(tmp_path, RecordedLink(recorded.snapshot()))
+    async with app.run_test(size=(140, 30)) as pilot:
+        await wait_for(pilot, "the snapshot", lambda: app.cluster.connected)
+        assert "· 1 GPU · jobs none" in app.nodes_view.describe(("node", "node-c")).plain
+        assert "asked 1 GPU · priority" in app.jobs_view.describe(9).plain
+        assert "asked 4 GPUs · priority" in app.jobs_view.describe(8).plain

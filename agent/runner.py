@@ -728,8 +728,8 @@ def rank_variables(order: Launch, local_rank: int, env: dict[str, str]) -> dict[
     """What torchrun's static rendezvous gives each rank, so scripts run as under torchrun; rank 0
     hosts the rendezvous store on MASTER_PORT itself, where torchrun's launcher would."""
     per_node = max(1, len(order.gpus))
-    world = per_node * order.nnodes
-    rank = order.node_rank * per_node + local_rank
+    world = order.world_size or per_node * order.nnodes
+    rank = (order.first_rank if order.world_size else order.node_rank * per_node) + local_rank
     variables = {
         "RANK": rank, "LOCAL_RANK": local_rank, "WORLD_SIZE": world, "LOCAL_WORLD_SIZE": per_node,
         "GROUP_RANK": order.node_rank, "GROUP_WORLD_SIZE": order.nnodes, "ROLE_RANK": rank,

@@ -41,9 +41,11 @@ def _gpu_slot(gpu: GpuReading, busy: dict[int, int]) -> GpuSlot:
     return GpuSlot(index=gpu.index, busy_job=busy.get(gpu.index), foreign=described)
 
 
-def _launch_order(job_id: int, attempt: int, node_rank: int, nnodes: int, gpus: list[int], master_addr: str,
+def _launch_order(job_id: int, attempt: int, node_rank: int, shape: list[int], gpus: list[int], master_addr: str,
                   master_port: int, spec: JobSpec, script: bytes) -> Launch:
-    return Launch(job=job_id, attempt=attempt, node_rank=node_rank, nnodes=nnodes, gpus=gpus,
+    """`shape`: how many GPUs (ranks) each node holds, in node-rank order; ranks go node by node."""
+    return Launch(job=job_id, attempt=attempt, node_rank=node_rank, nnodes=len(shape), gpus=gpus,
+                  first_rank=sum(shape[:node_rank]), world_size=sum(shape),
                   master_addr=master_addr, master_port=master_port, script_name=spec.script_name, script=script,
                   workload=spec.workload, args=spec.args, workdir=spec.workdir, project=spec.project,
                   subdir=spec.subdir, command=spec.command, env=spec.env, python=spec.python, venv=spec.venv,
@@ -200,7 +202,8 @@ class JobControl:
         log.info("job %d attempt %d placed on %s", row.id, attempt, ", ".join(n for n, _ in hosts))
         script = self.store.script(row.id)
         for node_rank, (node, gpus) in enumerate(hosts):
-            self.send(node, _launch_order(row.id, attempt, node_rank, len(hosts), gpus, master, port, row.spec, script))
+            self.send(node, _launch_order(row.id, attempt, node_rank, [len(g) for _, g in hosts], gpus, master, port,
+                                          row.spec, script))
 
     def send_launch(self, job_id: int, attempt: int, node: str) -> None:
         """Send a stored launch again (its agent reconnected without having started it)."""
@@ -210,7 +213,8 @@ class JobControl:
         if row is None or share is None:
             return
         master_addr, master_port = self.store.master(job_id, attempt)
-        self.send(node, _launch_order(job_id, attempt, share.node_rank, len(shares), share.gpus, master_addr,
+        shape = [len(s.gpus) for s in sorted(shares, key=lambda s: s.node_rank)]
+        self.send(node, _launch_order(job_id, attempt, share.node_rank, shape, share.gpus, master_addr,
                                       master_port, row.spec, self.store.script(job_id)))
 
     # --- reports from agents -------------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from gpudeck.agent.runner import rank_variables
 from gpudeck.coordinator.jobs import FENCE_DEADLINE, JobControl
 from gpudeck.coordinator.registry import DOWN_AFTER, SUSPECT_AFTER, AgentLink, Registry
 from gpudeck.coordinator.store import JobRow, Store
@@ -129,6 +130,19 @@ def test_a_failing_rank_fails_the_job_names_it_and_stops_the_others(deck: Deck):
     deck.control.exited("node-a", job, 1, 1, "rank 0 exited with code 1", failed_at=deck.clock.now - 5)
     assert deck.job(job).reason == "rank 0 on node-a failed first: it exited with code 1", \
         "the failure that happened first is the job's, whichever report came first"
+
+
+def test_gpus_split_unevenly_over_nodes_number_the_ranks_node_by_node(tmp_path: Path):
+    deck = Deck(tmp_path / "gpudeck.db", {"node-a": 2, "node-b": 1})
+    job = deck.submit(gpus=3)
+    deck.control.schedule()
+    launches = sorted((m.node_rank, len(m.gpus), m.first_rank, m.world_size) for _, m in deck.taken(Launch))
+    assert launches == [(0, 2, 0, 3), (1, 1, 2, 3)], launches
+    deck.restart()
+    deck.control.send_launch(job, 1, "node-b")  # resent after a reconnect: the same numbering
+    ((_, again),) = deck.taken(Launch)
+    variables = [rank_variables(again, 0, {})]
+    assert (variables[0]["RANK"], variables[0]["WORLD_SIZE"], variables[0]["LOCAL_WORLD_SIZE"]) == ("2", "3", "1")
 
 
 def test_a_taken_rendezvous_port_places_the_job_again(deck: Deck):

@@ -219,6 +219,10 @@ class Launch(Message):
     requirements: dict[str, bytes] = dataclasses.field(default_factory=dict)  # file name -> content
     image: str = ""  # a container image to run in, "" for none
     launcher: str = ""  # "torchrun": one torchrun per node starts the ranks; "": the agent starts them
+    # This node's first global rank and the job's ranks in all: nodes may hold different numbers of
+    # them (3 GPUs as 2 + 1). world_size 0: a coordinator from before, for which every node held as many.
+    first_rank: int = 0
+    world_size: int = 0
 
 
 @message("content_chunk")

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from gpudeck.protocol import auth
 
 DEFAULT_PORT = 7070
+WEB_PORT = 7080  # `gpudeck web`, the dashboard in a browser
 ENDPOINT_FILE = "endpoint.json"
 
 # Storage bounds, each a flag of `gpudeck coordinator` or `gpudeck agent` (the default here).

@@ -107,6 +107,14 @@ class CoordinatorLink:
         token = self.join_token or config.find_token(self.token_text, self.token_file)
         return endpoints, token
 
+    async def check_token(self, token: auth.JoinToken) -> None:
+        """Prove a token typed on the prompt (`gpudeck web`) by connecting with it once, and keep it
+        for `events()`; raises what the connection raised (`Refused` for a wrong secret)."""
+        endpoints = self.endpoints or await find_endpoints(self.coordinator, self.mdns_interfaces)
+        async with connect(endpoints, token, self.name):
+            pass
+        self.join_token = token
+
     async def events(self) -> AsyncIterator[LinkEvent]:
         failures = 0
         connected_once = False

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Awaitable, Callable
 
 from gpudeck.config import NODE_CACHE_LIMIT
-from gpudeck.project import CHUNK, Manifest, human_bytes
+from gpudeck.project import CHUNK, Manifest
 from gpudeck.protocol.messages import ContentChunk, FetchContent, Message
+from gpudeck.text import human_bytes
 
 IN_FLIGHT = 4  # chunks of one content asked for ahead
 IN_FLIGHT_PER_NODE = 8  # chunks asked for at once by the whole node

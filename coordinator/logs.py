@@ -56,3 +56,26 @@ class LogStore:
                 chunks[r] = handle.read(budget)
             budget -= len(chunks[r])
         return chunks
+
+
+
+def rank_problem(job: int, rank: int, ranks: int, nodes: int | None, most_nodes: int) -> str | None:
+    """Why `rank` names no log of a job with `ranks` ranks (0 for a command, which has only its nodes'
+    own output) on `nodes` nodes (None before it is placed: up to `most_nodes`), naming those it has;
+    None when the rank is the job's, with or without a log yet (a follower waits for it)."""
+    if 0 <= rank < ranks or (rank < 0 and -rank <= (nodes or most_nodes)):
+        return None
+    own = _span(-1, -nodes) if nodes else "-1 and below"
+    if not ranks:
+        return (f"job {job} has no rank {rank}: it runs a command once per node, so its output is under "
+                f"ranks {own} (or leave out --rank)")
+    listed = "its only rank is 0" if ranks == 1 else f"its ranks are {_span(0, ranks - 1)}"
+    whose = "its node's" if nodes == 1 else "each node's"
+    return f"job {job} has no rank {rank}: {listed} (and {own} for {whose} own output)"
+
+
+def _span(first: int, last: int) -> str:
+    """'0', '0 and 1', '0 to 7' (or '-1 to -4')."""
+    if first == last:
+        return str(first)
+    return f"{first} and {last}" if abs(last - first) == 1 else f"{first} to {last}"

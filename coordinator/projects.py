@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gpudeck.config import PROJECT_STORE_LIMIT
-from gpudeck.project import CHUNK, DEFAULT_CAP, DIGEST, Manifest, human_bytes
+from gpudeck.project import CHUNK, DEFAULT_CAP, DIGEST, Manifest
+from gpudeck.text import human_bytes
 
 log = logging.getLogger(__name__)
 

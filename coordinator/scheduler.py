@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 from gpudeck import capacity
 from gpudeck.capacity import be as _be
-from gpudeck.capacity import count as _count
+from gpudeck.text import counted as _count
 from gpudeck.capacity import have as _have
 from gpudeck.capacity import spread_need as _spread_need
 

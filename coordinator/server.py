@@ -22,11 +22,11 @@ from gpudeck.coordinator.admission import (
     HELLO_FRAME_LIMIT, PROOF_DEADLINE, AdmissionGate, HeldConnection, give_freed_buffers_back, source_of, tls_streams,
 )
 from gpudeck.coordinator.jobs import JOB_PORTS, JobControl
-from gpudeck.coordinator.logs import LogStore
+from gpudeck.coordinator.logs import LogStore, rank_problem
 from gpudeck.coordinator.outputs import OutputRelay
 from gpudeck.coordinator.projects import ProjectStore
 from gpudeck.coordinator.registry import SUSPECT_AFTER, AgentLink, Registry
-from gpudeck.coordinator.store import JobRow, Store, StoreFull
+from gpudeck.coordinator.store import JobFilter, JobRow, Store, StoreFull
 from gpudeck.coordinator.traffic import TrafficBook
 from gpudeck.coordinator.views import job_view, node_view
 from gpudeck.coordinator.watch import JOBS_PER_FRAME, Publisher, split_update
@@ -37,12 +37,13 @@ from gpudeck.project import DEFAULT_CAP, path_problem
 from gpudeck.protocol import auth
 from gpudeck.protocol.framing import FrameError
 from gpudeck.protocol.messages import (
-    PROTOCOL_VERSION, Cancel, ContentChunk, ContentPut, Drain, Error, FetchContent, Hello, JobExited, JobPreparing,
-    JobStarted, ListJobs, ListNodes, LogChunk, LogOffsets, Message, OutputChunk, Outputs, ProjectOffer, ProtocolError,
-    ReadLogs, ReadOutput, Register, Reply, ShowJob, Submit, Telemetry, Traffic, Update, Watch, Welcome,
+    PROTOCOL_VERSION, Cancel, ContentChunk, ContentPut, CountJobs, Drain, Error, FetchContent, Hello, JobExited,
+    JobPreparing, JobStarted, ListJobs, ListNodes, LogChunk, LogOffsets, Message, OutputChunk, Outputs, ProjectOffer,
+    ProtocolError, ReadLogs, ReadOutput, Register, Reply, ShowJob, Submit, Telemetry, Traffic, Update, Watch, Welcome,
 )
 from gpudeck.protocol.payloads import JobReport
 from gpudeck.protocol.session import HANDSHAKE_TIMEOUT, Connection
+from gpudeck.text import counted
 
 log = logging.getLogger(__name__)
 NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -396,7 +397,10 @@ class Coordinator:
         if isinstance(message, ListJobs):
             if not 1 <= message.limit <= JOBS_PER_FRAME:
                 raise ValueError(f"a page of jobs holds 1 to {JOBS_PER_FRAME} jobs")
-            return self._job_views(self.store.jobs_page(message.after, message.limit))
+            filters = _job_filter(message.states, message.since, message.before)
+            return self._job_views(self.store.jobs_page(message.after, message.limit, filters, message.newest))
+        if isinstance(message, CountJobs):
+            return self.store.count_jobs(_job_filter(message.states, message.since, None))
         if isinstance(message, ShowJob):
             return self._job_views([self._job(message.job)])[0]
         if isinstance(message, Cancel):
@@ -480,9 +484,29 @@ class Coordinator:
         return next(n for n in self._nodes()["nodes"] if n["name"] == message.node)
 
     def _read_logs(self, message: ReadLogs) -> dict[str, Any]:
+        """Log bytes of one attempt; refused, naming what there is, for an attempt the job has not had
+        or a rank it does not have (a rank of a job still waiting has no log yet, and is no error)."""
         row = self._job(message.job)
         attempt = message.attempt if message.attempt is not None else row.attempt
+        if message.attempt is not None and not 1 <= attempt <= row.attempt:
+            had = f"it has had {counted(row.attempt, 'attempt')}" if row.attempt else "it has not started yet"
+            raise LookupError(f"job {row.id} has no attempt {attempt}: {had}")
+        if message.rank is not None and message.rank not in self.logs.ranks(message.job, attempt):
+            spec = row.spec
+            ranks = 0 if spec.command else spec.gpus if spec.gpus is not None else spec.nodes * spec.gpus_per_node
+            placed = len(self.store.attempt_nodes(row.id, attempt)) or None
+            problem = rank_problem(row.id, message.rank, ranks, placed, spec.nodes or spec.gpus or 1)
+            if problem:
+                raise LookupError(problem)
         chunks = self.logs.read(message.job, attempt, message.offsets, message.rank)
-        return {"attempt": attempt, "state": row.state.value, "finished": row.state.finished,
+        return {"attempt": attempt, "state": row.state.value, "finished": row.state.finished, "reason": row.reason,
                 "per_node": bool(row.spec.command),  # a command's output is each node's own channel
                 "chunks": {str(rank): data for rank, data in chunks.items()}}
+
+
+def _job_filter(states: list[str], since: float | None, before: int | None) -> JobFilter:
+    known = [state.value for state in JobState]
+    unknown = [state for state in states if state not in known]
+    if unknown:
+        raise ValueError(f"{unknown[0]!r} is not a job state (the states are {', '.join(known)})")
+    return JobFilter(tuple(JobState(state) for state in states), since, before)

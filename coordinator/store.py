@@ -58,6 +58,31 @@ class JobRow:
 
 
 @dataclass(frozen=True)
+class JobFilter:
+    """Which jobs a listing asks for: in `states` (empty: any), unfinished or ended at or after
+    `since` (None: any time), with ids below `before` (None: any)."""
+
+    states: tuple[JobState, ...] = ()
+    since: float | None = None
+    before: int | None = None
+
+    def sql(self) -> tuple[str, list[Any]]:
+        """A WHERE condition on `jobs j` and its parameters."""
+        terms, params = ["1"], []
+        if self.states:
+            terms.append(f"j.state IN ({','.join('?' * len(self.states))})")
+            params += [state.value for state in self.states]
+        if self.since is not None:
+            unfinished = [state.value for state in JobState if not state.finished]
+            terms.append(f"(j.state IN ({','.join('?' * len(unfinished))}) OR j.ended_at >= ?)")
+            params += [*unfinished, self.since]
+        if self.before is not None:
+            terms.append("j.id < ?")
+            params.append(self.before)
+        return " AND ".join(terms), params
+
+
+@dataclass(frozen=True)
 class AttemptNode:
     """One node's share of a job attempt."""
 
@@ -239,11 +264,21 @@ class Store:
             return self._load(f"j.state in ({marks})", [s.value for s in states])
         return self._load("1", [])
 
-    def jobs_page(self, after: int, limit: int) -> list[JobRow]:
-        """Up to `limit` jobs with ids above `after`, in id order."""
-        ids = [row[0] for row in self.db.conn.execute("SELECT id FROM jobs WHERE id > ? ORDER BY id LIMIT ?",
-                                                      [after, limit])]
-        return self._load("j.id >= ? AND j.id <= ?", [ids[0], ids[-1]]) if ids else []
+    def jobs_page(self, after: int, limit: int, filters: JobFilter | None = None, newest: bool = False) -> list[JobRow]:
+        """Up to `limit` jobs with ids above `after` that pass `filters`, in id order: the lowest
+        such ids, or with `newest` the highest."""
+        where, params = (filters or JobFilter()).sql()
+        order = "DESC" if newest else ""
+        sql = f"SELECT j.id FROM jobs j WHERE j.id > ? AND {where} ORDER BY j.id {order} LIMIT ?"
+        ids = [row[0] for row in self.db.conn.execute(sql, [after, *params, limit])]
+        if not ids:
+            return []
+        return self._load(f"j.id >= ? AND j.id <= ? AND {where}", [min(ids), max(ids), *params])
+
+    def count_jobs(self, filters: JobFilter | None = None) -> int:
+        """How many jobs pass `filters`."""
+        where, params = (filters or JobFilter()).sql()
+        return self.db.conn.execute(f"SELECT count(*) FROM jobs j WHERE {where}", params).fetchone()[0]
 
     def take_newly_pending(self) -> list[int]:
         """Jobs that became pending (submitted or requeued) since the last call, in that order."""

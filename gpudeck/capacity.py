@@ -8,17 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from gpudeck.text import counted
+
 MAX_GPUS = 4096
 MAX_NODES = 1024
 MAX_GPUS_PER_NODE = 64
 
 NodeSize = tuple[str, int]
 """A node's name and how many GPUs it has."""
-
-
-def count(n: int, noun: str) -> str:
-    """'1 GPU', '2 GPUs'."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def be(n: int) -> str:
@@ -32,8 +29,8 @@ def have(n: int) -> str:
 def spread_need(nodes: int, per_node: int, adjective: str = "") -> str:
     """'needs 4 GPUs on one node' or 'needs 2 nodes with 4 <adjective>GPUs each'."""
     if nodes == 1:
-        return f"needs {count(per_node, 'GPU')} on one node"
-    return f"needs {nodes} nodes with {count(per_node, adjective + 'GPU')} each"
+        return f"needs {counted(per_node, 'GPU')} on one node"
+    return f"needs {nodes} nodes with {counted(per_node, adjective + 'GPU')} each"
 
 
 def _range_error(flag: str, value: object, most: int) -> str | None:
@@ -80,18 +77,18 @@ def _too_few_gpus(wanted: int, cluster: Sequence[NodeSize]) -> str | None:
     total = sum(size for _, size in cluster)
     if total >= wanted:
         return None
-    return (f"needs {count(wanted, 'GPU')} but the {count(len(cluster), 'node')} {have(len(cluster))} "
-            f"only {count(total, 'GPU')} in all")
+    return (f"needs {counted(wanted, 'GPU')} but the {counted(len(cluster), 'node')} {have(len(cluster))} "
+            f"only {counted(total, 'GPU')} in all")
 
 
 def _too_few_nodes(nodes: int, per_node: int, cluster: Sequence[NodeSize]) -> str | None:
     need = spread_need(nodes, per_node)
     if len(cluster) < nodes:
-        return f"{need} but there {be(len(cluster))} only {count(len(cluster), 'node')}"
+        return f"{need} but there {be(len(cluster))} only {counted(len(cluster), 'node')}"
     big = sorted(name for name, size in cluster if size >= per_node)
     if len(big) >= nodes:
         return None
     if big:
-        return f"{need} but only {count(len(big), 'node')} {have(len(big))} that many ({', '.join(big)})"
+        return f"{need} but only {counted(len(big), 'node')} {have(len(big))} that many ({', '.join(big)})"
     name, size = min(cluster, key=lambda node: (-node[1], node[0]))
-    return f"{need} but the largest node, {name}, has {count(size, 'GPU')}"
+    return f"{need} but the largest node, {name}, has {counted(size, 'GPU')}"

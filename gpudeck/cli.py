@@ -20,9 +20,12 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 from gpudeck import __version__, config
 from gpudeck.capacity import MAX_GPUS, MAX_GPUS_PER_NODE, MAX_NODES
 from gpudeck.config import split_address
-from gpudeck.model import MAX_PRIORITY, MAX_RESTARTS, MAX_TIME_LIMIT, WORKLOADS, JobSpec, parse_duration, parse_size
+from gpudeck.model import (
+    MAX_PRIORITY, MAX_RESTARTS, MAX_TIME_LIMIT, WORKLOADS, JobSpec, JobState, duration_seconds, parse_duration,
+    parse_shape, parse_size,
+)
 from gpudeck.project import DEFAULT_CAP, OUTPUTS_HERE
-from gpudeck.text import visible
+from gpudeck.text import counted, visible
 
 if TYPE_CHECKING:
     from gpudeck.protocol import auth
@@ -39,6 +42,9 @@ class UsageError(Failure):
 
 MAX_ID = 2**63 - 1  # SQLite's and msgpack's largest integer
 JOBS_PAGE = 1000  # jobs per list request; the coordinator allows at most this many
+RECENT_FINISHED = 20  # finished jobs `gpudeck jobs` shows by default, the most recent
+ACTIVE_STATES = [state.value for state in JobState if not state.finished]
+FINISHED_STATES = [state.value for state in JobState if state.finished]
 
 
 def job_id(text: str) -> int:
@@ -62,7 +68,7 @@ def bounded(low: int, high: int) -> Callable[[str], int]:
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
         if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{text} is not between {low} and {high}")
+            raise argparse.ArgumentTypeError(f"{text} is not from {low} to {high}")
         return value
 
     return whole_number
@@ -85,6 +91,41 @@ def size(text: str) -> int:
         return parse_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def gpu_shape(text: str) -> tuple[int | None, int | None, int | None]:
+    """--gpus for argparse: G GPUs, or NxG (N nodes with G GPUs each), read as the dashboard's form reads it."""
+    try:
+        return parse_shape(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def job_states(text: str) -> list[str]:
+    """--state for argparse: states separated by commas; any other word is a usage error naming the states."""
+    states = [part.strip().lower() for part in text.split(",")]
+    for state in states:
+        if state not in ACTIVE_STATES + FINISHED_STATES:
+            raise argparse.ArgumentTypeError(f"{state!r} is not a job state (the states are "
+                                             f"{', '.join(ACTIVE_STATES + FINISHED_STATES)})")
+    return states
+
+
+def since_time(text: str) -> float:
+    """--since for argparse: how long ago (2h, 3d, 1h30m) or a date with an optional time (2026-12-01,
+    2026-12-01T09:30, in local time unless it names a zone), as epoch seconds."""
+    import datetime
+    import time
+
+    try:
+        return max(time.time() - duration_seconds(text), 0.0)
+    except ValueError:
+        pass
+    try:
+        return datetime.datetime.fromisoformat(text.strip()).timestamp()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither how long ago (like 2h or 3d) nor a date (like "
+                                         "2026-12-01 or 2026-12-01T09:30)") from None
 
 
 def coordinator_address(text: str) -> str:
@@ -126,6 +167,17 @@ def port_range(text: str) -> tuple[int, int]:
     return low, high
 
 
+def _command(sub: Any, name: str, summary: str, description: str, *examples: str) -> argparse.ArgumentParser:
+    """A subcommand whose --help starts with a paragraph on what it does and ends with examples, so a
+    newcomer can use it from its help alone."""
+    return sub.add_parser(name, help=summary, description=textwrap.fill(description, 100),
+                          epilog="examples:\n" + "\n".join(f"  {example}" for example in examples),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+JOB_HELP = "the job's id, as submit printed it and `gpudeck jobs` lists it"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpudeck", description="Run your own GPU cluster from a terminal.", allow_abbrev=False,
@@ -141,13 +193,21 @@ def build_parser() -> argparse.ArgumentParser:
                            help="with no command: a file holding the join token")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    tui = sub.add_parser("tui", help="the dashboard (what `gpudeck` with no command opens)",
-                         description="A keyboard-driven dashboard of nodes, GPUs, jobs and sync traffic.")
+    tui = _command(sub, "tui", "the dashboard (what `gpudeck` with no command opens)",
+                   "A keyboard-driven dashboard of nodes, GPUs, jobs and sync traffic, in this terminal. It shows "
+                   "the coordinator given by --coordinator, else $GPUDECK_COORDINATOR, else the one this machine's "
+                   "data dir names, else one found over mDNS. Press ? in it for every key.",
+                   "gpudeck tui", "gpudeck tui --coordinator lab-head:7070 --token-file ~/gpudeck-token")
     _client_flags(tui)
     tui.add_argument("--mdns-interface", action="append", metavar="IP",
                      help="look for the coordinator over mDNS only on the interface with this address")
 
-    up = sub.add_parser("up", help="run a coordinator and an agent on this machine (loopback only), with the dashboard")
+    up = _command(sub, "up", "run a coordinator and an agent on this machine (loopback only), with the dashboard",
+                  "Everything on this one machine, for trying gpudeck out or for a single workstation: a "
+                  "coordinator and an agent for this machine's GPUs, listening on loopback only (--lan to let "
+                  "other machines join), with their state in the data dir ($GPUDECK_HOME), and the dashboard. "
+                  "Without GPUs, --simulate-gpus N gives the agent simulated ones.",
+                  "gpudeck up --simulate-gpus 4", "gpudeck up --lan --no-tui")
     up.add_argument("--simulate-gpus", type=simulated_gpus, metavar="N",
                     help=f"give the local agent N simulated GPUs (at most {MAX_GPUS_PER_NODE})")
     up.add_argument("--port", type=port_number, default=config.DEFAULT_PORT, help="coordinator port (default: %(default)s)")
@@ -155,7 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--no-tui", action="store_true", help="do not open the dashboard; run until Ctrl-C (also "
                     "when not on a terminal)")
 
-    coord = sub.add_parser("coordinator", help="run the coordinator (headless, for systemd)")
+    coord = _command(sub, "coordinator", "run the coordinator (headless, for systemd)",
+                     "Run the coordinator of a cluster, without a dashboard: it keeps the job queue and the nodes "
+                     "in one SQLite file under --state-dir, places jobs on the agents that join with its token, "
+                     "and relays their logs, telemetry and traffic to the CLI and the dashboard. `gpudeck token` "
+                     "prints the token that agents and clients need.",
+                     "gpudeck coordinator", "gpudeck coordinator --port 7070 --state-dir /var/lib/gpudeck --no-mdns")
     coord.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s)")
     coord.add_argument("--port", type=port_number, default=config.DEFAULT_PORT, help="port (default: %(default)s)")
     coord.add_argument("--state-dir", type=Path, help="where the database, certificate and token live "
@@ -170,7 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "unfinished job needs go first (default: 8G)")
     _mdns_flags(coord)
 
-    agent = sub.add_parser("agent", help="run a node agent (headless, for systemd)")
+    agent = _command(sub, "agent", "run a node agent (headless, for systemd)",
+                     "Run the agent of one node, without a dashboard: it joins the coordinator with the cluster's "
+                     "token, reports this machine's GPUs every second and starts the ranks of the jobs placed on "
+                     "it. It connects out to the coordinator (found by --coordinator, or over mDNS) and never "
+                     "listens for commands; when the coordinator goes away, jobs keep running and the agent "
+                     "reconnects.",
+                     "gpudeck agent --coordinator lab-head:7070 --token-file /etc/gpudeck/token",
+                     "gpudeck agent --simulate-gpus 2 --name test-node --no-mdns --coordinator 127.0.0.1:7070")
     agent.add_argument("--coordinator", type=coordinator_address, metavar="HOST:PORT",
                        help="the coordinator (default: $GPUDECK_COORDINATOR or mDNS)")
     group = agent.add_mutually_exclusive_group()
@@ -193,8 +265,32 @@ def build_parser() -> argparse.ArgumentParser:
                        "that a script starts at once (0: none; each holds a few hundred MB; default: 1)")
     _mdns_flags(agent)
 
-    token = sub.add_parser("token", help="print the join token of the coordinator on this machine")
+    token = _command(sub, "token", "print the join token of the coordinator on this machine",
+                     "Print the join token of the coordinator whose state is on this machine. Agents and clients on "
+                     "other machines need it (--token, --token-file or $GPUDECK_TOKEN): it holds the fingerprint "
+                     "of the coordinator's certificate and the cluster's secret, so keep it as you would a password.",
+                     "gpudeck token", "gpudeck token --state-dir /var/lib/gpudeck > token && chmod 600 token")
     token.add_argument("--state-dir", type=Path, help="the coordinator's state dir (default: the data dir's coordinator/)")
+
+    web = _command(sub, "web", "the dashboard in a browser, for a laptop or a wall screen",
+                   "Serve the dashboard as a web page (with textual-serve), for a lab member on a laptop without a "
+                   "terminal set up, or for a wall screen. Each browser tab gets its own dashboard, which first asks "
+                   "for the cluster's join token: this server holds none and shows nothing of the cluster before a "
+                   "token is typed. It listens on loopback by default; from a laptop, open an SSH tunnel to this machine "
+                   "and browse to the address it prints.",
+                   "gpudeck web",
+                   "ssh -L 7080:127.0.0.1:7080 you@lab-head    # on the laptop; then open http://127.0.0.1:7080",
+                   "gpudeck web --coordinator lab-head:7070 --port 8080 --no-mdns")
+    web.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, reached "
+                     "through an SSH tunnel; with any other, everyone who can reach it can open the page and try tokens)")
+    web.add_argument("--port", type=bounded(0, 65535), default=config.WEB_PORT,
+                     help="port (default: %(default)s; 0: any free one, printed)")
+    web.add_argument("--coordinator", type=coordinator_address, metavar="HOST:PORT",
+                     help="the coordinator the sessions show (default: $GPUDECK_COORDINATOR, the coordinator of this "
+                     "machine's data dir, or one found over mDNS)")
+    web.add_argument("--max-sessions", type=bounded(1, 64), default=4, metavar="N",
+                     help="browser sessions open at once, each a dashboard process of its own (default: %(default)s)")
+    _mdns_flags(web)
 
     submit = sub.add_parser(
         "submit", help="queue a job; prints its id",
@@ -212,8 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     submit.add_argument("--name", help="a name for the job (default: the script's, command's or workload's name)")
     # The ranges are checked by JobSpec.check, as for the dashboard's form and the coordinator.
-    submit.add_argument("--gpus", type=int, metavar="G",
-                        help=f"G GPUs on as few nodes as possible, 1 to {MAX_GPUS} (default: 1)")
+    submit.add_argument("--gpus", type=gpu_shape, metavar="G|NxG",
+                        help=f"G GPUs on as few nodes as possible, 1 to {MAX_GPUS} (default: 1); or NxG, N nodes "
+                        "with G GPUs each, as --nodes N --gpus-per-node G")
     submit.add_argument("--nodes", type=int, metavar="N",
                         help=f"exactly N nodes, 1 to {MAX_NODES} (with --gpus-per-node)")
     submit.add_argument("--gpus-per-node", type=int, metavar="G",
@@ -255,39 +352,78 @@ def build_parser() -> argparse.ArgumentParser:
     submit.set_defaults(command_line=[])  # what follows `--` (see parse_command_line)
     _client_flags(submit)
 
-    for name, text in (("jobs", "list jobs"), ("nodes", "list nodes and their GPUs")):
-        listing = sub.add_parser(name, help=text)
-        listing.add_argument("--json", action="store_true", help="print JSON with stable field names")
-        _client_flags(listing)
+    jobs = _command(sub, "jobs", "list jobs: those not finished and the latest finished ones",
+                    f"List jobs, oldest first: by default every job that is pending, starting or running and the "
+                    f"{RECENT_FINISHED} that finished last, with a line saying how many older ones are left out. "
+                    "--all lists the whole history; --state, --since and --limit choose which jobs, with --json "
+                    "too (--json alone prints every job).",
+                    "gpudeck jobs", "gpudeck jobs --state failed,cancelled --since 2d",
+                    "gpudeck jobs --limit 5 --json")
+    shown = jobs.add_mutually_exclusive_group()
+    shown.add_argument("--all", action="store_true", help="every job that matches, however old")
+    shown.add_argument("--limit", type=bounded(1, 1_000_000), metavar="N",
+                       help="only the N most recent jobs that match")
+    jobs.add_argument("--state", type=job_states, action="extend", metavar="STATE[,STATE]",
+                      help=f"only jobs in these states: {', '.join(ACTIVE_STATES + FINISHED_STATES)}")
+    jobs.add_argument("--since", type=since_time, metavar="WHEN",
+                      help="only jobs not finished before WHEN: how long ago (90m, 2h, 3d) or a date "
+                      "(2026-12-01, 2026-12-01T09:30)")
+    jobs.add_argument("--json", action="store_true", help="print JSON with stable field names")
+    _client_flags(jobs)
 
-    show = sub.add_parser("show", help="one job in detail, with its traffic")
-    show.add_argument("job", type=job_id, metavar="JOB")
+    nodes = _command(sub, "nodes", "list nodes and their GPUs",
+                     "List the nodes that have joined, each with its state, address and jobs, and under it every "
+                     "GPU's use, memory, temperature, power and the processes on it that are not gpudeck's; then "
+                     "the machines advertising an agent on the network that have not joined, and why.",
+                     "gpudeck nodes", "gpudeck nodes --json")
+    nodes.add_argument("--json", action="store_true", help="print JSON with stable field names")
+    _client_flags(nodes)
+
+    show = _command(sub, "show", "one job in detail, with its traffic",
+                    "One job in detail: what it runs, what it asked for, the nodes and GPUs it was given, its "
+                    "attempt, runtime and exit code, the bytes its ranks moved by kind of operation, and the "
+                    "outputs its nodes keep. With --json: also the traffic by rank.",
+                    "gpudeck show 12", "gpudeck show 12 --json")
+    show.add_argument("job", type=job_id, metavar="JOB", help=JOB_HELP)
     show.add_argument("--json", action="store_true", help="print JSON with stable field names")
     _client_flags(show)
 
-    cancel = sub.add_parser("cancel", help="cancel a job, stopping its ranks")
-    cancel.add_argument("job", type=job_id, metavar="JOB")
+    cancel = _command(sub, "cancel", "cancel a job, stopping its ranks",
+                      "Cancel a job: a pending job leaves the queue, and a starting or running one has its ranks "
+                      "stopped on every node. Its logs and the outputs its nodes keep stay.",
+                      "gpudeck cancel 12")
+    cancel.add_argument("job", type=job_id, metavar="JOB", help=JOB_HELP)
     _client_flags(cancel)
 
-    drain = sub.add_parser("drain", help="stop placing new jobs on a node (running jobs go on)")
-    drain.add_argument("node", metavar="NODE")
+    drain = _command(sub, "drain", "stop placing new jobs on a node (running jobs go on)",
+                     "Keep new jobs off a node, before maintenance or to keep its GPUs for something else: the jobs "
+                     "running there go on to their end, and the scheduler places nothing new on it until "
+                     "`gpudeck drain NODE --off`.",
+                     "gpudeck drain node-b", "gpudeck drain node-b --off")
+    drain.add_argument("node", metavar="NODE", help="the node's name, as `gpudeck nodes` lists it")
     drain.add_argument("--off", action="store_true", help="let the node take new jobs again")
     _client_flags(drain)
 
-    outputs = sub.add_parser(
-        "outputs", help="download what a job wrote to $GPUDECK_OUTPUT_DIR",
-        description="Download the files a job wrote under $GPUDECK_OUTPUT_DIR, which its nodes keep after it "
-        "ends (for a time and a space each agent sets). With several nodes, each node's files go in a folder "
-        "named after it.", epilog="example: gpudeck outputs 12 --to results/")
-    outputs.add_argument("job", type=job_id, metavar="JOB", help="the job's id, as submit printed it")
+    outputs = _command(sub, "outputs", "download what a job wrote to $GPUDECK_OUTPUT_DIR",
+                       "Download the files a job wrote under $GPUDECK_OUTPUT_DIR, which its nodes keep after it "
+                       "ends (for a time and a space each agent sets). With several nodes, each node's files go in "
+                       "a folder named after it.",
+                       "gpudeck outputs 12", "gpudeck outputs 12 --to results/ --node node-a")
+    outputs.add_argument("job", type=job_id, metavar="JOB", help=JOB_HELP)
     outputs.add_argument("--to", type=Path, metavar="DIR",
                          help="where to put them (default: gpudeck-outputs/JOB here); files there are never overwritten")
-    outputs.add_argument("--node", metavar="NODE", help="only what this node keeps")
+    outputs.add_argument("--node", metavar="NODE", help="only what this node keeps (a name `gpudeck nodes` lists)")
     _client_flags(outputs)
 
-    logs = sub.add_parser("logs", help="a job's output, every rank's lines prefixed with its rank")
-    logs.add_argument("job", type=job_id, metavar="JOB")
-    logs.add_argument("--rank", type=small_int, metavar="R", help="only rank R")
+    logs = _command(sub, "logs", "a job's output, every rank's lines prefixed with its rank",
+                    "A job's output, every line prefixed with the rank that printed it ([rank 0]), or with the node "
+                    "([node 0]) for what a node itself printed while it set the job up or ran torchrun. Without "
+                    "--follow it prints what there is now; with it, it goes on until the job ends, then says how it "
+                    "ended. A job that was restarted has one log per attempt: --attempt picks an earlier one.",
+                    "gpudeck logs 12", "gpudeck logs 12 --follow", "gpudeck logs 12 --rank 1 --attempt 1")
+    logs.add_argument("job", type=job_id, metavar="JOB", help=JOB_HELP)
+    logs.add_argument("--rank", type=small_int, metavar="R", help="only rank R (-1 for node 0's own output, -2 for "
+                      "node 1's and so on)")
     logs.add_argument("--attempt", type=small_int, metavar="A", help="an earlier attempt (default: the latest)")
     logs.add_argument("--raw", action="store_true", help="pass the job's output as it is, with every escape "
                       "sequence (by default only colours are kept: titles, clipboard writes and cursor moves are "
@@ -338,7 +474,33 @@ def _what_to_run(args: argparse.Namespace) -> tuple[str, list[str]]:
         raise UsageError("give a script or --workload, not both (the workload's options go after its name)")
     if args.workload[0] not in WORKLOADS:
         raise UsageError(f"there is no built-in workload {args.workload[0]!r} (built-in workloads: {known})")
+    _check_workload_options(args.workload[0], args.workload[1:])
     return args.workload[0], args.workload[1:]
+
+
+def _check_workload_options(name: str, argv: list[str]) -> None:
+    """Refuse options the workload does not take now, with the parser its ranks would use, instead of
+    letting every rank fail once the job has waited for and been given its GPUs."""
+    from gpudeck.train.workloads import options
+
+    problem = options.problem(name, argv)
+    if problem is None:
+        return
+    names = options.option_names(name)
+    ours = [arg for arg in _submit_options(argv) if arg not in names]
+    one = len(ours) == 1
+    before = (f" ({' and '.join(ours)} {'is an option' if one else 'are options'} of submit: put "
+              f"{'it' if one else 'them'} before --workload)") if ours else ""
+    raise UsageError(f"--workload {name}: {problem}{before}; its options are {', '.join(names)} "
+                     f"(gpudeck submit --workload {name} --help says what each does)")
+
+
+def _submit_options(argv: list[str]) -> list[str]:
+    """Which of `argv` are options of `gpudeck submit` itself (a script's or workload's arguments that
+    were likely meant for submit), as written before any '='."""
+    submit = command_parser(build_parser(), "submit")
+    own = set(submit._option_string_actions) - {"-h", "--help"}
+    return [arg.partition("=")[0] for arg in argv if arg.partition("=")[0] in own]
 
 
 def project_root(args: argparse.Namespace) -> Path | None:
@@ -414,9 +576,10 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
     """The job as asked, without its project's digest (known once it is shipped: `cmd_submit`)."""
     workload, run_args = _what_to_run(args)
     if args.gpus is not None and (args.nodes is not None or args.gpus_per_node is not None):
-        raise UsageError("use either --gpus G, or --nodes N with --gpus-per-node G, not both")
+        raise UsageError("use either --gpus G (or NxG), or --nodes N with --gpus-per-node G, not both")
     if (args.nodes is None) != (args.gpus_per_node is None):
         raise UsageError("--nodes and --gpus-per-node go together")
+    gpus, nodes, per_node = args.gpus or (None, args.nodes, args.gpus_per_node)
     root = project_root(args)
     script_name, script, subdir = "", b"", ""
     if args.script and root is not None:
@@ -438,8 +601,8 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
     named = Path(args.script).stem if args.script else workload or Path(args.command_line[0]).name
     spec = JobSpec(
         name=args.name or named,
-        gpus=None if args.nodes is not None else (args.gpus if args.gpus is not None else 1),
-        nodes=args.nodes, gpus_per_node=args.gpus_per_node, priority=args.priority, time_limit=time_limit,
+        gpus=None if nodes is not None else (gpus if gpus is not None else 1),
+        nodes=nodes, gpus_per_node=per_node, priority=args.priority, time_limit=time_limit,
         max_restarts=args.max_restarts, script_name=script_name, script=script, workload=workload,
         # A shipped project's digest is known once it is shipped (cmd_submit); this one only marks it.
         args=run_args, workdir="" if root else os.getcwd(), project="0" * 64 if root else "", subdir=subdir,
@@ -458,6 +621,11 @@ async def cmd_submit(args: argparse.Namespace) -> int:
     from gpudeck.upload import ship
 
     spec = spec_from_args(args)
+    misplaced = _submit_options(args.args) if args.script else []
+    if misplaced:
+        goes = "goes" if len(misplaced) == 1 else "go"
+        print(f"gpudeck: warning: {' and '.join(misplaced)} after {args.script} {goes} to the script, not to submit; "
+              "to give submit an option, put it before the script", file=sys.stderr)
     root = project_root(args)
     if args.project is None and root is not None and not Path.cwd().resolve().is_relative_to(root) \
             and sys.stderr.isatty():
@@ -477,16 +645,47 @@ async def cmd_submit(args: argparse.Namespace) -> int:
     return await _with_session(args, work)
 
 
-async def _all_jobs(session: ClientSession) -> list[dict[str, Any]]:
-    """Every job, page by page (a long history is more than one frame)."""
+async def _all_jobs(session: ClientSession, **filters: Any) -> list[dict[str, Any]]:
+    """Every job that passes `filters` (see ListJobs), in id order, page by page (a long history is
+    more than one frame)."""
     from gpudeck.protocol.messages import ListJobs
 
     jobs: list[dict[str, Any]] = []
     while True:
-        page = await session.request(ListJobs, after=jobs[-1]["id"] if jobs else 0, limit=JOBS_PAGE)
+        page = await session.request(ListJobs, after=jobs[-1]["id"] if jobs else 0, limit=JOBS_PAGE, **filters)
         jobs += page
         if len(page) < JOBS_PAGE:
             return jobs
+
+
+async def _recent_jobs(session: ClientSession, most: int, **filters: Any) -> tuple[list[dict[str, Any]], int]:
+    """The `most` most recent jobs that pass `filters`, in id order, and how many older ones pass them too."""
+    from gpudeck.protocol.messages import CountJobs, ListJobs
+
+    jobs: list[dict[str, Any]] = []
+    while len(jobs) < most:
+        want = min(JOBS_PAGE, most - len(jobs))
+        page = await session.request(ListJobs, after=0, limit=want, newest=True,
+                                     before=jobs[0]["id"] if jobs else None, **filters)
+        jobs = page + jobs
+        if len(page) < want:
+            return jobs, 0
+    return jobs, await session.request(CountJobs, **filters) - len(jobs)
+
+
+async def _listed_jobs(session: ClientSession, args: argparse.Namespace) -> tuple[list[dict[str, Any]], str]:
+    """The jobs `gpudeck jobs` shows and, when it leaves some out, a line saying how many and how to see them.
+    With no flag: every unfinished job and the RECENT_FINISHED latest finished; `--json` alone: every job."""
+    filters = {"states": args.state or [], "since": args.since}
+    if args.limit is not None:
+        jobs, older = await _recent_jobs(session, args.limit, **filters)
+        return jobs, f"... and {counted(older, 'older job')} that match: raise --limit, or use --all" if older else ""
+    if args.all or args.json or args.state or args.since is not None:
+        return await _all_jobs(session, **filters), ""
+    active = await _all_jobs(session, states=ACTIVE_STATES)
+    finished, older = await _recent_jobs(session, RECENT_FINISHED, states=FINISHED_STATES)
+    jobs = sorted(active + finished, key=lambda job: job["id"])
+    return jobs, f"... and {counted(older, 'older finished job')}: gpudeck jobs --all" if older else ""
 
 
 async def cmd_listing(args: argparse.Namespace) -> int:
@@ -495,8 +694,11 @@ async def cmd_listing(args: argparse.Namespace) -> int:
 
     async def work(session: ClientSession) -> int:
         if args.command == "jobs":
-            data = await _all_jobs(session)
-            print(json.dumps(data, indent=2) if args.json else output.jobs_table(data))
+            data, left_out = await _listed_jobs(session, args)
+            filtered = bool(args.state or args.since is not None)
+            print(json.dumps(data, indent=2) if args.json else output.jobs_table(data, filtered))
+            if left_out and not args.json:
+                print(left_out)
         elif args.command == "nodes":
             data = await session.request(ListNodes)
             print(json.dumps(data["nodes"], indent=2) if args.json else output.nodes_table(data))
@@ -537,6 +739,8 @@ async def cmd_logs(args: argparse.Namespace) -> int:
             if not more:
                 await asyncio.sleep(0.5)
         printer.flush()
+        if args.follow:
+            print(f"gpudeck: {output.how_it_ended(args.job, reply['state'], reply.get('reason', ''))}", file=sys.stderr)
         return 0
 
     return await _with_session(args, work)
@@ -555,7 +759,7 @@ async def cmd_outputs(args: argparse.Namespace) -> int:
                           "or its nodes have let them go")
         destination = args.to or Path(OUTPUTS_HERE) / str(args.job)
         count = await download_outputs(session, args.job, kept, destination)
-        print(f"{count} files of job {args.job} in {destination}", file=sys.stderr)
+        print(f"{counted(count, 'file')} of job {args.job} in {destination}", file=sys.stderr)
         return 0
 
     return await _with_session(args, work)
@@ -650,10 +854,45 @@ def cmd_tui(args: argparse.Namespace) -> int:
     return run_dashboard(args.coordinator, args.token, args.token_file, getattr(args, "mdns_interface", None))
 
 
+def _web_coordinator(args: argparse.Namespace) -> str | None:
+    """Where the browser sessions look for the coordinator: where the user said, else (with --no-mdns,
+    which forbids looking over mDNS) the coordinator of this machine's data dir."""
+    named = args.coordinator or os.environ.get("GPUDECK_COORDINATOR")
+    if named or not args.no_mdns:
+        return named
+    local = config.local_endpoint()
+    if local is None:
+        raise UsageError("with --no-mdns, gpudeck web needs --coordinator HOST:PORT (no coordinator runs from this "
+                         "machine's data dir)")
+    return f"[{local.host}]:{local.port}" if ":" in local.host else f"{local.host}:{local.port}"
+
+
+async def cmd_web(args: argparse.Namespace) -> int:
+    import asyncio
+    import getpass
+    import socket
+
+    from gpudeck.tui.web import WebDeck, banner, is_loopback, session_command
+
+    deck = WebDeck(session_command(_web_coordinator(args), args.mdns_interface), loopback_only=is_loopback(args.host),
+                   max_sessions=args.max_sessions)
+    try:
+        port = await deck.start(args.host, args.port)
+    except OSError as exc:
+        raise Failure(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    try:
+        print("\n".join(banner(args.host, port, getpass.getuser(), socket.gethostname())), flush=True)
+        await _until_signalled(asyncio.Event().wait())
+    finally:
+        await deck.stop()
+    return 0
+
+
 # --- entry point ---------------------------------------------------------------------------------
 
 ASYNC_COMMANDS = {"submit": cmd_submit, "jobs": cmd_listing, "nodes": cmd_listing, "show": cmd_listing,
-                  "cancel": cmd_listing, "drain": cmd_listing, "logs": cmd_logs, "outputs": cmd_outputs, "coordinator": cmd_coordinator, "agent": cmd_agent}
+                  "cancel": cmd_listing, "drain": cmd_listing, "logs": cmd_logs, "outputs": cmd_outputs, "coordinator": cmd_coordinator, "agent": cmd_agent,
+                  "web": cmd_web}
 
 
 def parse_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
@@ -661,11 +900,29 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> argp
     is only one of the script's arguments)."""
     if "--" in argv:
         cut = argv.index("--")
-        head = parser.parse_args(argv[:cut])
+        head = _parse(parser, argv[:cut])
         if head.command == "submit" and not head.script and head.workload is None:
             head.command_line = argv[cut + 1:]
             return head
-    return parser.parse_args(argv)
+    return _parse(parser, argv)
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """`parse_args`, but an argument no parser takes is reported by the command it was given to, with
+    that command's usage (`gpudeck jobs: error: unrecognized arguments: --bogus`): argparse itself
+    reports it from the top parser, whose usage does not help."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command_parser(parser, args.command).error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
+def command_parser(parser: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser:
+    """The parser of one subcommand (the top parser for none)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            return action.choices[command]
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

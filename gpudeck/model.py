@@ -91,16 +91,20 @@ _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def parse_duration(text: str) -> float:
-    """'90', '90s', '10m', '1h30m', '2d' into seconds; ValueError with a sentence otherwise."""
+def duration_seconds(text: str) -> float:
+    """'90', '90s', '10m', '1h30m', '2d' into seconds, of any length; ValueError with a sentence otherwise."""
     text = text.strip().lower()
     if re.fullmatch(r"\d+(\.\d+)?", text):
-        seconds = float(text)
-    else:
-        parts = _DURATION_PART.findall(text)
-        if not parts or "".join(n + u for n, u in parts) != text:
-            raise ValueError(f"{text!r} is not a duration (examples: 90s, 10m, 1h30m, 2d)")
-        seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+        return float(text)
+    parts = _DURATION_PART.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"{text!r} is not a duration (examples: 90s, 10m, 1h30m, 2d)")
+    return sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+
+
+def parse_duration(text: str) -> float:
+    """A time limit: `duration_seconds`, more than zero and at most MAX_TIME_LIMIT."""
+    seconds = duration_seconds(text)
     if not 0 < seconds <= MAX_TIME_LIMIT:
         raise ValueError(f"a time limit must be more than zero and at most {MAX_TIME_LIMIT // 86400} days")
     return seconds
@@ -119,6 +123,22 @@ def parse_size(text: str) -> int:
     if size <= 0:
         raise ValueError("a size must be more than zero")
     return size
+
+
+def parse_shape(text: str) -> tuple[int | None, int | None, int | None]:
+    """'4' -> 4 GPUs anywhere; '2x4' (or 2*4, 2 x 4) -> 2 nodes with 4 GPUs each, as (gpus, nodes,
+    gpus per node). The dashboard's form and `submit --gpus` read the same text the same way."""
+    cleaned = text.strip().lower().replace(" ", "").replace("*", "x").replace("×", "x")
+    if not cleaned:
+        raise ValueError("say how many GPUs: G, or N nodes x G GPUs per node (like 2x4)")
+    if "x" in cleaned:
+        nodes, _, per_node = cleaned.partition("x")
+        if not nodes.isdecimal() or not per_node.isdecimal():
+            raise ValueError(f"{text.strip()!r} is not NxG (like 2x4: 2 nodes with 4 GPUs each)")
+        return None, int(nodes), int(per_node)
+    if not cleaned.isdecimal():
+        raise ValueError(f"{text.strip()!r} is not a number of GPUs (like 2, or 2x4 for 2 nodes x 4 GPUs)")
+    return int(cleaned), None, None
 
 
 def format_duration(seconds: float) -> str:
@@ -197,9 +217,9 @@ class JobSpec:
         self._check_code()
         self._check_environment()
         if not 0 <= self.max_restarts <= MAX_RESTARTS:
-            raise ValueError(f"--max-restarts must be between 0 and {MAX_RESTARTS}")
+            raise ValueError(f"--max-restarts must be from 0 to {MAX_RESTARTS}, not {self.max_restarts}")
         if not -MAX_PRIORITY <= self.priority <= MAX_PRIORITY:
-            raise ValueError(f"--priority must be between -{MAX_PRIORITY} and {MAX_PRIORITY}")
+            raise ValueError(f"--priority must be from -{MAX_PRIORITY} to {MAX_PRIORITY}, not {self.priority}")
 
     def _check_code(self) -> None:
         if self.project:

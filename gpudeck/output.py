@@ -6,8 +6,7 @@ import time
 from typing import Any, TextIO
 
 from gpudeck.model import format_duration
-from gpudeck.project import human_bytes
-from gpudeck.text import safe_output, visible, visible_data
+from gpudeck.text import counted, human_bytes, safe_output, visible, visible_data
 
 GIB = 1 << 30
 
@@ -28,15 +27,28 @@ def _runtime(job: dict[str, Any]) -> str:
 
 def _request(job: dict[str, Any]) -> str:
     req = job["request"]
-    return f"{req['gpus']} GPUs" if req["gpus"] is not None else f"{req['nodes']}x{req['gpus_per_node']}"
+    return counted(req["gpus"], "GPU") if req["gpus"] is not None else f"{req['nodes']}x{req['gpus_per_node']}"
 
 
-def jobs_table(jobs: list[dict[str, Any]]) -> str:
+def jobs_table(jobs: list[dict[str, Any]], filtered: bool = False) -> str:
+    """The jobs as a table; with none, a line that says why (`filtered`: none matched what was asked)."""
     if not jobs:
-        return "no jobs yet: queue one with `gpudeck submit train.py`"
+        return ("no jobs match: `gpudeck jobs --all` lists every job" if filtered
+                else "no jobs yet: queue one with `gpudeck submit train.py`")
     rows = [[str(j["id"]), j["name"], j["state"], _request(j), ",".join(j["nodes"]) or "-", _runtime(j),
              str(j["attempt"]), "-" if j["exit_code"] is None else str(j["exit_code"]), j["reason"]] for j in jobs]
     return table(["ID", "NAME", "STATE", "ASKED", "NODES", "RUNTIME", "ATTEMPT", "EXIT", "REASON"], rows)
+
+
+def how_it_ended(job_id: int, state: str, reason: str) -> str:
+    """The closing line of a followed log: 'job 4 succeeded', 'job 4 failed: rank 1 exited with code 3',
+    'job 4 was cancelled (cancelled by a user)'."""
+    reason = visible(reason)
+    if state == "failed":
+        return f"job {job_id} failed" + (f": {reason}" if reason else "")
+    if state == "cancelled":
+        return f"job {job_id} was cancelled" + (f" ({reason})" if reason else "")
+    return f"job {job_id} {state}"
 
 
 def _value(value: Any, unit: str = "", scale: float = 1.0) -> str:
@@ -51,7 +63,7 @@ def nodes_table(data: dict[str, Any]) -> str:
     for node in nodes:
         sim = " SIM" if node["simulated"] else ""
         sim += " draining" if node.get("draining") else ""
-        lines.append(f"{node['name']}  {node['state']}{sim}  {node['address']}  {len(node['gpus'])} GPUs  "
+        lines.append(f"{node['name']}  {node['state']}{sim}  {node['address']}  {counted(len(node['gpus']), 'GPU')}  "
                      f"jobs: {','.join(map(str, node['jobs'])) or '-'}  heartbeat {node['last_heartbeat_age']}s ago")
         rows = []
         for gpu in node["gpus"]:
@@ -65,7 +77,7 @@ def nodes_table(data: dict[str, Any]) -> str:
             lines.append(table(["  GPU", "NAME", "UTIL", "MEMORY", "TEMP", "POWER", "OTHER PROCESSES"], rows))
     if unjoined:
         lines.append("\nseen on the network but not joined:")
-        lines += [f"  {u['name']} at {u['address']} ({u['gpus']} GPUs): {u['why']}" for u in unjoined]
+        lines += [f"  {u['name']} at {u['address']} ({counted(u['gpus'], 'GPU')}): {u['why']}" for u in unjoined]
     return "\n".join(lines)
 
 
@@ -77,10 +89,11 @@ def job_detail(job: dict[str, Any]) -> str:
              f"  attempt   {job['attempt']}, runtime {_runtime(job)}, exit code "
              f"{'-' if job['exit_code'] is None else job['exit_code']}"]
     for place in job["placement"]:
-        lines.append(f"  node {place['node_rank']}    {place['node']} GPUs {','.join(map(str, place['gpus']))}")
+        gpus = "GPU" if len(place["gpus"]) == 1 else "GPUs"
+        lines.append(f"  node {place['node_rank']}    {place['node']} {gpus} {','.join(map(str, place['gpus']))}")
     traffic = job["traffic"]["by_kind"]
     if traffic:
-        lines.append("  traffic   " + ", ".join(f"{kind} {count:,} B" for kind, count in traffic.items()))
+        lines.append("  traffic   " + ", ".join(f"{kind} {moved:,} B" for kind, moved in traffic.items()))
     kept = outputs_text(job)
     if kept:
         lines.append(f"  outputs   {kept}")

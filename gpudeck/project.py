@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
+from gpudeck.text import human_bytes
+
 
 DEFAULT_CAP = 512 * 1024 * 1024
 MAX_FILES = 30_000  # a manifest of this many files is about 3 MiB: it fits in one frame
@@ -124,14 +126,6 @@ def too_large(manifest: Manifest, cap: int, root: Path | None = None) -> str:
     what = f"the project {root}" if root else "the project"
     return (f"{what} is over the coordinator's cap of {human_bytes(cap)} for a job's files; its largest files "
             f"are {largest}. Leave them out with a .gpudeckignore file, or give --no-project")
-
-
-def human_bytes(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    raise AssertionError("unreachable")
 
 
 # --- the submitting side -------------------------------------------------------------------------

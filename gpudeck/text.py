@@ -76,3 +76,24 @@ def visible_data(value: Any) -> Any:
 def counted(count: int, noun: str) -> str:
     """'1 GPU', '2 GPUs', '0 jobs': a count with its noun, singular only for one."""
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+_BINARY_UNITS = ("", "Ki", "Mi", "Gi", "Ti")
+
+
+def human_bytes(count: float, suffix: str = "B") -> str:
+    """1023 B, 1.5 KiB, 1015 KiB, 12 MiB, 3.4 GiB: each number in the largest binary unit it is at
+    least one of, rounded to what is printed, so just under a MiB reads 1015 KiB (never 0.99 MiB,
+    nor 1024 KiB). The one formatter of sizes and, with suffix "B/s", of rates."""
+    value = float(count)
+    for unit in _BINARY_UNITS:
+        shown = f"{value:.1f}" if unit and abs(round(value, 1)) < 10 else f"{value:.0f}"
+        if abs(float(shown)) < 1024 or unit == _BINARY_UNITS[-1]:
+            return f"{shown} {unit}{suffix}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def rate(bytes_per_second: float) -> str:
+    """A transfer rate: '1015 KiB/s'."""
+    return human_bytes(bytes_per_second, "B/s")

@@ -10,16 +10,17 @@ import time
 from pathlib import Path
 from typing import IO
 
-from gpudeck.project import CHUNK, collect, human_bytes, path_problem
+from gpudeck.project import CHUNK, collect, path_problem
 from gpudeck.protocol.messages import ContentPut, ProjectOffer, ReadOutput
 from gpudeck.protocol.session import ClientSession
+from gpudeck.text import human_bytes
 
 IN_FLIGHT = 4  # chunks sent before the first is answered
 PROGRESS_AFTER = 1.0  # seconds of uploading before progress is shown
 
 
 class _Progress:
-    """`uploading the project: 12.0 MiB of 80.0 MiB` on one line of stderr, once a second has passed."""
+    """`uploading the project: 12 MiB of 80 MiB` on one line of stderr, once a second has passed."""
 
     def __init__(self, total: int, stream: IO[str], doing: str = "uploading the project") -> None:
         self.doing = doing

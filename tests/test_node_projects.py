@@ -128,7 +128,7 @@ def test_upload_progress_shows_on_a_terminal_once_a_second_has_passed(monkeypatc
         progress.end()
     shown = os.read(main, 4096).decode()
     os.close(main)
-    assert "uploading the project: 5.0 MiB of 10.0 MiB" in shown and "1.0 MiB of" not in shown, shown
+    assert "uploading the project: 5.0 MiB of 10 MiB" in shown and "1.0 MiB of" not in shown, shown
 
 
 def test_no_progress_goes_to_a_pipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

@@ -294,7 +294,7 @@ def test_a_project_over_the_coordinators_cap_is_refused_in_one_line_naming_the_l
                               "--gpus", "1", str(project / "train.py"), check=False, client=False)
         assert refused.returncode == 1
         lines = refused.stderr.strip().splitlines()
-        assert len(lines) == 1 and "stray-dataset.bin (97.7 KiB)" in lines[0] and "64.0 KiB" in lines[0], lines
+        assert len(lines) == 1 and "stray-dataset.bin (98 KiB)" in lines[0] and "64 KiB" in lines[0], lines
         assert cluster.json("jobs") == []
     finally:
         cluster.stop()

@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from gpudeck.protocol import auth
 from gpudeck.protocol.framing import MAX_DEPTH, MAX_FRAME, FrameDecoder, FrameError, decode_body, encode_frame
 from gpudeck.protocol.messages import (
-    REGISTRY, Error, Hello, Launch, LogChunk, ProtocolError, Register, Telemetry, Traffic, decode,
+    REGISTRY, Error, Hello, Launch, ListJobs, LogChunk, ProtocolError, Register, Telemetry, Traffic, decode,
 )
-from gpudeck.protocol.payloads import GpuProcess, GpuReading, JobReport
+from gpudeck.protocol.payloads import GpuProcess, GpuReading, JobReport, WarmStatus
 
 SAMPLES = [
     Hello(secret="s", role="agent", name="node-a", version=1),
@@ -111,6 +111,15 @@ def test_a_frame_too_big_to_send_is_refused_at_the_sender():
 def test_wrong_messages_are_protocol_errors_with_a_reason(body, problem):
     with pytest.raises(ProtocolError, match=re.escape(problem)):
         decode(body)
+
+
+def test_fields_added_to_a_message_later_may_be_absent_so_the_version_before_stays_valid():
+    listing = decode({"kind": "list_jobs", "req": 1, "after": 0, "limit": 10})
+    assert listing == ListJobs(req=1, after=0, limit=10, states=[], since=None, before=None, newest=False)
+    assert decode({"kind": "telemetry", "gpus": []}) == Telemetry(gpus=[], warm=WarmStatus())
+    assert decode({"kind": "list_jobs", "req": 1, "after": 0, "limit": 10, "states": ["failed"]}).states == ["failed"]
+    with pytest.raises(ProtocolError, match="missing field 'limit'"):
+        decode({"kind": "list_jobs", "req": 1, "after": 0})
 
 
 def test_every_message_kind_is_registered_once_under_its_own_name():

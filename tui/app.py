@@ -28,6 +28,7 @@ from gpudeck.model import WORKLOADS
 from gpudeck.protocol.session import Refused
 from gpudeck.text import counted, visible
 from gpudeck.tui.client import Changed, Connected, CoordinatorLink, Link, Lost, NotConnected, NotFound
+from gpudeck.tui.login import LoginScreen, TokenCheck
 from gpudeck.tui.model import ACTIVE_STATES, FINISHED_STATES, Changes, Cluster
 from gpudeck.tui.screens import ConfirmScreen, HelpScreen, JobScreen, NotFoundScreen, SubmitScreen
 from gpudeck.tui.spec import Form
@@ -79,10 +80,13 @@ class GpudeckApp(App[int]):
 
     def __init__(self, link: Link, keymap_path: Path | None = None, wall: Callable[[], float] = time.time,
                  mono: Callable[[], float] = time.monotonic, tick: float = 1.0, cwd: str | None = None,
-                 workloads: dict[str, str] | None = None, local_node: str | None = None) -> None:
+                 workloads: dict[str, str] | None = None, local_node: str | None = None,
+                 token_check: TokenCheck | None = None) -> None:
         """`local_node`: the agent `gpudeck up` runs beside this dashboard, whose coordinator and agent
-        stop when it quits."""
+        stop when it quits. `token_check`: ask for the token on a prompt first, and connect only once
+        this has accepted the typed one (`gpudeck web`)."""
         super().__init__()
+        self.token_check = token_check
         self.local_node = local_node
         self.link = link
         self.workloads = WORKLOADS if workloads is None else workloads
@@ -122,7 +126,10 @@ class GpudeckApp(App[int]):
         self.sub_title = (f"starting the coordinator and the local agent ({self.local_node})…" if self.local_node
                           else "looking for the coordinator…")
         self._load_keymap()
-        self.restart_link()
+        if self.token_check is None:
+            self.restart_link()
+        else:
+            self.push_screen(LoginScreen(self.token_check), lambda _token: self.restart_link())
         if self.tick_every:
             self.set_interval(self.tick_every, self._tick)
         self.nodes_view.table.focus()
@@ -230,7 +237,7 @@ class GpudeckApp(App[int]):
             return
         totals = self.cluster.totals()
         sim = f" ({totals['simulated']} SIM)" if totals["simulated"] else ""
-        nodes = f"{totals['up']}/{counted(totals['nodes'], 'node')} up"
+        nodes = f"{totals['up']}/{totals['nodes']} nodes up"
         if not totals["nodes"] and self.local_node:
             nodes = f"the local agent ({self.local_node}) is starting"
         counts = (f"{nodes} · {counted(totals['gpus'], 'GPU')}{sim} · {totals['busy']} busy"
@@ -292,6 +299,8 @@ class GpudeckApp(App[int]):
 
     def applies(self, action: str, screen: Screen) -> bool:
         """Whether an action makes sense on `screen` now (the footer and the palette show only those)."""
+        if isinstance(screen, LoginScreen):
+            return action == "quit"
         if isinstance(screen, ModalScreen):
             return action not in _OWN_ACTIONS and action != "quit"
         if isinstance(screen, NotFoundScreen):
@@ -462,6 +471,8 @@ class GpudeckApp(App[int]):
                 binding.id or "")
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        if isinstance(screen, LoginScreen):
+            return  # nothing runs for someone who has not proven a token
         yield from super().get_system_commands(screen)
         for action, title, text in COMMANDS:
             name = action.split("(")[0]
@@ -511,9 +522,15 @@ def quiet_logging(path: Path | None) -> Iterator[None]:
 
 
 def run_dashboard(coordinator: str | None = None, token: str | None = None, token_file: str | None = None,
-                  mdns_interfaces: list[str] | None = None) -> int:
-    """`gpudeck` / `gpudeck tui`: the dashboard against the coordinator found as the CLI finds it."""
-    app = GpudeckApp(CoordinatorLink(coordinator, token, token_file, mdns_interfaces=mdns_interfaces))
+                  mdns_interfaces: list[str] | None = None, ask_token: bool = False) -> int:
+    """`gpudeck` / `gpudeck tui`: the dashboard against the coordinator found as the CLI finds it.
+    `ask_token` (a browser session of `gpudeck web`): only the token typed on the prompt is used,
+    never one from flags, the environment or this machine's data dir."""
+    if ask_token:
+        link = CoordinatorLink(coordinator, mdns_interfaces=mdns_interfaces, name="web")
+        app = GpudeckApp(link, token_check=link.check_token)
+    else:
+        app = GpudeckApp(CoordinatorLink(coordinator, token, token_file, mdns_interfaces=mdns_interfaces))
     with quiet_logging(None):
         app.run()
     return app.return_code or 0

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from gpudeck.capacity import MAX_GPUS, MAX_GPUS_PER_NODE, MAX_NODES, impossible_reason
 from gpudeck.model import format_duration
-from gpudeck.text import visible_data
+from gpudeck.text import human_bytes, visible_data
 
 HISTORY = 60  # samples kept per GPU and per job (about a minute at one update a second)
 RATE_WINDOW = 3  # samples averaged for a displayed rate
@@ -492,22 +492,6 @@ def bar(fraction: float | None, width: int) -> str:
     full, part = divmod(eighths, 8)
     text = BAR_FULL * full + (BAR_PARTS[part] if part and full < width else "")
     return text.ljust(width)
-
-
-def human_bytes(count: float, suffix: str = "B") -> str:
-    """1023 B, 1.5 KiB, 12 MiB, 3.4 GiB."""
-    value = float(count)
-    for unit in ("", "Ki", "Mi", "Gi", "Ti"):
-        if abs(value) < 1024 or unit == "Ti":
-            if unit == "":
-                return f"{value:.0f} {suffix}"
-            return f"{value:.1f} {unit}{suffix}" if value < 10 else f"{value:.0f} {unit}{suffix}"
-        value /= 1024
-    return f"{value:.0f} Ti{suffix}"  # pragma: no cover
-
-
-def rate(bytes_per_second: float) -> str:
-    return human_bytes(bytes_per_second, "B/s")
 
 
 def gib(count: int | None) -> str:

@@ -24,12 +24,12 @@ from textual.widgets import Button, Footer, Input, Label, Log, Select, Static, T
 from gpudeck import config
 from gpudeck.model import format_duration
 from gpudeck.output import outputs_text
-from gpudeck.text import safe_output, visible
+from gpudeck.text import human_bytes, rate, safe_output, visible
 from gpudeck.protocol.session import Refused
 from gpudeck.tui.client import NotConnected
 from gpudeck.tui.model import (
-    ACTIVE_STATES, FINISHED_STATES, MATRIX_HELP, Changes, asked_text, human_bytes, known_steps, node_matrix, rank_health,
-    rank_places, rate, sparkline,
+    ACTIVE_STATES, FINISHED_STATES, MATRIX_HELP, Changes, asked_text, known_steps, node_matrix, rank_health,
+    rank_places, sparkline,
 )
 from gpudeck.tui.spec import SCRIPT, Form, check_form
 from gpudeck.tui.table import Column, DeckTable, Palette

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from gpudeck.model import MAX_SCRIPT_BYTES, JobSpec, parse_duration
+from gpudeck.model import MAX_SCRIPT_BYTES, JobSpec, parse_duration, parse_shape
 from gpudeck.tui.model import request_problem
 
 SCRIPT = ""  # the workload choice that means "run a script"
@@ -44,21 +44,6 @@ class Checked:
     @property
     def first_problem(self) -> str | None:
         return next(iter(self.problems.values()), None)
-
-
-def parse_shape(text: str) -> tuple[int | None, int | None, int | None]:
-    """'4' -> 4 GPUs anywhere; '2x4' (or 2*4, 2 x 4) -> 2 nodes with 4 GPUs each."""
-    cleaned = text.strip().lower().replace(" ", "").replace("*", "x").replace("×", "x")
-    if not cleaned:
-        raise ValueError("say how many GPUs: G, or N nodes x G GPUs per node (like 2x4)")
-    if "x" in cleaned:
-        nodes, _, per_node = cleaned.partition("x")
-        if not nodes.isdigit() or not per_node.isdigit():
-            raise ValueError(f"{text.strip()!r} is not NxG (like 2x4: 2 nodes with 4 GPUs each)")
-        return None, int(nodes), int(per_node)
-    if not cleaned.isdigit():
-        raise ValueError(f"{text.strip()!r} is not a number of GPUs (like 2, or 2x4 for 2 nodes x 4 GPUs)")
-    return int(cleaned), None, None
 
 
 def _int(text: str, label: str, default: int) -> int:

@@ -18,10 +18,10 @@ from textual.dom import NoScreen
 from textual.widgets import Header, Input, Static
 from textual.widgets._header import HeaderTitle
 
-from gpudeck.text import counted, visible
+from gpudeck.text import counted, human_bytes, rate, visible
 from gpudeck.tui.model import (
-    ACTIVE_STATES, Changes, Cluster, JobTraffic, age, asked_text, bar, describe_process, foreign_processes, gib, human_bytes,
-    matches, rank_health, rank_places, rate, request_text, sparkline,
+    ACTIVE_STATES, Changes, Cluster, JobTraffic, age, asked_text, bar, describe_process, foreign_processes,
+    gib, matches, rank_health, rank_places, request_text, sparkline,
 )
 from gpudeck.tui.table import SPAN, SPAN_FROM, Column, DeckTable, Palette
 

@@ -9,6 +9,7 @@ its shape. Anything else is a `ProtocolError`, answered to the peer, never a cra
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from typing import Any, ClassVar
 
@@ -55,10 +56,25 @@ def decode(body: dict[str, Any]) -> Message:
     cls = REGISTRY.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise ProtocolError(f"unknown message kind {kind!r}")
+    fields = {**_defaults(cls), **{k: v for k, v in body.items() if k != "kind"}}
     try:
-        return cls(**typed_fields(cls, {k: v for k, v in body.items() if k != "kind"}, ""))
+        return cls(**typed_fields(cls, fields, ""))
     except ShapeError as exc:
         raise ProtocolError(f"{kind}: {exc}") from None
+
+
+@functools.lru_cache(maxsize=None)
+def _defaults(cls: type[Message]) -> dict[str, Any]:
+    """The plain values of a message's fields that have defaults: fields added to a message after it
+    first shipped have one, so a peer of the version before still sends a valid message without them.
+    Worked out once per kind (decoding is hot); `typed` builds fresh values from these."""
+    found: dict[str, Any] = {}
+    for spec in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if spec.default is not dataclasses.MISSING:
+            found[spec.name] = plain(spec.default)
+        elif spec.default_factory is not dataclasses.MISSING:
+            found[spec.name] = plain(spec.default_factory())
+    return found
 
 
 # --- handshake -------------------------------------------------------------------------------
@@ -317,11 +333,31 @@ class ListNodes(Message):
 @message("list_jobs")
 class ListJobs(Message):
     """One page of jobs in id order: those with an id above `after`, at most `limit` (a long
-    history does not fit in one frame; the client asks until a page comes back short)."""
+    history does not fit in one frame; the client asks until a page comes back short).
+
+    The filters are done by the coordinator's store, so a client asking for a few jobs of a long
+    history is not sent all of it: `states` keeps jobs in those states ([]: every state), `since`
+    those unfinished or ended at or after that time (epoch seconds), `before` ids below it, and
+    `newest` makes the page the highest matching ids instead of the lowest (still sent in id order;
+    the next page is asked with `before` the lowest id of this one). Older clients send none of them."""
 
     req: int
     after: int
     limit: int
+    states: list[str] = dataclasses.field(default_factory=list)
+    since: float | None = None
+    before: int | None = None
+    newest: bool = False
+
+
+@message("count_jobs")
+class CountJobs(Message):
+    """How many jobs `ListJobs` with these filters would list in all, so a client that shows some
+    can say how many it left out."""
+
+    req: int
+    states: list[str] = dataclasses.field(default_factory=list)
+    since: float | None = None
 
 
 @message("show_job")

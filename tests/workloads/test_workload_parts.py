@@ -69,14 +69,14 @@ def test_micro_batches_and_shards_cut_a_batch_into_its_parts():
 
 def test_options_default_to_the_job_checkpoint_dir_and_refuse_nonsense(monkeypatch, capsys):
     monkeypatch.setenv("GPUDECK_CHECKPOINT_DIR", "/data/checkpoints/9")
-    args = options.parse("pipeline", "", [])
+    args = options.parse("pipeline", [])
     assert args.checkpoint_dir == "/data/checkpoints/9" and args.steps == 300
     assert options.config(args) == task.Config()
     monkeypatch.delenv("GPUDECK_CHECKPOINT_DIR")
-    assert options.parse("pipeline", "", []).checkpoint_dir is None
+    assert options.parse("pipeline", []).checkpoint_dir is None
     for bad in (["--layers", "1"], ["--batch-size", "0"], ["--dtype", "float16"]):
         with pytest.raises(SystemExit):
-            options.parse("pipeline", "", bad)
+            options.parse("pipeline", bad)
 
 
 def test_saves_are_atomic_keep_two_steps_and_are_kept_apart_by_fingerprint(tmp_path: Path):

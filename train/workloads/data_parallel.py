@@ -28,18 +28,11 @@ from gpudeck.train.workloads import options, session as sessions, task
 from gpudeck.train.workloads.checkpoint import Checkpoints
 
 NAME = "data-parallel"
-DESCRIPTION = "DDP: the whole model on every rank, gradients all-reduced every step"
-
-
-def _options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bucket-mb", type=float, metavar="MB",
-                        help="DDP gradient bucket size (default: the whole model in one bucket on the CPU, "
-                             "DDP's default on GPUs)")
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """This workload's options (the shared ones and its own)."""
-    return options.parse(NAME, DESCRIPTION, argv, _options)
+    return options.parse(NAME, argv)
 
 
 def main(argv: Sequence[str]) -> int:

@@ -42,19 +42,12 @@ from gpudeck.train.workloads import options, session as sessions, task
 from gpudeck.train.workloads.checkpoint import Checkpoints
 
 NAME = "parameter-server"
-DESCRIPTION = "one server rank holds the parameters; workers pull them and push gradients (sync or async)"
 SERVER = 0
-
-
-def _options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mode", choices=("sync", "async"), default="sync",
-                        help="sync: average every worker's gradient each step; async: apply each as it arrives "
-                             "(default: sync)")
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """This workload's options (the shared ones and its own)."""
-    return options.parse(NAME, DESCRIPTION, argv, _options)
+    return options.parse(NAME, argv)
 
 
 def main(argv: Sequence[str]) -> int:

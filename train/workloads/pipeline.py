@@ -34,17 +34,11 @@ from gpudeck.train.workloads import options, session as sessions, task
 from gpudeck.train.workloads.checkpoint import Checkpoints
 
 NAME = "pipeline"
-DESCRIPTION = "the model cut into one stage per rank; activations and gradients pass between neighbours (GPipe)"
-
-
-def _options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--micro-batches", type=int, default=4, metavar="M",
-                        help="micro-batches per step, at most --batch-size (default: 4)")
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """This workload's options (the shared ones and its own)."""
-    return options.parse(NAME, DESCRIPTION, argv, _options)
+    return options.parse(NAME, argv)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -78,7 +72,7 @@ class Stage:
             self.optimizer.load_state_dict(states[self.piece]["optimizer"])
 
     def _activation(self, rows: int) -> torch.Tensor:
-        return torch.empty(rows, self.config.hidden, dtype=self.config.torch_dtype, device=self.session.device)
+        return torch.empty(rows, self.config.hidden, dtype=task.torch_dtype(self.config), device=self.session.device)
 
     def step(self, step: int) -> torch.Tensor | None:
         """One training step; returns the batch's loss on the last stage, None elsewhere."""
@@ -108,7 +102,7 @@ class Stage:
                 sends.append(dist.isend(in_flight[-1], following))
         # Backward over the micro-batches in reverse, likewise receiving ahead.
         self.optimizer.zero_grad(set_to_none=True)
-        total = torch.zeros((), dtype=self.config.torch_dtype, device=self.session.device)
+        total = torch.zeros((), dtype=task.torch_dtype(self.config), device=self.session.device)
         incoming = None if self.last else self._receive(self.sizes[-1], following)
         for m in reversed(range(count)):
             if self.last:

@@ -20,34 +20,23 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from gpudeck.train.workloads.options import DTYPE_NAMES, Config
 
 CLASSES = 3
 TRAIN_POINTS = 4096
 EVAL_POINTS = 512
 INPUTS = 2
 TANH_GAIN = 5 / 3
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
-@dataclass(frozen=True)
-class Config:
-    """What determines the model, the data and the optimisation; the same on every rank."""
-
-    hidden: int = 64
-    layers: int = 4
-    batch_size: int = 64
-    lr: float = 0.02
-    momentum: float = 0.9
-    seed: int = 0
-    dtype: str = "float32"
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+def torch_dtype(config: Config) -> torch.dtype:
+    """The torch type of the model's parameters and activations."""
+    return DTYPES[config.dtype]
 
 
 def spirals(points: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,9 +56,9 @@ class Data:
     def __init__(self, config: Config, device: torch.device | str = "cpu") -> None:
         self.config = config
         inputs, labels = spirals(TRAIN_POINTS, config.seed)
-        self.inputs, self.labels = inputs.to(device, config.torch_dtype), labels.to(device)
+        self.inputs, self.labels = inputs.to(device, torch_dtype(config)), labels.to(device)
         eval_inputs, eval_labels = spirals(EVAL_POINTS, config.seed + 1_000_003)
-        self.eval_inputs, self.eval_labels = eval_inputs.to(device, config.torch_dtype), eval_labels.to(device)
+        self.eval_inputs, self.eval_labels = eval_inputs.to(device, torch_dtype(config)), eval_labels.to(device)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole batch of ``step``: ``batch_size`` inputs and their labels."""
@@ -117,7 +106,7 @@ def build_model(config: Config) -> nn.Sequential:
         modules.append(linear)
         if layer < config.layers - 1:
             modules.append(nn.Tanh())
-    return nn.Sequential(*modules).to(config.torch_dtype)
+    return nn.Sequential(*modules).to(torch_dtype(config))
 
 
 def stage_bounds(layers: int, stages: int) -> list[tuple[int, int]]:

@@ -96,7 +96,7 @@ def test_a_project_with_its_own_requirements_runs_on_two_nodes_after_its_source_
     assert "outputs   result.txt (21 B, node-" in shown and f"fetch with `gpudeck outputs {first['id']}`" in shown
     fetched = cluster.cli("outputs", str(first["id"]), "--to", str(tmp_path / "results"))
     assert (tmp_path / "results" / "result.txt").read_text() == "trained with lr=0.25\n"
-    assert "1 files of job" in fetched.stderr
+    assert "1 file of job" in fetched.stderr
     again = cluster.cli("outputs", str(first["id"]), "--to", str(tmp_path / "results"), check=False)
     assert again.returncode == 1 and "result.txt already exists" in again.stderr, "nothing is overwritten"
     cluster.cli("outputs", str(first["id"]))  # run in the cluster's root: gpudeck-outputs/JOB there

@@ -13,6 +13,8 @@ submit is placed and started.
 
 from __future__ import annotations
 
+import json
+
 import fcntl
 import os
 import pty
@@ -160,8 +162,10 @@ def _kill_victim_and_check_the_loop(setup: SmallBufferHost) -> None:
                interval=0.2)
     took = time.monotonic() - killed
     assert took <= DOWN_WITHIN, f"the killed agent was down only after {took:.1f} s (deadline {DOWN_AFTER:.0f} s)"
-    job = setup.procs.json(setup.host, *setup.client("submit", "--workload", "data-parallel", "--gpus", "8",
-                                                     "--name", "after"))
+    submitted = setup.procs.run(setup.host, *setup.client("submit", "--gpus", "8", "--name", "after", "--json",
+                                                          "--workload", "data-parallel"))
+    assert submitted.returncode == 0, submitted.stderr
+    job = json.loads(submitted.stdout)["id"]  # submit's options go before --workload: what follows is its own
     wait_until(lambda: setup.procs.json(setup.host, *setup.client("show", str(job)))["state"] == "running",
                30, "the job submitted meanwhile to run")
 

@@ -58,7 +58,6 @@ class LogStore:
         return chunks
 
 
-
 def rank_problem(job: int, rank: int, ranks: int, nodes: int | None, most_nodes: int) -> str | None:
     """Why `rank` names no log of a job with `ranks` ranks (0 for a command, which has only its nodes'
     own output) on `nodes` nodes (None before it is placed: up to `most_nodes`), naming those it has;

@@ -493,7 +493,7 @@ class Coordinator:
             raise LookupError(f"job {row.id} has no attempt {attempt}: {had}")
         if message.rank is not None and message.rank not in self.logs.ranks(message.job, attempt):
             spec = row.spec
-            ranks = 0 if spec.command else spec.gpus if spec.gpus is not None else spec.nodes * spec.gpus_per_node
+            ranks = 0 if spec.command else spec.total_gpus
             placed = len(self.store.attempt_nodes(row.id, attempt)) or None
             problem = rank_problem(row.id, message.rank, ranks, placed, spec.nodes or spec.gpus or 1)
             if problem:

@@ -182,6 +182,11 @@ class JobSpec:
     launcher: str = ""  # "torchrun": torchrun starts each node's ranks; "": the agent starts them itself
 
     @property
+    def total_gpus(self) -> int:
+        """The GPUs the job holds in all, one rank on each: --gpus, or --nodes x --gpus-per-node."""
+        return self.gpus if self.gpus is not None else (self.nodes or 0) * (self.gpus_per_node or 0)
+
+    @property
     def what(self) -> list[str]:
         """What runs, as the job's command line shows it."""
         if self.command:

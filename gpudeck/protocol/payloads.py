@@ -151,7 +151,7 @@ class JobView:
         """The view of a job with this spec and this history (the coordinator's rows, or a recorded link)."""
         return cls(
             id=job_id, name=spec.name, state=state, reason=reason, nodes=[node for node, _ in hosts],
-            gpus=spec.gpus if spec.gpus is not None else (spec.nodes or 0) * (spec.gpus_per_node or 0),
+            gpus=spec.total_gpus,
             placement=[PlacementView(node=node, node_rank=rank, gpus=list(gpus)) for rank, (node, gpus) in enumerate(hosts)],
             request=RequestView(gpus=spec.gpus, nodes=spec.nodes, gpus_per_node=spec.gpus_per_node),
             command=spec.what, priority=spec.priority,

@@ -43,7 +43,7 @@ class UsageError(Failure):
 MAX_ID = 2**63 - 1  # SQLite's and msgpack's largest integer
 JOBS_PAGE = 1000  # jobs per list request; the coordinator allows at most this many
 RECENT_FINISHED = 20  # finished jobs `gpudeck jobs` shows by default, the most recent
-ACTIVE_STATES = [state.value for state in JobState if not state.finished]
+UNFINISHED_STATES = [state.value for state in JobState if not state.finished]
 FINISHED_STATES = [state.value for state in JobState if state.finished]
 
 
@@ -105,9 +105,9 @@ def job_states(text: str) -> list[str]:
     """--state for argparse: states separated by commas; any other word is a usage error naming the states."""
     states = [part.strip().lower() for part in text.split(",")]
     for state in states:
-        if state not in ACTIVE_STATES + FINISHED_STATES:
+        if state not in UNFINISHED_STATES + FINISHED_STATES:
             raise argparse.ArgumentTypeError(f"{state!r} is not a job state (the states are "
-                                             f"{', '.join(ACTIVE_STATES + FINISHED_STATES)})")
+                                             f"{', '.join(UNFINISHED_STATES + FINISHED_STATES)})")
     return states
 
 
@@ -364,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     shown.add_argument("--limit", type=bounded(1, 1_000_000), metavar="N",
                        help="only the N most recent jobs that match")
     jobs.add_argument("--state", type=job_states, action="extend", metavar="STATE[,STATE]",
-                      help=f"only jobs in these states: {', '.join(ACTIVE_STATES + FINISHED_STATES)}")
+                      help=f"only jobs in these states: {', '.join(UNFINISHED_STATES + FINISHED_STATES)}")
     jobs.add_argument("--since", type=since_time, metavar="WHEN",
                       help="only jobs not finished before WHEN: how long ago (90m, 2h, 3d) or a date "
                       "(2026-12-01, 2026-12-01T09:30)")
@@ -682,7 +682,7 @@ async def _listed_jobs(session: ClientSession, args: argparse.Namespace) -> tupl
         return jobs, f"... and {counted(older, 'older job')} that match: raise --limit, or use --all" if older else ""
     if args.all or args.json or args.state or args.since is not None:
         return await _all_jobs(session, **filters), ""
-    active = await _all_jobs(session, states=ACTIVE_STATES)
+    active = await _all_jobs(session, states=UNFINISHED_STATES)
     finished, older = await _recent_jobs(session, RECENT_FINISHED, states=FINISHED_STATES)
     jobs = sorted(active + finished, key=lambda job: job["id"])
     return jobs, f"... and {counted(older, 'older finished job')}: gpudeck jobs --all" if older else ""

@@ -254,9 +254,10 @@ class JobScreen(Screen):
         by_kind = job.get("traffic", {}).get("by_kind", {})
         kinds_widget.steps = known_steps(job)
         kinds_widget.moved = (("total", sum(by_kind.values())), *sorted(by_kind.items())) if ended and by_kind else ()
-        self.query_one("#kinds-title", Static).update("bytes moved by kind" + (", in total and per step" if
-                                                      kinds_widget.steps and kinds_widget.moved else "")
-                                                      if kinds_widget.moved else "bytes per second by kind")
+        title = "bytes per second by kind"
+        if kinds_widget.moved:
+            title = "bytes moved by kind, in total and per step" if kinds_widget.steps else "bytes moved by kind"
+        self.query_one("#kinds-title", Static).update(title)
         if traffic is None:
             self.query_one(KindRates).rows = ()
             self._rank_rates: dict[int, dict[str, float]] = {}

@@ -240,16 +240,16 @@ class GpudeckApp(App[int]):
         nodes = f"{totals['up']}/{totals['nodes']} nodes up"
         if not totals["nodes"] and self.local_node:
             nodes = f"the local agent ({self.local_node}) is starting"
-        counts = (f"{nodes} · {counted(totals['gpus'], 'GPU')}{sim} · {totals['busy']} busy"
-                  f" · {totals['running']} running · {totals['pending']} pending")
+        jobs = f"{totals['busy']} busy · {totals['running']} running · {totals['pending']} pending"
+        gpus = counted(totals["gpus"], "GPU")
+        counts = f"{nodes} · {gpus}{sim} · {jobs}"
         room = self.size.width - HEADER_MARGIN - max(len(screen.title or self.title) for screen in self.screen_stack)
         if len(f" — {self.where} · {counts}") <= room:
             self.sub_title = f"{self.where} · {counts}"
         elif len(f" — {counts}") <= room:
             self.sub_title = counts
         else:  # the counts a person acts on, in the fewest words
-            self.sub_title = (f"{totals['up']}/{totals['nodes']} up · {counted(totals['gpus'], 'GPU')} · {totals['busy']} busy"
-                              f" · {totals['running']} running · {totals['pending']} pending")
+            self.sub_title = f"{totals['up']}/{totals['nodes']} up · {gpus} · {jobs}"
 
     def on_resize(self) -> None:
         self.show_totals()

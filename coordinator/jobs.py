@@ -83,8 +83,8 @@ class JobControl:
 
     # --- submit and schedule -------------------------------------------------------------------
 
-    def submit(self, spec: JobSpec) -> JobRow:
-        """Store a job, or raise ValueError with the reason it can never run."""
+    def submit(self, spec: JobSpec, owner: str) -> JobRow:
+        """Store `owner`'s job, or raise ValueError with the reason it can never run."""
         spec.check()
         if spec.workload and spec.workload not in WORKLOADS:
             known = ", ".join(sorted(WORKLOADS)) or "none in this version"
@@ -93,7 +93,7 @@ class JobControl:
         problem = validate_request(request) or impossible_reason(request, self._capacity())
         if problem:
             raise ValueError(problem)
-        return self.store.job(self.store.add_job(spec, self.clock()))  # type: ignore[return-value]
+        return self.store.job(self.store.add_job(spec, self.clock(), owner))  # type: ignore[return-value]
 
     def _capacity(self) -> list[NodeSlots]:
         """Every node that has ever joined and is not down, all GPUs free: what could ever fit."""
@@ -253,7 +253,7 @@ class JobControl:
         shares = self.store.attempt_nodes(job_id, attempt)
         if retry:
             self._kill_open(job_id, attempt, f"placing the job again: {detail}")
-            self.store.transition(job_id, JobState.PENDING, reason=f"placing it again: {detail}")
+            self.store.transition(job_id, JobState.PENDING, at=self.clock(), reason=f"placing it again: {detail}")
             log.info("job %d attempt %d could not start on %s (%s); placing it again", job_id, attempt, node, detail)
         elif exit_code != 0 and (silent := self._silent_peer(shares, node)):
             self._lost(job_id, attempt, silent, f"node {silent} stopped answering", confirmed=False)
@@ -333,7 +333,7 @@ class JobControl:
         if row.restarts < row.spec.max_restarts:
             restarts = row.restarts + 1
             note = f"{why} (restart {restarts} of {row.spec.max_restarts})"
-            self.store.transition(job_id, JobState.PENDING, restarts=restarts, requeued_because=note,
+            self.store.transition(job_id, JobState.PENDING, at=self.clock(), restarts=restarts, requeued_because=note,
                                   reason=f"requeued: {note}")
             log.info("job %d requeued: %s", job_id, why)
         else:

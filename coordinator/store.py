@@ -54,6 +54,7 @@ class JobRow:
     requeued_because: str  # why the last attempt was lost, while the job waits to run again
     failed_at: float | None  # when the rank that failed the job ended (orders failures across nodes)
     hosts: Hosts  # the current attempt's placement, node rank order; [] before the first
+    owner: str = ""  # the user who submitted it ("" for jobs stored before there were users)
     # `spec.script` is always b"" here: the bytes are loaded only to be sent (`Store.script`).
 
 
@@ -65,6 +66,7 @@ class JobFilter:
     states: tuple[JobState, ...] = ()
     since: float | None = None
     before: int | None = None
+    owner: str | None = None
 
     def sql(self) -> tuple[str, list[Any]]:
         """A WHERE condition on `jobs j` and its parameters."""
@@ -79,6 +81,9 @@ class JobFilter:
         if self.before is not None:
             terms.append("j.id < ?")
             params.append(self.before)
+        if self.owner is not None:
+            terms.append("j.owner = ?")
+            params.append(self.owner)
         return " AND ".join(terms), params
 
 
@@ -94,6 +99,36 @@ class AttemptNode:
     started: bool
     exit_code: int | None
     fenced_until: float | None  # lost with its node, which may still run it: its GPUs wait until then
+
+
+@dataclass(frozen=True)
+class HeldGpus:
+    """The GPUs one attempt of a job held, from when to when (`ended_at` None: it holds them still)."""
+
+    job: int
+    attempt: int
+    owner: str
+    gpus: int
+    started_at: float
+    ended_at: float | None
+
+    def gpu_seconds(self, now: float, since: float | None = None) -> float:
+        """GPU-seconds held up to `now`, counted from `since` (None: from the start)."""
+        start = self.started_at if since is None else max(self.started_at, since)
+        end = now if self.ended_at is None else min(self.ended_at, now)
+        return self.gpus * max(0.0, end - start)
+
+
+@dataclass(frozen=True)
+class UserRow:
+    """A person with a token of their own. Only the secret's hash is stored: a copied database or
+    backup gives nobody a token."""
+
+    name: str
+    secret_hash: str
+    admin: bool
+    max_gpus: int | None  # the most GPUs their jobs may hold at once; None: no limit
+    created_at: float
 
 
 @dataclass(frozen=True)
@@ -130,6 +165,7 @@ class Store:
         self._newly_pending: list[int] = list(self._unfinished)
         self._nodes: dict[str, NodeRow] = {row["name"]: _node_row(row) for row in self.db["nodes"].rows}
         self._open_shares: list[AttemptNode] | None = None
+        self._users: dict[str, UserRow] = {row["name"]: _user_row(row) for row in self.db["users"].rows}
 
     def _create(self) -> None:
         db = self.db
@@ -141,10 +177,11 @@ class Store:
                                "submitted_at": float, "started_at": float, "ended_at": float, "attempt": int,
                                "exit_code": int, "restarts": int, "requeued_because": str, "failed_at": float},
                               pk="id", if_not_exists=True, not_null={"name", "spec", "state", "submitted_at"})
-            _add_missing_columns(db["jobs"], {"failed_at": float})
+            _add_missing_columns(db["jobs"], {"failed_at": float, "owner": str})
             db["attempts"].create({"job": int, "attempt": int, "master_addr": str, "master_port": int,
-                                   "started_at": float}, pk=("job", "attempt"), if_not_exists=True,
+                                   "started_at": float, "ended_at": float}, pk=("job", "attempt"), if_not_exists=True,
                                   foreign_keys=[("job", "jobs", "id")])
+            _add_missing_columns(db["attempts"], {"ended_at": float})
             db["attempt_nodes"].create({"job": int, "attempt": int, "node": str, "node_rank": int, "gpus": str,
                                         "started": int, "exit_code": int, "fenced_until": float},
                                        pk=("job", "attempt", "node"), if_not_exists=True)
@@ -154,6 +191,35 @@ class Store:
             db["outputs"].create({"job": int, "node": str, "attempt": int, "files": str}, pk=("job", "node"),
                                  if_not_exists=True)
             db["jobs"].create_index(["state"], if_not_exists=True)
+            db["users"].create({"name": str, "secret_hash": str, "admin": int, "max_gpus": int, "created_at": float},
+                               pk="name", if_not_exists=True, not_null={"secret_hash"})
+
+    # --- users ------------------------------------------------------------------------------------
+
+    def add_user(self, user: UserRow) -> None:
+        """Store a new user; ValueError when the name is taken."""
+        if user.name in self._users:
+            raise ValueError(f"there is already a user {user.name}")
+        with self._tx():
+            self.db["users"].insert({"name": user.name, "secret_hash": user.secret_hash, "admin": int(user.admin),
+                                     "max_gpus": user.max_gpus, "created_at": user.created_at})
+        self._users[user.name] = user
+
+    def remove_user(self, name: str) -> None:
+        if name not in self._users:
+            raise LookupError(f"there is no user {name}")
+        with self._tx():
+            self.db["users"].delete(name)
+        del self._users[name]
+
+    def user(self, name: str) -> UserRow | None:
+        return self._users.get(name)
+
+    def users(self) -> list[UserRow]:
+        return sorted(self._users.values(), key=lambda user: user.name)
+
+    def user_with_secret_hash(self, secret_hash: str) -> UserRow | None:
+        return next((user for user in self._users.values() if user.secret_hash == secret_hash), None)
 
     # --- outputs kept on nodes ----------------------------------------------------------------------
 
@@ -238,12 +304,12 @@ class Store:
 
     # --- jobs ----------------------------------------------------------------------------------
 
-    def add_job(self, spec: JobSpec, now: float) -> int:
+    def add_job(self, spec: JobSpec, now: float, owner: str) -> int:
         with self._tx():
             table = self.db["jobs"].insert({
                 "name": spec.name, "spec": _spec_json(spec), "script": spec.script, "state": JobState.PENDING.value,
                 "reason": "waiting for the scheduler", "priority": spec.priority, "submitted_at": now, "attempt": 0,
-                "restarts": 0,
+                "restarts": 0, "owner": owner,
             })
         job_id = int(table.last_pk)
         self._refresh([job_id])
@@ -303,12 +369,17 @@ class Store:
         row = self.db.conn.execute("SELECT script FROM jobs WHERE id = ?", [job_id]).fetchone()
         return bytes(row[0] or b"") if row else b""
 
-    def transition(self, job_id: int, state: JobState, **fields: Any) -> None:
+    def transition(self, job_id: int, state: JobState, at: float | None = None, **fields: Any) -> None:
         """Move a job to `state` and set `fields` in one transaction; `IllegalTransition` (a bug)
-        when `TRANSITIONS` does not allow the move from the state it is in."""
+        when `TRANSITIONS` does not allow the move from the state it is in. A job that leaves
+        starting or running gives its GPUs back `at` then (or at `ended_at`): what accounting and
+        fair share count."""
         with self._tx():
-            self._check_transition(job_id, state)
+            old = self._check_transition(job_id, state)
             self.db["jobs"].update(job_id, {"state": state.value, **fields})
+            if old.active and not state.active:
+                self.db.conn.execute("UPDATE attempts SET ended_at = ? WHERE job = ? AND ended_at IS NULL",
+                                     [at if at is not None else fields.get("ended_at"), job_id])
         self._refresh([job_id])
 
     def amend_job(self, job_id: int, **fields: Any) -> None:
@@ -319,11 +390,13 @@ class Store:
             self.db["jobs"].update(job_id, fields)
         self._refresh([job_id])
 
-    def _check_transition(self, job_id: int, state: JobState) -> None:
+    def _check_transition(self, job_id: int, state: JobState) -> JobState:
+        """The job's current state, when it may move to `state`."""
         row = self.db.conn.execute("SELECT state FROM jobs WHERE id = ?", [job_id]).fetchone()
         if row is None:
             raise LookupError(f"there is no job {job_id}")
         check_transition(job_id, JobState(row[0]), state)
+        return JobState(row[0])
 
     def set_reasons(self, reasons: dict[int, str]) -> None:
         """Store the scheduler's reasons for pending jobs, only where they changed."""
@@ -383,6 +456,19 @@ class Store:
                                             "requeued_because": "", "started_at": now, "exit_code": None,
                                             "failed_at": None})
         self._refresh([job_id])
+
+    def held_gpus(self, since: float | None = None) -> list[HeldGpus]:
+        """Every attempt that held GPUs at or after `since` (None: ever), oldest first."""
+        sql = ("SELECT a.job, a.attempt, j.owner, a.started_at, COALESCE(a.ended_at, j.ended_at), j.attempt, j.state, "
+               "(SELECT SUM(json_array_length(n.gpus)) FROM attempt_nodes n WHERE n.job = a.job AND n.attempt = a.attempt) "
+               "FROM attempts a JOIN jobs j ON j.id = a.job WHERE ? IS NULL OR COALESCE(a.ended_at, j.ended_at) IS NULL "
+               "OR COALESCE(a.ended_at, j.ended_at) >= ? ORDER BY a.started_at, a.job")
+        held = []
+        for job, attempt, owner, started, ended, current, state, gpus in self.db.conn.execute(sql, [since, since]):
+            if ended is None and (attempt != current or not JobState(state).active):
+                ended = started  # an attempt of an older version that left no end: nothing is counted for it
+            held.append(HeldGpus(job, attempt, owner or "", gpus or 0, started, ended))
+        return held
 
     def master(self, job_id: int, attempt: int) -> tuple[str, int]:
         row = self.db["attempts"].get((job_id, attempt))
@@ -559,7 +645,7 @@ def _spec_of(text: str) -> JobSpec:
 
 
 _JOB_FIELDS = ("id", "spec", "state", "reason", "submitted_at", "started_at", "ended_at", "attempt", "exit_code",
-               "restarts", "requeued_because", "failed_at")
+               "restarts", "requeued_because", "failed_at", "owner")
 _JOB_COLUMNS = ", ".join(f"j.{name}" for name in _JOB_FIELDS)
 
 
@@ -569,7 +655,13 @@ def _job_row(row: dict[str, Any], hosts: Hosts) -> JobRow:
         submitted_at=row["submitted_at"], started_at=row["started_at"], ended_at=row["ended_at"],
         attempt=row["attempt"] or 0, exit_code=row["exit_code"], restarts=row["restarts"] or 0,
         requeued_because=row["requeued_because"] or "", failed_at=row["failed_at"], hosts=hosts,
+        owner=row["owner"] or "",
     )
+
+
+def _user_row(row: dict[str, Any]) -> UserRow:
+    return UserRow(name=row["name"], secret_hash=row["secret_hash"], admin=bool(row["admin"]),
+                   max_gpus=row["max_gpus"], created_at=row["created_at"])
 
 
 def _node_row(row: dict[str, Any]) -> NodeRow:

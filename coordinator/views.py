@@ -12,7 +12,7 @@ def job_view(row: JobRow, traffic: TrafficByRank, outputs: dict[str, list[Output
     return JobView.build(row.id, row.spec, state=row.state.value, reason=row.reason, hosts=row.hosts,
                          restarts=row.restarts, attempt=row.attempt, exit_code=row.exit_code,
                          submitted_at=row.submitted_at, started_at=row.started_at, ended_at=row.ended_at,
-                         traffic=traffic, outputs=outputs)
+                         traffic=traffic, outputs=outputs, owner=row.owner)
 
 
 def node_view(node: NodeRow, registry: Registry, jobs: list[int], now: float) -> NodeView:

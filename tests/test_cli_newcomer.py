@@ -205,7 +205,7 @@ def history(tmp_path: Path) -> Iterator[Cluster]:
     store = Store(cluster.coordinator_dir / "gpudeck.db")
     now = time.time()
     for index in range(1, 29):
-        job_id = store.add_job(JobSpec(name=f"j{index}", gpus=1, workload="pipeline"), now - 30 * HOUR)
+        job_id = store.add_job(JobSpec(name=f"j{index}", gpus=1, workload="pipeline"), now - 30 * HOUR, "admin")
         if index <= 25:
             store.transition(job_id, JobState.CANCELLED, reason="cancelled by a user", ended_at=now - (26 - index) * HOUR)
     store.close()
@@ -248,7 +248,7 @@ def test_jobs_filters_apply_to_the_table_and_to_json(history: Cluster):
 def test_the_store_filters_and_pages_newest_first(tmp_path: Path):
     store = Store(tmp_path / "g.db")
     for index in range(1, 8):
-        job_id = store.add_job(JobSpec(name=f"j{index}", gpus=1, workload="pipeline"), 0.0)
+        job_id = store.add_job(JobSpec(name=f"j{index}", gpus=1, workload="pipeline"), 0.0, "admin")
         if index % 2:
             store.transition(job_id, JobState.CANCELLED, reason="x", ended_at=float(index))
     cancelled = JobFilter(states=(JobState.CANCELLED,))

@@ -65,9 +65,9 @@ class Deck:
         self.store = Store(self.path)
         self.control = JobControl(self.store, self.registry, self.send, self.clock, PORTS)
 
-    def submit(self, **fields: Any) -> int:
+    def submit(self, owner: str = "ada", **fields: Any) -> int:
         fields.setdefault("workload", "data-parallel")
-        return self.control.submit(JobSpec(name="job", **fields)).id
+        return self.control.submit(JobSpec(name="job", **fields), owner).id
 
     def job(self, job_id: int) -> JobRow:
         row = self.store.job(job_id)

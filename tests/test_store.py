@@ -18,7 +18,7 @@ def test_wal_and_full_sync_are_set_and_survive_a_reopen(tmp_path):
     store = Store(path)
     assert store.db.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert store.db.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
-    job_id = store.add_job(_spec(), 1.0)
+    job_id = store.add_job(_spec(), 1.0, "ada")
     store.set_traffic([(job_id, 1, 0, "all_reduce", 10)])
     assert store.db.conn.execute("PRAGMA synchronous").fetchone()[0] == 2, "traffic writes restore FULL"
     store.close()
@@ -28,7 +28,7 @@ def test_wal_and_full_sync_are_set_and_survive_a_reopen(tmp_path):
 
 def test_a_job_attempt_from_placement_to_exits(tmp_path):
     store = Store(tmp_path / "g.db")
-    job_id = store.add_job(_spec(script=b"\x00\xff binary is kept"), 1.0)
+    job_id = store.add_job(_spec(script=b"\x00\xff binary is kept"), 1.0, "ada")
     assert store.script(job_id) == b"\x00\xff binary is kept"
     assert store.job(job_id).spec.script == b"", "rows never carry the script"
     store.start_attempt(job_id, 1, [("a", [0]), ("b", [1])], "10.0.0.1", 29500, 2.0)
@@ -44,7 +44,7 @@ def test_a_job_attempt_from_placement_to_exits(tmp_path):
 
 def test_traffic_counters_never_go_down_and_sum_over_attempts(tmp_path):
     store = Store(tmp_path / "g.db")
-    job_id = store.add_job(_spec(), 1.0)
+    job_id = store.add_job(_spec(), 1.0, "ada")
     book = TrafficBook(store)
     book.record(job_id, 1, {0: {"all_reduce": 100}, 1: {"all_reduce": 100}})
     book.record(job_id, 1, {0: {"all_reduce": 40}})  # a stale, reordered report
@@ -68,7 +68,7 @@ def test_traffic_counters_never_go_down_and_sum_over_attempts(tmp_path):
 def test_the_queue_in_memory_follows_every_write_and_reports_what_changed(tmp_path):
     path = tmp_path / "g.db"
     store = Store(path)
-    first, second = store.add_job(_spec(), 1.0), store.add_job(_spec(), 1.0)
+    first, second = store.add_job(_spec(), 1.0, "ada"), store.add_job(_spec(), 1.0, "ada")
     assert [row.id for row in store.take_changed()] == [first, second]
     assert store.take_changed() == []
     store.set_reasons({first: "needs 2 GPUs", second: "waiting for the scheduler"})

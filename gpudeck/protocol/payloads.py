@@ -141,13 +141,14 @@ class JobView:
     traffic: TrafficView = field(default_factory=lambda: TrafficView.of({}))
     project: ProjectView | None = None
     outputs: dict[str, list[OutputFile]] = field(default_factory=dict)  # by node, while the nodes keep them
+    owner: str = ""  # who submitted it
 
     @classmethod
     def build(cls, job_id: int, spec: JobSpec, state: str, submitted_at: float, reason: str = "",
               hosts: Sequence[tuple[str, list[int]]] = (), restarts: int = 0, attempt: int = 0,
               exit_code: int | None = None, started_at: float | None = None, ended_at: float | None = None,
               traffic: TrafficByRank | None = None,
-              outputs: dict[str, list[OutputFile]] | None = None) -> "JobView":
+              outputs: dict[str, list[OutputFile]] | None = None, owner: str = "") -> "JobView":
         """The view of a job with this spec and this history (the coordinator's rows, or a recorded link)."""
         return cls(
             id=job_id, name=spec.name, state=state, reason=reason, nodes=[node for node, _ in hosts],
@@ -160,7 +161,7 @@ class JobView:
             traffic=TrafficView.of(traffic or {}),
             project=ProjectView(files=spec.project_files, bytes=spec.project_bytes,
                                 uploaded_bytes=spec.project_uploaded) if spec.project else None,
-            outputs=outputs or {})
+            outputs=outputs or {}, owner=owner)
 
     def to_json(self) -> dict[str, Any]:
         return plain(self)

@@ -84,6 +84,36 @@ def run_and_kill(workload: str, ranks: int, args: list[str], cwd: Path, checkpoi
         process.stdout.close()
 
 
+def run_and_stop(workload: str, ranks: int, args: list[str], cwd: Path, checkpoint_dir: Path, after_step: int,
+                 timeout: float = 60) -> str:
+    """Start a workload and SIGTERM its ranks (not torchrun) once a checkpoint of ``after_step`` or
+    later is on disk, as gpudeck stops a preempted job; the run's output once it has ended."""
+    marker = uuid.uuid4().hex
+    process = subprocess.Popen(command(workload, ranks, args), env=env(**{MARKER: marker}), cwd=cwd,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while not any(step >= after_step for step in checkpoint_steps(checkpoint_dir)):
+            assert process.poll() is None, "the run ended before it could be stopped: " + process.stdout.read()
+            assert time.monotonic() < deadline, "no checkpoint appeared in time"
+            time.sleep(0.02)
+        signal_pids([pid for pid in pids_with_env(MARKER, marker) if b"gpudeck.train.run" in _cmdline(pid)],
+                    signal.SIGTERM)
+        return process.communicate(timeout=timeout)[0]
+    finally:
+        kill_marked(marker)
+        if process.poll() is None:
+            process.wait(timeout=30)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read()
+    except OSError:
+        return b""
+
+
 def kill_marked(marker: str) -> None:
     """SIGKILL whatever this run started that is still there (torchrun puts ranks in sessions of their own)."""
     signal_pids(pids_with_env(MARKER, marker), signal.SIGKILL)

@@ -19,7 +19,9 @@ import torch
 
 from gpudeck.train.workloads import task
 from gpudeck.train.workloads.checkpoint import KEPT_REPORTED
-from tests.workloads.runs import Sink, final_model, losses, max_difference, run_and_kill, torchrun, torchrun_nodes
+from tests.workloads.runs import (
+    Sink, checkpoint_steps, final_model, losses, max_difference, run_and_kill, run_and_stop, torchrun, torchrun_nodes,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -173,6 +175,23 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_and_ends_as_if_never_kill
         again = torchrun(workload, RANKS[workload], args, tmp_path)
         assert "nothing to do" in again and " loss " not in again
 
+
+
+@pytest.mark.parametrize("workload", ["data-parallel", "pipeline"])
+def test_a_run_asked_to_stop_saves_where_it_is_and_resumes_there(workload, uninterrupted, tmp_path):
+    """SIGTERM, as for a preempted job: the ranks finish their step, save it and exit with 143; the
+    next run goes on from that step (not from the periodic checkpoint before it) to the same model."""
+    checkpoints = tmp_path / "ck"
+    args = [*ARGS, "--checkpoint-dir", str(checkpoints)]
+    output = run_and_stop(workload, RANKS[workload], [*args, "--step-sleep", "0.01"], tmp_path, checkpoints,
+                          after_step=100)
+    stopped = [int(step) for step in re.findall(r"saved the checkpoint of step (\d+)", output)]
+    assert stopped and "as asked (SIGTERM)" in output, output
+    assert max(stopped) in checkpoint_steps(checkpoints) and max(stopped) % 50, "a step between periodic checkpoints"
+    resumed = torchrun(workload, RANKS[workload], args, tmp_path)
+    at = re.search(r"resuming from the checkpoint of step (\d+)", resumed)
+    assert at and 100 <= int(at[1]) <= max(stopped), resumed
+    assert max_difference(final_model(checkpoints, STEPS), final_model(uninterrupted(workload).checkpoints, STEPS)) == 0
 
 
 def test_a_job_whose_nodes_swapped_folders_gets_each_stage_from_the_node_that_has_it(tmp_path: Path):

@@ -81,8 +81,10 @@ class Trainer:
         self.optimizer.step()
         return loss.detach()
 
-    def save(self, step: int) -> None:
-        if self.session.local_rank == 0:
+    def save(self, step: int, stopping: bool = False) -> None:
+        """Every rank holds the same model: one rank per node writes it, but every rank that stops
+        when asked does, since the rank that would have may already be gone (see `Stopping`)."""
+        if self.session.local_rank == 0 or stopping:
             self.checkpoints.save("model", step, {"model": self.model.state_dict(),
                                                   "optimizer": self.optimizer.state_dict()})
 

@@ -125,7 +125,7 @@ class Server:
             offset += param.numel()
         self.optimizer.step()
 
-    def save(self, step: int) -> None:
+    def save(self, step: int, stopping: bool = False) -> None:
         self.checkpoints.save("server", step, {"model": self.model.state_dict(),
                                                "optimizer": self.optimizer.state_dict(), "counts": self.counts})
 
@@ -135,23 +135,30 @@ class Server:
     def run_sync(self, start: int) -> None:
         args = self.args
         gradients = [torch.empty_like(self.flat()) for _ in self.workers]
-        for step in range(start, args.steps):
-            flat = self.flat()
-            works = [dist.isend(flat, worker) for worker in self.workers]
-            works += [dist.irecv(gradient, worker) for gradient, worker in zip(gradients, self.workers)]
-            for work in works:
-                work.wait()
-            total = gradients[0].clone()
-            for gradient in gradients[1:]:
-                total += gradient
-            self.apply(total / len(self.workers))
-            self.timer.step_done()
-            done = step + 1
-            if step % args.log_every == 0 or done == args.steps:
-                self.report(step)
-            if done % args.checkpoint_every == 0 or done == args.steps:
-                self.save(done)
+        with sessions.Stopping() as stopping:
+            for step in range(start, args.steps):
+                self._sync_step(step, gradients)
+                done = step + 1
+                if done % args.checkpoint_every == 0 or done == args.steps:
+                    self.save(done)
+                elif done < args.steps:
+                    stopping.stop_after(done, self.save, self.session)
         self.session.log(self.timer.summary())
+
+    def _sync_step(self, step: int, gradients: list[torch.Tensor]) -> None:
+        """Send the parameters to every worker, take their gradients, apply the mean."""
+        flat = self.flat()
+        works = [dist.isend(flat, worker) for worker in self.workers]
+        works += [dist.irecv(gradient, worker) for gradient, worker in zip(gradients, self.workers)]
+        for work in works:
+            work.wait()
+        total = gradients[0].clone()
+        for gradient in gradients[1:]:
+            total += gradient
+        self.apply(total / len(self.workers))
+        self.timer.step_done()
+        if step % self.args.log_every == 0 or step + 1 == self.args.steps:
+            self.report(step)
 
     def run_async(self, updates: int) -> None:
         """Serve pushes in arrival order until every worker did --steps iterations."""
@@ -165,21 +172,24 @@ class Server:
                 sending[worker] = self._send(worker)
                 left += args.steps - self.counts[index]
         gradient = torch.empty_like(self.flat(), device=link.device)
-        for _ in range(left):
-            worker = dist.recv(gradient, group=link.group)  # from whichever worker is first
-            sending.pop(worker)[0].wait()  # done: that worker computed on what it was sent
-            index = self.workers.index(worker)
-            self.apply(gradient.to(self.session.device) / workers)
-            self.counts[index] += 1
-            updates += 1
-            self.timer.step_done()
-            if self.counts[index] < args.steps:
-                sending[worker] = self._send(worker)
-            last = not sending
-            if updates % (args.log_every * workers) == 0 or last:
-                self.report(updates // workers)
-            if updates % (args.checkpoint_every * workers) == 0 or last:
-                self.save(updates)
+        with sessions.Stopping() as stopping:
+            for _ in range(left):
+                worker = dist.recv(gradient, group=link.group)  # from whichever worker is first
+                sending.pop(worker)[0].wait()  # done: that worker computed on what it was sent
+                index = self.workers.index(worker)
+                self.apply(gradient.to(self.session.device) / workers)
+                self.counts[index] += 1
+                updates += 1
+                self.timer.step_done()
+                if self.counts[index] < args.steps:
+                    sending[worker] = self._send(worker)
+                last = not sending
+                if updates % (args.log_every * workers) == 0 or last:
+                    self.report(updates // workers)
+                if updates % (args.checkpoint_every * workers) == 0 or last:
+                    self.save(updates)
+                else:
+                    stopping.stop_after(updates, self.save, self.session)
         self.session.log(self.timer.summary().replace("steps", "updates", 1))
 
     def _send(self, worker: int) -> tuple[dist.Work, torch.Tensor]:

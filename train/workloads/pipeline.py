@@ -132,7 +132,7 @@ class Stage:
         buffer = self._activation(rows)
         return buffer, dist.irecv(buffer, source)
 
-    def save(self, step: int) -> None:
+    def save(self, step: int, stopping: bool = False) -> None:
         self.checkpoints.save(self.piece, step, {"model": self.module.state_dict(),
                                                  "optimizer": self.optimizer.state_dict()})
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import time
 from dataclasses import dataclass
+from types import FrameType, TracebackType
 from typing import Callable, Protocol
 
 import torch
@@ -95,27 +97,60 @@ class Steps(Protocol):
 
     def step(self, step: int) -> torch.Tensor | None: ...  # the loss, None on a rank that has none
 
-    def save(self, step: int) -> None: ...
+    def save(self, step: int, stopping: bool = False) -> None: ...  # stopping: saved because asked to stop
+
+
+STOPPED = 128 + signal.SIGTERM  # the exit code of a rank that stopped when asked, as if SIGTERM had ended it
+
+
+class Stopping:
+    """SIGTERM asks a rank to stop: gpudeck sends it to a cancelled or preempted job and waits
+    $GPUDECK_PREEMPT_GRACE seconds (30 by default) before SIGKILL. Inside this context the signal only
+    sets `asked`; the workload finishes the step it is in, saves a checkpoint of it (`stop_after`) and
+    exits, so a preempted job resumes where it was stopped instead of at its last periodic checkpoint."""
+
+    def __init__(self) -> None:
+        self.asked = False
+
+    def __enter__(self) -> "Stopping":
+        self._before = signal.signal(signal.SIGTERM, self._ask)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None) -> None:
+        signal.signal(signal.SIGTERM, self._before)
+
+    def _ask(self, signum: int, frame: FrameType | None) -> None:
+        self.asked = True
+
+    def stop_after(self, done: int, save: Callable[..., None], session: Session) -> None:
+        """When asked to stop: save the checkpoint of `done` steps and exit with STOPPED."""
+        if self.asked:
+            save(done, stopping=True)
+            session.log(f"stopped after step {done - 1} as asked (SIGTERM); saved the checkpoint of step {done}")
+            raise SystemExit(STOPPED)
 
 
 def train_steps(trainer: Steps, args: argparse.Namespace, session: Session) -> bool:
-    """Steps from the checkpoint to --steps, logging the loss and saving as the options say; False
-    when the checkpoint is already at or past the end."""
+    """Steps from the checkpoint to --steps, logging the loss and saving as the options say, until
+    done or asked to stop (see `Stopping`); False when the checkpoint is already at or past the end."""
     if trainer.start >= args.steps:
         session.log(f"nothing to do: the checkpoint of step {trainer.start} is at or past --steps {args.steps}")
         return False
     if trainer.start:
         session.log(f"resuming from the checkpoint of step {trainer.start}")
     timer = StepTimer(session.device)
-    for step in range(trainer.start, args.steps):
-        loss = trainer.step(step)
-        timer.step_done()
-        done = step + 1
-        if loss is not None and (step % args.log_every == 0 or done == args.steps):
-            session.log(f"step {step} loss {loss.item():.6f}")
-        if done % args.checkpoint_every == 0 or done == args.steps:
-            trainer.save(done)
-        if args.step_sleep:
-            time.sleep(args.step_sleep)
+    with Stopping() as stopping:
+        for step in range(trainer.start, args.steps):
+            loss = trainer.step(step)
+            timer.step_done()
+            done = step + 1
+            if loss is not None and (step % args.log_every == 0 or done == args.steps):
+                session.log(f"step {step} loss {loss.item():.6f}")
+            if done % args.checkpoint_every == 0 or done == args.steps:
+                trainer.save(done)
+            elif done < args.steps:
+                stopping.stop_after(done, trainer.save, session)
+            if args.step_sleep:
+                time.sleep(args.step_sleep)
     session.log(timer.summary())
     return True

@@ -92,8 +92,8 @@ def ranks_outcome(job_dir: Path, ranks: list[int], now: float) -> Outcome:
     for rank in ranks:
         path = rank_exit_file(logs, rank)
         try:
-            recorded: int | None = int(path.read_text().strip())
-            ended = path.stat().st_mtime
+            recorded: int | None = int(rank_end.read_left(path).strip())
+            ended = path.lstat().st_mtime
         except (OSError, ValueError):
             recorded, ended = None, ends[rank].time if rank in ends else now
         if rank in ends:

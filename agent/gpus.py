@@ -8,6 +8,7 @@ must never take down telemetry for the whole node.
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -29,6 +30,12 @@ SIM_BUSY_TEMPERATURE = 70.0
 SIM_IDLE_POWER = 60.0
 SIM_BUSY_POWER = 450.0
 SIM_UTILIZATION_RANGE = (60, 100)
+# A simulated GPU computes while the processes given it (and their children) use the CPU: a job that
+# only sleeps or waits holds its GPUs at 0 %, as a real one blocked on I/O would. Measured every
+# SIM_CPU_INTERVAL seconds (a scan of /proc); below SIM_QUIET_CPU of one core is quiet.
+SIM_CPU_INTERVAL = 5.0
+SIM_QUIET_CPU = 0.01
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # Fraction of the gap to the target temperature/power closed per read: at a 1 s poll the
 # simulated GPU warms up over roughly ten seconds, like a real one ramping into a job.
 SIM_APPROACH = 0.2
@@ -168,6 +175,7 @@ class NvmlBackend:
         rates = self._query(nvml.nvmlDeviceGetUtilizationRates, handle)
         power = self._query(nvml.nvmlDeviceGetPowerUsage, handle)
         limit = self._query(nvml.nvmlDeviceGetEnforcedPowerLimit, handle)
+        energy = self._query(nvml.nvmlDeviceGetTotalEnergyConsumption, handle)  # Volta and newer
         return GpuReading(
             index=index,
             name=device.name,
@@ -181,6 +189,7 @@ class NvmlBackend:
             power=power / 1000 if power is not None else None,
             power_limit=limit / 1000 if limit is not None else None,
             processes=processes,
+            energy_mj=energy,
         )
 
     def _current_processes(self) -> list[tuple[GpuProcess, ...]]:
@@ -232,22 +241,89 @@ class _SimGpu:
     power: float
     utilization: int = 0
     pids: tuple[int, ...] = ()
+    energy_mj: float = 0.0
+
+
+def _tree_ticks(roots: set[int]) -> dict[int, int]:
+    """CPU time (clock ticks) of each live root process and its descendants, with the children they
+    have already reaped; one scan of /proc for all of them."""
+    parents: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as stat:
+                text = stat.read()
+        except OSError:
+            continue
+        fields = text[text.rfind(b")") + 2:].split()  # the name in parentheses may hold spaces
+        pid = int(entry)
+        parents[pid] = int(fields[1])
+        ticks[pid] = sum(int(value) for value in fields[11:15])  # utime, stime, cutime, cstime
+    children: dict[int, list[int]] = {}
+    for pid, parent in parents.items():
+        children.setdefault(parent, []).append(pid)
+    totals = {}
+    for root in roots & ticks.keys():
+        total, todo = 0, [root]
+        while todo:
+            pid = todo.pop()
+            total += ticks[pid]
+            todo += children.get(pid, [])
+        totals[root] = total
+    return totals
+
+
+class _CpuUse:
+    """Which of the processes given simulated GPUs have been quiet (under SIM_QUIET_CPU of a core,
+    with their children) over the last measurement, taken at most every `interval` seconds. A
+    process not yet measured twice is not quiet."""
+
+    def __init__(self, interval: float, clock: Callable[[], float]) -> None:
+        self._interval = interval
+        self._clock = clock
+        self._last: dict[int, tuple[float, int]] = {}
+        self._measured_at: float | None = None
+        self.quiet: set[int] = set()
+
+    def update(self, roots: set[int]) -> set[int]:
+        now = self._clock()
+        if self._measured_at is not None and now - self._measured_at < self._interval:
+            return self.quiet
+        self._measured_at = now
+        ticks = _tree_ticks(roots) if roots else {}
+        quiet = set()
+        for root, count in ticks.items():
+            before = self._last.get(root)
+            if before is not None and now > before[0]:
+                if (count - before[1]) / CLOCK_TICKS / (now - before[0]) < SIM_QUIET_CPU:
+                    quiet.add(root)
+        self._last = {root: (now, count) for root, count in ticks.items()}
+        self.quiet = quiet
+        return quiet
 
 
 class SimulatedBackend:
-    """Plausible GPUs for trying gpudeck without hardware: idle until a job is assigned, then busy.
+    """Plausible GPUs for trying gpudeck without hardware: idle until a job is assigned, then busy
+    while the job's processes compute (a job that only sleeps leaves them at 0 %, see SIM_QUIET_CPU).
 
     Readings are marked by the "SIM-" uuid prefix and `simulated`, so no screen can mistake them for
     real hardware. `seed` makes the random walk reproducible for tests; the uuid stays unique per
-    instance so two simulated agents never collide in the coordinator's registry.
+    instance so two simulated agents never collide in the coordinator's registry. The energy counter
+    grows by the simulated power over `clock` time between reads.
     """
 
     simulated = True
 
-    def __init__(self, n: int, seed: int | None = None) -> None:
+    def __init__(self, n: int, seed: int | None = None, clock: Callable[[], float] = time.monotonic,
+                 cpu_interval: float = SIM_CPU_INTERVAL) -> None:
         self._rng = random.Random(seed)
         self._id = uuid.uuid4().hex[:8]
         self._lock = threading.Lock()
+        self._clock = clock
+        self._read_at: float | None = None
+        self._cpu = _CpuUse(cpu_interval, clock)
         self._gpus = [
             _SimGpu(self._jitter(SIM_IDLE_TEMPERATURE, 0.5), self._jitter(SIM_IDLE_POWER, 1.0))
             for _ in range(n)
@@ -270,29 +346,36 @@ class SimulatedBackend:
             gpu.pids = tuple(pids)
 
     def read(self) -> list[GpuReading]:
-        """Advance every GPU one step under the lock, then resolve process names outside it."""
+        """Measure the assigned processes' CPU use (outside the lock: it scans /proc), advance
+        every GPU one step under the lock, then resolve process names outside it."""
+        quiet = self._cpu.update({pid for gpu in self._gpus for pid in gpu.pids})
+        now = self._clock()
         with self._lock:
-            steps = [self._step(index, gpu) for index, gpu in enumerate(self._gpus)]
+            elapsed = 0.0 if self._read_at is None else max(0.0, now - self._read_at)
+            self._read_at = now
+            steps = [self._step(index, gpu, quiet, elapsed) for index, gpu in enumerate(self._gpus)]
         return [self._reading(*step) for step in steps]
 
-    def _step(self, index: int, gpu: _SimGpu) -> tuple[int, _SimGpu, int]:
-        busy = bool(gpu.pids)
-        target_temperature = SIM_BUSY_TEMPERATURE if busy else SIM_IDLE_TEMPERATURE
-        target_power = SIM_BUSY_POWER if busy else SIM_IDLE_POWER
+    def _step(self, index: int, gpu: _SimGpu, quiet: set[int], elapsed: float) -> tuple[int, _SimGpu, int]:
+        held = bool(gpu.pids)
+        computing = held and not set(gpu.pids) <= quiet
+        target_temperature = SIM_BUSY_TEMPERATURE if computing else SIM_IDLE_TEMPERATURE
+        target_power = SIM_BUSY_POWER if computing else SIM_IDLE_POWER
         gpu.temperature += (target_temperature - gpu.temperature) * SIM_APPROACH
         gpu.power += (target_power - gpu.power) * SIM_APPROACH
-        if busy:
+        gpu.energy_mj += gpu.power * elapsed * 1000
+        if computing:
             low, high = SIM_UTILIZATION_RANGE
             gpu.utilization = min(high, max(low, gpu.utilization + self._rng.randint(-8, 8)))
-            memory_used = SIM_BUSY_MEMORY + self._rng.randint(-64 * MIB, 64 * MIB)
         else:
             gpu.utilization = 0
-            memory_used = 0
+        memory_used = SIM_BUSY_MEMORY + self._rng.randint(-64 * MIB, 64 * MIB) if held else 0
         snapshot = _SimGpu(
             temperature=self._jitter(gpu.temperature, 0.5),
             power=self._jitter(gpu.power, 2.0),
             utilization=gpu.utilization,
             pids=gpu.pids,
+            energy_mj=gpu.energy_mj,
         )
         return index, snapshot, memory_used
 
@@ -310,6 +393,7 @@ class SimulatedBackend:
             power=round(gpu.power, 1),
             power_limit=SIM_POWER_LIMIT,
             processes=processes,
+            energy_mj=int(gpu.energy_mj),
         )
 
     def close(self) -> None:

@@ -52,6 +52,7 @@ class AgentConfig:
     cache_space: int = config.NODE_CACHE_LIMIT
     environments: int = config.ENVIRONMENTS_KEPT
     warm: int = config.WARM_INTERPRETERS
+    run_as_owner: bool = False  # run each job as its owner's local account (the agent runs as root; see accounts)
 
 
 class Agent:
@@ -65,7 +66,7 @@ class Agent:
         self.warm = WarmPool(config.warm, f"{config.token.cluster}/{config.name}", config.state_dir.resolve())
         self.runner = JobRunner(config.state_dir, config.token.cluster, config.name, self.sink, backend, self.send,
                                 self.fetcher, keeper, config.cache_space, config.environments,
-                                self.warm if config.warm else None)
+                                self.warm if config.warm else None, config.run_as_owner)
         self.discovery = Discovery(config.mdns_interfaces) if config.use_mdns else None
         self.conn: Connection | None = None
         self.latest: list[GpuReading] = []
@@ -179,7 +180,7 @@ class Agent:
         if isinstance(message, Launch):
             self._in_background(self.runner.launch(message))
         elif isinstance(message, Kill):
-            self._in_background(self.runner.kill(message.job, message.attempt, message.reason))
+            self._in_background(self.runner.kill(message.job, message.attempt, message.reason, message.grace))
         elif isinstance(message, ContentChunk):
             self.fetcher.arrived(message)
         elif isinstance(message, SendOutput):

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from gpudeck.agent.accounts import Account, spawn_as
+
 MARKER = "GPUDECK_RUN"
 PROC = Path("/proc")
 
@@ -160,12 +162,14 @@ async def wait_exit(pid: int) -> None:
         os.close(fd)
 
 
-async def run_bounded(command: list[str], timeout: float, env: dict[str, str] | None = None) -> int | None:
-    """Run a helper program to its end, its output dropped: its exit code, or None when it ran past
-    `timeout`. It never outlives the call, also when the caller is cancelled; OSError when it cannot
-    start."""
+async def run_bounded(command: list[str], timeout: float, env: dict[str, str] | None = None,
+                      account: Account | None = None) -> int | None:
+    """Run a helper program to its end (as `account` where given), its output dropped: its exit
+    code, or None when it ran past `timeout`. It never outlives the call, also when the caller is
+    cancelled; OSError when it cannot start."""
     process = await asyncio.create_subprocess_exec(*command, env=env, stdin=asyncio.subprocess.DEVNULL,
-                                                   stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+                                                   stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+                                                   **spawn_as(account))
     try:
         return await asyncio.wait_for(process.wait(), timeout)
     except asyncio.TimeoutError:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import IO, Awaitable, Callable
 
 from gpudeck.agent import exits
+from gpudeck.agent.accounts import READ, RUN, Account, account_of, chown_tree, runs_as_agent, spawn_as
 from gpudeck.agent.containers import (
     Runtime, container_command, container_name, find_runtime, remove_container, stop_container,
 )
@@ -52,7 +53,8 @@ from gpudeck.model import RESERVED_ENV
 from gpudeck.protocol.messages import (
     JobExited, JobPreparing, JobStarted, Launch, LogChunk, Message, OutputChunk, Outputs, SendOutput, Traffic,
 )
-from gpudeck.protocol.payloads import JobReport
+from gpudeck.protocol.payloads import JobReport, OutputFile
+from gpudeck.protocol.rank_end import open_left, read_left
 
 log = logging.getLogger(__name__)
 KILL_GRACE = 5.0
@@ -175,13 +177,14 @@ class RunSetup:
     script: str  # the script's path here, "" for a workload or a command
     outputs: Path
     container: Runtime | None = None  # with --image: the runtime that runs it
+    account: Account | None = None  # with --run-as-owner: the owner's account, None for the agent's user
 
 
 class JobRunner:
     def __init__(self, state_dir: Path, cluster: str, node: str, sink: TrafficSink, backend: GpuBackend,
                  send: Send, fetcher: ContentFetcher | None = None, outputs: OutputKeeper | None = None,
                  cache_space: int = NODE_CACHE_LIMIT, environments: int = ENVIRONMENTS_KEPT,
-                 warm: WarmPool | None = None) -> None:
+                 warm: WarmPool | None = None, run_as_owner: bool = False) -> None:
         state_dir = state_dir.resolve()  # ranks run elsewhere: every path they are given is absolute
         self.root = state_dir / "jobs"
         self.cache = NodeCache(state_dir / "cache", fetcher or ContentFetcher(send), cache_space)
@@ -189,6 +192,7 @@ class JobRunner:
         self.overlay = write_overlay(state_dir / "overlay")
         self.outputs = outputs or OutputKeeper(state_dir / "outputs")
         self.warm = warm
+        self.run_as_owner = run_as_owner  # see accounts
         self.cluster = cluster
         self.node = node
         self.sink = sink
@@ -260,7 +264,7 @@ class JobRunner:
                     "/bin/sh", "-c", _LAUNCHER, "gpudeck-launch", *self._command(order, setup, env),
                     cwd=setup.cwd, env=env,
                     stdin=asyncio.subprocess.DEVNULL, stdout=launcher_log, stderr=asyncio.subprocess.STDOUT,
-                    start_new_session=True)
+                    start_new_session=True, **spawn_as(setup.account))
         except OSError as exc:
             await self._finish(job, 127, f"could not start {'the command' if order.command else 'torchrun'} on "
                                          f"{self.node}: {exc}")
@@ -270,11 +274,12 @@ class JobRunner:
 
     async def _start_ranks(self, order: Launch, job: RunningJob, setup: RunSetup) -> None:
         """Start each of this node's ranks under its own exit recorder: forked where the rank runs in
-        the agent's own interpreter and a warm one is ready, else cold."""
+        the agent's own interpreter and a warm one is ready, else cold (always for an owner's account:
+        a rank forked from the agent's interpreter would keep the agent's rights)."""
         env = self._env(order, job.path, setup)
         target = ["--workload", order.workload] if order.workload else [setup.script]
         argv = [*target, *order.args]  # for gpudeck.train.run
-        warm = self.warm if setup.python == sys.executable and not order.requirements else None
+        warm = self.warm if setup.python == sys.executable and not order.requirements and not setup.account else None
         logs = job.path / "logs"
         for local_rank in range(max(1, len(order.gpus))):
             rank_env = {**env, **rank_variables(order, local_rank, env)}
@@ -288,7 +293,7 @@ class JobRunner:
             else:
                 try:
                     pid = await _spawn_cold([setup.python, "-m", "gpudeck.train.run", *argv], rank_env, setup.cwd,
-                                            log_file)
+                                            log_file, setup.account)
                 except OSError as exc:
                     job.signal(signal.SIGKILL)
                     await self._finish(job, 127, f"could not start rank {rank} on {self.node}: {exc}")
@@ -320,6 +325,7 @@ class JobRunner:
     async def _prepare(self, order: Launch, job: RunningJob, launcher_log: IO[bytes]) -> RunSetup:
         """Where and with which interpreter the attempt runs; PrepareFailed with a sentence otherwise."""
         directory = job.path
+        account = self._account(order, launcher_log)
         work = directory / "work" if order.project else None
         if work is not None:
             await self._say(job, f"copying the project to {self.node}")
@@ -330,7 +336,7 @@ class JobRunner:
                 raise PrepareFailed(1, f"could not copy the project to {self.node}: {exc}", retry=exc.transient) from None
             except OSError as exc:
                 raise PrepareFailed(1, f"could not copy the project to {self.node}: {exc.strerror or exc}") from None
-        python, bin_dir = await self._interpreter(order, job, launcher_log)
+        python, bin_dir = await self._interpreter(order, job, launcher_log, account)
         if order.project:
             cwd = work / order.subdir if order.subdir else work
             if not cwd.is_dir():
@@ -338,12 +344,43 @@ class JobRunner:
                                        "ignore file leaves it out): submit from another folder")
             target = str(work / order.script_name) if order.script_name else ""
         else:
-            cwd = Path(order.workdir) if _usable_dir(order.workdir) else directory
+            cwd = Path(order.workdir) if _usable_dir(order.workdir, account) else directory
             target = str(self._write_script(order, directory)) if order.script_name else ""
         outputs = (work or directory) / OUTPUT_DIR
         outputs.mkdir(parents=True, exist_ok=True)
+        if account is not None:
+            self._hand_over(job, work or outputs, account)
         container = await self._container(order) if order.image else None
-        return RunSetup(python=python, bin_dir=bin_dir, cwd=cwd, script=target, outputs=outputs, container=container)
+        return RunSetup(python=python, bin_dir=bin_dir, cwd=cwd, script=target, outputs=outputs, container=container,
+                        account=account)
+
+    def _account(self, order: Launch, launcher_log: IO[bytes]) -> Account | None:
+        """With --run-as-owner, the account the job's processes run as: its owner's, else none (the
+        agent's user), which the launcher log then says."""
+        if not self.run_as_owner:
+            return None
+        account = account_of(order.owner)
+        if account is None:
+            launcher_log.write(f"gpudeck: {runs_as_agent(order.owner, self.node)}\n".encode())
+            launcher_log.flush()
+        return account
+
+    def _hand_over(self, job: RunningJob, written: Path, account: Account) -> None:
+        """Give the account what the job's processes write: `written` (the working copy, or the
+        outputs folder without one), the logs folder (exit statuses and error files), the exit-code
+        file and the job's checkpoints. The job's folder, with the records the agent reads back, stays
+        the agent's, open to the account only to pass through, as is the launcher's log."""
+        exit_file = job.path / "exit_code"
+        exit_file.touch()
+        checkpoints = self._checkpoints(job.job)
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        for path in (written, job.path / "logs", exit_file, checkpoints):
+            account.give(path)
+        os.chmod(job.path, 0o711)
+        os.chmod(job.path / "launcher.log", 0o600)
+
+    def _checkpoints(self, job_id: int) -> Path:
+        return self.root.parent / "checkpoints" / str(job_id)
 
     async def _container(self, order: Launch) -> Runtime:
         if self._runtime is None:
@@ -354,7 +391,8 @@ class JobRunner:
             raise PrepareFailed(127, f"{self.node} cannot run containers, which --image needs: {why}")
         return runtime
 
-    async def _interpreter(self, order: Launch, job: RunningJob, launcher_log: IO[bytes]) -> tuple[str, str]:
+    async def _interpreter(self, order: Launch, job: RunningJob, launcher_log: IO[bytes],
+                           account: Account | None) -> tuple[str, str]:
         """The interpreter of the attempt and the folder of its scripts (first on PATH)."""
         if order.image:
             return "python", ""  # the image's own
@@ -384,18 +422,24 @@ class JobRunner:
                 raise PrepareFailed(127, f"--python {order.python} does not exist on {self.node}")
         else:
             python, bin_dir = sys.executable, str(Path(sys.executable).parent)
-        if not order.command and not await self._has_torch(python):
+        if account is not None and not order.command and not account.may(python, RUN):
+            raise PrepareFailed(126, f"the account {account.name} may not run {python} on {self.node} (a folder on "
+                                     "its way is closed to it): install the agent where every account can read it, "
+                                     "or submit with --python or --venv")
+        if not order.command and not await self._has_torch(python, account):
             where = "the agent's environment: install gpudeck[train] there" if python == sys.executable else python
             raise PrepareFailed(127, f"torch is not installed on {self.node} in {where}")
         return python, bin_dir
 
-    async def _has_torch(self, python: str) -> bool:
+    async def _has_torch(self, python: str, account: Account | None) -> bool:
+        """Whether `python` can import torch; asked as the job's account, since the interpreter may be
+        theirs (--python) and the agent never runs a person's program with its own rights."""
         if python == sys.executable:
             return torch_available()
-        env = dict(os.environ, **overlay_env(self.overlay, dict(os.environ)))
+        env = {**os.environ, **overlay_env(self.overlay, dict(os.environ)), **(account.env() if account else {})}
         probe = [python, "-c", "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is None)"]
         try:
-            code = await run_bounded(probe, PROBE_TIMEOUT, env)
+            code = await run_bounded(probe, PROBE_TIMEOUT, env, account)
         except OSError as exc:
             raise PrepareFailed(127, f"{python} cannot be run on {self.node}: {exc.strerror or exc}") from None
         if code is None:
@@ -440,9 +484,13 @@ class JobRunner:
         return path
 
     def _env(self, order: Launch, directory: Path, setup: RunSetup) -> dict[str, str]:
-        """The user's variables, then everything gpudeck sets (which a job cannot override: the
-        marker is how its processes are found and stopped)."""
+        """The agent's variables (less the join token, and with the login variables of the job's
+        account where it runs as one), the user's, then everything gpudeck sets (which a job cannot
+        override: the marker is how its processes are found and stopped)."""
         env = dict(os.environ)
+        if setup.account is not None:
+            env.pop("GPUDECK_TOKEN", None)  # an agent given its token so must not hand it to a person's code
+            env.update(setup.account.env())
         env.update(order.env)
         env.update(overlay_env(self.overlay, env))
         env.update({
@@ -461,16 +509,19 @@ class JobRunner:
             "GPUDECK_LOG_DIR": str(directory / "logs"),
             "GPUDECK_EXIT_FILE": str(directory / "exit_code"),
             "GPUDECK_OUTPUT_DIR": str(setup.outputs),
-            "GPUDECK_CHECKPOINT_DIR": str(self.root.parent / "checkpoints" / str(order.job)),
+            "GPUDECK_CHECKPOINT_DIR": str(self._checkpoints(order.job)),
+            **({"GPUDECK_PREEMPT_GRACE": f"{order.preempt_grace:g}"} if order.preempt_grace > 0 else {}),
             "PYTHONUNBUFFERED": "1",
         })
+        if order.array_job is not None and order.array_index is not None:  # a task of an array (--array)
+            env.update(GPUDECK_ARRAY_JOB=str(order.array_job), GPUDECK_ARRAY_INDEX=str(order.array_index))
         interface = interface_towards(order.master_addr)
         if interface:
             env.setdefault("GLOO_SOCKET_IFNAME", interface)
             env.setdefault("NCCL_SOCKET_IFNAME", interface)
         if order.command:
             env[AUTOCOUNT] = "1"
-        if not order.project and _usable_dir(order.workdir):
+        if not order.project and _usable_dir(order.workdir, setup.account):
             env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH", ""), order.workdir) if p)
         return env
 
@@ -528,12 +579,12 @@ class JobRunner:
             for task in waiting:
                 task.cancel()
 
-    async def _kill_after_grace(self, job: RunningJob) -> None:
-        for _ in range(int(KILL_GRACE / POLL)):
+    async def _kill_after_grace(self, job: RunningJob, grace: float = KILL_GRACE) -> None:
+        for _ in range(int(grace / POLL)):
             await asyncio.sleep(POLL)
             if not job.alive():
                 return
-        log.info("job %d attempt %d: still running after %.0f s; killing", job.job, job.attempt, KILL_GRACE)
+        log.info("job %d attempt %d: still running after %.0f s; killing", job.job, job.attempt, grace)
         job.signal(signal.SIGKILL)
 
     async def _finish(self, job: RunningJob, code: int, detail: str, retry: bool = False,
@@ -569,8 +620,7 @@ class JobRunner:
         tell the coordinator what is kept (and what older outputs the keeper let go)."""
         work = job.path / "work"
         try:
-            files = await asyncio.to_thread(self.outputs.keep, job.job, job.attempt,
-                                            (work if work.is_dir() else job.path) / OUTPUT_DIR)
+            files = await asyncio.to_thread(self._keep, job, (work if work.is_dir() else job.path) / OUTPUT_DIR)
         except OSError as exc:
             log.warning("job %d attempt %d: could not keep its outputs (%s)", job.job, job.attempt, exc.strerror)
             files = []
@@ -581,6 +631,13 @@ class JobRunner:
             await self.prune_outputs()
         except OSError as exc:
             log.warning("could not remove old outputs (%s)", exc.strerror)
+
+    def _keep(self, job: RunningJob, written: Path) -> list[OutputFile]:
+        """Under --run-as-owner the agent first takes the outputs back from the job's account: what a
+        download reads later must not be the job's to change (a file swapped for a link meanwhile)."""
+        if self.run_as_owner and written.is_dir() and not written.is_symlink():
+            chown_tree(written, os.geteuid(), os.getegid())
+        return self.outputs.keep(job.job, job.attempt, written)
 
     async def report_outputs(self) -> None:
         """After a register: every kept attempt's outputs (the coordinator forgot what it knew of
@@ -605,7 +662,7 @@ class JobRunner:
             return
         await self.send(OutputChunk(ticket=order.ticket, data=data, size=size, error=""))
 
-    async def kill(self, job_id: int, attempt: int, reason: str) -> None:
+    async def kill(self, job_id: int, attempt: int, reason: str, grace: float = 0.0) -> None:
         job = self.jobs.get((job_id, attempt))
         if job is None or job.exit_code is not None:
             return
@@ -617,7 +674,7 @@ class JobRunner:
         log.info("job %d attempt %d: stopping (%s)", job_id, attempt, reason)
         job.signal(signal.SIGTERM)
         await stop_container(job.container)
-        await self._kill_after_grace(job)
+        await self._kill_after_grace(job, grace or KILL_GRACE)
 
     def sessions(self) -> set[int]:
         """The sessions of the ranks this node runs: a forked rank carries no marker to know it by."""
@@ -656,7 +713,7 @@ class JobRunner:
         for rank, path in job.log_files().items():
             offset = job.sent_offsets.get(rank, 0)
             try:
-                with open(path, "rb") as handle:
+                with open(open_left(path), "rb") as handle:  # a link the job put there is not followed
                     handle.seek(offset)
                     while data := handle.read(LOG_CHUNK):
                         if not await self.send(LogChunk(job=job.job, attempt=job.attempt, rank=rank,
@@ -664,7 +721,7 @@ class JobRunner:
                             return
                         offset += len(data)
                         job.sent_offsets[rank] = offset
-            except FileNotFoundError:
+            except OSError:  # gone, or not a plain file
                 continue
 
     async def ship_traffic(self, job: RunningJob) -> None:
@@ -746,12 +803,18 @@ def run_id(order: Launch) -> str:
     return f"gpudeck-{order.job}-{order.attempt}"
 
 
-async def _spawn_cold(command: list[str], env: dict[str, str], cwd: Path, log_file: Path) -> int:
-    """Start a rank under its shell recorder in a session of its own; the pid is the recorder's."""
-    with open(log_file, "ab") as output:
+async def _spawn_cold(command: list[str], env: dict[str, str], cwd: Path, log_file: Path,
+                      account: Account | None = None) -> int:
+    """Start a rank under its shell recorder in a session of its own, as `account` where given; the
+    pid is the recorder's. The log is opened only as a plain file (its folder may be the account's)
+    and is the account's, since the rank opens it again (gpudeck.train.run)."""
+    with open(open_left(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab") as output:
+        if account is not None:
+            os.fchown(output.fileno(), account.uid, account.gid)
         process = await asyncio.create_subprocess_exec(
             "/bin/sh", "-c", _RECORDER, "gpudeck-rank", *command, cwd=cwd, env=env,
-            stdin=asyncio.subprocess.DEVNULL, stdout=output, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+            stdin=asyncio.subprocess.DEVNULL, stdout=output, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+            **spawn_as(account))
     return process.pid
 
 
@@ -762,7 +825,7 @@ def _rank_failed(logs: Path, rank: int) -> bool:
 
 def _recorded_status(logs: Path, rank: int) -> int | None:
     try:
-        return int(exits.rank_exit_file(logs, rank).read_text().strip())
+        return int(read_left(exits.rank_exit_file(logs, rank)).strip())
     except (OSError, ValueError):
         return None
 
@@ -782,15 +845,18 @@ def _append(path: Path, text: str) -> None:
         log.warning("could not write to %s (%s)", path, exc.strerror)
 
 
-def _usable_dir(path: str) -> bool:
-    """Whether the submitter's directory exists here and this agent may enter it (a home directory
-    of mode 0700 on a shared file system exists but is closed to the agent's user)."""
-    return bool(path) and os.path.isdir(path) and os.access(path, os.R_OK | os.X_OK)
+def _usable_dir(path: str, account: Account | None = None) -> bool:
+    """Whether the submitter's directory exists here and the job's account (default: the agent's
+    user) may enter it (a home directory of mode 0700 on a shared file system exists but is closed
+    to the agent's user)."""
+    if not (path and os.path.isdir(path)):
+        return False
+    return account.may(path, READ | RUN) if account is not None else os.access(path, os.R_OK | os.X_OK)
 
 
 def _recorded_exit(directory: Path) -> int | None:
     try:
-        return int((directory / "exit_code").read_text().strip())
+        return int(read_left(directory / "exit_code").strip())
     except (OSError, ValueError):
         return None
 

@@ -9,12 +9,20 @@ no-op the second time, and ranks of an attempt the coordinator no longer wants a
 from __future__ import annotations
 
 import logging
+import math
 import random
 import re
 from typing import Callable
 
+from gpudeck.arrays import parse_array, parse_ref
+from gpudeck.coordinator.dependencies import Upstream, Waiting, gate
+from gpudeck.coordinator.preemption import Candidate, victims
+from gpudeck.coordinator.priority import Factor, Policy, decayed_usage, fair_shares
 from gpudeck.coordinator.registry import Registry
-from gpudeck.coordinator.scheduler import GpuSlot, JobRequest, NodeSlots, Placement, impossible_reason, schedule, validate_request
+from gpudeck.coordinator.scheduler import (
+    Decision, GpuSlot, JobRequest, NodeSlots, Placement, RunningJob, impossible_reason, limit_reason, schedule,
+    validate_request,
+)
 from gpudeck.coordinator.store import AttemptNode, JobRow, Store
 from gpudeck.model import WORKLOADS, JobSpec, JobState, NodeState, format_duration
 from gpudeck.protocol.messages import Forget, Kill, Launch, Message
@@ -26,13 +34,24 @@ JOB_PORTS = (29500, 29999)  # the rendezvous ports, first and last; the firewall
 FENCE_DEADLINE = 120.0  # longest a lost node's GPUs wait for it to confirm its ranks are gone
 
 MAX_REASON = 300  # characters of a node's word on what it is doing
+DEFAULT_TIME_LIMIT = 86400.0  # how long a job without --time-limit is planned to run (not a stop)
+PREEMPT_GRACE = 30.0  # seconds a preempted job has between SIGTERM and SIGKILL
+RESCORE_EVERY = 5.0  # seconds between recomputing priorities (decayed usage, fair shares, ages)
+USAGE_HORIZON = 20  # half-lives of history read when the coordinator starts; older use counts under 1e-6
 Send = Callable[[str, Message], bool]  # queues the message for a node; never waits on it
 
 
-def request_of(row: JobRow) -> JobRequest:
+def request_of(row: JobRow, priority: float) -> JobRequest:
+    """What the scheduler sees of a pending job, with its priority score (`JobControl._score`)."""
     spec = row.spec
-    return JobRequest(job_id=row.id, priority=spec.priority, gpus=spec.gpus, nodes=spec.nodes,
-                      gpus_per_node=spec.gpus_per_node)
+    return JobRequest(job_id=row.id, priority=priority, gpus=spec.gpus, nodes=spec.nodes,
+                      gpus_per_node=spec.gpus_per_node, owner=row.owner, time_limit=spec.time_limit)
+
+
+def _waiting(row: JobRow) -> Waiting:
+    """What the dependency gate sees of a pending job."""
+    throttle = parse_array(row.spec.array).throttle if row.spec.array else 0
+    return Waiting(row.id, tuple(row.spec.after), tuple(row.spec.after_any), row.array_job, row.array_index, throttle)
 
 
 def _gpu_slot(gpu: GpuReading, busy: dict[int, int]) -> GpuSlot:
@@ -41,15 +60,18 @@ def _gpu_slot(gpu: GpuReading, busy: dict[int, int]) -> GpuSlot:
     return GpuSlot(index=gpu.index, busy_job=busy.get(gpu.index), foreign=described)
 
 
-def _launch_order(job_id: int, attempt: int, node_rank: int, shape: list[int], gpus: list[int], master_addr: str,
-                  master_port: int, spec: JobSpec, script: bytes) -> Launch:
+def _launch_order(row: JobRow, attempt: int, node_rank: int, shape: list[int], gpus: list[int], master_addr: str,
+                  master_port: int, script: bytes, preempt_grace: float) -> Launch:
     """`shape`: how many GPUs (ranks) each node holds, in node-rank order; ranks go node by node."""
-    return Launch(job=job_id, attempt=attempt, node_rank=node_rank, nnodes=len(shape), gpus=gpus,
+    spec = row.spec
+    return Launch(job=row.id, attempt=attempt, node_rank=node_rank, nnodes=len(shape), gpus=gpus,
                   first_rank=sum(shape[:node_rank]), world_size=sum(shape),
                   master_addr=master_addr, master_port=master_port, script_name=spec.script_name, script=script,
                   workload=spec.workload, args=spec.args, workdir=spec.workdir, project=spec.project,
                   subdir=spec.subdir, command=spec.command, env=spec.env, python=spec.python, venv=spec.venv,
-                  requirements=spec.requirements, image=spec.image, launcher=spec.launcher)
+                  requirements=spec.requirements, image=spec.image, launcher=spec.launcher,
+                  array_job=row.array_job, array_index=row.array_index, owner=row.owner,
+                  preempt_grace=preempt_grace if spec.preemptible else 0.0)
 
 
 def _failure(node: str, exit_code: int, detail: str) -> str:
@@ -70,16 +92,29 @@ def _explained(row: JobRow, reason: str, draining: list[str]) -> str:
 
 class JobControl:
     def __init__(self, store: Store, registry: Registry, send: Send, clock: Callable[[], float],
-                 job_ports: tuple[int, int] = JOB_PORTS) -> None:
+                 job_ports: tuple[int, int] = JOB_PORTS, policy: Policy = Policy(),
+                 default_time_limit: float = DEFAULT_TIME_LIMIT, preempt_grace: float = PREEMPT_GRACE) -> None:
         self.store = store
         self.registry = registry
         self.send = send
         self.clock = clock
         self.job_ports = job_ports
+        self.policy = policy
+        self.default_time_limit = default_time_limit
+        self.preempt_grace = preempt_grace
+        self._stopping: set[tuple[int, int]] = set()  # preempted attempts whose ranks have not ended yet
+        self._preempted_by: dict[int, int] = {}  # a preempted job -> the job it was stopped for, until that starts
         # What the last scheduling pass saw, so that the next can skip the jobs that already waited.
         self._context: object = None
-        self._requests: dict[int, JobRequest] = {}  # a job's request never changes: built once
+        self._requests: dict[int, JobRequest] = {}  # built once per rescoring
         self._node_slots: dict[str, tuple[list[GpuReading], dict[int, int], NodeSlots]] = {}
+        # Priorities: every pending job's score is as of `_scored_at`, so scores compare at one instant.
+        self._scored_at = -math.inf
+        self._usage: dict[str, float] = {}  # each owner's decayed GPU-seconds as of `_usage_at`
+        self._usage_at: float | None = None
+        self._shares: dict[str, float] = {}  # each owner's fair-share factor
+        self._reserved: int | None = None  # the job the last pass reserved GPUs for
+        self.estimated_start: dict[int, float] = {}  # pending jobs whose start is planned (epoch seconds)
 
     # --- submit and schedule -------------------------------------------------------------------
 
@@ -93,7 +128,22 @@ class JobControl:
         problem = validate_request(request) or impossible_reason(request, self._capacity())
         if problem:
             raise ValueError(problem)
-        return self.store.job(self.store.add_job(spec, self.clock(), owner))  # type: ignore[return-value]
+        user = self.store.user(owner)
+        if user is not None and user.max_gpus is not None and spec.total_gpus > user.max_gpus:
+            raise ValueError(limit_reason(owner, user.max_gpus, spec.total_gpus, 0))
+        for ref in (*spec.after, *spec.after_any):
+            if self._named(ref) is None:
+                raise LookupError(f"there is no job {ref} to run after")
+        if spec.array:  # one row per task, in one transaction; the array's id is its first task's
+            job_id = self.store.add_array(spec, self.clock(), owner, parse_array(spec.array).indices)
+        else:
+            job_id = self.store.add_job(spec, self.clock(), owner)
+        return self.store.job(job_id)  # type: ignore[return-value]
+
+    def _named(self, ref: str) -> JobRow | None:
+        """The job a reference names: '7', or the task '12.3' (see gpudeck.arrays)."""
+        job, index = parse_ref(ref)
+        return self.store.job(job) if index is None else self.store.task(job, index)
 
     def _capacity(self) -> list[NodeSlots]:
         """Every node that has ever joined and is not down, all GPUs free: what could ever fit."""
@@ -137,39 +187,243 @@ class JobControl:
     def schedule(self) -> str:
         """One scheduling pass; says which kind ("full", "new jobs", "none").
 
-        When what is free is as it was after the last pass (the same slots, draining nodes and fence
-        notes), the jobs that waited then still cannot start and their reasons still hold: only jobs
-        new to the queue are scheduled. A steady stream of submits to a full cluster then costs what
-        the new jobs cost, not what the queue holds; anything that frees or takes a GPU makes the
-        next pass a full one."""
+        When what the scheduler sees is as it was after the last pass (the same slots, running jobs
+        and their planned ends, limits, draining nodes and fence notes) and the scores were not
+        recomputed since, every job that waited then still waits for the same reason: free GPUs only
+        shrink, the time a waiting job would end by only grows with the clock, so only a change of
+        the reservation could let one start. Then only jobs new to the queue are scheduled, with the
+        reserved job so that they cannot delay it; if a new job takes the reservation over (one of
+        higher score that cannot start either), the others' verdicts are due again and a full pass
+        follows at once. A steady stream of submits to a full cluster costs what the new jobs cost,
+        not what the queue holds. Anything that frees or takes a GPU makes the next pass a full one,
+        and so does rescoring every RESCORE_EVERY seconds: ages and decayed usage change the order
+        with time, and between rescorings the order is the one at the last."""
+        now = self.clock()
         slots, draining, fenced = self.slots(), self.draining(), self._fence_note()
-        context = (tuple(slots), tuple(draining), fenced)
+        running, limits = self._running(), self._limits()
+        context = (tuple(slots), tuple(draining), fenced, running, tuple(sorted(limits.items())))
         newly = self.store.take_newly_pending()
-        if context == self._context:
-            kind = "new jobs"
-            fresh = [row for job_id in newly if (row := self.store.job(job_id)) and row.state is JobState.PENDING]
-        else:
-            kind = "full"
-            fresh = self.store.jobs((JobState.PENDING,))
-            if len(self._requests) > 2 * len(fresh) + 1000:
-                self._requests = {}
-        self._context = context
-        if not fresh:
-            return "none"
+        rescored = self._rescore(now)
+        reserved = self.store.job(self._reserved) if self._reserved is not None else None
+        still_reserved = self._reserved is None or (reserved is not None and reserved.state is JobState.PENDING)
+        if context == self._context and not rescored and still_reserved:
+            if not newly:
+                return "none"
+            ids = dict.fromkeys(([self._reserved] if self._reserved is not None else []) + newly)
+            fresh = [row for job_id in ids if (row := self.store.job(job_id)) and row.state is JobState.PENDING]
+            decision = self._decide(fresh, slots, running, limits, now)
+            if (decision.reservation.job_id if decision.reservation else None) == self._reserved:
+                self._apply(fresh, decision, draining, fenced, context)
+                return "new jobs"
+        fresh = self.store.jobs((JobState.PENDING,))
+        if len(self._requests) > 2 * len(fresh) + 1000:
+            self._requests = {}
+        self._apply(fresh, self._decide(fresh, slots, running, limits, now), draining, fenced, context)
+        return "full" if fresh else "none"
+
+    def _decide(self, fresh: list[JobRow], slots: list[NodeSlots], running: tuple[RunningJob, ...],
+                limits: dict[str, int], now: float) -> Decision:
+        fresh = self._gated(fresh)  # --after, --after-any and array throttles first: coordinator.dependencies
+        fresh = self._behind_preemptors(fresh)
         requests = []
         for row in fresh:
             if row.id not in self._requests:
-                self._requests[row.id] = request_of(row)
+                self._requests[row.id] = request_of(row, self._score(row))
             requests.append(self._requests[row.id])
-        decision = schedule(slots, requests)
+        return schedule(slots, requests, running, limits, now, self.default_time_limit)
+
+    def _apply(self, fresh: list[JobRow], decision: Decision, draining: list[str], fenced: str,
+               context: object) -> None:
+        """Store the pass's reasons and estimates and launch its placements."""
+        self._context = context
         rows = {row.id: row for row in fresh}
         self.store.set_reasons({job_id: _explained(rows[job_id], reason, draining) + fenced
                                 for job_id, reason in decision.reasons.items()})
+        estimates = dict(decision.estimated_start)
+        self.store.touch([job_id for job_id in set(estimates) | set(self.estimated_start)
+                          if estimates.get(job_id) != self.estimated_start.get(job_id)])
+        self.estimated_start = estimates
+        self._reserved = decision.reservation.job_id if decision.reservation else None
         for placement in decision.placements:
             self._launch(rows[placement.job_id], placement)
         if decision.placements:
             self._context = None  # GPUs were taken: every waiting job's reason is due again
-        return kind
+        if decision.reasons and self._preempt(rows, decision):
+            self._context = None
+
+    # --- preemption (the choice is coordinator.preemption) ----------------------------------------
+
+    def _preempt(self, rows: dict[int, JobRow], decision: Decision) -> bool:
+        """Stop preemptible jobs for the first waiting job, by score, that stopping them lets start;
+        none while the jobs stopped for an earlier one still hold GPUs. True when it stopped any."""
+        holding = {(share.job, share.attempt) for share in self.holding()}
+        self._stopping &= holding
+        candidates = self._preemptible()
+        if self._stopping or not candidates:
+            return False
+        free = self._free_after(decision)
+        limits, held = self._limits(), self._held_by_owner(decision)
+        for job_id in sorted(decision.reasons, key=lambda job: -self._requests[job].priority
+                             if job in self._requests else 0):
+            row, request = rows[job_id], self._requests.get(job_id)
+            limit = limits.get(row.owner)
+            if request is None or (limit is not None and held.get(row.owner, 0) + row.spec.total_gpus > limit):
+                continue
+            chosen = victims(request, row.spec.priority, free, candidates)
+            if chosen:
+                self._stop_for(row, chosen)
+                return True
+        return False
+
+    def _behind_preemptors(self, rows: list[JobRow]) -> list[JobRow]:
+        """The jobs that may be placed: a preempted job waits until the job it was stopped for has
+        started, or the GPUs it gave back could go straight back to it (its fair share may well
+        score higher) and the two would stop each other in turn."""
+        waiting = {job: by for job, by in self._preempted_by.items()
+                   if (row := self.store.job(by)) is not None and row.state is JobState.PENDING}
+        self._preempted_by = waiting
+        held = {row.id: f"preempted by job {waiting[row.id]}; it waits until job {waiting[row.id]} has started"
+                for row in rows if row.id in waiting}
+        self.store.set_reasons(held)
+        return [row for row in rows if row.id not in held]
+
+    def _preemptible(self) -> list[Candidate]:
+        return [Candidate(row.id, row.spec.priority, row.started_at or 0.0,
+                          tuple((node, tuple(gpus)) for node, gpus in row.hosts))
+                for row in self.store.jobs((JobState.STARTING, JobState.RUNNING))
+                if row.spec.preemptible and (row.id, row.attempt) not in self._stopping]
+
+    def _free_after(self, decision: Decision) -> dict[str, tuple[int, ...]]:
+        """The free GPUs once this pass's placements took theirs."""
+        taken = {(node, index) for placement in decision.placements for node, gpus in placement.hosts for index in gpus}
+        return {slots.name: tuple(sorted(g.index for g in slots.gpus if g.busy_job is None and g.foreign is None
+                                         and (slots.name, g.index) not in taken)) for slots in self.slots()}
+
+    def _held_by_owner(self, decision: Decision) -> dict[str, int]:
+        held: dict[str, int] = {}
+        for job in self._running():
+            held[job.owner] = held.get(job.owner, 0) + sum(len(gpus) for _, gpus in job.hosts)
+        for placement in decision.placements:
+            owner = self._requests[placement.job_id].owner if placement.job_id in self._requests else ""
+            held[owner] = held.get(owner, 0) + sum(len(gpus) for _, gpus in placement.hosts)
+        return held
+
+    def _stop_for(self, row: JobRow, chosen: tuple[int, ...]) -> None:
+        """Send the chosen jobs back to the queue, without spending a restart, and stop their ranks:
+        SIGTERM, then SIGKILL after the grace."""
+        why = f"preempted by job {row.id}"
+        for job_id in chosen:
+            victim = self.store.job(job_id)
+            if victim is None:
+                continue
+            self.store.transition(job_id, JobState.PENDING, at=self.clock(), requeued_because=why,
+                                  reason=f"{why}: its ranks have {self.preempt_grace:g} s to save and stop")
+            self._kill_open(job_id, victim.attempt, why, self.preempt_grace)
+            self._stopping.add((job_id, victim.attempt))
+            self._preempted_by[job_id] = row.id
+            log.info("job %d %s (priority %d over %d)", job_id, why, row.spec.priority, victim.spec.priority)
+        names = ", ".join(map(str, chosen))
+        self.store.set_reasons({row.id: f"preempting job{'s' if len(chosen) > 1 else ''} {names}: it starts once "
+                                        f"{'they stop' if len(chosen) > 1 else 'it stops'} (within "
+                                        f"{self.preempt_grace:g} s)"})
+
+    def _running(self) -> tuple[RunningJob, ...]:
+        """Every share that holds GPUs, with when it gives them back at the latest: a fenced one at
+        its fence deadline, one of a running attempt when its time limit (or the default) ends it,
+        one of an attempt that has ended (its ranks are being stopped) now."""
+        shares = []
+        for share in self.holding():
+            row = self.store.job(share.job)
+            if share.fenced_until is not None:
+                ends = share.fenced_until
+            elif row and row.attempt == share.attempt and row.state.active and row.started_at is not None:
+                ends = row.started_at + (row.spec.time_limit or self.default_time_limit)
+            else:
+                ends = 0.0
+            shares.append(RunningJob(share.job, ((share.node, tuple(share.gpus)),), ends, row.owner if row else ""))
+        return tuple(shares)
+
+    def _limits(self) -> dict[str, int]:
+        """The most GPUs each person's jobs may hold at once, for those who have a limit."""
+        return {user.name: user.max_gpus for user in self.store.users() if user.max_gpus is not None}
+
+    def _rescore(self, now: float) -> bool:
+        """Recompute decayed usage and fair shares, at most every RESCORE_EVERY seconds and only while
+        jobs wait; True when it did (every pending job's score is then due again). Usage is carried
+        over from the last time, so each time reads only the attempts that held GPUs since."""
+        if now - self._scored_at < RESCORE_EVERY:
+            return False
+        pending = self.store.jobs((JobState.PENDING,))
+        if not pending:
+            return False
+        since = self._usage_at if self._usage_at is not None else now - USAGE_HORIZON * self.policy.half_life
+        self._usage = decayed_usage(self.store.held_gpus(since), now, self.policy.half_life, since, self._usage)
+        self._usage_at = self._scored_at = now
+        self._shares = fair_shares(self._usage, {row.owner for row in pending})
+        self._requests = {}
+        return True
+
+    def _score(self, row: JobRow) -> float:
+        return self.policy.total(row.spec.priority, row.submitted_at, self._shares.get(row.owner, 1.0),
+                                 self._scored_at)
+
+    def standing(self, row: JobRow) -> tuple[tuple[Factor, ...], float | None]:
+        """A pending job's priority factors as of now (what `gpudeck show` explains) and its
+        estimated start; nothing for a job that does not wait."""
+        if row.state is not JobState.PENDING:
+            return (), None
+        factors = self.policy.explain(row.spec.priority, row.submitted_at, self._shares.get(row.owner, 1.0),
+                                      self.clock())
+        return factors, self.estimated_start.get(row.id)
+
+    # --- dependencies and arrays (the policy is coordinator.dependencies) ------------------------
+
+    def _gated(self, rows: list[JobRow]) -> list[JobRow]:
+        """The pending jobs the scheduler may consider this pass. The others get their reason, and
+        those waiting for a job that failed or was cancelled fail, with the jobs waiting for them."""
+        verdict = gate([_waiting(row) for row in rows], self._upstream(rows), self._array_running())
+        self._fail_waiting(verdict.failed)
+        self.store.set_reasons(verdict.reasons)
+        by_id = {row.id: row for row in rows}
+        return [by_id[job_id] for job_id in verdict.offered]
+
+    def _fail_waiting(self, failed: dict[int, str]) -> None:
+        """Fail these pending jobs, then every pending job that those failures leave unable to run,
+        until none is left: a chain of --after fails at once, whatever this pass looked at."""
+        while failed:
+            by_reason: dict[str, list[int]] = {}
+            for job_id, reason in failed.items():
+                by_reason.setdefault(reason, []).append(job_id)
+            for reason, ids in by_reason.items():
+                self.store.transition_all(ids, JobState.FAILED, reason=reason, ended_at=self.clock())
+                log.info("%d waiting jobs failed: %s", len(ids), reason)
+            waiting = [row for row in self.store.jobs((JobState.PENDING,)) if row.spec.after]
+            failed = gate([_waiting(row) for row in waiting], self._upstream(waiting), {}).failed
+
+    def _upstream(self, rows: list[JobRow]) -> dict[str, Upstream]:
+        """The jobs these rows wait for, by the reference they name each by."""
+        targets: dict[str, tuple[int, bool]] = {}  # reference -> job id, and whether it may mean a whole array
+        for ref in {ref for row in rows for ref in (*row.spec.after, *row.spec.after_any)}:
+            job, index = parse_ref(ref)
+            task = self.store.task(job, index) if index is not None else None
+            if index is None or task is not None:
+                targets[ref] = (task.id if task is not None else job, index is None)
+        states = self.store.states_of(sorted({job for job, _ in targets.values()}))
+        upstream = {}
+        for ref, (job, whole) in targets.items():
+            if job in states:
+                state, tasks = states[job]
+                upstream[ref] = (Upstream(f"array {ref}", tasks, array=True) if whole and tasks
+                                 else Upstream(f"job {ref}", {state: 1}))
+        return upstream
+
+    def _array_running(self) -> dict[int, int]:
+        """How many tasks of each array are starting or running."""
+        running: dict[int, int] = {}
+        for row in self.store.jobs((JobState.STARTING, JobState.RUNNING)):
+            if row.array_job is not None:
+                running[row.array_job] = running.get(row.array_job, 0) + 1
+        return running
 
     def _fence_note(self) -> str:
         """What a pending job cannot see in the free GPUs: those of a lost node kept back until it
@@ -202,8 +456,8 @@ class JobControl:
         log.info("job %d attempt %d placed on %s", row.id, attempt, ", ".join(n for n, _ in hosts))
         script = self.store.script(row.id)
         for node_rank, (node, gpus) in enumerate(hosts):
-            self.send(node, _launch_order(row.id, attempt, node_rank, [len(g) for _, g in hosts], gpus, master, port,
-                                          row.spec, script))
+            self.send(node, _launch_order(row, attempt, node_rank, [len(g) for _, g in hosts], gpus, master, port,
+                                          script, self.preempt_grace))
 
     def send_launch(self, job_id: int, attempt: int, node: str) -> None:
         """Send a stored launch again (its agent reconnected without having started it)."""
@@ -214,8 +468,8 @@ class JobControl:
             return
         master_addr, master_port = self.store.master(job_id, attempt)
         shape = [len(s.gpus) for s in sorted(shares, key=lambda s: s.node_rank)]
-        self.send(node, _launch_order(job_id, attempt, share.node_rank, shape, share.gpus, master_addr,
-                                      master_port, row.spec, self.store.script(job_id)))
+        self.send(node, _launch_order(row, attempt, share.node_rank, shape, share.gpus, master_addr,
+                                      master_port, self.store.script(job_id), self.preempt_grace))
 
     # --- reports from agents -------------------------------------------------------------------
 
@@ -290,10 +544,10 @@ class JobControl:
         log.info("job %d %s%s", row.id, state.value, f": {reason}" if reason else "")
         self._kill_open(row.id, row.attempt, reason or state.value)
 
-    def _kill_open(self, job_id: int, attempt: int, reason: str) -> None:
+    def _kill_open(self, job_id: int, attempt: int, reason: str, grace: float = 0.0) -> None:
         for share in self.store.attempt_nodes(job_id, attempt):
             if share.exit_code is None:
-                self.send(share.node, Kill(job=job_id, attempt=attempt, reason=reason))
+                self.send(share.node, Kill(job=job_id, attempt=attempt, reason=reason, grace=grace))
 
     def reconcile(self, node: str, reported: list[JobReport]) -> None:
         """Adopt what a (re)connecting agent still runs; resend lost launches; count lost ranks."""
@@ -343,15 +597,29 @@ class JobControl:
 
     # --- user actions and the clock ------------------------------------------------------------
 
-    def cancel(self, job_id: int) -> JobRow:
+    def cancel(self, job_id: int, reason: str = "cancelled by a user") -> JobRow:
         row = self.store.job(job_id)
         if row is None:
             raise LookupError(f"there is no job {job_id}")
         if row.state.finished:
             raise ValueError(f"job {job_id} already {row.state.value}; nothing to cancel")
-        self.store.transition(job_id, JobState.CANCELLED, reason="cancelled by a user", ended_at=self.clock())
-        self._kill_open(job_id, row.attempt, "cancelled by a user")
+        self.store.transition(job_id, JobState.CANCELLED, reason=reason, ended_at=self.clock())
+        self._kill_open(job_id, row.attempt, reason)
+        self._context = None  # a pending job's cancel frees no GPU, but the jobs waiting for it are due again
         return self.store.job(job_id)  # type: ignore[return-value]
+
+    def cancel_array(self, array_job: int, reason: str = "cancelled by a user") -> JobRow:
+        """Cancel every task of an array that has not ended, in one transaction; the array's first task."""
+        tasks = self.store.unfinished_tasks(array_job)
+        if not tasks:
+            raise ValueError(f"every task of array {array_job} has already ended; nothing to cancel")
+        self.store.transition_all([task.id for task in tasks], JobState.CANCELLED, reason=reason, ended_at=self.clock())
+        for task in tasks:
+            if task.attempt:
+                self._kill_open(task.id, task.attempt, reason)
+        self._context = None
+        log.info("array %d: %d tasks cancelled", array_job, len(tasks))
+        return self.store.job(array_job)  # type: ignore[return-value]
 
     def enforce_time_limits(self) -> None:
         now = self.clock()

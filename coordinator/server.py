@@ -18,32 +18,37 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from gpudeck.arrays import ref_text
 from gpudeck.coordinator.admission import (
     HELLO_FRAME_LIMIT, PROOF_DEADLINE, AdmissionGate, HeldConnection, give_freed_buffers_back, source_of, tls_streams,
 )
-from gpudeck.coordinator.jobs import JOB_PORTS, JobControl
+from gpudeck.coordinator.idle import IdleTracker, held_utilizations
+from gpudeck.coordinator.jobs import DEFAULT_TIME_LIMIT, JOB_PORTS, PREEMPT_GRACE, JobControl
 from gpudeck.coordinator.logs import LogStore, rank_problem
 from gpudeck.coordinator.outputs import OutputRelay
+from gpudeck.coordinator.priority import Policy
 from gpudeck.coordinator.projects import ProjectStore
 from gpudeck.coordinator.registry import SUSPECT_AFTER, AgentLink, Registry
 from gpudeck.coordinator.store import JobFilter, JobRow, Store, StoreFull
 from gpudeck.coordinator.traffic import TrafficBook
+from gpudeck.coordinator.usage import EnergyMeter, usage_view
+from gpudeck.coordinator.users import ADMIN, Caller, People, may_touch, need_admin, user_view
 from gpudeck.coordinator.views import job_view, node_view
 from gpudeck.coordinator.watch import JOBS_PER_FRAME, Publisher, split_update
-from gpudeck.config import ENDPOINT_FILE, PROJECT_STORE_LIMIT
+from gpudeck.config import ENDPOINT_FILE, IDLE_AFTER, PROJECT_STORE_LIMIT
 from gpudeck.discovery import Discovery
 from gpudeck.model import JobSpec, JobState, NodeState
 from gpudeck.project import DEFAULT_CAP, path_problem
 from gpudeck.protocol import auth
 from gpudeck.protocol.framing import FrameError
 from gpudeck.protocol.messages import (
-    PROTOCOL_VERSION, Cancel, ContentChunk, ContentPut, CountJobs, Drain, Error, FetchContent, Hello, JobExited,
+    PROTOCOL_VERSION, AddUser, Cancel, ContentChunk, ContentPut, CountJobs, Drain, Error, FetchContent, Hello, JobExited,
     JobPreparing, JobStarted, ListJobs, ListNodes, LogChunk, LogOffsets, Message, OutputChunk, Outputs, ProjectOffer,
-    ProtocolError, ReadLogs, ReadOutput, Register, Reply, ShowJob, Submit, Telemetry, Traffic, Update, Watch, Welcome,
+    ListUsers, ProtocolError, ReadLogs, ReadOutput, Register, RemoveUser, Reply, ShowJob, Submit, Telemetry, Traffic, Update, Usage, Watch, Welcome,
 )
-from gpudeck.protocol.payloads import JobReport
+from gpudeck.protocol.payloads import GpuReading, JobReport
 from gpudeck.protocol.session import HANDSHAKE_TIMEOUT, Connection
-from gpudeck.text import counted
+from gpudeck.text import counted, spoken_duration
 
 log = logging.getLogger(__name__)
 NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -57,8 +62,15 @@ class Coordinator:
     def __init__(self, state_dir: Path, host: str = "0.0.0.0", port: int = 7070,
                  mdns_interfaces: list[str] | None = None, use_mdns: bool = True,
                  clock: Callable[[], float] = time.time, job_ports: tuple[int, int] = JOB_PORTS,
-                 project_cap: int = DEFAULT_CAP, project_store: int = PROJECT_STORE_LIMIT) -> None:
+                 project_cap: int = DEFAULT_CAP, project_store: int = PROJECT_STORE_LIMIT,
+                 idle_after: float = IDLE_AFTER, idle_cancel: bool = False, priority: Policy = Policy(),
+                 default_time_limit: float = DEFAULT_TIME_LIMIT, preempt_grace: float = PREEMPT_GRACE) -> None:
+        """`idle_after`: how long every GPU of a running job must read 0 % before it is marked idle;
+        `idle_cancel`: cancel it then. `priority`: the weights, fair-share half-life and age cap of
+        pending jobs' priority; `default_time_limit`: how long reservations plan a job without
+        --time-limit to run; `preempt_grace`: a preempted job's seconds from SIGTERM to SIGKILL."""
         self.state_dir = state_dir
+        self.scheduling = (priority, default_time_limit, preempt_grace)
         self.job_ports = job_ports
         self.project_limits = (project_cap, project_store)
         self.host, self.port = host, port
@@ -72,19 +84,24 @@ class Coordinator:
         self._server: asyncio.AbstractServer | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._connections: set[Connection] = set()
+        self._callers: dict[Connection, Caller] = {}  # who each client connection proved to be
         self.gate = AdmissionGate()
-        self._accepting: set[asyncio.Task[None]] = set()
+        self._accepting: set[asyncio.Task[None]] = set()  # accepts, and closes of removed users' sessions
         self.publisher = Publisher()
+        self.idle = IdleTracker(idle_after)
+        self.idle_cancel = idle_cancel
         self.relay = OutputRelay(self.send)
         self._published_at = 0.0
 
     async def start(self) -> tuple[str, int]:
         self.token = self.identity.ensure()
         self.store = Store(self.state_dir / "gpudeck.db")
+        self.people = People(self.store, self.token)
         self.logs = LogStore(self.state_dir / "logs")
         self.projects = ProjectStore(self.state_dir / "projects", *self.project_limits)
-        self.jobs = JobControl(self.store, self.registry, self.send, self.clock, self.job_ports)
+        self.jobs = JobControl(self.store, self.registry, self.send, self.clock, self.job_ports, *self.scheduling)
         self.traffic = TrafficBook(self.store)
+        self.energy = EnergyMeter(self.store)
         now = self.clock()
         for node in self.store.nodes():
             state = NodeState.DOWN if node.state is NodeState.DOWN else NodeState.SUSPECT
@@ -118,6 +135,7 @@ class Coordinator:
         if self.discovery:
             await self.discovery.close()
         (self.state_dir / ENDPOINT_FILE).unlink(missing_ok=True)
+        self.energy.flush()
         self.store.close()
 
     # --- the control loop ----------------------------------------------------------------------
@@ -141,9 +159,27 @@ class Coordinator:
             if state is NodeState.DOWN:
                 self.jobs.node_down(name)
         self.jobs.enforce_time_limits()
+        self._watch_idle()
         self.jobs.schedule()
         self.traffic.persist(self.clock())
+        self.energy.persist(self.clock())
         self._publish()
+
+    def _readings_of(self, node: str) -> list[GpuReading] | None:
+        link = self.registry.link(node)
+        return link.gpus if link else None
+
+    def _watch_idle(self) -> None:
+        """Mark running jobs whose GPUs all read 0 %, and with `idle_cancel` cancel those idle too long."""
+        now = self.clock()
+        self.idle.update(held_utilizations(self.store.jobs((JobState.RUNNING,)), self._readings_of), now)
+        if not self.idle_cancel:
+            return
+        for job_id, since in self.idle.overdue():
+            reason = f"its GPUs were idle for {spoken_duration(now - since)}"
+            self.jobs.cancel(job_id, reason=reason)
+            log.info("job %d cancelled: %s", job_id, reason)
+            self.wake.set()
 
     def _publish(self) -> None:
         """Send watchers what changed, at most once a PUBLISH_EVERY; only the jobs the store wrote or
@@ -152,14 +188,15 @@ class Coordinator:
         if not self.publisher.watchers:
             self.store.take_changed_ids()  # nobody to tell; a new watcher starts from a snapshot
             self.traffic.take_changed()
+            self.idle.take_changed()
             return
         if now - self._published_at < PUBLISH_EVERY:
             return
         self._published_at = now
         nodes = self._nodes()
         changed = {row.id: row for row in self.store.take_changed()}
-        traffic_only = self.traffic.take_changed() - set(changed)
-        changed.update((job_id, row) for job_id in traffic_only if (row := self.store.job(job_id)) is not None)
+        view_only = (self.traffic.take_changed() | self.idle.take_changed()) - set(changed)
+        changed.update((job_id, row) for job_id in view_only if (row := self.store.job(job_id)) is not None)
         jobs = self._job_views(sorted(changed.values(), key=lambda row: row.id))
         update = self.publisher.publish_data(nodes["nodes"], nodes["unjoined"], jobs, now)
         if update:
@@ -195,16 +232,17 @@ class Coordinator:
             return
         self._connections.add(conn)
         try:
-            hello = await self._handshake(conn, deadline - asyncio.get_running_loop().time())
+            proven = await self._handshake(conn, deadline - asyncio.get_running_loop().time())
             self.gate.proven(tcp)
-            if hello is None:
+            if proven is None:
                 return
+            hello, caller = proven
             conn.post(Welcome(coordinator=socket.gethostname(), version=PROTOCOL_VERSION,
-                              project_cap=self.projects.cap))
+                              project_cap=self.projects.cap, user=caller.name, admin=caller.admin))
             if hello.role == "agent":
                 await self._serve_agent(conn, hello.name)
             else:
-                await self._serve_client(conn)
+                await self._serve_client(conn, caller)
         except (FrameError, ProtocolError) as exc:
             self._refuse(conn, str(exc), "bad_frame")
         except (OSError, ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError):
@@ -222,7 +260,8 @@ class Coordinator:
         """Say why the connection ends; it is closed (after a bounded flush) by whoever serves it."""
         conn.post(Error(message=message, code=code, req=None))
 
-    async def _handshake(self, conn: Connection, within: float) -> Hello | None:
+    async def _handshake(self, conn: Connection, within: float) -> tuple[Hello, Caller] | None:
+        """The peer's hello and who its token proves it to be; None (the peer told why) otherwise."""
         try:
             hello = await asyncio.wait_for(conn.recv(limit=HELLO_FRAME_LIMIT), max(within, 0.0))
         except asyncio.TimeoutError:
@@ -231,19 +270,24 @@ class Coordinator:
         if not isinstance(hello, Hello):
             self._refuse(conn, "the first message must be hello", "bad_handshake")
             return None
-        if not auth.secret_matches(hello.secret, self.token):
+        caller = self.people.caller(hello.secret)
+        if caller is None:
             if hello.role == "agent":
                 self.refused_agents[(conn.peer_host, hello.name)] = "it offered a wrong join token"
             log.warning("refused %s from %s: wrong join token", hello.role, conn.peer_host)
             await asyncio.sleep(WRONG_TOKEN_DELAY)
-            self._refuse(conn, "the join token is wrong: print the right one with `gpudeck token` "
-                                     "on the coordinator's machine", "bad_token")
+            self._refuse(conn, "the token is wrong: print the join token with `gpudeck token` on the "
+                               "coordinator's machine, or ask its admin for yours (`gpudeck user add`)", "bad_token")
+            return None
+        if hello.role == "agent" and caller.name != ADMIN:
+            self._refuse(conn, f"this is {caller.name}'s user token: a node joins only with the cluster's join "
+                               "token (`gpudeck token` on the coordinator's machine)", "bad_token")
             return None
         problem = self._hello_problem(hello)
         if problem:
             self._refuse(conn, problem, "bad_hello")
             return None
-        return hello
+        return hello, caller
 
     @staticmethod
     def _hello_problem(hello: Hello) -> str | None:
@@ -316,6 +360,9 @@ class Coordinator:
             return
         self.registry.heard(link.name, self.clock())
         if isinstance(message, Telemetry):
+            held = {index: (share.job, share.attempt) for share in self.jobs.holding() if share.node == link.name
+                    for index in share.gpus}
+            self.energy.record(link.gpus, message.gpus, held, link.simulated)
             link.gpus, link.warm = message.gpus, message.warm
         elif isinstance(message, JobStarted):
             self.jobs.started(link.name, message.job, message.attempt)
@@ -352,25 +399,30 @@ class Coordinator:
 
     # --- clients -------------------------------------------------------------------------------
 
-    async def _serve_client(self, conn: Connection) -> None:
+    async def _serve_client(self, conn: Connection, caller: Caller) -> None:
+        self._callers[conn] = caller
         try:
             while (message := await conn.recv()) is not None:
-                self._answer_one(conn, message)
+                self._answer_one(conn, message, caller)
         finally:
+            self._callers.pop(conn, None)
             self.publisher.unwatch(conn)
             self.projects.forget_client(id(conn))
             self.relay.client_left(conn)
 
-    def _answer_one(self, conn: Connection, message: Message) -> None:
+    def _answer_one(self, conn: Connection, message: Message, caller: Caller) -> None:
         req = getattr(message, "req", None)
         if req is None:
             conn.post(Error(message=f"a client may not send {message.kind}", code="bad_message", req=None))
             return
-        if isinstance(message, ReadOutput):
-            self._relay_output(conn, message)
-            return
         try:
-            data = self._answer(message, id(conn))
+            if isinstance(message, ReadOutput):
+                self._relay_output(conn, message, caller)
+                return
+            data = self._answer(message, id(conn), caller)
+        except PermissionError as exc:
+            conn.post(Error(message=str(exc), code="forbidden", req=req))
+            return
         except (ValueError, LookupError) as exc:
             conn.post(Error(message=str(exc), code="refused", req=req))
             return
@@ -385,9 +437,9 @@ class Coordinator:
         if conn.post(Reply(req=req, data=first)) and all(conn.post(Update(data=piece)) for piece in rest):
             self.publisher.watch(conn)
 
-    def _answer(self, message: Message, client: int) -> Any:
+    def _answer(self, message: Message, client: int, caller: Caller) -> Any:
         if isinstance(message, Submit):
-            row = self.jobs.submit(self._with_project(JobSpec.from_wire(message.spec), client))
+            row = self.jobs.submit(self._with_project(JobSpec.from_wire(message.spec), client), caller.name)
             self.wake.set()
             return self._job_views([row])[0]
         if isinstance(message, ProjectOffer):
@@ -397,27 +449,46 @@ class Coordinator:
         if isinstance(message, ListJobs):
             if not 1 <= message.limit <= JOBS_PER_FRAME:
                 raise ValueError(f"a page of jobs holds 1 to {JOBS_PER_FRAME} jobs")
-            filters = _job_filter(message.states, message.since, message.before)
+            filters = _job_filter(message.states, message.since, message.before, message.owner)
             return self._job_views(self.store.jobs_page(message.after, message.limit, filters, message.newest))
         if isinstance(message, CountJobs):
-            return self.store.count_jobs(_job_filter(message.states, message.since, None))
+            return self.store.count_jobs(_job_filter(message.states, message.since, None, message.owner))
         if isinstance(message, ShowJob):
-            return self._job_views([self._job(message.job)])[0]
+            return self._job_views([self._job(message.job, message.index)])[0]
         if isinstance(message, Cancel):
-            row = self.jobs.cancel(message.job)
+            row = self._job(message.job, message.index)
+            may_touch(caller, row, "cancel")
+            whole = message.index is None and row.array_job == row.id  # `cancel 12`: every task of array 12
+            row = self.jobs.cancel_array(row.id) if whole else self.jobs.cancel(row.id)
             self.wake.set()
             return self._job_views([row])[0]
         if isinstance(message, ListNodes):
             return self._nodes()
         if isinstance(message, ReadLogs):
-            return self._read_logs(message)
+            row = self._job(message.job, message.index)
+            may_touch(caller, row, "read the logs of")
+            return self._read_logs(message, row)
         if isinstance(message, Watch):
             nodes = self._nodes()
             jobs = self._job_views(self.store.jobs())
             return {"time": self.clock(), "nodes": nodes["nodes"], "unjoined": nodes["unjoined"], "jobs": jobs}
         if isinstance(message, Drain):
+            need_admin(caller, "drain nodes")
             return self._drain(message)
+        if isinstance(message, (AddUser, ListUsers, RemoveUser)):
+            return self._users(message, caller)
+        if isinstance(message, Usage):
+            return self._usage(message)
         raise ValueError(f"a client may not send {message.kind}")
+
+    def _usage(self, message: Usage) -> dict[str, Any]:
+        """GPU time from `since` to now (see coordinator.usage); anyone may see everyone's, as `sreport`
+        shows, and a removed user's past stays counted."""
+        now = self.clock()
+        held = self.store.held_gpus(message.since)
+        job_ids = sorted({attempt.job for attempt in held})
+        return usage_view(held, self.store.jobs_by_id(job_ids), self.energy.energy(job_ids), message.since, now,
+                          message.user).to_json()
 
     def _with_project(self, spec: JobSpec, client: int) -> JobSpec:
         """The spec with its project's size from the stored manifest and what this client uploaded of
@@ -435,7 +506,8 @@ class Coordinator:
     def _job_views(self, rows: list[JobRow]) -> list[dict[str, Any]]:
         traffic = self.traffic.totals([row.id for row in rows])
         outputs = self.store.outputs([row.id for row in rows])
-        return [job_view(row, traffic[row.id], outputs[row.id]).to_json() for row in rows]
+        return [job_view(row, traffic[row.id], outputs[row.id], self.idle.idle_since(row.id),
+                         *self.jobs.standing(row)).to_json() for row in rows]
 
     def _kept_outputs(self, node: str, message: Outputs) -> None:
         """A node's word on what it keeps of a job's outputs: only of an attempt it had a share of."""
@@ -444,7 +516,29 @@ class Coordinator:
         files = [f for f in message.files[:MAX_OUTPUTS_LISTED] if path_problem(f.path) is None and f.size >= 0]
         self.store.set_outputs(message.job, node, message.attempt, files)
 
-    def _relay_output(self, conn: Connection, message: ReadOutput) -> None:
+    def _users(self, message: AddUser | ListUsers | RemoveUser, caller: Caller) -> Any:
+        if isinstance(message, AddUser):
+            token = self.people.add(caller, message.name, message.admin, message.max_gpus, self.clock())
+            log.info("%s added the user %s%s", caller.name, message.name, " (an admin)" if message.admin else "")
+            return {**user_view(self.store.user(message.name)), "token": str(token)}  # type: ignore[arg-type]
+        if isinstance(message, RemoveUser):
+            self.people.remove(caller, message.name)
+            log.info("%s removed the user %s", caller.name, message.name)
+            self._close_sessions_of(message.name, f"the user {message.name} was removed by {caller.name}")
+            return {"removed": message.name}
+        return [user_view(user) for user in self.store.users()]
+
+    def _close_sessions_of(self, name: str, why: str) -> None:
+        """End every connection made with that user's token, telling it why (after a bounded flush)."""
+        for conn, holder in list(self._callers.items()):
+            if holder.name == name:
+                conn.post(Error(message=why, code="user_removed", req=None))
+                closing = asyncio.get_running_loop().create_task(conn.close())
+                self._accepting.add(closing)  # held until done, like the accepts, so it is not collected
+                closing.add_done_callback(self._accepting.discard)
+
+    def _relay_output(self, conn: Connection, message: ReadOutput, caller: Caller) -> None:
+        may_touch(caller, self._job(message.job), "read the outputs of")
         attempt, kept = self.store.kept_outputs(message.job, message.node)
         if not any(f.path == message.path for f in kept):
             conn.post(Error(message=f"{message.node} keeps no output {message.path!r} of job {message.job}",
@@ -452,10 +546,11 @@ class Coordinator:
             return
         self.relay.ask(conn, message.req, message.node, message.job, attempt, message.path, message.offset)
 
-    def _job(self, job_id: int) -> JobRow:
-        row = self.store.job(job_id)
+    def _job(self, job_id: int, index: int | None = None) -> JobRow:
+        """The job, or with `index` that task of the array `job_id` (`12.3`)."""
+        row = self.store.job(job_id) if index is None else self.store.task(job_id, index)
         if row is None:
-            raise LookupError(f"there is no job {job_id}")
+            raise LookupError(f"there is no job {ref_text(job_id, index)}")
         return row
 
     def _nodes(self) -> dict[str, Any]:
@@ -483,30 +578,30 @@ class Coordinator:
         self.wake.set()
         return next(n for n in self._nodes()["nodes"] if n["name"] == message.node)
 
-    def _read_logs(self, message: ReadLogs) -> dict[str, Any]:
-        """Log bytes of one attempt; refused, naming what there is, for an attempt the job has not had
-        or a rank it does not have (a rank of a job still waiting has no log yet, and is no error)."""
-        row = self._job(message.job)
+    def _read_logs(self, message: ReadLogs, row: JobRow) -> dict[str, Any]:
+        """Log bytes of one attempt of the job `row`; refused, naming what there is, for an attempt the
+        job has not had or a rank it does not have (a rank of a job still waiting has no log yet, and is
+        no error)."""
         attempt = message.attempt if message.attempt is not None else row.attempt
         if message.attempt is not None and not 1 <= attempt <= row.attempt:
             had = f"it has had {counted(row.attempt, 'attempt')}" if row.attempt else "it has not started yet"
             raise LookupError(f"job {row.id} has no attempt {attempt}: {had}")
-        if message.rank is not None and message.rank not in self.logs.ranks(message.job, attempt):
+        if message.rank is not None and message.rank not in self.logs.ranks(row.id, attempt):
             spec = row.spec
             ranks = 0 if spec.command else spec.total_gpus
             placed = len(self.store.attempt_nodes(row.id, attempt)) or None
             problem = rank_problem(row.id, message.rank, ranks, placed, spec.nodes or spec.gpus or 1)
             if problem:
                 raise LookupError(problem)
-        chunks = self.logs.read(message.job, attempt, message.offsets, message.rank)
+        chunks = self.logs.read(row.id, attempt, message.offsets, message.rank)
         return {"attempt": attempt, "state": row.state.value, "finished": row.state.finished, "reason": row.reason,
                 "per_node": bool(row.spec.command),  # a command's output is each node's own channel
                 "chunks": {str(rank): data for rank, data in chunks.items()}}
 
 
-def _job_filter(states: list[str], since: float | None, before: int | None) -> JobFilter:
+def _job_filter(states: list[str], since: float | None, before: int | None, owner: str | None) -> JobFilter:
     known = [state.value for state in JobState]
     unknown = [state for state in states if state not in known]
     if unknown:
         raise ValueError(f"{unknown[0]!r} is not a job state (the states are {', '.join(known)})")
-    return JobFilter(tuple(JobState(state) for state in states), since, before)
+    return JobFilter(tuple(JobState(state) for state in states), since, before, owner)

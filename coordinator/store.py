@@ -19,7 +19,7 @@ import sqlite3
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import sqlite_utils
 
@@ -55,6 +55,8 @@ class JobRow:
     failed_at: float | None  # when the rank that failed the job ended (orders failures across nodes)
     hosts: Hosts  # the current attempt's placement, node rank order; [] before the first
     owner: str = ""  # the user who submitted it ("" for jobs stored before there were users)
+    array_job: int | None = None  # of a task of an array: the array's id (its first task's)
+    array_index: int | None = None  # and its index in the array
     # `spec.script` is always b"" here: the bytes are loaded only to be sent (`Store.script`).
 
 
@@ -177,7 +179,7 @@ class Store:
                                "submitted_at": float, "started_at": float, "ended_at": float, "attempt": int,
                                "exit_code": int, "restarts": int, "requeued_because": str, "failed_at": float},
                               pk="id", if_not_exists=True, not_null={"name", "spec", "state", "submitted_at"})
-            _add_missing_columns(db["jobs"], {"failed_at": float, "owner": str})
+            _add_missing_columns(db["jobs"], {"failed_at": float, "owner": str, "array_job": int, "array_index": int})
             db["attempts"].create({"job": int, "attempt": int, "master_addr": str, "master_port": int,
                                    "started_at": float, "ended_at": float}, pk=("job", "attempt"), if_not_exists=True,
                                   foreign_keys=[("job", "jobs", "id")])
@@ -190,7 +192,10 @@ class Store:
                                  pk=("job", "attempt", "rank", "kind"), if_not_exists=True)
             db["outputs"].create({"job": int, "node": str, "attempt": int, "files": str}, pk=("job", "node"),
                                  if_not_exists=True)
+            db["energy"].create({"job": int, "attempt": int, "millijoules": int, "simulated": int},
+                                pk=("job", "attempt"), if_not_exists=True)
             db["jobs"].create_index(["state"], if_not_exists=True)
+            db["jobs"].create_index(["array_job", "array_index"], if_not_exists=True)
             db["users"].create({"name": str, "secret_hash": str, "admin": int, "max_gpus": int, "created_at": float},
                                pk="name", if_not_exists=True, not_null={"secret_hash"})
 
@@ -306,20 +311,37 @@ class Store:
 
     def add_job(self, spec: JobSpec, now: float, owner: str) -> int:
         with self._tx():
-            table = self.db["jobs"].insert({
-                "name": spec.name, "spec": _spec_json(spec), "script": spec.script, "state": JobState.PENDING.value,
-                "reason": "waiting for the scheduler", "priority": spec.priority, "submitted_at": now, "attempt": 0,
-                "restarts": 0, "owner": owner,
-            })
+            table = self.db["jobs"].insert(_new_job(spec, now, owner))
         job_id = int(table.last_pk)
         self._refresh([job_id])
         return job_id
+
+    def add_array(self, spec: JobSpec, now: float, owner: str, indices: Sequence[int]) -> int:
+        """One job per index, in one transaction, and the array's id (its first task's). The script is
+        stored once, with the first task (`script` gives it for every task)."""
+        with self._tx():
+            first = int(self.db["jobs"].insert({**_new_job(spec, now, owner), "array_index": indices[0]}).last_pk)
+            self.db["jobs"].update(first, {"array_job": first})
+            task = {**_new_job(spec, now, owner), "script": None, "array_job": first}
+            self.db["jobs"].insert_all({**task, "array_index": index} for index in indices[1:])
+            ids = [row[0] for row in self.db.conn.execute("SELECT id FROM jobs WHERE array_job = ? ORDER BY id", [first])]
+        self._refresh(ids)
+        return first
 
     def job(self, job_id: int) -> JobRow | None:
         if job_id in self._unfinished:
             return self._unfinished[job_id]
         rows = self._load("j.id = ?", [job_id])
         return rows[0] if rows else None
+
+    def jobs_by_id(self, job_ids: list[int]) -> dict[int, JobRow]:
+        """These jobs (those that exist), in batched queries; unfinished ones from memory."""
+        found = {job_id: self._unfinished[job_id] for job_id in job_ids if job_id in self._unfinished}
+        rest = [job_id for job_id in job_ids if job_id not in found]
+        for start in range(0, len(rest), _BATCH):
+            batch = rest[start:start + _BATCH]
+            found.update((row.id, row) for row in self._load(f"j.id IN ({','.join('?' * len(batch))})", batch))
+        return found
 
     def jobs(self, states: tuple[JobState, ...] | None = None) -> list[JobRow]:
         """Jobs in id order; unfinished ones come from memory, without a query."""
@@ -356,6 +378,11 @@ class Store:
         changed, self._changed = sorted(self._changed), set()
         return changed
 
+    def touch(self, job_ids: list[int]) -> None:
+        """Count these jobs as changed: what clients see of them changed outside their rows (a
+        pending job's estimated start, kept by the scheduler's caller)."""
+        self._changed.update(job_ids)
+
     def take_changed(self) -> list[JobRow]:
         """Jobs written since the last call (their current rows), in id order."""
         changed = self.take_changed_ids()
@@ -366,21 +393,56 @@ class Store:
         return sorted(rows, key=lambda row: row.id)
 
     def script(self, job_id: int) -> bytes:
-        row = self.db.conn.execute("SELECT script FROM jobs WHERE id = ?", [job_id]).fetchone()
+        """A job's script; the tasks of an array share the one stored with its first task."""
+        row = self.db.conn.execute("SELECT script FROM jobs WHERE id = (SELECT COALESCE(array_job, id) FROM jobs "
+                                   "WHERE id = ?)", [job_id]).fetchone()
         return bytes(row[0] or b"") if row else b""
+
+    def task(self, array_job: int, index: int) -> JobRow | None:
+        """The task of that array with that index."""
+        row = self.db.conn.execute("SELECT id FROM jobs WHERE array_job = ? AND array_index = ?",
+                                   [array_job, index]).fetchone()
+        return self.job(row[0]) if row else None
+
+    def unfinished_tasks(self, array_job: int) -> list[JobRow]:
+        """The tasks of an array that have not ended, in index order; from memory."""
+        return [row for row in self._unfinished.values() if row.array_job == array_job]
+
+    def states_of(self, job_ids: list[int]) -> dict[int, tuple[str, dict[str, int]]]:
+        """What --after waits on: each of these jobs' state and, for an array's id (its first
+        task's, which stands for the whole array), its tasks counted by state ({} for any other
+        job); ids of no job are absent."""
+        found: dict[int, tuple[str, dict[str, int]]] = {}
+        for start in range(0, len(job_ids), _BATCH):
+            batch = job_ids[start:start + _BATCH]
+            marks = ",".join("?" * len(batch))
+            for job_id, state in self.db.conn.execute(f"SELECT id, state FROM jobs WHERE id IN ({marks})", batch):
+                found[job_id] = (state, {})
+            sql = f"SELECT array_job, state, count(*) FROM jobs WHERE array_job IN ({marks}) GROUP BY array_job, state"
+            for job_id, state, count in self.db.conn.execute(sql, batch):
+                found[job_id][1][state] = count
+        return found
 
     def transition(self, job_id: int, state: JobState, at: float | None = None, **fields: Any) -> None:
         """Move a job to `state` and set `fields` in one transaction; `IllegalTransition` (a bug)
         when `TRANSITIONS` does not allow the move from the state it is in. A job that leaves
         starting or running gives its GPUs back `at` then (or at `ended_at`): what accounting and
         fair share count."""
+        self.transition_all([job_id], state, at, **fields)
+
+    def transition_all(self, job_ids: list[int], state: JobState, at: float | None = None, **fields: Any) -> None:
+        """`transition` of several jobs in one transaction, all or none: cancelling an array of
+        thousands of tasks is one commit to disk, not thousands."""
+        columns = {"state": state.value, **fields}  # the names are this code's own keywords, never a peer's
+        update = f"UPDATE jobs SET {', '.join(f'{name} = ?' for name in columns)} WHERE id = ?"
         with self._tx():
-            old = self._check_transition(job_id, state)
-            self.db["jobs"].update(job_id, {"state": state.value, **fields})
-            if old.active and not state.active:
-                self.db.conn.execute("UPDATE attempts SET ended_at = ? WHERE job = ? AND ended_at IS NULL",
-                                     [at if at is not None else fields.get("ended_at"), job_id])
-        self._refresh([job_id])
+            for job_id in job_ids:
+                old = self._check_transition(job_id, state)
+                self.db.conn.execute(update, [*columns.values(), job_id])
+                if old.active and not state.active:
+                    self.db.conn.execute("UPDATE attempts SET ended_at = ? WHERE job = ? AND ended_at IS NULL",
+                                         [at if at is not None else fields.get("ended_at"), job_id])
+        self._refresh(job_ids)
 
     def amend_job(self, job_id: int, **fields: Any) -> None:
         """Change a job's fields other than its state (which only `transition` changes)."""
@@ -413,7 +475,10 @@ class Store:
 
     def _refresh(self, job_ids: list[int]) -> None:
         """Reload rows this store just wrote, keeping the in-memory queue equal to the file."""
-        rows = {row.id: row for row in self._load(f"j.id in ({','.join('?' * len(job_ids))})", job_ids)}
+        rows: dict[int, JobRow] = {}
+        for start in range(0, len(job_ids), _BATCH):
+            batch = job_ids[start:start + _BATCH]
+            rows.update((row.id, row) for row in self._load(f"j.id in ({','.join('?' * len(batch))})", batch))
         for job_id in job_ids:
             row = rows.get(job_id)
             before = self._unfinished.get(job_id)
@@ -537,6 +602,26 @@ class Store:
             counts.setdefault((attempt, rank), {})[kind] = count
         return counts
 
+    def add_energy(self, rows: list[tuple[int, int, int, bool]]) -> None:
+        """Add (job, attempt, millijoules, from simulated GPUs) to what each attempt's GPUs used.
+        Not synced to disk per commit, like traffic."""
+        with self._tx(durable=False):
+            self.db.conn.executemany(
+                "INSERT INTO energy (job, attempt, millijoules, simulated) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (job, attempt) DO UPDATE SET millijoules = millijoules + excluded.millijoules, "
+                "simulated = max(simulated, excluded.simulated)", [(j, a, mj, int(sim)) for j, a, mj, sim in rows])
+
+    def energy(self, job_ids: list[int]) -> dict[tuple[int, int], tuple[int, bool]]:
+        """What the attempts of these jobs used: (job, attempt) -> (millijoules, any of it simulated);
+        attempts whose GPUs report no energy are absent."""
+        found: dict[tuple[int, int], tuple[int, bool]] = {}
+        for start in range(0, len(job_ids), _BATCH):
+            batch = job_ids[start:start + _BATCH]
+            sql = f"SELECT job, attempt, millijoules, simulated FROM energy WHERE job IN ({','.join('?' * len(batch))})"
+            for job_id, attempt, millijoules, simulated in self.db.conn.execute(sql, batch):
+                found[(job_id, attempt)] = (millijoules, bool(simulated))
+        return found
+
     def traffic_totals(self, job_ids: list[int]) -> dict[int, dict[int, dict[str, int]]]:
         """Payload bytes of jobs summed over their attempts: job -> rank -> kind -> bytes (jobs
         without traffic are absent)."""
@@ -631,6 +716,13 @@ def _add_missing_columns(table: sqlite_utils.db.Table, columns: dict[str, type])
             table.add_column(name, kind)
 
 
+def _new_job(spec: JobSpec, now: float, owner: str) -> dict[str, Any]:
+    """The row of a job just submitted."""
+    return {"name": spec.name, "spec": _spec_json(spec), "script": spec.script, "state": JobState.PENDING.value,
+            "reason": "waiting for the scheduler", "priority": spec.priority, "submitted_at": now, "attempt": 0,
+            "restarts": 0, "owner": owner}
+
+
 def _spec_json(spec: JobSpec) -> str:
     data = spec.to_wire()
     del data["script"]
@@ -645,7 +737,7 @@ def _spec_of(text: str) -> JobSpec:
 
 
 _JOB_FIELDS = ("id", "spec", "state", "reason", "submitted_at", "started_at", "ended_at", "attempt", "exit_code",
-               "restarts", "requeued_because", "failed_at", "owner")
+               "restarts", "requeued_because", "failed_at", "owner", "array_job", "array_index")
 _JOB_COLUMNS = ", ".join(f"j.{name}" for name in _JOB_FIELDS)
 
 
@@ -655,7 +747,7 @@ def _job_row(row: dict[str, Any], hosts: Hosts) -> JobRow:
         submitted_at=row["submitted_at"], started_at=row["started_at"], ended_at=row["ended_at"],
         attempt=row["attempt"] or 0, exit_code=row["exit_code"], restarts=row["restarts"] or 0,
         requeued_because=row["requeued_because"] or "", failed_at=row["failed_at"], hosts=hosts,
-        owner=row["owner"] or "",
+        owner=row["owner"] or "", array_job=row["array_job"], array_index=row["array_index"],
     )
 
 

@@ -3,16 +3,26 @@ names, a contract, are declared once in `gpudeck.protocol.payloads`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from gpudeck.coordinator.priority import Factor
 from gpudeck.coordinator.registry import Registry
 from gpudeck.coordinator.store import JobRow, NodeRow
-from gpudeck.protocol.payloads import JobView, NodeView, OutputFile, TrafficByRank, WarmStatus
+from gpudeck.protocol.payloads import FactorView, JobView, NodeView, OutputFile, TrafficByRank, WarmStatus
 
 
-def job_view(row: JobRow, traffic: TrafficByRank, outputs: dict[str, list[OutputFile]]) -> JobView:
+def job_view(row: JobRow, traffic: TrafficByRank, outputs: dict[str, list[OutputFile]],
+             idle_since: float | None = None, factors: Sequence[Factor] = (),
+             estimated_start: float | None = None) -> JobView:
+    """`factors` and `estimated_start`: a pending job's priority terms and planned start
+    (`JobControl.standing`)."""
     return JobView.build(row.id, row.spec, state=row.state.value, reason=row.reason, hosts=row.hosts,
                          restarts=row.restarts, attempt=row.attempt, exit_code=row.exit_code,
                          submitted_at=row.submitted_at, started_at=row.started_at, ended_at=row.ended_at,
-                         traffic=traffic, outputs=outputs, owner=row.owner)
+                         traffic=traffic, outputs=outputs, owner=row.owner, idle_since=idle_since,
+                         estimated_start=estimated_start,
+                         priority_factors=[FactorView(f.name, f.value, f.weight, f.contribution) for f in factors],
+                         array_job=row.array_job, array_index=row.array_index)
 
 
 def node_view(node: NodeRow, registry: Registry, jobs: list[int], now: float) -> NodeView:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from gpudeck import __version__, config
 from gpudeck.capacity import MAX_GPUS, MAX_GPUS_PER_NODE, MAX_NODES
+from gpudeck.arrays import MAX_ARRAY_TASKS, parse_array, parse_ref, ref_text
 from gpudeck.config import split_address
 from gpudeck.model import (
     MAX_PRIORITY, MAX_RESTARTS, MAX_TIME_LIMIT, WORKLOADS, JobSpec, JobState, duration_seconds, parse_duration,
@@ -40,22 +41,33 @@ class UsageError(Failure):
     """Arguments that cannot make a request: reported like argparse's own errors, exit code 2."""
 
 
-MAX_ID = 2**63 - 1  # SQLite's and msgpack's largest integer
 JOBS_PAGE = 1000  # jobs per list request; the coordinator allows at most this many
 RECENT_FINISHED = 20  # finished jobs `gpudeck jobs` shows by default, the most recent
 UNFINISHED_STATES = [state.value for state in JobState if not state.finished]
 FINISHED_STATES = [state.value for state in JobState if state.finished]
 
 
-def job_id(text: str) -> int:
-    """A job id for argparse: a whole number that could name a stored job."""
+def job_id(text: str) -> tuple[int, int | None]:
+    """A job for argparse: its id (12), or ARRAY.INDEX for one task of an array (12.3), as (12, 3)."""
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a job id (a whole number, like 12)") from None
-    if not 1 <= value <= MAX_ID:
-        raise argparse.ArgumentTypeError(f"{text} is not a job id (job ids start at 1)")
-    return value
+        return parse_ref(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def job_list(text: str) -> list[str]:
+    """--after for argparse: jobs separated by commas (7,12.3), each as `job_id` reads it."""
+    return [ref_text(*job_id(part)) for part in text.split(",")]
+
+
+def job_array(text: str) -> str:
+    """--array for argparse: indices and an optional throttle (0-31%4, 0,3,5-7), checked here so that
+    a wrong one is a usage error before anything is shipped."""
+    try:
+        parse_array(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text.strip()
 
 
 def bounded(low: int, high: int) -> Callable[[str], int]:
@@ -84,6 +96,57 @@ def duration(text: str) -> float:
         return parse_duration(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+WEIGHT_NAMES = ("fair-share", "age", "priority")  # the factors of a pending job's priority
+
+
+def priority_weights(text: str) -> dict[str, float]:
+    """--priority-weights for argparse: 'fair-share=10000,age=1000,priority=1000', any of them."""
+    weights = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        name = name.strip().replace("_", "-")
+        if name not in WEIGHT_NAMES:
+            raise argparse.ArgumentTypeError(f"{name!r} is not a priority factor (they are {', '.join(WEIGHT_NAMES)}; "
+                                             "example: fair-share=10000,age=1000,priority=1000)")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = -1.0
+        if not 0 <= weight <= 1e9:
+            raise argparse.ArgumentTypeError(f"the weight of {name} must be a number from 0 to 1000000000, "
+                                             f"not {value.strip()!r}")
+        weights[name.replace("-", "_")] = weight
+    return weights
+
+
+def _scheduling_flags(parser: argparse.ArgumentParser) -> None:
+    """How the coordinator orders and plans the queue (`gpudeck.coordinator.priority`, the scheduler)."""
+    parser.add_argument("--fair-share-half-life", type=duration, default=7 * 86400.0, metavar="DUR",
+                        help="how fast past use stops counting against a person's fair share: a GPU-hour used this "
+                        "long ago counts half (default: 7d)")
+    parser.add_argument("--priority-age-cap", type=duration, default=7 * 86400.0, metavar="DUR",
+                        help="a waiting job's age factor grows until it has waited this long (default: 7d)")
+    parser.add_argument("--priority-weights", type=priority_weights, default={}, metavar="NAME=W,...",
+                        help="what each factor of a pending job's priority counts for "
+                        "(default: fair-share=10000,age=1000,priority=1000)")
+    parser.add_argument("--default-time-limit", type=duration, default=86400.0, metavar="DUR",
+                        help="how long a job without --time-limit is expected to run when planning reservations "
+                        "and estimated starts; it is not stopped then (default: 1d)")
+    parser.add_argument("--preempt-grace", type=duration, default=30.0, metavar="DUR",
+                        help="how long a preempted job's ranks have between SIGTERM and SIGKILL to save and stop; "
+                        "jobs see it as $GPUDECK_PREEMPT_GRACE (default: 30s)")
+
+
+def scheduling_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The Coordinator's scheduling arguments from `_scheduling_flags`."""
+    from gpudeck.coordinator.priority import Policy, Weights
+
+    policy = Policy(Weights(**args.priority_weights), args.fair_share_half_life, args.priority_age_cap)
+    if args.preempt_grace > 3600:
+        raise UsageError("--preempt-grace is at most 1h: a stopped job's GPUs stay idle for that long")
+    return {"priority": policy, "default_time_limit": args.default_time_limit, "preempt_grace": args.preempt_grace}
 
 
 def size(text: str) -> int:
@@ -145,8 +208,9 @@ def _client_flags(parser: argparse.ArgumentParser) -> None:
                         help="the coordinator (default: $GPUDECK_COORDINATOR, "
                         "the coordinator of this machine's data dir, or one found over mDNS)")
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--token", help="the cluster's join token (default: $GPUDECK_TOKEN)")
-    group.add_argument("--token-file", metavar="F", help="a file holding the join token")
+    group.add_argument("--token", help="your token: the one `gpudeck user add` made for you, or the cluster's "
+                       "join token (default: $GPUDECK_TOKEN)")
+    group.add_argument("--token-file", metavar="F", help="a file holding your token")
 
 
 def _mdns_flags(parser: argparse.ArgumentParser) -> None:
@@ -175,7 +239,7 @@ def _command(sub: Any, name: str, summary: str, description: str, *examples: str
                           formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-JOB_HELP = "the job's id, as submit printed it and `gpudeck jobs` lists it"
+JOB_HELP = "the job's id, as submit printed it and `gpudeck jobs` lists it (ARRAY.INDEX for a task of an array)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--lan", action="store_true", help="listen and advertise on the LAN instead of loopback only")
     up.add_argument("--no-tui", action="store_true", help="do not open the dashboard; run until Ctrl-C (also "
                     "when not on a terminal)")
+    _scheduling_flags(up)
 
     coord = _command(sub, "coordinator", "run the coordinator (headless, for systemd)",
                      "Run the coordinator of a cluster, without a dashboard: it keeps the job queue and the nodes "
@@ -233,6 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
     coord.add_argument("--project-store", type=size, default=config.PROJECT_STORE_LIMIT, metavar="SIZE",
                        help="room for shipped projects on the coordinator; the least recently used that no "
                        "unfinished job needs go first (default: 8G)")
+    coord.add_argument("--idle-after", type=duration, default=config.IDLE_AFTER, metavar="DUR",
+                       help="mark a running job idle when every GPU it holds has read 0%% use for this long "
+                       "(`gpudeck jobs` and the dashboard say so; default: 30m)")
+    coord.add_argument("--idle-cancel", action="store_true",
+                       help="cancel a job once it has been idle for --idle-after, so its GPUs go to others")
+    _scheduling_flags(coord)
     _mdns_flags(coord)
 
     agent = _command(sub, "agent", "run a node agent (headless, for systemd)",
@@ -263,6 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--warm", type=bounded(0, 64), default=config.WARM_INTERPRETERS, metavar="N",
                        help="interpreters with torch already imported that this node keeps, to fork ranks from so "
                        "that a script starts at once (0: none; each holds a few hundred MB; default: 1)")
+    agent.add_argument("--run-as-owner", action="store_true",
+                       help="run each job's processes as this machine's account named like the job's owner (its "
+                       "uid, gid, groups and home), or as the agent's user where there is none; the agent must run "
+                       "as root")
     _mdns_flags(agent)
 
     token = _command(sub, "token", "print the join token of the coordinator on this machine",
@@ -336,6 +411,11 @@ def build_parser() -> argparse.ArgumentParser:
     setup.add_argument("--venv", metavar="PATH", help="a virtual environment that exists on every node")
     setup.add_argument("--image", metavar="IMAGE", help="run the job in this container image, with podman or docker "
                        "on the nodes (its own python runs a script; traffic is not counted inside containers)")
+    submit.add_argument("--preemptible", action="store_true",
+                        help="let the scheduler stop this job for a waiting job of higher --priority that cannot "
+                        "start otherwise: SIGTERM, the cluster's grace ($GPUDECK_PREEMPT_GRACE seconds), then SIGKILL; "
+                        "it goes back to the queue without spending a restart (built-in workloads resume from a "
+                        "checkpoint saved at the SIGTERM)")
     submit.add_argument("--torchrun", action="store_true",
                         help="start each node's ranks with torchrun, for a script that needs its elastic features "
                         "(by default the agent starts the ranks itself, with the same variables, and sooner)")
@@ -346,6 +426,15 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--workload", nargs=argparse.REMAINDER, metavar="W [ARGS]",
                         help="a built-in workload instead of a script, then its options (last on the line): "
                         + "; ".join(f"{name}: {text}" for name, text in sorted(WORKLOADS.items())))
+    submit.add_argument("--after", type=job_list, action="extend", default=[], metavar="JOB[,JOB]",
+                        help="start only once these jobs succeeded (an array's id: all its tasks); if one fails or "
+                        "is cancelled, this job fails")
+    submit.add_argument("--after-any", type=job_list, action="extend", default=[], metavar="JOB[,JOB]",
+                        help="start only once these jobs ended, however they ended")
+    submit.add_argument("--array", type=job_array, metavar="INDICES[%N]",
+                        help=f"one job per index (0-31, 0,3,5-7; at most {MAX_ARRAY_TASKS}), each with "
+                        "$GPUDECK_ARRAY_INDEX set; %%N: at most N of them run at once. Its tasks are named "
+                        "JOB.INDEX, and JOB alone is the whole array")
     submit.add_argument("--json", action="store_true", help="print the job as JSON")
     submit.add_argument("script", nargs="?", metavar="SCRIPT", help="a Python training script, as for torchrun")
     submit.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="arguments for the script")
@@ -368,6 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--since", type=since_time, metavar="WHEN",
                       help="only jobs not finished before WHEN: how long ago (90m, 2h, 3d) or a date "
                       "(2026-12-01, 2026-12-01T09:30)")
+    whose = jobs.add_mutually_exclusive_group()
+    whose.add_argument("--mine", action="store_true", help="only your jobs (those submitted with your token)")
+    whose.add_argument("--user", metavar="NAME", help="only this user's jobs")
     jobs.add_argument("--json", action="store_true", help="print JSON with stable field names")
     _client_flags(jobs)
 
@@ -432,7 +524,49 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("--launcher", action="store_true", help="include each node's own output: torchrun's and the "
                       "environment build's (always shown for failed jobs and for commands)")
     _client_flags(logs)
+    _user_parsers(sub)
+    _usage_parser(sub)
     return parser
+
+
+def _usage_parser(sub: Any) -> None:
+    usage = _command(sub, "usage", "GPU-hours per user and per job, with waits and energy",
+                     "How much GPU time each person's jobs held, as Slurm's sreport does: GPU-hours (each attempt's "
+                     "GPUs from its start until it gave them back, counted only inside the window), the jobs that "
+                     "held GPUs, their mean wait from submit to first start, and the energy their GPUs used where "
+                     "the GPUs report it (marked simulated for simulated GPUs). Then the jobs that held the most.",
+                     "gpudeck usage", "gpudeck usage --since 7d", "gpudeck usage --since 2026-12-01 --user ada --json")
+    usage.add_argument("--since", type=since_time, metavar="WHEN",
+                       help="count from WHEN: how long ago (24h, 7d) or a date (2026-12-01, 2026-12-01T09:30); "
+                       "default: ever")
+    usage.add_argument("--user", metavar="NAME", help="only this user's jobs (each user's share stays of the whole "
+                       "cluster's GPU time)")
+    usage.add_argument("--json", action="store_true", help="print JSON with stable field names (gpu_seconds, "
+                       "gpu_hours, jobs, mean_wait_s, energy_j, energy_simulated, users, by_job)")
+    _client_flags(usage)
+
+
+def _user_parsers(sub: Any) -> None:
+    user = _command(sub, "user", "the cluster's people: add, list and remove users (admins)",
+                    "Give each person a token of their own, so their jobs carry their name, only they (and admins) "
+                    "can cancel them or read their logs, and limits and fair shares apply per person. The join "
+                    "token stays what nodes join with; its holder is the user 'admin'. A new user's token is "
+                    "printed once, as the last line, and only its hash is kept.",
+                    "gpudeck user add ada --max-gpus 8", "gpudeck user add bob --admin",
+                    "gpudeck user list", "gpudeck user remove ada")
+    actions = user.add_subparsers(dest="user_action", metavar="ACTION", required=True,
+                                  help="add, list or remove (each has its own --help)")
+    add = actions.add_parser("add", help="make a user and print their token (last line)")
+    add.add_argument("name", metavar="NAME", help="the person's name, like their login name (ada, j_smith)")
+    add.add_argument("--admin", action="store_true", help="may cancel anyone's jobs, drain nodes and manage users")
+    add.add_argument("--max-gpus", type=bounded(1, 1_000_000), metavar="N",
+                     help="the most GPUs their jobs may hold at once (default: no limit)")
+    listing = actions.add_parser("list", help="list the users")
+    remove = actions.add_parser("remove", help="remove a user: their token stops working, their sessions close")
+    remove.add_argument("name", metavar="NAME", help="the user's name, as `gpudeck user list` shows it")
+    for action in (add, listing, remove):
+        action.add_argument("--json", action="store_true", help="print JSON with stable field names")
+        _client_flags(action)
 
 
 # --- client commands -----------------------------------------------------------------------------
@@ -608,7 +742,8 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
         args=run_args, workdir="" if root else os.getcwd(), project="0" * 64 if root else "", subdir=subdir,
         command=list(args.command_line), env=_environment(args), python=args.python or "",
         venv=args.venv or "", requirements=_requirements(args.requirements), image=args.image or "",
-        launcher="torchrun" if args.torchrun else "")
+        launcher="torchrun" if args.torchrun else "", preemptible=args.preemptible, after=args.after,
+        after_any=args.after_any, array=args.array or "")
     try:
         spec.check()
     except ValueError as exc:
@@ -676,14 +811,15 @@ async def _recent_jobs(session: ClientSession, most: int, **filters: Any) -> tup
 async def _listed_jobs(session: ClientSession, args: argparse.Namespace) -> tuple[list[dict[str, Any]], str]:
     """The jobs `gpudeck jobs` shows and, when it leaves some out, a line saying how many and how to see them.
     With no flag: every unfinished job and the RECENT_FINISHED latest finished; `--json` alone: every job."""
-    filters = {"states": args.state or [], "since": args.since}
+    filters = {"states": args.state or [], "since": args.since,
+               "owner": session.welcome.user if args.mine and session.welcome else args.user}
     if args.limit is not None:
         jobs, older = await _recent_jobs(session, args.limit, **filters)
         return jobs, f"... and {counted(older, 'older job')} that match: raise --limit, or use --all" if older else ""
     if args.all or args.json or args.state or args.since is not None:
         return await _all_jobs(session, **filters), ""
-    active = await _all_jobs(session, states=UNFINISHED_STATES)
-    finished, older = await _recent_jobs(session, RECENT_FINISHED, states=FINISHED_STATES)
+    active = await _all_jobs(session, states=UNFINISHED_STATES, owner=filters["owner"])
+    finished, older = await _recent_jobs(session, RECENT_FINISHED, states=FINISHED_STATES, owner=filters["owner"])
     jobs = sorted(active + finished, key=lambda job: job["id"])
     return jobs, f"... and {counted(older, 'older finished job')}: gpudeck jobs --all" if older else ""
 
@@ -695,7 +831,7 @@ async def cmd_listing(args: argparse.Namespace) -> int:
     async def work(session: ClientSession) -> int:
         if args.command == "jobs":
             data, left_out = await _listed_jobs(session, args)
-            filtered = bool(args.state or args.since is not None)
+            filtered = bool(args.state or args.since is not None or args.mine or args.user)
             print(json.dumps(data, indent=2) if args.json else output.jobs_table(data, filtered))
             if left_out and not args.json:
                 print(left_out)
@@ -703,15 +839,55 @@ async def cmd_listing(args: argparse.Namespace) -> int:
             data = await session.request(ListNodes)
             print(json.dumps(data["nodes"], indent=2) if args.json else output.nodes_table(data))
         elif args.command == "show":
-            data = await session.request(ShowJob, job=args.job)
+            data = await session.request(ShowJob, job=args.job[0], index=args.job[1])
             print(json.dumps(data, indent=2) if args.json else output.job_detail(data))
         elif args.command == "drain":
             data = await session.request(Drain, node=args.node, on=not args.off)
             print(f"node {visible(data['name'])} " + ("is draining: no new jobs will be placed on it" if data["draining"]
                                              else "takes new jobs again"))
         else:
-            data = await session.request(Cancel, job=args.job)
-            print(f"job {data['id']} cancelled")
+            data = await session.request(Cancel, job=args.job[0], index=args.job[1])
+            whole = args.job[1] is None and data["array_job"] == data["id"]
+            print(f"array {data['id']}: every task that had not ended is cancelled" if whole
+                  else f"job {ref_text(*args.job)} cancelled")
+        return 0
+
+    return await _with_session(args, work)
+
+
+async def cmd_user(args: argparse.Namespace) -> int:
+    from gpudeck import output
+    from gpudeck.protocol.messages import AddUser, ListUsers, RemoveUser
+
+    async def work(session: ClientSession) -> int:
+        if args.user_action == "add":
+            user = await session.request(AddUser, name=args.name, admin=args.admin, max_gpus=args.max_gpus)
+            if args.json:
+                print(json.dumps(user, indent=2))
+            else:
+                role = "an admin" if user["admin"] else "a user"
+                limit = f", at most {counted(user['max_gpus'], 'GPU')} at once" if user["max_gpus"] else ""
+                print(f"{visible(user['name'])} is {role}{limit}. Their token, shown only this once "
+                      "(they pass it with --token, --token-file or $GPUDECK_TOKEN):")
+                print(user["token"])
+        elif args.user_action == "remove":
+            data = await session.request(RemoveUser, name=args.name)
+            print(json.dumps(data) if args.json else f"{visible(args.name)} is removed: their token no longer works")
+        else:
+            users = await session.request(ListUsers)
+            print(json.dumps(users, indent=2) if args.json else output.users_table(users))
+        return 0
+
+    return await _with_session(args, work)
+
+
+async def cmd_usage(args: argparse.Namespace) -> int:
+    from gpudeck import output
+    from gpudeck.protocol.messages import Usage
+
+    async def work(session: ClientSession) -> int:
+        data = await session.request(Usage, since=args.since, user=args.user)
+        print(json.dumps(data, indent=2) if args.json else output.usage_report(data))
         return 0
 
     return await _with_session(args, work)
@@ -728,7 +904,8 @@ async def cmd_logs(args: argparse.Namespace) -> int:
                                     raw=args.raw)
         offsets: dict[str, int] = {}
         while True:
-            reply = await session.request(ReadLogs, job=args.job, attempt=args.attempt, rank=args.rank, offsets=offsets)
+            reply = await session.request(ReadLogs, job=args.job[0], index=args.job[1], attempt=args.attempt,
+                                          rank=args.rank, offsets=offsets)
             printer.include_launcher |= reply["state"] == "failed" or reply["per_node"]
             for rank, data in sorted(reply["chunks"].items(), key=lambda kv: int(kv[0])):
                 offsets[rank] = offsets.get(rank, 0) + len(data)
@@ -740,7 +917,8 @@ async def cmd_logs(args: argparse.Namespace) -> int:
                 await asyncio.sleep(0.5)
         printer.flush()
         if args.follow:
-            print(f"gpudeck: {output.how_it_ended(args.job, reply['state'], reply.get('reason', ''))}", file=sys.stderr)
+            print(f"gpudeck: {output.how_it_ended(ref_text(*args.job), reply['state'], reply.get('reason', ''))}",
+                  file=sys.stderr)
         return 0
 
     return await _with_session(args, work)
@@ -751,15 +929,16 @@ async def cmd_outputs(args: argparse.Namespace) -> int:
     from gpudeck.upload import download_outputs
 
     async def work(session: ClientSession) -> int:
-        job = await session.request(ShowJob, job=args.job)
+        job = await session.request(ShowJob, job=args.job[0], index=args.job[1])
+        named = ref_text(*args.job)
         kept = {node: files for node, files in job["outputs"].items() if args.node in (None, node)}
         if not kept:
             where = f" on {args.node}" if args.node else ""
-            raise Failure(f"job {args.job} has no outputs kept{where}: it wrote nothing to $GPUDECK_OUTPUT_DIR, "
+            raise Failure(f"job {named} has no outputs kept{where}: it wrote nothing to $GPUDECK_OUTPUT_DIR, "
                           "or its nodes have let them go")
-        destination = args.to or Path(OUTPUTS_HERE) / str(args.job)
-        count = await download_outputs(session, args.job, kept, destination)
-        print(f"{counted(count, 'file')} of job {args.job} in {destination}", file=sys.stderr)
+        destination = args.to or Path(OUTPUTS_HERE) / named
+        count = await download_outputs(session, job["id"], kept, destination)
+        print(f"{counted(count, 'file')} of job {named} in {destination}", file=sys.stderr)
         return 0
 
     return await _with_session(args, work)
@@ -798,7 +977,8 @@ async def cmd_coordinator(args: argparse.Namespace) -> int:
     coordinator = Coordinator(args.state_dir or config.coordinator_dir(), args.host, args.port,
                               mdns_interfaces=args.mdns_interface, use_mdns=not args.no_mdns,
                               job_ports=args.job_ports, project_cap=args.project_cap,
-                              project_store=args.project_store)
+                              project_store=args.project_store, idle_after=args.idle_after,
+                              idle_cancel=args.idle_cancel, **scheduling_options(args))
     await coordinator.start()
     try:
         await _until_signalled(asyncio.Event().wait())
@@ -821,6 +1001,9 @@ async def cmd_agent(args: argparse.Namespace) -> int:
     from gpudeck.agent.gpus import open_backend
     from gpudeck.agent.node import Agent, AgentConfig
 
+    state_dir = args.state_dir or config.agent_dir()
+    if args.run_as_owner:
+        _check_run_as_owner(state_dir)
     token = _agent_token(args)
     address = args.coordinator or os.environ.get("GPUDECK_COORDINATOR")
     coordinator = split_address(address, config.DEFAULT_PORT) if address else None
@@ -829,13 +1012,27 @@ async def cmd_agent(args: argparse.Namespace) -> int:
     backend, found = open_backend(args.simulate_gpus)
     logging.getLogger("gpudeck.agent").info("%s", found)
     agent = Agent(AgentConfig(name=args.name or socket.gethostname().split(".")[0], token=token,
-                              state_dir=args.state_dir or config.agent_dir(), coordinator=coordinator,
+                              state_dir=state_dir, coordinator=coordinator,
                               mdns_interfaces=args.mdns_interface, use_mdns=not args.no_mdns,
                               keep_outputs_for=args.keep_outputs, outputs_space=args.outputs_space,
                               cache_space=args.cache_space, environments=args.environments,
-                              warm=args.warm), backend)
+                              warm=args.warm, run_as_owner=args.run_as_owner), backend)
     await _until_signalled(agent.run())
     return 0
+
+
+def _check_run_as_owner(state_dir: Path) -> None:
+    """--run-as-owner needs root (no other user may start a process as another account) and a state
+    dir every account may pass through (each job's processes use their own part of it)."""
+    from gpudeck.agent.accounts import closed_to_others
+
+    if os.geteuid() != 0:
+        raise Failure("--run-as-owner starts each job as its owner's account, which only an agent running as root "
+                      "can do: run the agent as root or leave the flag out")
+    closed = closed_to_others(state_dir)
+    if closed is not None:
+        raise Failure(f"with --run-as-owner every job's account must pass through the state dir {state_dir}, but "
+                      f"{closed} is closed to other accounts: pass a --state-dir whose folders all have o+x")
 
 
 # --- the dashboard -------------------------------------------------------------------------------
@@ -892,7 +1089,7 @@ async def cmd_web(args: argparse.Namespace) -> int:
 
 ASYNC_COMMANDS = {"submit": cmd_submit, "jobs": cmd_listing, "nodes": cmd_listing, "show": cmd_listing,
                   "cancel": cmd_listing, "drain": cmd_listing, "logs": cmd_logs, "outputs": cmd_outputs, "coordinator": cmd_coordinator, "agent": cmd_agent,
-                  "web": cmd_web}
+                  "web": cmd_web, "user": cmd_user, "usage": cmd_usage}
 
 
 def parse_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:

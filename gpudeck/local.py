@@ -19,11 +19,13 @@ log = logging.getLogger("gpudeck.up")
 async def run_up(args: argparse.Namespace) -> int:
     from gpudeck.agent.gpus import open_backend
     from gpudeck.agent.node import Agent, AgentConfig
+    from gpudeck.cli import scheduling_options
     from gpudeck.coordinator.server import Coordinator
 
     host = "0.0.0.0" if args.lan else "127.0.0.1"
     interfaces = None if args.lan else ["127.0.0.1"]
-    coordinator = Coordinator(config.coordinator_dir(), host, args.port, mdns_interfaces=interfaces)
+    coordinator = Coordinator(config.coordinator_dir(), host, args.port, mdns_interfaces=interfaces,
+                              **scheduling_options(args))
     try:
         await coordinator.start()
     except OSError as exc:

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
+from gpudeck.arrays import MAX_ARRAY_BYTES, MAX_DEPENDENCIES, parse_array, parse_ref
 from gpudeck.capacity import validate_request
 from gpudeck.project import DIGEST, path_problem
 from gpudeck.text import name_problem
@@ -32,6 +33,7 @@ class JobState(str, Enum):
     starting/running -> pending    a node was lost and restarts are left, or (starting only) a node
                                    found the rendezvous port taken; the next attempt gets a new number
     pending/starting/running -> cancelled  a user cancelled it
+    pending   -> failed     a job it was to run after (--after) failed or was cancelled: it never can
     """
 
     PENDING = "pending"
@@ -51,7 +53,7 @@ class JobState(str, Enum):
 
 
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
-    JobState.PENDING: frozenset({JobState.STARTING, JobState.CANCELLED}),
+    JobState.PENDING: frozenset({JobState.STARTING, JobState.CANCELLED, JobState.FAILED}),
     JobState.STARTING: frozenset({JobState.RUNNING, JobState.SUCCEEDED, JobState.FAILED, JobState.PENDING,
                                   JobState.CANCELLED}),
     JobState.RUNNING: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.PENDING, JobState.CANCELLED}),
@@ -180,6 +182,10 @@ class JobSpec:
     requirements: dict[str, bytes] = field(default_factory=dict)  # what the job's environment is built from
     image: str = ""  # a container image to run the job in (podman or docker on the nodes)
     launcher: str = ""  # "torchrun": torchrun starts each node's ranks; "": the agent starts them itself
+    preemptible: bool = False  # may be stopped (and requeued) for a pending job of higher --priority
+    after: list[str] = field(default_factory=list)  # jobs ('7', or a task '12.3') that must succeed first
+    after_any: list[str] = field(default_factory=list)  # jobs that must end first, however they end
+    array: str = ""  # --array as given ('0-31%4'): one job per index (see gpudeck.arrays)
 
     @property
     def total_gpus(self) -> int:
@@ -221,10 +227,41 @@ class JobSpec:
             raise ValueError("give one of a script, a built-in workload (--workload) or a command (-- CMD)")
         self._check_code()
         self._check_environment()
+        self._check_order()
         if not 0 <= self.max_restarts <= MAX_RESTARTS:
             raise ValueError(f"--max-restarts must be from 0 to {MAX_RESTARTS}, not {self.max_restarts}")
         if not -MAX_PRIORITY <= self.priority <= MAX_PRIORITY:
             raise ValueError(f"--priority must be from -{MAX_PRIORITY} to {MAX_PRIORITY}, not {self.priority}")
+
+    def _check_order(self) -> None:
+        """--after, --after-any and --array: well formed, and an array that keeps at most
+        MAX_ARRAY_BYTES of specs in the coordinator's memory (every task is a row of its own)."""
+        if len(self.after) + len(self.after_any) > MAX_DEPENDENCIES:
+            raise ValueError(f"a job may wait for at most {MAX_DEPENDENCIES} jobs (--after and --after-any together)")
+        for flag, refs in (("--after", self.after), ("--after-any", self.after_any)):
+            for ref in refs:
+                try:
+                    parse_ref(ref)
+                except ValueError as exc:
+                    raise ValueError(f"{flag}: {exc}") from None
+        if not self.array:
+            return
+        try:
+            tasks = len(parse_array(self.array).indices)
+        except ValueError as exc:
+            raise ValueError(f"--array {self.array}: {exc}") from None
+        if tasks * self.kept_bytes > MAX_ARRAY_BYTES:
+            raise ValueError(f"an array of {tasks} tasks of this job would keep {tasks * self.kept_bytes >> 20} MiB "
+                             f"in the coordinator's memory, more than the {MAX_ARRAY_BYTES >> 20} MiB an array may: "
+                             "use fewer tasks, or fewer or shorter environment variables, requirements and arguments")
+
+    @property
+    def kept_bytes(self) -> int:
+        """About what one stored row of this spec holds in the coordinator's memory (its script is
+        loaded only to be sent): its texts, and the objects around them."""
+        texts = [self.name, self.workdir, self.subdir, *self.args, *self.command, *self.after, *self.after_any,
+                 *self.env, *self.env.values()]
+        return ROW_BYTES + sum(map(len, texts)) + sum(len(data) * 4 // 3 for data in self.requirements.values())
 
     def _check_code(self) -> None:
         if self.project:
@@ -276,7 +313,7 @@ _SPEC_TYPES: dict[str, tuple[type, ...]] = {
     "max_restarts": (int,), "script_name": (str,), "script": (bytes,), "workload": (str,),
     "args": (list,), "workdir": (str,), "project": (str,), "project_files": (int,), "project_bytes": (int,), "project_uploaded": (int,),
     "subdir": (str,), "command": (list,), "env": (dict,), "python": (str,), "venv": (str,), "requirements": (dict,),
-    "image": (str,), "launcher": (str,),
+    "image": (str,), "launcher": (str,), "preemptible": (bool,), "after": (list,), "after_any": (list,), "array": (str,),
 }
 
 
@@ -288,6 +325,7 @@ LAUNCHERS = ("", "torchrun")
 RESERVED_ENV = frozenset({"CUDA_VISIBLE_DEVICES", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK",
                           "GPUS_PER_NODE"})
 MAX_SETUP_BYTES = 256 * 1024  # environment variables, and requirement files: kept in memory with the job
+ROW_BYTES = 2048  # what a job's row costs in the coordinator's memory besides its spec's texts
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$")
 
@@ -295,10 +333,12 @@ _IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$")
 def _check_types(spec: JobSpec) -> None:
     for name, allowed in _SPEC_TYPES.items():
         value = getattr(spec, name)
-        if isinstance(value, bool) or not isinstance(value, allowed):
+        if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
             raise ValueError(f"job field {name!r} has the wrong type ({type(value).__name__})")
     if not all(isinstance(a, str) for a in [*spec.args, *spec.command]):
         raise ValueError("job arguments must be strings")
+    if not all(isinstance(ref, str) for ref in [*spec.after, *spec.after_any]):
+        raise ValueError("the jobs to run after must be named by strings")
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in spec.env.items()):
         raise ValueError("environment variables must be strings")
     if not all(isinstance(k, str) and isinstance(v, bytes) for k, v in spec.requirements.items()):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 from typing import Any, TextIO
 
+from gpudeck.arrays import compress, job_label
 from gpudeck.model import format_duration
-from gpudeck.text import counted, human_bytes, safe_output, visible, visible_data
+from gpudeck.text import counted, human_bytes, idle_note, safe_output, visible, visible_data
 
 GIB = 1 << 30
 
@@ -35,12 +36,76 @@ def jobs_table(jobs: list[dict[str, Any]], filtered: bool = False) -> str:
     if not jobs:
         return ("no jobs match: `gpudeck jobs --all` lists every job" if filtered
                 else "no jobs yet: queue one with `gpudeck submit train.py`")
-    rows = [[str(j["id"]), j["name"], j["state"], _request(j), ",".join(j["nodes"]) or "-", _runtime(j),
-             str(j["attempt"]), "-" if j["exit_code"] is None else str(j["exit_code"]), j["reason"]] for j in jobs]
-    return table(["ID", "NAME", "STATE", "ASKED", "NODES", "RUNTIME", "ATTEMPT", "EXIT", "REASON"], rows)
+    now = time.time()
+    rows = [[label, j["name"], j.get("owner") or "-", j["state"], _request(j), ",".join(j["nodes"]) or "-",
+             _runtime(j), starts_text(j.get("estimated_start"), now) if j["state"] == "pending" else "-",
+             str(j["attempt"]), "-" if j["exit_code"] is None else str(j["exit_code"]), _reason(j)]
+            for label, j in _listed(jobs)]
+    return table(["ID", "NAME", "OWNER", "STATE", "ASKED", "NODES", "RUNTIME", "STARTS", "ATTEMPT", "EXIT", "REASON"],
+                 rows)
 
 
-def how_it_ended(job_id: int, state: str, reason: str) -> str:
+def _listed(jobs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """Each job with the ID it is listed under: a task of an array as ARRAY.INDEX, and the pending
+    tasks of one array together, as squeue lists them (12.[4-31%4]), in the row of the first."""
+    pending: dict[int, list[int]] = {}
+    for job in jobs:
+        if job.get("array_job") is not None and job["state"] == "pending":
+            pending.setdefault(job["array_job"], []).append(job["array_index"])
+    listed: list[tuple[str, dict[str, Any]]] = []
+    for job in jobs:
+        array = job.get("array_job")
+        if array is None or job["state"] != "pending" or len(pending[array]) == 1:
+            listed.append((job_label(job["id"], array, job.get("array_index")), job))
+        elif pending[array][0] == job["array_index"]:
+            _, percent, throttle = job.get("array", "").partition("%")
+            listed.append((f"{array}.[{compress(pending[array])}{percent}{throttle}]", job))
+    return listed
+
+
+def starts_text(estimated_start: float | None, now: float) -> str:
+    """When a pending job is planned to start, as `squeue --start` tells it: 'in 3m20s', 'now' once
+    that time has come (the jobs it waits for are past their time limits), '-' when not planned."""
+    if estimated_start is None:
+        return "-"
+    return f"in {format_duration(estimated_start - now)}" if estimated_start - now >= 0.5 else "now"
+
+
+def _number(value: float) -> str:
+    """1 decimal at most: '10,000', '0.3', '5,000.5'."""
+    return f"{value:,.1f}".removesuffix(".0")
+
+
+def priority_text(job: dict[str, Any]) -> list[str]:
+    """A pending job's priority score as `sprio` explains it: each factor's value times its weight,
+    and their sum, which the queue is ordered by (no lines for a job without factors)."""
+    factors = job.get("priority_factors") or []
+    if not factors:
+        return []
+    cells = [(f["name"].replace("_", " "), f"{f['value']:.3f}", _number(f["weight"]), _number(f["contribution"]))
+             for f in factors]
+    widths = [max(len(row[i]) for row in cells) for i in range(4)]
+    lines = [f"  score     {_number(job['priority_score'])}, the sum of each factor's value x weight (the queue "
+             "goes highest first)"]
+    lines += [f"              {name.ljust(widths[0])}  {value} x {weight.rjust(widths[2])} = {part.rjust(widths[3])}"
+              for name, value, weight, part in cells]
+    return lines
+
+
+def _reason(job: dict[str, Any]) -> str:
+    """The job's reason, or for a running job whose GPUs all read 0 %, how long they have."""
+    return job["reason"] or idle_note(job.get("idle_since"), time.time())
+
+
+def users_table(users: list[dict[str, Any]]) -> str:
+    if not users:
+        return "no users yet: the join token's holder is the only one (add one with `gpudeck user add NAME`)"
+    rows = [[u["name"], "admin" if u["admin"] else "user", "-" if u["max_gpus"] is None else str(u["max_gpus"]),
+             time.strftime("%Y-%m-%d %H:%M", time.localtime(u["created_at"]))] for u in users]
+    return table(["NAME", "ROLE", "MAX GPUS", "ADDED"], rows)
+
+
+def how_it_ended(job_id: int | str, state: str, reason: str) -> str:
     """The closing line of a followed log: 'job 4 succeeded', 'job 4 failed: rank 1 exited with code 3',
     'job 4 was cancelled (cancelled by a user)'."""
     reason = visible(reason)
@@ -83,11 +148,20 @@ def nodes_table(data: dict[str, Any]) -> str:
 
 def job_detail(job: dict[str, Any]) -> str:
     job = visible_data(job)
-    lines = [f"job {job['id']} {job['name']}: {job['state']}" + (f" ({job['reason']})" if job["reason"] else ""),
+    label = job_label(job["id"], job.get("array_job"), job.get("array_index"))
+    lines = [f"job {label} {job['name']}: {job['state']}" + (f" ({_reason(job)})" if _reason(job) else ""),
+             f"  owner     {job.get('owner') or '-'}",
              f"  command   {' '.join(job['command'])}",
              f"  asked     {_request(job)}, priority {job['priority']}, restarts {job['restarts']}/{job['max_restarts']}",
              f"  attempt   {job['attempt']}, runtime {_runtime(job)}, exit code "
-             f"{'-' if job['exit_code'] is None else job['exit_code']}"]
+             f"{'-' if job['exit_code'] is None else job['exit_code']}", *_order_text(job)]
+    if job["state"] == "pending":
+        start = job.get("estimated_start")
+        lines.append("  starts    " + (f"{starts_text(start, time.time())}, at "
+                                       f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(start))} (planned from the "
+                                       "time limits of the jobs it waits for)" if start is not None else
+                                       "not planned: only the next job in line that cannot start gets a planned start"))
+        lines += priority_text(job)
     for place in job["placement"]:
         gpus = "GPU" if len(place["gpus"]) == 1 else "GPUs"
         lines.append(f"  node {place['node_rank']}    {place['node']} {gpus} {','.join(map(str, place['gpus']))}")
@@ -98,6 +172,75 @@ def job_detail(job: dict[str, Any]) -> str:
     if kept:
         lines.append(f"  outputs   {kept}")
     return "\n".join(lines)
+
+
+def _order_text(job: dict[str, Any]) -> list[str]:
+    """The array a job is a task of and the jobs it runs after, as lines of its detail."""
+    lines = []
+    if job.get("array_job") is not None:
+        lines.append(f"  array     task {job['array_index']} of array {job['array_job']} (--array {job['array']})")
+    if job.get("after"):
+        lines.append(f"  after     {', '.join(job['after'])} succeeded (--after)")
+    if job.get("after_any"):
+        lines.append(f"  after     {', '.join(job['after_any'])} ended, however they ended (--after-any)")
+    return lines
+
+
+USAGE_JOBS_SHOWN = 20  # jobs `gpudeck usage` lists (--json: up to MAX_USAGE_JOBS)
+
+
+def energy_text(joules: float | None, simulated: bool) -> str:
+    """Energy in watt-hours or kilowatt-hours ('n/a' where the GPUs report none), marked SIM when
+    any of it comes from simulated GPUs."""
+    if joules is None:
+        return "n/a"
+    watt_hours = joules / 3600
+    shown = f"{watt_hours / 1000:.1f} kWh" if watt_hours >= 1000 else f"{watt_hours:.1f} Wh"
+    return f"{shown} SIM" if simulated else shown
+
+
+def _wait(seconds: float | None) -> str:
+    return "-" if seconds is None else format_duration(seconds)
+
+
+def gpu_hours_text(hours: float) -> str:
+    """GPU-hours to two decimals; a little that would print as 0.00 reads <0.01."""
+    return "<0.01" if 0 < hours < 0.005 else f"{hours:.2f}"
+
+
+def usage_report(data: dict[str, Any]) -> str:
+    """`gpudeck usage`: the totals in a sentence, a row per user, then the jobs that held the most."""
+    data = visible_data(data)
+    since = ("since " + time.strftime("%Y-%m-%d %H:%M", time.localtime(data["since"]))
+             if data["since"] is not None else "ever")
+    if not data["jobs"]:
+        whose = f" of {data['user'] or '-'}'s" if data["user"] is not None else ""
+        return f"nothing to count: no job{whose} held GPUs {since}"
+    energy = energy_text(data["energy_j"], data["energy_simulated"])
+    whose = f"{data['user'] or '-'}: " if data["user"] is not None else ""
+    headline = (f"{whose}{gpu_hours_text(data['gpu_hours'])} GPU-hours in {counted(data['jobs'], 'job')} {since}, "
+                f"mean wait {_wait(data['mean_wait_s'])}, energy {energy}"
+                + (" (SIM: counted from simulated GPUs, not measured)" if data["energy_simulated"] else ""))
+    return "\n".join([headline, "", _usage_users(data["users"]), "", _usage_jobs(data)])
+
+
+def _usage_users(users: list[dict[str, Any]]) -> str:
+    return table(["USER", "GPU-HOURS", "SHARE", "JOBS", "MEAN WAIT", "ENERGY"], [
+        [u["user"] or "-", gpu_hours_text(u["gpu_hours"]), f"{u['share']:.0%}", str(u["jobs"]),
+         _wait(u["mean_wait_s"]), energy_text(u["energy_j"], u["energy_simulated"])] for u in users])
+
+
+def _usage_jobs(data: dict[str, Any]) -> str:
+    """The jobs that held the most, and a line saying how many more there are."""
+    jobs = data["by_job"][:USAGE_JOBS_SHOWN]
+    text = table(["JOB", "NAME", "OWNER", "STATE", "GPUS", "GPU-HOURS", "WAIT", "ENERGY"], [
+        [str(j["id"]), j["name"], j["owner"] or "-", j["state"], str(j["gpus"]), gpu_hours_text(j["gpu_hours"]),
+         _wait(j["wait_s"]), energy_text(j["energy_j"], j["energy_simulated"])] for j in jobs])
+    more = data["jobs"] - len(jobs)
+    if more:
+        text += (f"\n... and {counted(more, 'more job')} that held less: `gpudeck usage --json` lists the "
+                 f"{len(data['by_job'])} that held the most")
+    return text
 
 
 def outputs_text(job: dict[str, Any], most: int = 5) -> str:

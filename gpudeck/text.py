@@ -97,3 +97,19 @@ def human_bytes(count: float, suffix: str = "B") -> str:
 def rate(bytes_per_second: float) -> str:
     """A transfer rate: '1015 KiB/s'."""
     return human_bytes(bytes_per_second, "B/s")
+
+
+def spoken_duration(seconds: float) -> str:
+    """How long, as a person says it, whole units down: '40 s', '25 min', '2 h', '2 h 5 min'."""
+    whole = max(0, int(seconds))
+    if whole < 60:
+        return f"{whole} s"
+    hours, minutes = divmod(whole // 60, 60)
+    if not hours:
+        return f"{minutes} min"
+    return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+
+
+def idle_note(idle_since: float | None, now: float) -> str:
+    """What `jobs` and the dashboard say of a running job whose GPUs are all at 0 % ('' when not)."""
+    return f"idle {spoken_duration(now - idle_since)}: its GPUs are at 0 %" if idle_since is not None else ""

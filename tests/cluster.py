@@ -103,8 +103,10 @@ class Cluster:
         self.spawn(name, "agent", "--coordinator", f"127.0.0.1:{self.port}", "--token", self.token, "--name", name,
                    "--simulate-gpus", str(gpus), "--no-mdns", "--state-dir", str(self.root / name), *warm, *extra)
 
-    def cli(self, *args: str, check: bool = True, client: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        flags = ["--coordinator", f"127.0.0.1:{self.port}", "--token", self.token] if client else []
+    def cli(self, *args: str, check: bool = True, client: bool = True, timeout: float = 60,
+            token: str | None = None) -> subprocess.CompletedProcess[str]:
+        """gpudeck as a client of this cluster, with the join token or a user's `token`."""
+        flags = ["--coordinator", f"127.0.0.1:{self.port}", "--token", token or self.token] if client else []
         result = subprocess.run([sys.executable, "-m", "gpudeck", *args, *flags], capture_output=True, text=True,
                                 env=self.env, cwd=self.root, timeout=timeout)
         if check and result.returncode != 0:
@@ -146,10 +148,11 @@ class Cluster:
     def submit(self, *args: str) -> int:
         return self.submit_json(*args)["id"]
 
-    def submit_json(self, *args: str, cwd: Path | None = None) -> dict[str, Any]:
-        """Submit from `cwd` (default: the cluster's root) and return the job as `submit --json`
-        prints it; client flags go before the script so they are not taken as its arguments."""
-        flags = ["--coordinator", f"127.0.0.1:{self.port}", "--token", self.token]
+    def submit_json(self, *args: str, cwd: Path | None = None, token: str | None = None) -> dict[str, Any]:
+        """Submit from `cwd` (default: the cluster's root), with the join token or a user's `token`,
+        and return the job as `submit --json` prints it; client flags go before the script so they
+        are not taken as its arguments."""
+        flags = ["--coordinator", f"127.0.0.1:{self.port}", "--token", token or self.token]
         result = subprocess.run([sys.executable, "-m", "gpudeck", "submit", "--json", *flags, *args],
                                 capture_output=True, text=True, env=self.env, cwd=cwd or self.root, timeout=60)
         if result.returncode != 0:

@@ -72,7 +72,7 @@ def test_wrong_token_is_refused_and_creates_nothing(cluster: Cluster):
     right_pin_wrong_secret = cluster.token.rsplit(".", 1)[0] + "." + "B" * 43
     submit = cluster.cli("submit", "--coordinator", f"127.0.0.1:{cluster.port}", "--token", right_pin_wrong_secret,
                          str(SCRIPTS / "ddp_linear.py"), check=False, client=False)
-    assert submit.returncode == 1 and "join token is wrong" in submit.stderr
+    assert submit.returncode == 1 and "the token is wrong" in submit.stderr
     assert "does not match the join token" in cluster.cli("jobs", "--coordinator", f"127.0.0.1:{cluster.port}",
                                                           "--token", wrong, check=False, client=False).stderr
     cluster.spawn("intruder", "agent", "--coordinator", f"127.0.0.1:{cluster.port}", "--token",

@@ -7,7 +7,11 @@ pynvml that raises the real pynvml exception classes; everything else uses the r
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 from dataclasses import fields
 from types import SimpleNamespace
 from typing import Any
@@ -38,6 +42,7 @@ WIRE_FIELDS = {
     "power",
     "power_limit",
     "processes",
+    "energy_mj",
 }
 MISSING_PID = 99_999_999  # above any Linux pid_max, so /proc has no entry for it
 
@@ -101,6 +106,72 @@ def test_simulated_processes_follow_assign_and_release() -> None:
     history = read_many(backend, 40)
     assert all(r.processes == () and r.utilization == 0 for (r,) in history)
     assert history[-1][0].temperature <= 37 and history[-1][0].power <= 65
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _child_of(parent: int) -> int | None:
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1]) == parent:
+                return int(entry)
+        except OSError:
+            continue
+    return None
+
+
+def _wait(predicate: Any, what: str, timeout: float = 30) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_simulated_gpu_follows_the_cpu_use_of_its_job() -> None:
+    """A job that sleeps holds its GPU at 0 % (its memory still held); one whose child computes is busy."""
+    clock = Clock()
+    backend = SimulatedBackend(2, seed=4, clock=clock, cpu_interval=5.0)
+    sleeper = subprocess.Popen(["sleep", "600"])
+    spinner = subprocess.Popen(["/bin/sh", "-c", f"{sys.executable} -c 'while True: pass'; :"])
+    child = None
+    try:
+        backend.assign(0, [sleeper.pid])
+        backend.assign(1, [spinner.pid])
+        child = _wait(lambda: _child_of(spinner.pid), "the shell's child")
+        first = backend.read()
+        assert all(60 <= r.utilization <= 100 for r in first), "not measured yet: busy, as before"
+        _wait(lambda: _cpu_seconds(child) >= 0.5, "the child to compute for half a second")
+        clock.now += 5.0
+        idle, busy = backend.read()
+        assert idle.utilization == 0 and 17 * GIB < idle.memory_used < 19 * GIB
+        assert [p.pid for p in idle.processes] == [sleeper.pid]
+        assert 60 <= busy.utilization <= 100, "the shell's child computes"
+        clock.now += 1.0
+        assert backend.read()[0].utilization == 0, "between measurements the last one holds"
+    finally:
+        if child is not None:
+            os.kill(child, signal.SIGKILL)
+        for process in (sleeper, spinner):
+            process.kill()
+            process.wait()
+
+
+def test_a_simulated_energy_counter_grows_by_power_over_time() -> None:
+    clock = Clock()
+    backend = SimulatedBackend(1, seed=6, clock=clock)
+    (start,) = backend.read()
+    assert start.energy_mj == 0
+    clock.now += 10.0
+    (later,) = backend.read()
+    assert 55 * 10 * 1000 <= later.energy_mj <= 65 * 10 * 1000, "about 60 W idle for 10 s"
+    (again,) = backend.read()
+    assert again.energy_mj == later.energy_mj, "no time passed, no energy"
 
 
 def test_simulated_assign_rejects_unknown_gpu() -> None:
@@ -247,6 +318,9 @@ class FakeNvml:
     def nvmlDeviceGetEnforcedPowerLimit(self, handle: int) -> int:
         return self._metric(handle, "power_limit")
 
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle: int) -> int:
+        return self._metric(handle, "energy")
+
     def nvmlDeviceGetComputeRunningProcesses(self, handle: int) -> list[Any]:
         self._count("processes")
         return self._metric(handle, "compute")
@@ -273,6 +347,7 @@ def healthy_gpu(**overrides: Any) -> dict[str, Any]:
         "temperature": 61,
         "power": 412_345,
         "power_limit": 700_000,
+        "energy": 9_876_543_210,
         "compute": [],
         "graphics": [],
     }
@@ -302,6 +377,7 @@ def test_nvml_reads_every_metric_and_converts_units() -> None:
         power=412.345,
         power_limit=700.0,
         processes=(),
+        energy_mj=9_876_543_210,
     )
 
 
@@ -312,6 +388,7 @@ def test_nvml_unsupported_metrics_become_none() -> None:
                 power=pynvml.NVMLError_NotSupported(),
                 temperature=pynvml.NVMLError_NotSupported(),
                 utilization=pynvml.NVMLError_NoPermission(),
+                energy=pynvml.NVMLError_NotSupported(),
             ),
             healthy_gpu(
                 memory=pynvml.NVMLError_GpuIsLost(), power_limit=pynvml.NVMLError_Unknown()
@@ -319,7 +396,7 @@ def test_nvml_unsupported_metrics_become_none() -> None:
         ]
     )
     first, second = NvmlBackend(nvml=fake).read()
-    assert (first.power, first.temperature, first.utilization) == (None, None, None)
+    assert (first.power, first.temperature, first.utilization, first.energy_mj) == (None, None, None, None)
     assert first.memory_used == 10 * GIB and first.power_limit == 700.0
     assert (second.memory_total, second.memory_used, second.power_limit) == (None, None, None)
     assert second.utilization == 87 and second.temperature == 61 and second.power == 412.345

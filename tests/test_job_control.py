@@ -344,14 +344,74 @@ def test_a_pass_with_nothing_freed_schedules_only_new_jobs_and_reasons_stay_true
     assert deck.control.schedule() == "full"
     big = deck.submit(gpus=2)
     assert deck.control.schedule() == "full", "the first placement took a GPU"
-    assert deck.job(big).reason == "needs 2 GPUs; 1 is free on 1 node (node-a 1)"
+    assert deck.job(big).reason == ("needs 2 GPUs; 1 is free on 1 node (node-a 1); it is next in line and starts "
+                                    "when job 1 ends")
     assert deck.control.schedule() == "none"
-    small = deck.submit(gpus=1)
+    unbounded = deck.submit(gpus=1)
     assert deck.control.schedule() == "new jobs"
-    assert deck.job(small).state is JobState.STARTING, "a new job that fits starts without a full pass"
+    assert deck.job(unbounded).state is JobState.PENDING, "with no time limit it could delay the reserved job"
+    assert deck.job(unbounded).reason.startswith(f"waits for job {big}, which is next in line")
+    small = deck.submit(gpus=1, time_limit=60)
+    assert deck.control.schedule() == "new jobs"
+    assert deck.job(small).state is JobState.STARTING, "a new job that ends before the reservation starts at once"
     assert deck.control.schedule() == "full", "its placement took a GPU: every reason is due again"
-    assert deck.job(big).reason == "needs 2 GPUs; none are free"
+    assert deck.job(big).reason == f"needs 2 GPUs; none are free; it is next in line and starts when jobs 1 and {small} end"
     deck.start_all(first)
     deck.control.exited("node-a", first, 1, 0, "")
     assert deck.control.schedule() == "full", "a GPU was freed"
-    assert deck.job(big).reason == "needs 2 GPUs; 1 is free on 1 node (node-a 1)"
+    assert deck.job(big).reason == (f"needs 2 GPUs; 1 is free on 1 node (node-a 1); it is next in line and starts "
+                                    f"when job {small} ends")
+
+
+# --- dependencies and arrays (the gate's policy: test_dependencies) ------------------------------------
+
+
+def test_a_pending_dependency_cancelled_fails_the_chain_waiting_for_it_on_the_next_pass(tmp_path: Path):
+    deck = Deck(tmp_path / "gpudeck.db", {"node-a": 1})
+    running = deck.submit(gpus=1)
+    deck.submit(gpus=1)  # next in line: the GPU is reserved for it, not for the job that is cancelled
+    held = deck.submit(gpus=1)
+    waits = deck.submit(gpus=1, after=[str(held)])
+    then = deck.submit(gpus=1, after=[str(waits)])
+    deck.control.schedule()
+    assert deck.job(running).state is JobState.STARTING and deck.job(waits).reason == f"waits for job {held} to succeed"
+    deck.control.schedule()  # the pass after a placement is a full one
+    assert deck.control.schedule() == "none", "nothing changed since"
+    deck.control.cancel(held)  # frees no GPU: nothing else tells the next pass to look at the waiting jobs
+    deck.control.schedule()
+    assert (deck.job(waits).state, deck.job(waits).reason) == (
+        JobState.FAILED, f"job {held} was cancelled, and this job was to run after it succeeded")
+    assert (deck.job(then).state, deck.job(then).reason) == (
+        JobState.FAILED, f"job {waits} failed, and this job was to run after it succeeded"), "in the same pass"
+
+
+def test_array_tasks_launch_with_their_index_one_at_a_time_under_a_throttle_of_one(deck: Deck):
+    array = deck.submit(gpus=1, array="3,5-6%1")
+    assert [(row.array_job, row.array_index) for row in deck.store.jobs()] == [(array, 3), (array, 5), (array, 6)]
+    for index in (3, 5, 6):
+        deck.control.schedule()
+        (node, launch), = deck.taken(Launch)
+        assert (launch.array_job, launch.array_index) == (array, index)
+        task = deck.store.task(array, index)
+        deck.start_all(task.id)
+        deck.control.schedule()
+        assert deck.taken(Launch) == [], "the throttle holds the others back while one runs"
+        deck.control.exited(node, task.id, 1, 0, "")
+    assert {row.state for row in deck.store.jobs()} == {JobState.SUCCEEDED}
+
+
+def test_after_an_arrays_id_waits_for_every_task_and_after_a_task_for_that_one(deck: Deck):
+    array = deck.submit(gpus=1, array="0-1")
+    whole = deck.submit(gpus=1, after=[str(array)])
+    first = deck.submit(gpus=1, after=[f"{array}.0"])
+    deck.control.schedule()
+    assert deck.job(whole).reason == f"waits for array {array} to succeed"
+    assert deck.job(first).reason == f"waits for job {array}.0 to succeed"
+    for index, code in ((0, 0), (1, 3)):
+        task = deck.store.task(array, index)
+        deck.start_all(task.id)
+        deck.control.exited(task.hosts[0][0], task.id, 1, code, "rank 0 exited with code 3" if code else "")
+    deck.control.schedule()
+    assert (deck.job(whole).state, deck.job(whole).reason) == (
+        JobState.FAILED, f"array {array} had 1 failed task, and this job was to run after it succeeded")
+    assert deck.job(first).state is JobState.STARTING, "task 0 alone succeeded, and that was all it waited for"

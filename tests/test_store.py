@@ -90,3 +90,33 @@ def test_nodes_keep_their_join_time(tmp_path):
     store.upsert_node("a", "host-a", "10.0.0.2", True, [{"index": 0}], 9.0)
     node = store.node("a")
     assert (node.joined_at, node.last_seen, node.address, node.state) == (5.0, 9.0, "10.0.0.2", NodeState.UP)
+
+
+def test_an_array_is_one_row_per_task_stored_at_once_with_one_copy_of_the_script(tmp_path):
+    store = Store(tmp_path / "g.db")
+    single = store.add_job(_spec(), 1.0, "ada")
+    array = store.add_array(_spec(array="0,3,5"), 1.0, "ada", [0, 3, 5])
+    tasks = [row for row in store.jobs() if row.array_job == array]
+    assert [(row.id, row.array_index) for row in tasks] == [(array, 0), (array + 1, 3), (array + 2, 5)]
+    assert store.script(array + 2) == b"print()\n"
+    assert store.db.conn.execute("SELECT count(*) FROM jobs WHERE script IS NOT NULL").fetchone()[0] == 2
+    assert store.task(array, 3).id == array + 1 and store.task(array, 1) is None
+    store.transition_all([array, array + 1], JobState.CANCELLED, ended_at=2.0)
+    assert store.states_of([single, array, array + 1, 99]) == {
+        single: ("pending", {}), array: ("cancelled", {"cancelled": 2, "pending": 1}), array + 1: ("cancelled", {})}
+    assert [row.id for row in store.unfinished_tasks(array)] == [array + 2]
+
+
+def test_a_state_dir_from_before_arrays_keeps_its_jobs(tmp_path):
+    path = tmp_path / "g.db"
+    old = sqlite3.connect(path)
+    old.execute("CREATE TABLE jobs (id INTEGER PRIMARY KEY, name TEXT NOT NULL, spec TEXT NOT NULL, script BLOB, "
+                "state TEXT NOT NULL, reason TEXT, priority INTEGER, submitted_at FLOAT NOT NULL, started_at FLOAT, "
+                "ended_at FLOAT, attempt INTEGER, exit_code INTEGER, restarts INTEGER, requeued_because TEXT)")
+    old.execute("INSERT INTO jobs (name, spec, script, state, submitted_at, attempt, restarts) VALUES "
+                "('t', '{\"name\": \"t\", \"gpus\": 1, \"workload\": \"pipeline\"}', NULL, 'pending', 1.0, 0, 0)")
+    old.commit()
+    old.close()
+    row = Store(path).job(1)
+    assert (row.state, row.array_job, row.array_index, row.spec.after, row.spec.array) == (
+        JobState.PENDING, None, None, [], "")

@@ -24,25 +24,28 @@ from textual.widgets import Footer, TabbedContent, TabPane
 from textual.worker import Worker
 
 from gpudeck import config
+from gpudeck.arrays import job_label
 from gpudeck.model import WORKLOADS
 from gpudeck.protocol.session import Refused
 from gpudeck.text import counted, visible
 from gpudeck.tui.client import Changed, Connected, CoordinatorLink, Link, Lost, NotConnected, NotFound
 from gpudeck.tui.login import LoginScreen, TokenCheck
-from gpudeck.tui.model import ACTIVE_STATES, FINISHED_STATES, Changes, Cluster
+from gpudeck.tui.model import ACTIVE_STATES, FINISHED_STATES, USAGE_WINDOWS, Changes, Cluster
 from gpudeck.tui.screens import ConfirmScreen, HelpScreen, JobScreen, NotFoundScreen, SubmitScreen
 from gpudeck.tui.spec import Form
 from gpudeck.tui.table import DeckTable
-from gpudeck.tui.views import Banner, DeckHeader, FilteredView, JobsView, NodesView, TrafficView
+from gpudeck.tui.views import Banner, DeckHeader, FilteredView, JobsView, NodesView, PeopleView, TrafficView
 
 KEYMAP_FILE = "keymap.json"
-VIEWS = ("nodes", "jobs", "traffic")
+VIEWS = ("nodes", "jobs", "traffic", "people")
+USAGE_EVERY = 30.0  # seconds between asks for the people view's usage figures
 
 # (action, title, help) for the command palette; the same actions as the key bindings.
 COMMANDS = [
     ("view('nodes')", "Show nodes", "Nodes and their GPUs (1)"),
     ("view('jobs')", "Show jobs", "The queue and history (2)"),
     ("view('traffic')", "Show traffic", "Every running job's parameter-sync traffic (3)"),
+    ("view('people')", "Show people", "Each user's GPUs, queue, share and recent usage (4)"),
     ("submit", "Submit a job", "Open the submit form (s)"),
     ("cancel_job", "Cancel the selected job", "Stop it and all its ranks, after confirming (c)"),
     ("open_job", "Open the selected job", "Its ranks, traffic and logs (enter)"),
@@ -50,6 +53,7 @@ COMMANDS = [
     ("drain", "Drain or resume the selected node", "Stop or restart placing new jobs on it (d)"),
     ("expand_all", "Expand or collapse all nodes", "Show or hide every node's GPUs (e)"),
     ("filter", "Filter this view", "Show only rows matching some words (/)"),
+    ("mine", "Only my jobs, or everyone's", "Jobs: show only the jobs submitted with your token, or all (m)"),
     ("help", "Help", "Keys, what the views show, how traffic is derived (?)"),
 ]
 
@@ -67,6 +71,8 @@ class GpudeckApp(App[int]):
         Binding("2", "view('jobs')", "Jobs", id="gpudeck.jobs", show=False, tooltip="view: the queue and history"),
         Binding("3", "view('traffic')", "Traffic", id="gpudeck.traffic", show=False,
                 tooltip="view: every running job's parameter-sync traffic"),
+        Binding("4", "view('people')", "People", id="gpudeck.people", show=False,
+                tooltip="view: each user's GPUs, queue, share and recent usage"),
         Binding("s", "submit", "Submit", id="gpudeck.submit", tooltip="submit a job (a form)"),
         Binding("c", "cancel_job", "Cancel", id="gpudeck.cancel", tooltip="cancel the selected job, after asking"),
         Binding("l", "logs", "Logs", id="gpudeck.logs", tooltip="the selected job's logs, live, per rank"),
@@ -74,6 +80,7 @@ class GpudeckApp(App[int]):
                 tooltip="drain the selected node (no new jobs there), or resume it"),
         Binding("e", "expand_all", "Expand", id="gpudeck.expand_all", tooltip="nodes: show or hide every node's GPUs"),
         Binding("slash", "filter", "Filter", id="gpudeck.filter", tooltip="show only the rows matching some words"),
+        Binding("m", "mine", "Mine", id="gpudeck.mine", tooltip="jobs: only yours, or everyone's again"),
         Binding("question_mark", "help", "Help", id="gpudeck.help", tooltip="this help"),
         Binding("q", "quit", "Quit", id="gpudeck.quit", tooltip="quit the dashboard"),
     ]
@@ -81,10 +88,11 @@ class GpudeckApp(App[int]):
     def __init__(self, link: Link, keymap_path: Path | None = None, wall: Callable[[], float] = time.time,
                  mono: Callable[[], float] = time.monotonic, tick: float = 1.0, cwd: str | None = None,
                  workloads: dict[str, str] | None = None, local_node: str | None = None,
-                 token_check: TokenCheck | None = None) -> None:
+                 token_check: TokenCheck | None = None, usage_every: float = USAGE_EVERY) -> None:
         """`local_node`: the agent `gpudeck up` runs beside this dashboard, whose coordinator and agent
         stop when it quits. `token_check`: ask for the token on a prompt first, and connect only once
-        this has accepted the typed one (`gpudeck web`)."""
+        this has accepted the typed one (`gpudeck web`). `usage_every`: seconds between asks for the
+        people view's usage figures (0: only when connecting)."""
         super().__init__()
         self.token_check = token_check
         self.local_node = local_node
@@ -93,6 +101,7 @@ class GpudeckApp(App[int]):
         self.cluster = Cluster(wall, mono)
         self.keymap_path = keymap_path if keymap_path is not None else config.data_dir() / KEYMAP_FILE
         self.tick_every = tick
+        self.usage_every = usage_every
         self.cwd = cwd
         self.where = ""
         self.last_form: Form | None = None
@@ -104,6 +113,7 @@ class GpudeckApp(App[int]):
         self.nodes_view = NodesView(self.cluster, id="nodes-view", local_node=local_node)
         self.jobs_view = JobsView(self.cluster, id="jobs-view")
         self.traffic_view = TrafficView(self.cluster, id="traffic-view")
+        self.people_view = PeopleView(self.cluster, id="people-view")
         theme = os.environ.get("GPUDECK_THEME")
         if theme and theme in self.available_themes:
             self.theme = theme
@@ -120,6 +130,8 @@ class GpudeckApp(App[int]):
                 yield self.jobs_view
             with TabPane("3 Traffic", id="traffic"):
                 yield self.traffic_view
+            with TabPane("4 People", id="people"):
+                yield self.people_view
         yield Footer()
 
     def on_mount(self) -> None:
@@ -132,6 +144,8 @@ class GpudeckApp(App[int]):
             self.push_screen(LoginScreen(self.token_check), lambda _token: self.restart_link())
         if self.tick_every:
             self.set_interval(self.tick_every, self._tick)
+        if self.usage_every:
+            self.set_interval(self.usage_every, self.refresh_usage)
         self.nodes_view.table.focus()
 
     def _load_keymap(self) -> None:
@@ -167,9 +181,27 @@ class GpudeckApp(App[int]):
                 # Data this version does not understand: say so and keep the dashboard up.
                 logging.getLogger(__name__).exception("could not apply %s", type(event).__name__)
                 self.notify(f"ignored an update this dashboard cannot read: {exc!r}", severity="error", markup=False)
-            if self._changes and not self._posted:
-                self._posted = True
-                self.post_message(ModelChanged())
+            self._post_changes()
+
+    def _post_changes(self) -> None:
+        """Ask for one repaint of what changed, unless one is already asked for."""
+        if self._changes and not self._posted:
+            self._posted = True
+            self.post_message(ModelChanged())
+
+    def refresh_usage(self) -> None:
+        self.run_worker(self._fetch_usage(), name="usage", group="usage", exclusive=True)
+
+    async def _fetch_usage(self) -> None:
+        """The people view's usage figures, one ask per window; kept as they were when the coordinator
+        cannot answer (the banner already says when it is lost)."""
+        now = self.cluster.now()
+        try:
+            views = {name: await self.link.usage(now - seconds) for name, seconds in USAGE_WINDOWS.items()}
+        except (Refused, NotConnected, ConnectionError, OSError, TimeoutError):
+            return
+        self._changes.merge(self.cluster.set_usage(views))
+        self._post_changes()
 
     def _on_link_event(self, event: object) -> None:
         if isinstance(event, Changed):
@@ -178,6 +210,7 @@ class GpudeckApp(App[int]):
         elif isinstance(event, Connected):
             self._changes.merge(self.cluster.reset(event.snapshot))
             self._connected(event)
+            self.refresh_usage()
         elif isinstance(event, Lost):
             self._changes.merge(self.cluster.disconnected())
             self._lost(event)
@@ -186,6 +219,8 @@ class GpudeckApp(App[int]):
 
     def _connected(self, event: Connected) -> None:
         self.where = visible(event.where)  # it may name a node from an mDNS advert
+        self.jobs_view.me = event.user
+        self.jobs_view.rebuild()
         for banner in self.banners():
             banner.remove_class("-shown")
         if self.lost is not None:
@@ -221,7 +256,7 @@ class GpudeckApp(App[int]):
 
     def on_model_changed(self, message: ModelChanged) -> None:
         changes, self._changes, self._posted = self._changes, Changes(), False
-        for view in (self.nodes_view, self.jobs_view, self.traffic_view):
+        for view in (self.nodes_view, self.jobs_view, self.traffic_view, self.people_view):
             view.model_changed(changes)
         for screen in self.screen_stack:
             if isinstance(screen, JobScreen):
@@ -272,8 +307,9 @@ class GpudeckApp(App[int]):
             return "nodes"
 
     @property
-    def active_view(self) -> NodesView | JobsView | TrafficView | None:
-        return {"nodes": self.nodes_view, "jobs": self.jobs_view, "traffic": self.traffic_view}.get(self.active_tab)
+    def active_view(self) -> NodesView | JobsView | TrafficView | PeopleView | None:
+        return {"nodes": self.nodes_view, "jobs": self.jobs_view, "traffic": self.traffic_view,
+                "people": self.people_view}.get(self.active_tab)
 
     def selected_job(self, screen: Screen | None = None) -> dict[str, Any] | None:
         screen = screen or self.screen
@@ -317,13 +353,15 @@ class GpudeckApp(App[int]):
             return main and self.active_tab in ("nodes", "jobs")
         if action == "expand_all":
             return main and self.active_tab == "nodes"
+        if action == "mine":
+            return main and self.active_tab == "jobs" and bool(self.jobs_view.me)
         return True
 
     def refresh_bindings_soon(self) -> None:
         """Refresh the footer only when the set of keys that apply changed (it is not free)."""
         if not self.screen_stack:  # shutting down
             return
-        state = (tuple(self.check_action(a, ()) for a in ("cancel_job", "logs", "drain", "filter", "expand_all")),
+        state = (tuple(self.check_action(a, ()) for a in ("cancel_job", "logs", "drain", "filter", "expand_all", "mine")),
                  self.active_tab, len(self.screen_stack))
         if state != self._binding_state:
             self._binding_state = state
@@ -389,12 +427,17 @@ class GpudeckApp(App[int]):
         where = f" on {', '.join(job['nodes'])}" if job.get("nodes") else ""
         detail = (f"It is {job['state']}{where}; every rank will be stopped." if job["state"] in ACTIVE_STATES
                   else "It is still waiting; it will not start.")
-        self.push_screen(ConfirmScreen(f"Cancel job {job['id']} {job['name']}?", detail, "Cancel the job",
-                                       "Keep the job"), partial(self._cancel_confirmed, job["id"]))
+        label = job_label(job["id"], job.get("array_job"), job.get("array_index"))
+        self.push_screen(ConfirmScreen(f"Cancel job {label} {job['name']}?", detail, "Cancel the job",
+                                       "Keep the job"), partial(self._cancel_confirmed, job))
 
-    def _cancel_confirmed(self, job_id: int, yes: bool | None) -> None:
+    def _cancel_confirmed(self, job: dict[str, Any], yes: bool | None) -> None:
+        """Cancel the selected job: of an array, that one task (its row), never the whole array."""
         if yes:
-            self.run_worker(self._request(self.link.cancel(job_id), f"job {job_id} cancelled"), group="requests")
+            label = job_label(job["id"], job.get("array_job"), job.get("array_index"))
+            cancel = (self.link.cancel(job["array_job"], job["array_index"]) if job.get("array_job") is not None
+                      else self.link.cancel(job["id"]))
+            self.run_worker(self._request(cancel, f"job {label} cancelled"), group="requests")
 
     def action_drain(self) -> None:
         name = self.selected_node()
@@ -454,6 +497,9 @@ class GpudeckApp(App[int]):
         if isinstance(view, FilteredView):
             view.show_filter()
 
+    def action_mine(self) -> None:
+        self.jobs_view.mine_only = not self.jobs_view.mine_only
+
     def action_expand_all(self) -> None:
         self.nodes_view.toggle_all()
 
@@ -497,7 +543,7 @@ MOVING_KEYS = [
     ("ctrl+p", "command palette: every action, and the theme", ""),
 ]
 
-_OWN_ACTIONS = {"view", "submit", "cancel_job", "logs", "open_job", "drain", "expand_all", "filter", "help"}
+_OWN_ACTIONS = {"view", "submit", "cancel_job", "logs", "open_job", "drain", "expand_all", "filter", "mine", "help"}
 
 
 @contextmanager

@@ -25,8 +25,8 @@ from gpudeck.client import NoCoordinator, connect, find_endpoints
 from gpudeck.config import Endpoint
 from gpudeck.model import JobSpec
 from gpudeck.protocol import auth
-from gpudeck.protocol.messages import Cancel, Drain, ListNodes, ReadLogs, Submit, Watch
-from gpudeck.protocol.payloads import JobView
+from gpudeck.protocol.messages import Cancel, Drain, ListNodes, ReadLogs, Submit, Usage, Watch
+from gpudeck.protocol.payloads import JobView, UsageView
 from gpudeck.protocol.session import ClientSession, Refused
 
 BACKOFF = (0.5, 1.0, 2.0, 3.0, 5.0)
@@ -48,6 +48,7 @@ class NotFound:
 class Connected:
     where: str
     snapshot: dict[str, Any]
+    user: str = ""  # who the token proved this dashboard to be
 
 
 @dataclass(frozen=True)
@@ -76,11 +77,13 @@ class Link(Protocol):
 
     async def submit(self, spec: JobSpec) -> dict[str, Any]: ...
 
-    async def cancel(self, job: int) -> dict[str, Any]: ...
+    async def cancel(self, job: int, index: int | None = None) -> dict[str, Any]: ...
 
     async def drain(self, node: str, on: bool) -> dict[str, Any]: ...
 
     async def read_logs(self, job: int, attempt: int | None, offsets: dict[str, int]) -> dict[str, Any]: ...
+
+    async def usage(self, since: float) -> dict[str, Any]: ...
 
 
 # --- the real thing -----------------------------------------------------------------------------------
@@ -131,7 +134,7 @@ class CoordinatorLink:
                         f" ({match[0].how})" if match else "")
                     failures = 0
                     connected_once = True
-                    yield Connected(self.where, snapshot)
+                    yield Connected(self.where, snapshot, session.welcome.user if session.welcome else "")
                     async for batch in self._updates(session):
                         yield Changed(batch)
             except (NoCoordinator, auth.TokenError, auth.PinMismatch, ValueError) as exc:
@@ -176,14 +179,19 @@ class CoordinatorLink:
     async def submit(self, spec: JobSpec) -> dict[str, Any]:
         return await self._request(Submit, spec=spec.to_wire())
 
-    async def cancel(self, job: int) -> dict[str, Any]:
-        return await self._request(Cancel, job=job)
+    async def cancel(self, job: int, index: int | None = None) -> dict[str, Any]:
+        """Cancel a job; with `index`, only that task of the array `job` (its id alone cancels it all)."""
+        return await self._request(Cancel, job=job, index=index)
 
     async def drain(self, node: str, on: bool) -> dict[str, Any]:
         return await self._request(Drain, node=node, on=on)
 
     async def read_logs(self, job: int, attempt: int | None, offsets: dict[str, int]) -> dict[str, Any]:
         return await self._request(ReadLogs, job=job, attempt=attempt, rank=None, offsets=offsets)
+
+    async def usage(self, since: float) -> dict[str, Any]:
+        """Everyone's GPU time from `since` to now (a `UsageView`)."""
+        return await self._request(Usage, since=since)
 
 
 # --- recorded data ---------------------------------------------------------------------------------
@@ -192,15 +200,19 @@ class CoordinatorLink:
 class RecordedLink:
     """Replays a snapshot and then `updates` every `interval` seconds, with no network: for snapshot
     tests (deterministic screens) and benchmarks. Submit, cancel and drain change the recorded jobs
-    and nodes as a coordinator would, minus scheduling. `not_found` replays a failed search instead."""
+    and nodes as a coordinator would, minus scheduling. `usage` holds recorded usage views; a request
+    gets the one whose window starts nearest the time asked for. `not_found` replays a failed search
+    instead."""
 
     def __init__(self, snapshot: dict[str, Any] | None = None, updates: list[dict[str, Any]] | None = None,
                  interval: float = 1.0, logs: dict[int, dict[str, bytes]] | None = None,
-                 not_found: str | None = None, where: str = "recorded data") -> None:
+                 not_found: str | None = None, where: str = "recorded data",
+                 usage: list[dict[str, Any]] | None = None) -> None:
         self.snapshot = copy.deepcopy(snapshot or {"time": 0.0, "nodes": [], "unjoined": [], "jobs": []})
         self.updates = list(updates or [])
         self.interval = interval
         self.logs = logs or {}
+        self.recorded_usage = list(usage or [])
         self.not_found = not_found
         self.where = where
         self.sent: list[JobSpec] = []
@@ -237,8 +249,9 @@ class RecordedLink:
         self.snapshot["jobs"].append(job)
         return copy.deepcopy(job)
 
-    async def cancel(self, job: int) -> dict[str, Any]:
-        item = self._job(job)
+    async def cancel(self, job: int, index: int | None = None) -> dict[str, Any]:
+        item = self._job(job) if index is None else next(
+            j for j in self.snapshot["jobs"] if (j.get("array_job"), j.get("array_index")) == (job, index))
         if item["state"] in ("succeeded", "failed", "cancelled"):
             raise Refused(f"job {job} already finished ({item['state']})")
         item.update(state="cancelled", reason="cancelled by a user", ended_at=self.snapshot["time"])
@@ -250,6 +263,13 @@ class RecordedLink:
                 item["draining"] = on
                 return copy.deepcopy(item)
         raise Refused(f"there is no node {node}")
+
+    async def usage(self, since: float) -> dict[str, Any]:
+        if not self.recorded_usage:
+            return UsageView(since=since, until=self.snapshot["time"], user=None, jobs=0, gpu_seconds=0.0,
+                             gpu_hours=0.0, mean_wait_s=None, energy_j=None, energy_simulated=False, users=[],
+                             by_job=[]).to_json()
+        return copy.deepcopy(min(self.recorded_usage, key=lambda view: abs((view["since"] or 0.0) - since)))
 
     async def read_logs(self, job: int, attempt: int | None, offsets: dict[str, int]) -> dict[str, Any]:
         item = self._job(job)

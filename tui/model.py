@@ -45,6 +45,7 @@ class Changes:
     job_set: bool = False  # jobs added or changed state (the row order may change)
     unjoined: bool = False
     traffic: bool = False
+    usage: bool = False  # new usage figures for the people view
     reset: bool = False  # a new snapshot: rebuild everything
 
     def merge(self, other: "Changes") -> "Changes":
@@ -54,12 +55,13 @@ class Changes:
         self.job_set |= other.job_set
         self.unjoined |= other.unjoined
         self.traffic |= other.traffic
+        self.usage |= other.usage
         self.reset |= other.reset
         return self
 
     def __bool__(self) -> bool:
         return bool(self.nodes or self.jobs or self.node_set or self.job_set or self.unjoined or self.traffic
-                    or self.reset)
+                    or self.usage or self.reset)
 
 
 # --- traffic ---------------------------------------------------------------------------------------
@@ -231,15 +233,33 @@ def rank_health(places: Sequence[RankPlace], rank_rates: dict[int, dict[str, flo
 
 # --- the cluster -------------------------------------------------------------------------------------
 
+USAGE_WINDOWS = {"day": 86400.0, "week": 7 * 86400.0}  # the people view's recent usage, in seconds back
 
-def job_sort_key(job: Job) -> tuple[int, int, int]:
-    """Running first, then the queue in the order it is served (priority, then submit order), then
-    history, newest first."""
+
+@dataclass(frozen=True)
+class Person:
+    """One user in the people view: their jobs now, and their usage (a `UserUsage`'s fields) over the
+    last day and week; None where they had none, or (`known` False) before the first figures came."""
+
+    user: str
+    running_gpus: int
+    running_jobs: int
+    pending_jobs: int
+    day: dict[str, Any] | None
+    week: dict[str, Any] | None
+    known: bool
+
+
+
+def job_sort_key(job: Job) -> tuple[int, float, int]:
+    """Running first, then the queue in the order it is served (priority score, or --priority from a
+    coordinator that sends none, then submit order), then history, newest first."""
     state = job["state"]
     if state in ACTIVE_STATES:
         return (0, 0, -job["id"])
     if state == "pending":
-        return (1, -job["priority"], job["id"])
+        score = job.get("priority_score")
+        return (1, -(job["priority"] if score is None else score), job["id"])
     return (2, 0, -job["id"])
 
 
@@ -266,6 +286,7 @@ class Cluster:
         # Counters that change when a row's data does, so views redraw only what changed.
         self.node_version: dict[str, int] = {}
         self.job_version: dict[int, int] = {}
+        self.usage: dict[str, dict[str, Any]] = {}  # USAGE_WINDOWS name -> the coordinator's usage view
         self.clock_offset = 0.0  # coordinator time minus local wall time
         self.time = 0.0
         self.connected = False
@@ -330,6 +351,11 @@ class Cluster:
         self._put_job(job)
         self._index_gpu_jobs()
         return Changes(jobs={job["id"]}, job_set=True, nodes=set(job.get("nodes", [])))
+
+    def set_usage(self, views: dict[str, dict[str, Any]]) -> Changes:
+        """The usage views of the USAGE_WINDOWS, as the coordinator last answered them."""
+        self.usage = visible_data(views)
+        return Changes(usage=True)
 
     def disconnected(self) -> Changes:
         self.connected = False
@@ -403,6 +429,21 @@ class Cluster:
         end = job.get("ended_at") or self.now()
         return format_duration(max(0.0, end - job["started_at"]))
 
+    def people(self) -> list[Person]:
+        """One row per user with jobs now or GPU time in the last week: most GPUs now first."""
+        now: dict[str, list[int]] = {}  # user -> [GPUs held, jobs running, jobs pending]
+        for job in self.jobs.values():
+            if job["state"] in ACTIVE_STATES or job["state"] == "pending":
+                counts = now.setdefault(job.get("owner", ""), [0, 0, 0])
+                running = job["state"] in ACTIVE_STATES
+                counts[0] += job.get("gpus", 0) if running else 0
+                counts[1 if running else 2] += 1
+        figures = {(window, user["user"]): user for window, view in self.usage.items() for user in view["users"]}
+        names = set(now) | {name for _, name in figures}
+        people = [Person(name, *now.get(name, [0, 0, 0]), figures.get(("day", name)), figures.get(("week", name)),
+                         bool(self.usage)) for name in names]
+        return sorted(people, key=lambda p: (-p.running_gpus, -(p.week or {}).get("gpu_seconds", 0.0), p.user))
+
     def totals(self) -> dict[str, int]:
         """Counts for the title bar."""
         nodes = list(self.nodes.values())
@@ -445,7 +486,7 @@ def request_problem(gpus: int | None, nodes: int | None, gpus_per_node: int | No
 
 
 def _haystack_job(job: Job) -> str:
-    return " ".join([str(job["id"]), job["name"], job["state"], ",".join(job.get("nodes", [])),
+    return " ".join([str(job["id"]), job["name"], job.get("owner") or "", job["state"], ",".join(job.get("nodes", [])),
                      job.get("reason") or "", " ".join(job.get("command", []))]).lower()
 
 

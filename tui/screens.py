@@ -23,7 +23,7 @@ from textual.widgets import Button, Footer, Input, Label, Log, Select, Static, T
 
 from gpudeck import config
 from gpudeck.model import format_duration
-from gpudeck.output import outputs_text
+from gpudeck.output import outputs_text, starts_text
 from gpudeck.text import human_bytes, rate, safe_output, visible
 from gpudeck.protocol.session import Refused
 from gpudeck.tui.client import NotConnected
@@ -48,6 +48,17 @@ def launcher_label(rank: int) -> str:
 
 
 # --- job detail ------------------------------------------------------------------------------------
+
+
+def queue_text(job: dict[str, Any], now: float) -> str:
+    """A pending job's planned start and its priority score with each factor's part, in one line."""
+    start = starts_text(job.get("estimated_start"), now)
+    text = f"starts {start} (planned)" if start != "-" else "start not planned yet (only the next job in line has one)"
+    factors = job.get("priority_factors") or []
+    if factors:
+        parts = " + ".join(f"{f['name'].replace('_', ' ')} {f['contribution']:,.0f}" for f in factors)
+        text += f"  ·  priority score {job['priority_score']:,.0f} = {parts}"
+    return text
 
 
 class KindRates(Widget):
@@ -217,8 +228,8 @@ class JobScreen(Screen):
 
     def tick(self) -> None:
         job = self.job
-        if job is not None and job["state"] in ACTIVE_STATES:
-            self._show_summary(job)
+        if job is not None and (job["state"] in ACTIVE_STATES or job["state"] == "pending"):
+            self._show_summary(job)  # its runtime, or its planned start, counts
 
     def _show_summary(self, job: dict[str, Any]) -> None:
         text = self._summary(job)
@@ -239,6 +250,8 @@ class JobScreen(Screen):
                     f"{job['restarts']}/{job['max_restarts']}  time limit {limit}\n", style="dim")
         if job.get("reason"):
             text.append(f"{job['reason']}\n", style="italic")
+        if job["state"] == "pending":
+            text.append(queue_text(job, cluster.now()) + "\n")
         text.append("$ " + " ".join(job.get("command", [])), style="dim")
         kept = outputs_text(job)
         if kept:
@@ -633,7 +646,7 @@ class ConfirmScreen(ModalScreen[bool]):
 
 
 HELP = """\
-[b]Views[/b]  1 nodes · 2 jobs · 3 traffic (or click the tabs). Enter opens a row: a node shows or hides \
+[b]Views[/b]  1 nodes · 2 jobs · 3 traffic · 4 people (or click the tabs). Enter opens a row: a node shows or hides \
 its GPUs, a job opens its detail (traffic, logs). Arrows or j/k move, PgUp/PgDn page.
 
 [b]Nodes[/b]  One row per node: state (up, suspect, down, draining), GPU count, utilisation and memory bars, \
@@ -647,6 +660,8 @@ history, newest first. / filters: every word must match the id, name, state, nod
 [b]Traffic[/b]  Parameter-sync traffic: bytes per second each job's ranks hand to torch.distributed, by \
 kind, from the cumulative counts the ranks report once a second. RANKS OFF PACE names ranks that send \
 nothing (silent) or less than half the median of the others (slow) while the job runs.
+
+[b]People[/b]  One row per user: the GPUs their jobs hold now, their running and pending jobs, their share of the cluster's GPU time over the last 7 days, and their GPU-hours over the last day and week (as `gpudeck usage` counts them, asked for every 30 s). A job whose GPUs all read 0 % for the cluster's --idle-after is marked idle in the jobs view.
 
 [b]Node matrix[/b]  {matrix}
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any, Hashable
 
+from rich.style import Style
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical
@@ -18,9 +19,11 @@ from textual.dom import NoScreen
 from textual.widgets import Header, Input, Static
 from textual.widgets._header import HeaderTitle
 
-from gpudeck.text import counted, human_bytes, rate, visible
+from gpudeck.arrays import job_label
+from gpudeck.output import energy_text, gpu_hours_text
+from gpudeck.text import counted, human_bytes, idle_note, rate, spoken_duration, visible
 from gpudeck.tui.model import (
-    ACTIVE_STATES, Changes, Cluster, JobTraffic, age, asked_text, bar, describe_process, foreign_processes,
+    ACTIVE_STATES, Changes, Cluster, Person, JobTraffic, age, asked_text, bar, describe_process, foreign_processes,
     gib, matches, rank_health, rank_places, request_text, sparkline,
 )
 from gpudeck.tui.table import SPAN, SPAN_FROM, Column, DeckTable, Palette
@@ -410,6 +413,7 @@ class NodesView(FilteredView):
 JOB_COLUMNS = [
     Column("id", "ID", 4, align="right"),
     Column("name", "NAME", 10, flex=1, max_width=30),
+    Column("owner", "OWNER", 5, priority=3, max_width=16),
     Column("state", "STATE", 9),
     Column("gpus", "GPUS", 5, align="right"),
     Column("nodes", "NODES", 13, priority=1, flex=1, max_width=40),
@@ -427,11 +431,16 @@ class JobsView(FilteredView):
     """The queue (running, then pending in the order they will be served) and history, newest first."""
 
     kind = "job"
+    mine_only: reactive[bool] = reactive(False)
 
     def __init__(self, cluster: Cluster, id: str | None = None) -> None:
         super().__init__(cluster, id=id)
+        self.me = ""  # the user this dashboard's token belongs to
         self.table = DeckTable(JOB_COLUMNS, self._row, version=self._version, id="jobs-table",
                                empty="no jobs yet: press s to submit one")
+
+    def watch_mine_only(self) -> None:
+        self.rebuild()
 
     def compose(self) -> ComposeResult:
         yield self.table
@@ -439,8 +448,14 @@ class JobsView(FilteredView):
         yield FilterBar("jobs", id="jobs-filter")
 
     def rebuild(self) -> None:
+        mine = self.mine_only
+        self.table.empty = (f"none of the jobs are yours ({self.me}): m shows everyone's" if mine
+                            else "no jobs yet: press s to submit one")
         self.table.set_keys([job["id"] for job in self.cluster.sorted_jobs()
-                             if matches(self.filter_text, job, "job")])
+                             if matches(self.filter_text, job, "job") and (not mine or self._mine(job))])
+
+    def _mine(self, job: dict[str, Any]) -> bool:
+        return bool(self.me) and job.get("owner") == self.me
 
     def model_changed(self, changes: Changes) -> None:
         if changes.reset or changes.job_set:
@@ -463,6 +478,8 @@ class JobsView(FilteredView):
         text.append(f" {job['state']}")
         if job.get("reason"):
             text.append(f": {job['reason']}")
+        if job.get("idle_since") is not None and job["state"] == "running":
+            text.append(f": {idle_note(job['idle_since'], self.cluster.now())}", style="bold")
         submitted = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job["submitted_at"]))
         text.append(f"\n$ {' '.join(job.get('command', []))} · asked {asked_text(job)} · priority "
                     f"{job.get('priority', 0)} · submitted {submitted}", style="dim")
@@ -480,16 +497,93 @@ class JobsView(FilteredView):
         state = job["state"]
         if state in ("pending", "failed") or (state == "cancelled" and job.get("reason")):
             info = Text(job.get("reason") or "", style=p.warn if state == "pending" else p.dim)
+        elif state == "running" and job.get("idle_since") is not None:
+            info = Text(idle_note(job["idle_since"], self.cluster.now()), style=p.warn)
         else:
             info = Text(" ".join(job.get("command", [])), style=p.dim)
         exit_code = job.get("exit_code")
         return {
-            "id": str(job["id"]), "name": job["name"],
+            "id": job_label(job["id"], job.get("array_job"), job.get("array_index")), "name": job["name"],
+            "owner": Text(job.get("owner") or "-", style=p.accent + Style(bold=True) if self._mine(job) else ""),
             "state": Text(state, style=getattr(p, JOB_STATE_STYLE.get(state, "dim"))),
             "gpus": request_text(job), "nodes": ",".join(job.get("nodes", [])) or "-",
             "runtime": self.cluster.runtime(job), "attempt": str(job.get("attempt", "")),
             "exit": Text("-" if exit_code is None else str(exit_code), style=p.bad if exit_code else ""),
             "priority": str(job.get("priority", 0)), "info": info,
+        }
+
+
+# --- people --------------------------------------------------------------------------------------------
+
+PEOPLE_COLUMNS = [
+    Column("user", "USER", 8, flex=1, max_width=24),
+    Column("gpus", "GPUS NOW", 8, align="right"),
+    Column("running", "RUNNING", 7, align="right"),
+    Column("pending", "PENDING", 7, align="right"),
+    Column("share", "SHARE 7D", 13),
+    Column("day", "GPU-H 24H", 9, align="right"),
+    Column("week", "GPU-H 7D", 9, align="right"),
+    Column("wait", "WAIT 7D", 7, priority=1, align="right"),
+    Column("energy", "ENERGY 7D", 12, priority=2, align="right"),
+]
+
+
+class PeopleView(Vertical):
+    """One row per user: the GPUs their jobs hold now, their running and pending jobs (from the jobs
+    the dashboard watches), their share of the cluster's GPU time over the last 7 days and their
+    GPU-hours over the last day and week (from the coordinator's usage figures, refreshed now and then)."""
+
+    def __init__(self, cluster: Cluster, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.cluster = cluster
+        self.rows: dict[str, Person] = {}
+        self.table = DeckTable(PEOPLE_COLUMNS, self._row, id="people-table",
+                               empty="nobody has jobs here yet: press s to submit one")
+        self.note = Static(classes="preview")
+
+    def compose(self) -> ComposeResult:
+        yield self.table
+        yield self.note
+
+    def model_changed(self, changes: Changes) -> None:
+        if not (changes.reset or changes.job_set or changes.jobs or changes.usage):
+            return
+        people = self.cluster.people()
+        self.rows = {person.user: person for person in people}
+        self.table.set_keys([person.user for person in people])
+        self.table.refresh()
+        self.note.update(self._note(), layout=False)
+
+    def _note(self) -> Text:
+        week = self.cluster.usage.get("week")
+        if week is None:
+            return Text("usage figures are on their way from the coordinator", style="dim")
+        text = Text(f"last 7 days: {week['gpu_hours']:.1f} GPU-hours in {counted(week['jobs'], 'job')}", style="dim")
+        if week.get("mean_wait_s") is not None:
+            text.append(f", mean wait {spoken_duration(week['mean_wait_s'])}", style="dim")
+        text.append(" · SHARE is each person's part of it · `gpudeck usage` for every job", style="dim")
+        return text
+
+    def _row(self, key: Any, p: Palette) -> dict[str, Any]:
+        person = self.rows.get(key)
+        if person is None:
+            return {}
+        week, day = person.week or {}, person.day or {}
+        unknown = "…" if not person.known else "0.00"
+        share = week.get("share", 0.0)
+        share_cell = Text(bar(share, 6), style=p.accent)
+        share_cell.append(f" {share:4.0%}" if person.known else "    …")
+        wait = week.get("mean_wait_s")
+        return {
+            "user": Text(person.user or "-", style="bold"), "gpus": str(person.running_gpus),
+            "running": str(person.running_jobs),
+            "pending": Text(str(person.pending_jobs), style=p.warn if person.pending_jobs else ""),
+            "share": share_cell,
+            "day": gpu_hours_text(day["gpu_hours"]) if day else unknown,
+            "week": gpu_hours_text(week["gpu_hours"]) if week else unknown,
+            "wait": Text(spoken_duration(wait) if wait is not None else "-", style=p.dim),
+            "energy": Text(energy_text(week.get("energy_j"), week.get("energy_simulated", False)) if week else "-",
+                           style=p.dim),
         }
 
 
@@ -569,7 +663,8 @@ class TrafficView(Vertical):
         health = rank_health(places, traffic.rank_rates() if traffic else {}, job["state"] == "running")
         off = [f"{r} {flag}" for r, flag in sorted(health.items()) if flag]
         return {
-            "id": str(job["id"]), "name": job["name"], "ranks": str(len(places)),
+            "id": job_label(job["id"], job.get("array_job"), job.get("array_index")), "name": job["name"],
+            "ranks": str(len(places)),
             "rate": rate(sum(kinds.values())),
             "history": Text(sparkline(traffic.series() if traffic else [], self.table.column_width("history")),
                             style=p.accent),

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 from gpudeck.protocol.payloads import GpuReading, JobReport, OutputFile, TrafficByRank, WarmStatus
 from gpudeck.protocol.values import ShapeError, plain, typed_fields
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6  # 6: users, owners, arrays, preemption, energy readings (issue 13)
 
 
 class ProtocolError(Exception):
@@ -97,6 +97,8 @@ class Welcome(Message):
     coordinator: str
     version: int
     project_cap: int  # the most bytes of project files one job may ship
+    user: str = ""  # who the token proved the client to be
+    admin: bool = False
 
 
 @message("error")
@@ -239,6 +241,13 @@ class Launch(Message):
     # them (3 GPUs as 2 + 1). world_size 0: a coordinator from before, for which every node held as many.
     first_rank: int = 0
     world_size: int = 0
+    # A task of an array: the array's id and the task's index ($GPUDECK_ARRAY_JOB, $GPUDECK_ARRAY_INDEX).
+    array_job: int | None = None
+    array_index: int | None = None
+    # A preemptible job's seconds between SIGTERM and SIGKILL when it is preempted ($GPUDECK_PREEMPT_GRACE);
+    # 0: not preemptible.
+    preempt_grace: float = 0.0
+    owner: str = ""  # the user who submitted the job (`gpudeck agent --run-as-owner` runs it as their account)
 
 
 @message("content_chunk")
@@ -265,9 +274,12 @@ class SendOutput(Message):
 
 @message("kill")
 class Kill(Message):
+    """Stop an attempt's ranks: SIGTERM, then SIGKILL after `grace` seconds (0: the agent's own grace)."""
+
     job: int
     attempt: int
     reason: str
+    grace: float = 0.0
 
 
 @message("log_offsets")
@@ -348,6 +360,7 @@ class ListJobs(Message):
     since: float | None = None
     before: int | None = None
     newest: bool = False
+    owner: str | None = None
 
 
 @message("count_jobs")
@@ -358,18 +371,25 @@ class CountJobs(Message):
     req: int
     states: list[str] = dataclasses.field(default_factory=list)
     since: float | None = None
+    owner: str | None = None
 
 
 @message("show_job")
 class ShowJob(Message):
+    """One job; with `index`, the task of that index of the array `job` (`gpudeck show 12.3`)."""
+
     req: int
     job: int
+    index: int | None = None
 
 
 @message("cancel")
 class Cancel(Message):
+    """Cancel a job; an array's id cancels every task of it, and with `index` only that task."""
+
     req: int
     job: int
+    index: int | None = None
 
 
 @message("read_logs")
@@ -381,6 +401,7 @@ class ReadLogs(Message):
     attempt: int | None
     rank: int | None
     offsets: dict[int, int]
+    index: int | None = None  # the task of that index of the array `job`
 
 
 @message("watch")
@@ -397,6 +418,39 @@ class Drain(Message):
     req: int
     node: str
     on: bool
+
+
+@message("add_user")
+class AddUser(Message):
+    """Make a user and their token (admins only); the reply holds the token, shown this once."""
+
+    req: int
+    name: str
+    admin: bool
+    max_gpus: int | None
+
+
+@message("list_users")
+class ListUsers(Message):
+    req: int
+
+
+@message("remove_user")
+class RemoveUser(Message):
+    """Remove a user (admins only): their token stops working and their open connections close."""
+
+    req: int
+    name: str
+
+
+@message("usage")
+class Usage(Message):
+    """GPU time, waits and energy from `since` (epoch seconds; None: ever) to now, of everyone or of
+    one `user`; the reply is a `UsageView`."""
+
+    req: int
+    since: float | None = None
+    user: str | None = None
 
 
 @message("update")

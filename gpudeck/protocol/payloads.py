@@ -45,6 +45,10 @@ class GpuReading:
     power: float | None
     power_limit: float | None
     processes: tuple[GpuProcess, ...] = ()
+    # Energy the GPU used since its driver loaded (millijoules, NVML's total energy counter, Volta and
+    # newer); simulated GPUs count it from their simulated power. The coordinator charges each job the
+    # growth of its GPUs' counters.
+    energy_mj: int | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,17 @@ class ProjectView:
 
 
 @dataclass(frozen=True)
+class FactorView:
+    """One term of a pending job's priority, as `sprio` shows it: the factor's `value` (0 to 1) times
+    its `weight` is its `contribution`; the contributions sum to the job's `priority_score`."""
+
+    name: str  # "fair_share", "age" or "priority"
+    value: float
+    weight: float
+    contribution: float
+
+
+@dataclass(frozen=True)
 class JobView:
     """A job as `gpudeck jobs --json`, `show --json`, `submit --json` and the dashboard see it."""
 
@@ -142,13 +157,25 @@ class JobView:
     project: ProjectView | None = None
     outputs: dict[str, list[OutputFile]] = field(default_factory=dict)  # by node, while the nodes keep them
     owner: str = ""  # who submitted it
+    idle_since: float | None = None  # running with every GPU it holds at 0 % use since then (epoch seconds)
+    estimated_start: float | None = None  # pending: when it is planned to start (epoch seconds); None: unknown
+    priority_score: float | None = None  # pending: what the queue is ordered by, the sum of the factors' contributions
+    priority_factors: list[FactorView] = field(default_factory=list)  # pending: the terms of priority_score
+    array_job: int | None = None  # a task of an array: the array's id (its first task's), named with
+    array_index: int | None = None  # the task's index as ARRAY.INDEX (12.3)
+    array: str = ""  # the array's --array, as submitted ("0-31%4")
+    after: list[str] = field(default_factory=list)  # jobs it runs after once they succeeded (--after)
+    after_any: list[str] = field(default_factory=list)  # jobs it runs after once they ended (--after-any)
 
     @classmethod
     def build(cls, job_id: int, spec: JobSpec, state: str, submitted_at: float, reason: str = "",
               hosts: Sequence[tuple[str, list[int]]] = (), restarts: int = 0, attempt: int = 0,
               exit_code: int | None = None, started_at: float | None = None, ended_at: float | None = None,
               traffic: TrafficByRank | None = None,
-              outputs: dict[str, list[OutputFile]] | None = None, owner: str = "") -> "JobView":
+              outputs: dict[str, list[OutputFile]] | None = None, owner: str = "",
+              idle_since: float | None = None, estimated_start: float | None = None,
+              priority_factors: Sequence[FactorView] = (), array_job: int | None = None,
+              array_index: int | None = None) -> "JobView":
         """The view of a job with this spec and this history (the coordinator's rows, or a recorded link)."""
         return cls(
             id=job_id, name=spec.name, state=state, reason=reason, nodes=[node for node, _ in hosts],
@@ -161,7 +188,10 @@ class JobView:
             traffic=TrafficView.of(traffic or {}),
             project=ProjectView(files=spec.project_files, bytes=spec.project_bytes,
                                 uploaded_bytes=spec.project_uploaded) if spec.project else None,
-            outputs=outputs or {}, owner=owner)
+            outputs=outputs or {}, owner=owner, idle_since=idle_since, estimated_start=estimated_start,
+            priority_score=sum(f.contribution for f in priority_factors) if priority_factors else None,
+            priority_factors=list(priority_factors), array_job=array_job, array_index=array_index, array=spec.array,
+            after=list(spec.after), after_any=list(spec.after_any))
 
     def to_json(self) -> dict[str, Any]:
         return plain(self)
@@ -193,3 +223,70 @@ class NodeView:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "NodeView":
         return typed(data, cls, "node")
+
+
+@dataclass(frozen=True)
+class JobUsage:
+    """What one job held within a usage window (`gpudeck usage --json`, under `by_job`).
+
+    `gpu_seconds` counts each attempt's GPUs from its start to when it gave them back, clipped to
+    the window; `wait_s` is from submit to its first start (None when that start is outside the
+    window); `energy_j` is what its GPUs' energy counters grew by while it held them (None where no
+    GPU of it reports energy), `energy_simulated` when any of it came from simulated GPUs."""
+
+    id: int
+    name: str
+    owner: str
+    state: str
+    gpus: int
+    attempts: int
+    gpu_seconds: float
+    gpu_hours: float
+    wait_s: float | None
+    energy_j: float | None
+    energy_simulated: bool
+
+
+@dataclass(frozen=True)
+class UserUsage:
+    """One person's usage within the window: `jobs` that held GPUs in it, their GPU-seconds and the
+    `share` of the whole cluster's (0 to 1), the mean wait of those that first started in it."""
+
+    user: str
+    jobs: int
+    gpu_seconds: float
+    gpu_hours: float
+    share: float
+    mean_wait_s: float | None
+    energy_j: float | None
+    energy_simulated: bool
+
+
+@dataclass(frozen=True)
+class UsageView:
+    """`gpudeck usage --json`: GPU time from `since` (None: ever) to `until` (epoch seconds), in all
+    and per user (most GPU-seconds first) and per job (at most `MAX_USAGE_JOBS`, most GPU-seconds
+    first; `jobs_left_out` counts the rest). `user` is the user it was asked for (None: everyone)."""
+
+    since: float | None
+    until: float
+    user: str | None
+    jobs: int
+    gpu_seconds: float
+    gpu_hours: float
+    mean_wait_s: float | None
+    energy_j: float | None
+    energy_simulated: bool
+    users: list[UserUsage]
+    by_job: list[JobUsage]
+    jobs_left_out: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return plain(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "UsageView":
+        return typed(data, cls, "usage")
+
+
+MAX_USAGE_JOBS = 1000  # jobs one usage reply lists, well under the frame limit

@@ -191,13 +191,22 @@ class ClientSession:
         self._reader = asyncio.get_running_loop().create_task(self._read_replies())
 
     async def request(self, kind: type[Message], timeout: float = 30.0, **fields: Any) -> Any:
-        """Send one request and return the reply's data; raise `Refused` with the coordinator's reason."""
+        """Send one request and return the reply's data; raise `Refused` with the coordinator's reason,
+        also the reason it gave when it ended the session between two requests."""
+        if self.failure is not None:
+            raise self.failure
         req = next(self._ids)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting[req] = future
         try:
             await self.conn.send(kind(req=req, **fields))
             return await asyncio.wait_for(future, timeout)
+        except ConnectionError as exc:
+            try:  # the reader has the coordinator's last word, if it sent one
+                await asyncio.wait_for(self.closed.wait(), CLOSE_FLUSH)
+            except asyncio.TimeoutError:
+                raise exc from None
+            raise self.failure from None
         finally:
             self._waiting.pop(req, None)
 

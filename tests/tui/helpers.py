@@ -16,11 +16,12 @@ from tests.cluster import Cluster
 from tests.conftest import SCRIPTS
 
 
-def live_app(cluster: Cluster) -> GpudeckApp:
-    """The dashboard against a test cluster's coordinator, with scripts resolved from tests/scripts."""
+def live_app(cluster: Cluster, token: str | None = None, **options: Any) -> GpudeckApp:
+    """The dashboard against a test cluster's coordinator, with the join token or a user's `token`,
+    and scripts resolved from tests/scripts; `options` for the app."""
     link = CoordinatorLink(endpoints=[Endpoint("127.0.0.1", cluster.port, "test")],
-                           join_token=JoinToken.parse(cluster.token))
-    return GpudeckApp(link, keymap_path=cluster.root / "no-keymap.json", cwd=str(SCRIPTS))
+                           join_token=JoinToken.parse(token or cluster.token))
+    return GpudeckApp(link, keymap_path=cluster.root / "no-keymap.json", cwd=str(SCRIPTS), **options)
 
 
 async def wait_for(pilot: Pilot, what: str, predicate: Callable[[], Any], timeout: float = 60.0,

@@ -268,8 +268,8 @@ class GpudeckApp(App[int]):
 
     def show_totals(self) -> None:
         """The header's counts; where the terminal is narrow, without the coordinator's address."""
-        if self.lost is not None or not self.cluster.connected:
-            return
+        if self.lost is not None or not self.cluster.connected or not self.screen_stack:
+            return  # (no screen: between one screen and the next, or shutting down)
         totals = self.cluster.totals()
         sim = f" ({totals['simulated']} SIM)" if totals["simulated"] else ""
         nodes = f"{totals['up']}/{totals['nodes']} nodes up"

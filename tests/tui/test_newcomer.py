@@ -252,3 +252,13 @@ async def test_one_gpu_is_one_gpu(tmp_path):
         assert "· 1 GPU · jobs none" in app.nodes_view.describe(("node", "node-c")).plain
         assert "asked 1 GPU · priority" in app.jobs_view.describe(9).plain
         assert "asked 4 GPUs · priority" in app.jobs_view.describe(8).plain
+
+
+async def test_a_model_change_between_screens_does_not_crash_the_header(tmp_path):
+    """A change can arrive while no screen is on the stack (as the app switches screens or shuts
+    down); the header's counts then wait for the next change instead of failing the app."""
+    app = app_on(tmp_path, RecordedLink(recorded.snapshot()))
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_for(pilot, "the snapshot", lambda: app.cluster.connected)
+    assert not app.screen_stack and app.cluster.connected
+    app.show_totals()

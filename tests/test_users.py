@@ -116,3 +116,25 @@ def test_users_survive_a_coordinator_restart(lab: Cluster) -> None:
     lab.start_coordinator()
     assert lab.cli("jobs", "--mine", token=ada).returncode == 0
     assert [u["name"] for u in lab.json("user", "list")] == ["ada"]
+
+
+def test_one_users_flood_does_not_delay_anothers_first_job(lab: Cluster) -> None:
+    """ada queues ten jobs on a two-GPU cluster; bob's one job, submitted after them all, is the next
+    to start when a GPU frees: ada's use of the cluster lowers her jobs' fair share."""
+    ada, bob = add_user(lab, "ada"), add_user(lab, "bob")
+    flood = [lab.submit_json("--name", f"ada-{i}", "--", "sleep", "600", token=ada)["id"] for i in range(10)]
+    for job in flood[:2]:
+        lab.wait_job(job, ("running",))
+
+    def share(job: int) -> float | None:
+        factors = {f["name"]: f["value"] for f in lab.job(job)["priority_factors"]}
+        return factors.get("fair_share")
+
+    wait_until(lambda: (share(flood[-1]) or 1.0) < 1.0, 60, "ada's use to lower her fair share")
+    theirs = lab.submit_json("--name", "bobs-first", "--", "sleep", "600", token=bob)["id"]
+    assert share(theirs) == 1.0, "bob has used nothing"
+    lab.cli("cancel", str(flood[0]), token=ada)
+    assert lab.wait_job(theirs, ("starting", "running"))["owner"] == "bob"
+    assert all(lab.job(job)["state"] == "pending" for job in flood[2:])
+    for job in (*flood, theirs):
+        lab.cli("cancel", str(job), check=False)

@@ -23,8 +23,8 @@ def held_seconds(job: dict[str, Any], since: float | None = None) -> float:
 
 
 def test_usage_is_the_gpu_seconds_the_jobs_held(cluster: Cluster):
-    one = cluster.submit("--name", "one", "--gpus", "1", "--", "sleep", "3")
-    two = cluster.submit("--name", "two", "--gpus", "2", "--", "sleep", "4")
+    one = cluster.submit("--name", "one", "--gpus", "1", "--no-project", "--", "sleep", "3")
+    two = cluster.submit("--name", "two", "--gpus", "2", "--no-project", "--", "sleep", "4")
     jobs = [cluster.wait_job(job_id, ("succeeded", "failed", "cancelled")) for job_id in (one, two)]
     assert [job["state"] for job in jobs] == ["succeeded", "succeeded"], jobs
 
@@ -62,7 +62,7 @@ def idle_cluster(tmp_path: Path) -> Iterator[Cluster]:
 
 def test_an_idle_job_is_flagged_and_with_idle_cancel_cancelled_with_the_reason(idle_cluster: Cluster):
     cluster = idle_cluster
-    job_id = cluster.submit("--name", "napper", "--gpus", "2", "--", "sleep", "600")
+    job_id = cluster.submit("--name", "napper", "--gpus", "2", "--no-project", "--", "sleep", "600")
     cluster.wait_job(job_id, ("running",))
     flagged = wait_until(lambda: (job := cluster.job(job_id))["idle_since"] is not None and job, 60,
                          "the job to be marked idle")

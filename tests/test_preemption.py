@@ -101,7 +101,7 @@ def test_a_preempted_workload_resumes_from_its_checkpoint_and_ends_as_if_never_s
         low = cluster.submit("--gpus", "2", "--preemptible", "--workload", "data-parallel", *steps,
                              "--step-sleep", "0.02")
         wait_until(lambda: "step 20 loss" in cluster.cli("logs", str(low)).stdout, 120, "the low job at step 20")
-        high = cluster.submit("--gpus", "2", "--priority", "10", "--", "sh", "-c",
+        high = cluster.submit("--gpus", "2", "--priority", "10", "--no-project", "--", "sh", "-c",
                               "echo grace=${GPUDECK_PREEMPT_GRACE:-none}")
         stopped = cluster.wait_job(low, ("pending",))
         assert f"preempted by job {high}" in stopped["reason"], stopped
@@ -114,7 +114,7 @@ def test_a_preempted_workload_resumes_from_its_checkpoint_and_ends_as_if_never_s
         assert saved and "as asked (SIGTERM)" in first, first
         second = cluster.cli("logs", str(low)).stdout
         assert f"resuming from the checkpoint of step {saved[1]}" in second, second
-        told = cluster.submit("--preemptible", "--", "sh", "-c", "echo grace=$GPUDECK_PREEMPT_GRACE")
+        told = cluster.submit("--preemptible", "--no-project", "--", "sh", "-c", "echo grace=$GPUDECK_PREEMPT_GRACE")
         cluster.wait_job(told, ("succeeded",))
         assert "grace=20" in cluster.cli("logs", str(told)).stdout
         plain = cluster.submit("--gpus", "2", "--workload", "data-parallel", *steps)

@@ -45,9 +45,9 @@ def test_user_tokens_own_their_jobs(lab: Cluster) -> None:
     stored = b"".join(p.read_bytes() for p in lab.coordinator_dir.glob("gpudeck.db*"))
     assert ada.rsplit(".", 1)[1].encode() not in stored  # only the hash is kept
 
-    adas = lab.submit_json("--name", "adas", "--", "sleep", "600", token=ada)
-    bobs = lab.submit_json("--name", "bobs", "--", "sleep", "600", token=bob)
-    admins = lab.submit_json("--name", "admins", "--", "sleep", "600")
+    adas = lab.submit_json("--name", "adas", "--no-project", "--", "sleep", "600", token=ada)
+    bobs = lab.submit_json("--name", "bobs", "--no-project", "--", "sleep", "600", token=bob)
+    admins = lab.submit_json("--name", "admins", "--no-project", "--", "sleep", "600")
     assert (adas["owner"], bobs["owner"], admins["owner"]) == ("ada", "bob", "admin")
 
     said = refusal(lab.cli("cancel", str(adas["id"]), check=False, token=bob))
@@ -90,7 +90,7 @@ def test_a_user_token_joins_no_node(lab: Cluster) -> None:
 
 def test_removing_a_user_ends_their_token_and_sessions(lab: Cluster) -> None:
     ada = add_user(lab, "ada")
-    job = lab.submit_json("--", "sh", "-c", "echo started; sleep 600", token=ada)["id"]
+    job = lab.submit_json("--no-project", "--", "sh", "-c", "echo started; sleep 600", token=ada)["id"]
     lab.wait_job(job, ("running",))
     follow = subprocess.Popen([sys.executable, "-m", "gpudeck", "logs", str(job), "--follow", "--coordinator",
                                f"127.0.0.1:{lab.port}", "--token", ada], env=lab.env, cwd=lab.root,
@@ -122,7 +122,7 @@ def test_one_users_flood_does_not_delay_anothers_first_job(lab: Cluster) -> None
     """ada queues ten jobs on a two-GPU cluster; bob's one job, submitted after them all, is the next
     to start when a GPU frees: ada's use of the cluster lowers her jobs' fair share."""
     ada, bob = add_user(lab, "ada"), add_user(lab, "bob")
-    flood = [lab.submit_json("--name", f"ada-{i}", "--", "sleep", "600", token=ada)["id"] for i in range(10)]
+    flood = [lab.submit_json("--name", f"ada-{i}", "--no-project", "--", "sleep", "600", token=ada)["id"] for i in range(10)]
     for job in flood[:2]:
         lab.wait_job(job, ("running",))
 
@@ -131,7 +131,7 @@ def test_one_users_flood_does_not_delay_anothers_first_job(lab: Cluster) -> None
         return factors.get("fair_share")
 
     wait_until(lambda: (share(flood[-1]) or 1.0) < 1.0, 60, "ada's use to lower her fair share")
-    theirs = lab.submit_json("--name", "bobs-first", "--", "sleep", "600", token=bob)["id"]
+    theirs = lab.submit_json("--name", "bobs-first", "--no-project", "--", "sleep", "600", token=bob)["id"]
     assert share(theirs) == 1.0, "bob has used nothing"
     lab.cli("cancel", str(flood[0]), token=ada)
     assert lab.wait_job(theirs, ("starting", "running"))["owner"] == "bob"

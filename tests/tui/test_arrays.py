@@ -8,7 +8,7 @@ from tests.tui.helpers import live_app, rows, wait_for
 
 
 async def test_the_jobs_view_lists_array_tasks_as_array_dot_index(one_node: Cluster) -> None:
-    array_id = one_node.submit("--name", "sweep", "--array", "0,4-5", "--", "sleep", "600")
+    array_id = one_node.submit("--name", "sweep", "--array", "0,4-5", "--no-project", "--", "sleep", "600")
     app = live_app(one_node)
     async with app.run_test(size=(140, 30)) as pilot:
         await wait_for(pilot, "the three tasks", lambda: len(app.cluster.jobs) == 3)

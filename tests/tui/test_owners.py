@@ -11,8 +11,8 @@ from tests.tui.helpers import live_app, rows, wait_for
 
 async def test_the_jobs_view_marks_and_filters_the_users_own_jobs(one_node: Cluster) -> None:
     ada = one_node.cli("user", "add", "ada").stdout.strip().splitlines()[-1]
-    one_node.submit_json("--name", "adas-job", "--", "sleep", "600", token=ada)
-    one_node.submit_json("--name", "admins-job", "--", "sleep", "600")
+    one_node.submit_json("--name", "adas-job", "--no-project", "--", "sleep", "600", token=ada)
+    one_node.submit_json("--name", "admins-job", "--no-project", "--", "sleep", "600")
     app = live_app(one_node, ada)
     async with app.run_test(size=(140, 30)) as pilot:
         await wait_for(pilot, "both jobs", lambda: len(app.cluster.jobs) == 2)

@@ -28,11 +28,11 @@ def lab(tmp_path: Path) -> Iterator[Cluster]:
 
 async def test_the_people_view_shows_each_users_gpus_queue_and_usage(lab: Cluster):
     ada = lab.cli("user", "add", "ada").stdout.strip().splitlines()[-1]
-    short = lab.submit("--name", "short", "--gpus", "1", "--", "sleep", "1")
+    short = lab.submit("--name", "short", "--gpus", "1", "--no-project", "--", "sleep", "1")
     lab.wait_job(short, ("succeeded",))
-    napper = lab.submit_json("--name", "napper", "--gpus", "2", "--", "sleep", "600", token=ada)["id"]
+    napper = lab.submit_json("--name", "napper", "--gpus", "2", "--no-project", "--", "sleep", "600", token=ada)["id"]
     lab.wait_job(napper, ("running",))
-    waiting = lab.submit_json("--name", "big", "--gpus", "4", "--", "sleep", "1", token=ada)["id"]
+    waiting = lab.submit_json("--name", "big", "--gpus", "4", "--no-project", "--", "sleep", "1", token=ada)["id"]
     assert lab.job(waiting)["state"] == "pending"
 
     app = live_app(lab, usage_every=1)

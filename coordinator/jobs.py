@@ -261,15 +261,12 @@ class JobControl:
         candidates = self._preemptible()
         if self._stopping or not candidates:
             return False
-        free = self._free_after(decision)
-        limits, held = self._limits(), self._held_by_owner(decision)
         for job_id in sorted(decision.reasons, key=lambda job: -self._requests[job].priority
                              if job in self._requests else 0):
             row, request = rows[job_id], self._requests.get(job_id)
-            limit = limits.get(row.owner)
-            if request is None or (limit is not None and held.get(row.owner, 0) + row.spec.total_gpus > limit):
+            if request is None or job_id in decision.over_limit:
                 continue
-            chosen = victims(request, row.spec.priority, free, candidates)
+            chosen = victims(request, row.spec.priority, decision.free_after, candidates)
             if chosen:
                 self._stop_for(row, chosen)
                 return True
@@ -292,21 +289,6 @@ class JobControl:
                           tuple((node, tuple(gpus)) for node, gpus in row.hosts))
                 for row in self.store.jobs((JobState.STARTING, JobState.RUNNING))
                 if row.spec.preemptible and (row.id, row.attempt) not in self._stopping]
-
-    def _free_after(self, decision: Decision) -> dict[str, tuple[int, ...]]:
-        """The free GPUs once this pass's placements took theirs."""
-        taken = {(node, index) for placement in decision.placements for node, gpus in placement.hosts for index in gpus}
-        return {slots.name: tuple(sorted(g.index for g in slots.gpus if g.busy_job is None and g.foreign is None
-                                         and (slots.name, g.index) not in taken)) for slots in self.slots()}
-
-    def _held_by_owner(self, decision: Decision) -> dict[str, int]:
-        held: dict[str, int] = {}
-        for job in self._running():
-            held[job.owner] = held.get(job.owner, 0) + sum(len(gpus) for _, gpus in job.hosts)
-        for placement in decision.placements:
-            owner = self._requests[placement.job_id].owner if placement.job_id in self._requests else ""
-            held[owner] = held.get(owner, 0) + sum(len(gpus) for _, gpus in placement.hosts)
-        return held
 
     def _stop_for(self, row: JobRow, chosen: tuple[int, ...]) -> None:
         """Send the chosen jobs back to the queue, without spending a restart, and stop their ranks:

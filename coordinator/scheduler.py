@@ -149,6 +149,10 @@ class Decision:
     reasons: dict[int, str]
     estimated_start: dict[int, float] = field(default_factory=dict)
     reservation: Reservation | None = None
+    free_after: FreeMap = field(default_factory=dict)
+    """The GPUs still free once the placements took theirs (what preemption may add to)."""
+    over_limit: frozenset[int] = frozenset()
+    """Waiting jobs their owner's limit keeps out, counted with the placements' GPUs held."""
 
 
 def validate_request(req: JobRequest) -> str | None:
@@ -307,7 +311,8 @@ class _Round:
             reasons[req.job_id] = by_shape[key]
         reserved = self.reservation
         estimated = {reserved.job_id: reserved.start} if reserved else {}
-        return Decision(tuple(self.placements), reasons, estimated, reserved)
+        over_limit = frozenset(req.job_id for req, _ in self.waiting if self._over_limit(req))
+        return Decision(tuple(self.placements), reasons, estimated, reserved, dict(self.free), over_limit)
 
     def _reason(self, req: JobRequest, why: str) -> str:
         reserved = self.reservation

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from prometheus_client import CollectorRegistry
+
 from gpudeck.arrays import ref_text
 from gpudeck.coordinator.admission import (
     HELLO_FRAME_LIMIT, PROOF_DEADLINE, AdmissionGate, HeldConnection, give_freed_buffers_back, source_of, tls_streams,
@@ -25,6 +27,7 @@ from gpudeck.coordinator.admission import (
 from gpudeck.coordinator.idle import IdleTracker, held_utilizations
 from gpudeck.coordinator.jobs import DEFAULT_TIME_LIMIT, JOB_PORTS, PREEMPT_GRACE, JobControl
 from gpudeck.coordinator.logs import LogStore, rank_problem
+from gpudeck.coordinator.metrics import ClusterCollector, JobEvents, MetricsEndpoint
 from gpudeck.coordinator.outputs import OutputRelay
 from gpudeck.coordinator.priority import Policy
 from gpudeck.coordinator.projects import ProjectStore
@@ -64,8 +67,9 @@ class Coordinator:
                  clock: Callable[[], float] = time.time, job_ports: tuple[int, int] = JOB_PORTS,
                  project_cap: int = DEFAULT_CAP, project_store: int = PROJECT_STORE_LIMIT,
                  idle_after: float = IDLE_AFTER, idle_cancel: bool = False, priority: Policy = Policy(),
-                 default_time_limit: float = DEFAULT_TIME_LIMIT, preempt_grace: float = PREEMPT_GRACE) -> None:
-        """`idle_after`: how long every GPU of a running job must read 0 % before it is marked idle;
+                 default_time_limit: float = DEFAULT_TIME_LIMIT, preempt_grace: float = PREEMPT_GRACE,
+                 metrics: tuple[str, int] | None = None) -> None:
+        """`metrics`: where to serve Prometheus metrics (None: nowhere). `idle_after`: how long every GPU of a running job must read 0 % before it is marked idle;
         `idle_cancel`: cancel it then. `priority`: the weights, fair-share half-life and age cap of
         pending jobs' priority; `default_time_limit`: how long reservations plan a job without
         --time-limit to run; `preempt_grace`: a preempted job's seconds from SIGTERM to SIGKILL."""
@@ -92,6 +96,9 @@ class Coordinator:
         self.idle_cancel = idle_cancel
         self.relay = OutputRelay(self.send)
         self._published_at = 0.0
+        self.metrics_registry = CollectorRegistry(auto_describe=False)
+        self.events = JobEvents(self.metrics_registry)
+        self.metrics = MetricsEndpoint(self.metrics_registry, *metrics) if metrics else None
 
     async def start(self) -> tuple[str, int]:
         self.token = self.identity.ensure()
@@ -102,6 +109,8 @@ class Coordinator:
         self.jobs = JobControl(self.store, self.registry, self.send, self.clock, self.job_ports, *self.scheduling)
         self.traffic = TrafficBook(self.store)
         self.energy = EnergyMeter(self.store)
+        self.store.on_move = self.events.moved
+        self.metrics_registry.register(ClusterCollector(self.store, self.registry, self.jobs, self.traffic, self.clock))
         now = self.clock()
         for node in self.store.nodes():
             state = NodeState.DOWN if node.state is NodeState.DOWN else NodeState.SUSPECT
@@ -112,6 +121,8 @@ class Coordinator:
         self._server = await asyncio.get_running_loop().create_server(
             lambda: HeldConnection(self._accepted), self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
+        if self.metrics:
+            await self.metrics.start()
         self._write_endpoint()
         if self.discovery:
             await self.discovery.start()
@@ -130,6 +141,8 @@ class Coordinator:
             self._loop_task.cancel()
         if self._server:
             self._server.close()
+        if self.metrics:
+            await self.metrics.stop()
         for conn in list(self._connections):
             await conn.close()
         if self.discovery:
@@ -160,7 +173,7 @@ class Coordinator:
                 self.jobs.node_down(name)
         self.jobs.enforce_time_limits()
         self._watch_idle()
-        self.jobs.schedule()
+        self.events.timed_pass(self.jobs.schedule)
         self.traffic.persist(self.clock())
         self.energy.persist(self.clock())
         self._publish()

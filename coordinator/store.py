@@ -19,7 +19,7 @@ import sqlite3
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import sqlite_utils
 
@@ -168,6 +168,8 @@ class Store:
         self._nodes: dict[str, NodeRow] = {row["name"]: _node_row(row) for row in self.db["nodes"].rows}
         self._open_shares: list[AttemptNode] | None = None
         self._users: dict[str, UserRow] = {row["name"]: _user_row(row) for row in self.db["users"].rows}
+        # Told of every job that changes state, after the change is on disk (the metrics count them).
+        self.on_move: Callable[[JobState, JobRow], None] = lambda before, row: None
 
     def _create(self) -> None:
         db = self.db
@@ -368,6 +370,11 @@ class Store:
         where, params = (filters or JobFilter()).sql()
         return self.db.conn.execute(f"SELECT count(*) FROM jobs j WHERE {where}", params).fetchone()[0]
 
+    def count_by_state(self) -> dict[JobState, int]:
+        """How many jobs are in each state (one grouped count over the state index)."""
+        sql = "SELECT state, count(*) FROM jobs GROUP BY state"
+        return {JobState(state): count for state, count in self.db.conn.execute(sql)}
+
     def take_newly_pending(self) -> list[int]:
         """Jobs that became pending (submitted or requeued) since the last call, in that order."""
         ids, self._newly_pending = self._newly_pending, []
@@ -482,6 +489,8 @@ class Store:
         for job_id in job_ids:
             row = rows.get(job_id)
             before = self._unfinished.get(job_id)
+            if row is not None and before is not None and row.state is not before.state:
+                self.on_move(before.state, row)
             if row is None or row.state.finished:
                 self._unfinished.pop(job_id, None)
             else:

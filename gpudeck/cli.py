@@ -219,6 +219,16 @@ def _mdns_flags(parser: argparse.ArgumentParser) -> None:
                         help="multicast only on the interface with this address (repeatable; default: all)")
 
 
+def metrics_address(text: str) -> tuple[str, int]:
+    """--metrics for argparse: HOST:PORT, or a port alone for loopback (nobody else reads it then)."""
+    if text.isdigit():
+        text = f"127.0.0.1:{text}"
+    try:
+        return split_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def port_range(text: str) -> tuple[int, int]:
     """'29500-29999' (or one port) for argparse, with a sentence when it is not a range of ports."""
     first, _, last = text.partition("-")
@@ -303,6 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "(`gpudeck jobs` and the dashboard say so; default: 30m)")
     coord.add_argument("--idle-cancel", action="store_true",
                        help="cancel a job once it has been idle for --idle-after, so its GPUs go to others")
+    coord.add_argument("--metrics", type=metrics_address, metavar="[HOST:]PORT",
+                       help="serve Prometheus metrics (GPU series under dcgm-exporter's names, nodes, jobs, queue "
+                       "wait, traffic) at http://HOST:PORT/metrics, without a token: give only a port to keep it "
+                       "on loopback (default: off)")
     _scheduling_flags(coord)
     _mdns_flags(coord)
 
@@ -978,7 +992,7 @@ async def cmd_coordinator(args: argparse.Namespace) -> int:
                               mdns_interfaces=args.mdns_interface, use_mdns=not args.no_mdns,
                               job_ports=args.job_ports, project_cap=args.project_cap,
                               project_store=args.project_store, idle_after=args.idle_after,
-                              idle_cancel=args.idle_cancel, **scheduling_options(args))
+                              idle_cancel=args.idle_cancel, metrics=args.metrics, **scheduling_options(args))
     await coordinator.start()
     try:
         await _until_signalled(asyncio.Event().wait())

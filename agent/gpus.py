@@ -13,10 +13,11 @@ import random
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
+from gpudeck.agent.health import HealthCounters, HealthJudge, Injected
 from gpudeck.protocol.payloads import GpuProcess, GpuReading
 
 GIB = 1 << 30
@@ -30,6 +31,7 @@ SIM_BUSY_TEMPERATURE = 70.0
 SIM_IDLE_POWER = 60.0
 SIM_BUSY_POWER = 450.0
 SIM_UTILIZATION_RANGE = (60, 100)
+SIM_OUTSIDE_MEMORY = 2 * GIB  # what an injected outside process holds (gpudeck.agent.health.Injected)
 # A simulated GPU computes while the processes given it (and their children) use the CPU: a job that
 # only sleeps or waits holds its GPUs at 0 %, as a real one blocked on I/O would. Measured every
 # SIM_CPU_INTERVAL seconds (a scan of /proc); below SIM_QUIET_CPU of one core is quiet.
@@ -106,7 +108,8 @@ class NvmlBackend:
     """Real GPUs through NVML.
 
     Cheap metrics are read on every poll; the process lists cost milliseconds each and hold a
-    driver lock, so they are refreshed at most every `process_interval` seconds and reused between.
+    driver lock, so they and the error counters (gpudeck.agent.health) are refreshed at most every
+    `process_interval` seconds and reused between. Xid events are drained, without waiting, at every poll.
     `nvml` is the pynvml module; tests pass a stand-in because CI machines have no GPU.
     """
 
@@ -125,6 +128,8 @@ class NvmlBackend:
         self._clock = clock
         self._processes: list[tuple[GpuProcess, ...]] = []
         self._processes_at: float | None = None
+        self._health: list[HealthCounters] = []
+        self._judge = HealthJudge()
         self._closed = False
         nvml.nvmlInit()
         try:
@@ -133,6 +138,55 @@ class NvmlBackend:
             nvml.nvmlShutdown()
             raise
         self._devices = [self._open_device(index) for index in range(count)]
+        self._index_of = {device.uuid: index for index, device in enumerate(self._devices) if device}
+        self._events = self._watch_xids()
+
+    def _optional(self, name: str, *args: Any) -> Any:
+        """`_query` of a function older drivers' pynvml may lack (health counters, events)."""
+        fn = getattr(self._nvml, name, None)
+        return self._query(fn, *args) if fn is not None else None
+
+    def _watch_xids(self) -> Any:
+        """An NVML event set told of every GPU's critical Xid errors; None where events are unsupported."""
+        events = self._optional("nvmlEventSetCreate")
+        if events is not None:
+            for device in filter(None, self._devices):
+                self._query(self._nvml.nvmlDeviceRegisterEvents, device.handle,
+                            self._nvml.nvmlEventTypeXidCriticalError, events)
+        return events
+
+    def _new_xids(self) -> dict[int, list[int]]:
+        """Xid events since the last poll, by GPU index (a bounded number per poll)."""
+        found: dict[int, list[int]] = {}
+        for _ in range(64 if self._events is not None else 0):
+            data = self._query(self._nvml.nvmlEventSetWait_v2, self._events, 0)  # a timeout: none are left
+            if data is None:
+                break
+            index = self._index_of.get(_text(self._query(self._nvml.nvmlDeviceGetUUID, data.device) or ""))
+            if index is not None:
+                found.setdefault(index, []).append(int(data.eventData))
+        return found
+
+    def _health_counters(self, device: _Device | None) -> HealthCounters:
+        if device is None:
+            return HealthCounters()
+        nvml, handle = self._nvml, device.handle
+        ecc = self._optional("nvmlDeviceGetTotalEccErrors", handle, getattr(nvml, "NVML_MEMORY_ERROR_TYPE_UNCORRECTED", 1),
+                             getattr(nvml, "NVML_VOLATILE_ECC", 0))
+        retired = [self._optional("nvmlDeviceGetRetiredPages", handle, getattr(nvml, cause, code)) for cause, code in (
+            ("NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS", 0),
+            ("NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR", 1))]
+        pending = self._optional("nvmlDeviceGetRetiredPagesPendingStatus", handle)
+        remap = self._optional("nvmlDeviceGetRemappedRows", handle)  # (correctable, uncorrectable, pending, failed)
+        return HealthCounters(
+            ecc_uncorrected=ecc,
+            retired_pages=sum(len(pages) for pages in retired if pages is not None) if any(
+                pages is not None for pages in retired) else None,
+            retired_pending=pending == getattr(nvml, "NVML_FEATURE_ENABLED", 1) if pending is not None else None,
+            remapped_rows=remap[1] if remap else None,
+            remap_pending=bool(remap[2]) if remap else None,
+            remap_failed=bool(remap[3]) if remap else None,
+        )
 
     def _query(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Call one NVML function; an error (unsupported, GPU lost, …) means "not available"."""
@@ -160,8 +214,10 @@ class NvmlBackend:
     def read(self) -> list[GpuReading]:
         """Sample every GPU; blocking (NVML is synchronous), so the agent runs it in a thread."""
         processes = self._current_processes()
+        xids = self._new_xids()
         return [
-            self._read_device(index, device, processes[index])
+            with_health(self._read_device(index, device, processes[index]), self._judge,
+                        replace(self._health[index], xids=tuple(xids.get(index, ()))))
             for index, device in enumerate(self._devices)
         ]
 
@@ -196,6 +252,7 @@ class NvmlBackend:
         now = self._clock()
         if self._processes_at is None or now - self._processes_at >= self._process_interval:
             self._processes = [self._list_processes(device) for device in self._devices]
+            self._health = [self._health_counters(device) for device in self._devices]
             self._processes_at = now
         return self._processes
 
@@ -230,6 +287,8 @@ class NvmlBackend:
         """Release NVML once: overlapping shutdown paths must not unbalance nvmlInit."""
         if not self._closed:
             self._closed = True
+            if self._events is not None:
+                self._query(self._nvml.nvmlEventSetFree, self._events)
             self._query(self._nvml.nvmlShutdown)
 
 
@@ -317,7 +376,10 @@ class SimulatedBackend:
     simulated = True
 
     def __init__(self, n: int, seed: int | None = None, clock: Callable[[], float] = time.monotonic,
-                 cpu_interval: float = SIM_CPU_INTERVAL) -> None:
+                 cpu_interval: float = SIM_CPU_INTERVAL, injected: Path | None = None) -> None:
+        """`injected`: the file of faults and outside processes to inject (gpudeck.agent.health.Injected)."""
+        self._injected = Injected(injected)
+        self._judge = HealthJudge()
         self._rng = random.Random(seed)
         self._id = uuid.uuid4().hex[:8]
         self._lock = threading.Lock()
@@ -354,7 +416,9 @@ class SimulatedBackend:
             elapsed = 0.0 if self._read_at is None else max(0.0, now - self._read_at)
             self._read_at = now
             steps = [self._step(index, gpu, quiet, elapsed) for index, gpu in enumerate(self._gpus)]
-        return [self._reading(*step) for step in steps]
+        health = self._injected.read()
+        return [with_health(self._reading(*step, self._injected.processes.get(step[0], [])), self._judge,
+                            health.get(step[0], HealthCounters())) for step in steps]
 
     def _step(self, index: int, gpu: _SimGpu, quiet: set[int], elapsed: float) -> tuple[int, _SimGpu, int]:
         held = bool(gpu.pids)
@@ -379,9 +443,10 @@ class SimulatedBackend:
         )
         return index, snapshot, memory_used
 
-    def _reading(self, index: int, gpu: _SimGpu, memory_used: int) -> GpuReading:
+    def _reading(self, index: int, gpu: _SimGpu, memory_used: int, outside: Sequence[int] = ()) -> GpuReading:
         share = memory_used // len(gpu.pids) if gpu.pids else 0
         processes = tuple(GpuProcess(pid, _proc_name(pid) or "", share) for pid in gpu.pids)
+        processes += tuple(GpuProcess(pid, name, SIM_OUTSIDE_MEMORY) for pid in outside if (name := _proc_name(pid)))
         return GpuReading(
             index=index,
             name="Simulated GPU",
@@ -398,6 +463,12 @@ class SimulatedBackend:
 
     def close(self) -> None:
         """Holds no resources."""
+
+
+def with_health(reading: GpuReading, judge: HealthJudge, counters: HealthCounters) -> GpuReading:
+    """The reading with the GPU's error counts and its faults as `judge` sees them."""
+    return replace(reading, ecc_uncorrected=counters.ecc_uncorrected, retired_pages=counters.retired_pages,
+                   remapped_rows=counters.remapped_rows, faults=judge.faults(reading.index, counters))
 
 
 def _no_gpus(reason: str) -> str:
@@ -420,13 +491,13 @@ def _open_nvml(nvml: Any = None) -> tuple[GpuBackend, str]:
     return backend, f"NVML: {_plural(backend.count())} ({models})"
 
 
-def open_backend(simulate: int | None) -> tuple[GpuBackend, str]:
-    """simulate=N>0: SimulatedBackend(N). Otherwise try NVML; on pynvml.NVMLError (no driver or
+def open_backend(simulate: int | None, injected: Path | None = None) -> tuple[GpuBackend, str]:
+    """simulate=N>0: SimulatedBackend(N), with faults and outside processes from the file `injected`. Otherwise try NVML; on pynvml.NVMLError (no driver or
     library) return an empty backend with zero GPUs. The str is one line for the agent's log saying
     what was found, so an operator sees at a glance whether the node's GPUs are real."""
     if simulate is not None and simulate > 0:
         return (
-            SimulatedBackend(simulate),
+            SimulatedBackend(simulate, injected=injected),
             f"simulated: {_plural(simulate)} (no real hardware; shown as SIM everywhere)",
         )
     return _open_nvml()

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import random
 import socket
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Awaitable
@@ -70,6 +71,7 @@ class Agent:
         self.discovery = Discovery(config.mdns_interfaces) if config.use_mdns else None
         self.conn: Connection | None = None
         self.latest: list[GpuReading] = []
+        self._first_seen: dict[tuple[str, int], float] = {}  # (GPU uuid, pid) -> when first seen there
         self._orders: set[asyncio.Task[None]] = set()  # launches (they may fetch and build) and kills
 
     async def run(self) -> None:
@@ -212,10 +214,16 @@ class Agent:
             await asyncio.sleep(TELEMETRY_INTERVAL)
 
     def _readings(self) -> list[GpuReading]:
-        """The latest readings, each process marked foreign unless it is one of this cluster's ranks."""
+        """The latest readings, each process marked foreign unless it is one of this cluster's ranks,
+        and with the time this agent first saw it on that GPU (how long a forgotten notebook has held it)."""
         cluster = self.config.token.cluster
         sessions = self.runner.sessions()
+        now = time.time()
+        seen = {(reading.uuid, p.pid): self._first_seen.get((reading.uuid, p.pid), now)
+                for reading in self.latest for p in reading.processes}
+        self._first_seen = seen
         return [replace(reading, processes=tuple(
-                    replace(p, foreign=not (of_cluster(marker_of(p.pid), cluster) or session_of(p.pid) in sessions))
+                    replace(p, since=seen[(reading.uuid, p.pid)],
+                            foreign=not (of_cluster(marker_of(p.pid), cluster) or session_of(p.pid) in sessions))
                     for p in reading.processes))
                 for reading in self.latest]

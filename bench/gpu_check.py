@@ -41,7 +41,8 @@ from tests.cluster import Cluster, wait_until  # noqa: E402
 MIB = 2**20
 TIMEOUT = 180
 SMI_FIELDS = ("uuid", "name", "memory.total", "memory.used", "utilization.gpu", "temperature.gpu",
-              "power.draw", "enforced.power.limit")
+              "power.draw", "enforced.power.limit", "ecc.errors.uncorrected.volatile.total")
+REMAP_FIELDS = ("gpu_uuid", "remapped_rows.uncorrectable")  # a query of its own (Ampere and newer)
 DONE = ("succeeded", "failed", "cancelled")
 
 
@@ -76,6 +77,8 @@ FIELDS = (
     Field("temperature", "temperature.gpu", float, lambda _: 3, "±3 °C"),
     Field("power", "power.draw", float, lambda smi: max(15.0, 0.15 * smi), "±15 % or 15 W"),
     Field("power_limit", "enforced.power.limit", float, lambda _: 1, "±1 W"),
+    Field("ecc_uncorrected", "ecc.errors.uncorrected.volatile.total", str, None, "equal"),
+    Field("remapped_rows", "remapped_rows.uncorrectable", str, None, "equal"),
 )
 
 
@@ -126,6 +129,11 @@ def check_readings(cluster: Cluster) -> list[Check]:
     """Part 1: the agent's NVML readings, as the coordinator hands them out, against nvidia-smi."""
     gpus = cluster.nodes()[0]["gpus"]
     by_uuid = {row["uuid"]: row for row in nvidia_smi("query-gpu", SMI_FIELDS)}
+    try:
+        for row in nvidia_smi("query-remapped-rows", REMAP_FIELDS):
+            by_uuid.get(row["gpu_uuid"], {}).update(row)
+    except (subprocess.CalledProcessError, ValueError):
+        pass  # GPUs without row remapping: the field then reads "not reported by both"
     checks = []
     for reading in gpus:
         smi = by_uuid.get(reading["uuid"])

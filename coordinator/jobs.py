@@ -54,10 +54,10 @@ def _waiting(row: JobRow) -> Waiting:
     return Waiting(row.id, tuple(row.spec.after), tuple(row.spec.after_any), row.array_job, row.array_index, throttle)
 
 
-def _gpu_slot(gpu: GpuReading, busy: dict[int, int]) -> GpuSlot:
+def _gpu_slot(gpu: GpuReading, busy: dict[int, int], cordoned: dict[int, str]) -> GpuSlot:
     foreign = [p for p in gpu.processes if p.foreign]
     described = f"{foreign[0].name or 'process'} pid {foreign[0].pid}" if foreign else None
-    return GpuSlot(index=gpu.index, busy_job=busy.get(gpu.index), foreign=described)
+    return GpuSlot(index=gpu.index, busy_job=busy.get(gpu.index), foreign=described, cordoned=cordoned.get(gpu.index))
 
 
 def _launch_order(row: JobRow, attempt: int, node_rank: int, shape: list[int], gpus: list[int], master_addr: str,
@@ -107,7 +107,7 @@ class JobControl:
         # What the last scheduling pass saw, so that the next can skip the jobs that already waited.
         self._context: object = None
         self._requests: dict[int, JobRequest] = {}  # built once per rescoring
-        self._node_slots: dict[str, tuple[list[GpuReading], dict[int, int], NodeSlots]] = {}
+        self._node_slots: dict[str, tuple[list[GpuReading], dict[int, int], dict[int, str], NodeSlots]] = {}
         # Priorities: every pending job's score is as of `_scored_at`, so scores compare at one instant.
         self._scored_at = -math.inf
         self._usage: dict[str, float] = {}  # each owner's decayed GPU-seconds as of `_usage_at`
@@ -167,18 +167,19 @@ class JobControl:
             for index in share.gpus:
                 busy.setdefault(share.node, {})[index] = share.job
         draining = set(self.draining())
-        return [self._slots_of(name, link.gpus, busy.get(name, {}))
+        cordoned = self.store.cordoned_by_node()
+        return [self._slots_of(name, link.gpus, busy.get(name, {}), {row.gpu: row.cause for row in cordoned.get(name, [])})
                 for name, link in sorted(self.registry.links.items())
                 if self.registry.states.get(name) is NodeState.UP and name not in draining]
 
-    def _slots_of(self, name: str, gpus: list[GpuReading], busy: dict[int, int]) -> NodeSlots:
-        """A node's slots, rebuilt only when its readings or its jobs changed (passes come with
-        every submit; telemetry once a second)."""
+    def _slots_of(self, name: str, gpus: list[GpuReading], busy: dict[int, int], cordoned: dict[int, str]) -> NodeSlots:
+        """A node's slots, rebuilt only when its readings, its jobs or its cordons changed (passes
+        come with every submit; telemetry once a second)."""
         cached = self._node_slots.get(name)
-        if cached is not None and cached[0] is gpus and cached[1] == busy:
-            return cached[2]
-        slots = NodeSlots(name, tuple(_gpu_slot(g, busy) for g in gpus))
-        self._node_slots[name] = (gpus, busy, slots)
+        if cached is not None and cached[0] is gpus and cached[1] == busy and cached[2] == cordoned:
+            return cached[3]
+        slots = NodeSlots(name, tuple(_gpu_slot(g, busy, cordoned) for g in gpus))
+        self._node_slots[name] = (gpus, busy, cordoned, slots)
         return slots
 
     def draining(self) -> list[str]:

@@ -118,7 +118,14 @@ class ClusterCollector(Collector):
             "power": GaugeMetricFamily("DCGM_FI_DEV_POWER_USAGE", "Power draw (in W).", labels=GPU_LABELS),
             "energy": GaugeMetricFamily("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION",
                                         "Total energy consumption since boot (in mJ).", labels=GPU_LABELS),
+            "ecc": GaugeMetricFamily("DCGM_FI_DEV_ECC_DBE_VOL_TOTAL", "Uncorrected (double-bit) ECC errors since "
+                                     "the driver loaded.", labels=GPU_LABELS),
+            "remapped": GaugeMetricFamily("DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS", "Rows remapped for "
+                                          "uncorrectable errors.", labels=GPU_LABELS),
         }
+        cordoned = self.store.cordons()
+        cordon = GaugeMetricFamily("gpudeck_gpu_cordoned", "1 for a GPU kept out of the schedule for a fault or by "
+                                   "an admin (gpudeck nodes says why).", labels=OWN_GPU_LABELS)
         foreign = GaugeMetricFamily("gpudeck_gpu_foreign_processes", "Processes on a GPU that belong to no "
                                     "gpudeck job (a notebook or script run by hand).", labels=OWN_GPU_LABELS)
         for node, hostname, simulated, gpu in self._readings():
@@ -127,13 +134,16 @@ class ClusterCollector(Collector):
                       holder.owner if holder else "", "true" if simulated else "false"]
             free = gpu.memory_total - gpu.memory_used if None not in (gpu.memory_total, gpu.memory_used) else None
             for key, value in (("util", gpu.utilization), ("temp", gpu.temperature), ("power", gpu.power),
-                               ("energy", gpu.energy_mj),
+                               ("energy", gpu.energy_mj), ("ecc", gpu.ecc_uncorrected), ("remapped", gpu.remapped_rows),
                                ("used", gpu.memory_used / MIB if gpu.memory_used is not None else None),
                                ("free", free / MIB if free is not None else None)):
                 if value is not None:
                     families[key].add_metric(labels, value)
+            record = cordoned.get((node, gpu.index))
+            cordon.add_metric([node, str(gpu.index), gpu.uuid], 1 if record and record.cordoned else 0)
             foreign.add_metric([node, str(gpu.index), gpu.uuid], sum(1 for process in gpu.processes if process.foreign))
         yield from families.values()
+        yield cordon
         yield foreign
 
     def _node_metrics(self) -> Iterator[Metric]:
@@ -148,16 +158,20 @@ class ClusterCollector(Collector):
                                 value=sum(1 for node in nodes if node.draining))
 
     def _gpu_states(self, holders: dict[tuple[str, int], JobRow]) -> Metric:
-        counts = dict.fromkeys(("free", "busy", "foreign"), 0)
+        counts = dict.fromkeys(("free", "busy", "foreign", "cordoned"), 0)
+        cordoned = {(row.node, row.gpu) for rows in self.store.cordoned_by_node().values() for row in rows}
         for node, _, _, gpu in self._readings():
             if (node, gpu.index) in holders:
                 counts["busy"] += 1
+            elif (node, gpu.index) in cordoned:
+                counts["cordoned"] += 1
             elif any(process.foreign for process in gpu.processes):
                 counts["foreign"] += 1
             else:
                 counts["free"] += 1
         family = GaugeMetricFamily("gpudeck_gpus", "GPUs of connected nodes: free, busy (held by a gpudeck "
-                                   "job) or foreign (used by a process outside gpudeck).", labels=["state"])
+                                   "job), cordoned (kept out for a fault) or foreign (used by a process outside "
+                                   "gpudeck).", labels=["state"])
         for state, count in counts.items():
             family.add_metric([state], count)
         return family

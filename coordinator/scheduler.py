@@ -80,6 +80,8 @@ class GpuSlot:
     """Id of the gpudeck job holding it, if any."""
     foreign: str | None = None
     """A process not started by gpudeck ("python pid 4121, 3.2 GiB"), if any."""
+    cordoned: str | None = None
+    """Why it is kept out of the schedule (a GPU fault, or an admin's word; coordinator.health), if it is."""
 
 
 @dataclass(frozen=True)
@@ -188,12 +190,14 @@ class _Round:
                  now: float, default_time_limit: float | None) -> None:
         self.now, self.limits, self.default_time_limit = now, limits, default_time_limit
         self.free: FreeMap = {node.name: tuple(sorted(g.index for g in node.gpus if _is_free(g))) for node in nodes}
-        self.hidden = sum(1 for node in nodes for g in node.gpus if g.busy_job is None and g.foreign is not None)
+        idle = [g for node in nodes for g in node.gpus if g.busy_job is None]
+        self.cordoned = sum(1 for g in idle if g.cordoned is not None)
+        self.hidden = sum(1 for g in idle if g.foreign is not None and g.cordoned is None)
         free = {(name, i) for name, indices in self.free.items() for i in indices}
         # A GPU a job holds is planned free when the job ends, even if the driver lists an outside process
         # on it (most likely one of the job's own ranks as it exits; one still there then is seen then).
         plannable = {(node.name, g.index) for node in nodes for g in node.gpus
-                     if g.foreign is None or g.busy_job is not None} - free
+                     if (g.foreign is None or g.busy_job is not None) and g.cordoned is None} - free
         self.ends: dict[_Gpu, float] = {}  # busy GPUs a known time frees, and that time
         self.holder: dict[_Gpu, int] = {}
         self.held: dict[str, int] = {}  # GPUs each owner's jobs hold
@@ -320,7 +324,7 @@ class _Round:
             return (f"waits for job {reserved.job_id}, which is next in line and starts when "
                     f"{_ending(reserved.waits_for)}: the GPUs this job could take now are kept for it (a "
                     "--time-limit that ends before then would let this job run first)")
-        reason = _reason(req, self.free, self.hidden)
+        reason = _reason(req, self.free, self.hidden) + _cordon_note(self.cordoned)
         if why == "reserved" and reserved is not None:
             reason += f"; it is next in line and starts when {_ending(reserved.waits_for)}"
         return reason
@@ -351,10 +355,8 @@ def _ending(job_ids: tuple[int, ...], most: int = 3) -> str:
 
 
 def _is_free(gpu: GpuSlot) -> bool:
-    """Offerable to a job: held by no gpudeck job and used by no outside process."""
-    return gpu.busy_job is None and gpu.foreign is None
-
-
+    """Offerable to a job: held by no gpudeck job, used by no outside process, and not cordoned."""
+    return gpu.busy_job is None and gpu.foreign is None and gpu.cordoned is None
 
 
 def place(req: JobRequest, free: FreeMap) -> Hosts | None:
@@ -442,6 +444,13 @@ def _spread_reason(nodes: int, per_node: int, free: FreeMap) -> str:
 
 
 
+
+
+def _cordon_note(cordoned: int) -> str:
+    """'; 1 GPU is cordoned for a fault (gpudeck nodes says which)', or nothing."""
+    if cordoned == 0:
+        return ""
+    return f"; {_count(cordoned, 'GPU')} {_be(cordoned)} cordoned for a fault (gpudeck nodes says which)"
 
 
 def _outside_note(subject: str, hidden: int) -> str:

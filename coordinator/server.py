@@ -24,6 +24,7 @@ from gpudeck.arrays import ref_text
 from gpudeck.coordinator.admission import (
     HELLO_FRAME_LIMIT, PROOF_DEADLINE, AdmissionGate, HeldConnection, give_freed_buffers_back, source_of, tls_streams,
 )
+from gpudeck.coordinator.health import GpuHealth
 from gpudeck.coordinator.idle import IdleTracker, held_utilizations
 from gpudeck.coordinator.jobs import DEFAULT_TIME_LIMIT, JOB_PORTS, PREEMPT_GRACE, JobControl
 from gpudeck.coordinator.logs import LogStore, rank_problem
@@ -45,7 +46,7 @@ from gpudeck.project import DEFAULT_CAP, path_problem
 from gpudeck.protocol import auth
 from gpudeck.protocol.framing import FrameError
 from gpudeck.protocol.messages import (
-    PROTOCOL_VERSION, AddUser, Cancel, ContentChunk, ContentPut, CountJobs, Drain, Error, FetchContent, Hello, JobExited,
+    PROTOCOL_VERSION, AddUser, Cancel, ContentChunk, ContentPut, Cordon, CountJobs, Drain, Error, FetchContent, Hello, JobExited,
     JobPreparing, JobStarted, ListJobs, ListNodes, LogChunk, LogOffsets, Message, OutputChunk, Outputs, ProjectOffer,
     ListUsers, ProtocolError, ReadLogs, ReadOutput, Register, RemoveUser, Reply, ShowJob, Submit, Telemetry, Traffic, Update, Usage, Watch, Welcome,
 )
@@ -109,6 +110,7 @@ class Coordinator:
         self.jobs = JobControl(self.store, self.registry, self.send, self.clock, self.job_ports, *self.scheduling)
         self.traffic = TrafficBook(self.store)
         self.energy = EnergyMeter(self.store)
+        self.health = GpuHealth(self.store)
         self.store.on_move = self.events.moved
         self.metrics_registry.register(ClusterCollector(self.store, self.registry, self.jobs, self.traffic, self.clock))
         now = self.clock()
@@ -353,6 +355,7 @@ class Coordinator:
         self.store.upsert_node(name, register.hostname, address, register.simulated, register.gpus, now)
         self.store.forget_outputs(name)  # the agent reports what it keeps right after its register
         self.registry.states[name] = NodeState.UP
+        self.health.observe(name, register.gpus, now)
         self.refused_agents.pop((conn.peer_host, name), None)
         log.info("node %s joined from %s with %d GPUs%s", name, address, len(register.gpus),
                  " (simulated)" if register.simulated else "")
@@ -377,6 +380,8 @@ class Coordinator:
                     for index in share.gpus}
             self.energy.record(link.gpus, message.gpus, held, link.simulated)
             link.gpus, link.warm = message.gpus, message.warm
+            if self.health.observe(link.name, link.gpus, self.clock()):
+                self.wake.set()
         elif isinstance(message, JobStarted):
             self.jobs.started(link.name, message.job, message.attempt)
         elif isinstance(message, JobExited):
@@ -488,6 +493,9 @@ class Coordinator:
         if isinstance(message, Drain):
             need_admin(caller, "drain nodes")
             return self._drain(message)
+        if isinstance(message, Cordon):
+            need_admin(caller, "cordon or uncordon GPUs")
+            return self._cordon(message)
         if isinstance(message, (AddUser, ListUsers, RemoveUser)):
             return self._users(message, caller)
         if isinstance(message, Usage):
@@ -571,7 +579,9 @@ class Coordinator:
         for share in self.jobs.holding():
             jobs_on.setdefault(share.node, []).append(share.job)
         now = self.clock()
-        nodes = [node_view(n, self.registry, sorted(set(jobs_on.get(n.name, []))), now).to_json() for n in self.store.nodes()]
+        cordons = self.store.cordoned_by_node()
+        nodes = [node_view(n, self.registry, sorted(set(jobs_on.get(n.name, []))), now, cordons.get(n.name, ())).to_json()
+                 for n in self.store.nodes()]
         joined = {n["name"] for n in nodes}
         unjoined = []
         for advert in self.discovery.adverts("agent") if self.discovery else []:
@@ -588,6 +598,23 @@ class Coordinator:
             raise LookupError(f"there is no node {message.node}")
         self.store.set_draining(message.node, message.on)
         log.info("node %s %s", message.node, "is draining: no new jobs" if message.on else "takes new jobs again")
+        self.wake.set()
+        return next(n for n in self._nodes()["nodes"] if n["name"] == message.node)
+
+    def _cordon(self, message: Cordon) -> dict[str, Any]:
+        node = self.store.node(message.node)
+        if node is None:
+            raise LookupError(f"there is no node {message.node}")
+        link = self.registry.link(message.node)
+        gpus = {gpu.index: gpu for gpu in (link.gpus if link else node.gpus)}
+        if message.gpu not in gpus and message.on:
+            have = f"GPUs 0 to {len(gpus) - 1}" if gpus else "no GPUs"
+            raise LookupError(f"node {message.node} has no GPU {message.gpu} (it has {have})")
+        if message.on:
+            self.health.cordon(message.node, gpus[message.gpu], f"cordoned by hand: {message.reason or 'no reason given'}",
+                               self.clock())
+        else:
+            self.health.uncordon(message.node, gpus.get(message.gpu), message.gpu)
         self.wake.set()
         return next(n for n in self._nodes()["nodes"] if n["name"] == message.node)
 

@@ -122,6 +122,24 @@ class HeldGpus:
 
 
 @dataclass(frozen=True)
+class CordonRow:
+    """A GPU the scheduler must not offer (`cordoned`), for `faults`; or, uncordoned, the faults an
+    admin has seen and cleared, which do not cordon it again (`acknowledged`)."""
+
+    node: str
+    gpu: int
+    uuid: str
+    faults: tuple[str, ...]
+    since: float
+    cordoned: bool = True
+    acknowledged: tuple[str, ...] = ()
+
+    @property
+    def cause(self) -> str:
+        return "; ".join(self.faults)
+
+
+@dataclass(frozen=True)
 class UserRow:
     """A person with a token of their own. Only the secret's hash is stored: a copied database or
     backup gives nobody a token."""
@@ -168,6 +186,8 @@ class Store:
         self._nodes: dict[str, NodeRow] = {row["name"]: _node_row(row) for row in self.db["nodes"].rows}
         self._open_shares: list[AttemptNode] | None = None
         self._users: dict[str, UserRow] = {row["name"]: _user_row(row) for row in self.db["users"].rows}
+        self._cordons: dict[tuple[str, int], CordonRow] = {
+            (row["node"], row["gpu"]): _cordon_row(row) for row in self.db["cordons"].rows}
         # Told of every job that changes state, after the change is on disk (the metrics count them).
         self.on_move: Callable[[JobState, JobRow], None] = lambda before, row: None
 
@@ -200,6 +220,8 @@ class Store:
             db["jobs"].create_index(["array_job", "array_index"], if_not_exists=True)
             db["users"].create({"name": str, "secret_hash": str, "admin": int, "max_gpus": int, "created_at": float},
                                pk="name", if_not_exists=True, not_null={"secret_hash"})
+            db["cordons"].create({"node": str, "gpu": int, "uuid": str, "faults": str, "since": float, "cordoned": int,
+                                  "acknowledged": str}, pk=("node", "gpu"), if_not_exists=True)
 
     # --- users ------------------------------------------------------------------------------------
 
@@ -227,6 +249,32 @@ class Store:
 
     def user_with_secret_hash(self, secret_hash: str) -> UserRow | None:
         return next((user for user in self._users.values() if user.secret_hash == secret_hash), None)
+
+    # --- GPU cordons (coordinator.health) -------------------------------------------------------------
+
+    def cordons(self) -> dict[tuple[str, int], CordonRow]:
+        """Every GPU's cordon record by (node, index), cordoned or not; from memory."""
+        return dict(self._cordons)
+
+    def cordoned_by_node(self) -> dict[str, list[CordonRow]]:
+        """The GPUs the scheduler must not offer, by node, in index order."""
+        found: dict[str, list[CordonRow]] = {}
+        for key in sorted(self._cordons):
+            if self._cordons[key].cordoned:
+                found.setdefault(key[0], []).append(self._cordons[key])
+        return found
+
+    def set_cordon(self, row: CordonRow) -> None:
+        with self._tx():
+            self.db["cordons"].upsert({"node": row.node, "gpu": row.gpu, "uuid": row.uuid, "faults": json.dumps(row.faults),
+                                       "since": row.since, "cordoned": int(row.cordoned),
+                                       "acknowledged": json.dumps(row.acknowledged)}, pk=("node", "gpu"))
+        self._cordons[(row.node, row.gpu)] = row
+
+    def remove_cordon(self, node: str, gpu: int) -> None:
+        with self._tx():
+            self.db.conn.execute("DELETE FROM cordons WHERE node = ? AND gpu = ?", [node, gpu])
+        self._cordons.pop((node, gpu), None)
 
     # --- outputs kept on nodes ----------------------------------------------------------------------
 
@@ -763,6 +811,11 @@ def _job_row(row: dict[str, Any], hosts: Hosts) -> JobRow:
 def _user_row(row: dict[str, Any]) -> UserRow:
     return UserRow(name=row["name"], secret_hash=row["secret_hash"], admin=bool(row["admin"]),
                    max_gpus=row["max_gpus"], created_at=row["created_at"])
+
+
+def _cordon_row(row: dict[str, Any]) -> CordonRow:
+    return CordonRow(node=row["node"], gpu=row["gpu"], uuid=row["uuid"] or "", faults=tuple(json.loads(row["faults"])),
+                     since=row["since"], cordoned=bool(row["cordoned"]), acknowledged=tuple(json.loads(row["acknowledged"])))
 
 
 def _node_row(row: dict[str, Any]) -> NodeRow:

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 from gpudeck.coordinator.priority import Factor
 from gpudeck.coordinator.registry import Registry
-from gpudeck.coordinator.store import JobRow, NodeRow
-from gpudeck.protocol.payloads import FactorView, JobView, NodeView, OutputFile, TrafficByRank, WarmStatus
+from gpudeck.coordinator.store import CordonRow, JobRow, NodeRow
+from gpudeck.protocol.payloads import CordonView, FactorView, JobView, NodeView, OutputFile, TrafficByRank, WarmStatus
 
 
 def job_view(row: JobRow, traffic: TrafficByRank, outputs: dict[str, list[OutputFile]],
@@ -25,11 +25,14 @@ def job_view(row: JobRow, traffic: TrafficByRank, outputs: dict[str, list[Output
                          array_job=row.array_job, array_index=row.array_index)
 
 
-def node_view(node: NodeRow, registry: Registry, jobs: list[int], now: float) -> NodeView:
+def node_view(node: NodeRow, registry: Registry, jobs: list[int], now: float,
+              cordons: Sequence[CordonRow] = ()) -> NodeView:
+    """`cordons`: the node's cordoned GPUs (coordinator.health)."""
     link = registry.link(node.name)
     heard = registry.last_heard.get(node.name, node.last_seen)
     return NodeView(
         name=node.name, state=registry.states.get(node.name, node.state).value, draining=node.draining,
         simulated=node.simulated, hostname=node.hostname, address=node.address, connected=link is not None,
         last_heartbeat_age=round(max(0.0, now - heard), 1), jobs=jobs, gpus=link.gpus if link else node.gpus,
-        warm=link.warm if link else WarmStatus())
+        warm=link.warm if link else WarmStatus(),
+        cordoned=[CordonView(row.gpu, row.cause, row.since) for row in cordons])

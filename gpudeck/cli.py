@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
@@ -335,7 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--token-file", metavar="F", help="a file holding the join token")
     agent.add_argument("--name", help="this node's name in the cluster (default: the host name)")
     agent.add_argument("--simulate-gpus", type=simulated_gpus, metavar="N",
-                       help=f"N simulated GPUs instead of NVML, shown as SIM (at most {MAX_GPUS_PER_NODE})")
+                       help=f"N simulated GPUs instead of NVML, shown as SIM (at most {MAX_GPUS_PER_NODE}); lines in "
+                       "the file simulated-gpus of the state dir inject faults ('0 xid 79', '1 ecc 2') and outside "
+                       "processes ('0 process PID') to try cordons and `nodes --foreign`")
     agent.add_argument("--state-dir", type=Path, help="job directories and logs (default: the data dir's agent/)")
     agent.add_argument("--keep-outputs", type=duration, default=config.KEEP_OUTPUTS_FOR, metavar="DUR",
                        help="how long jobs' outputs are kept on this node (default: 7d)")
@@ -482,6 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "GPU's use, memory, temperature, power and the processes on it that are not gpudeck's; then "
                      "the machines advertising an agent on the network that have not joined, and why.",
                      "gpudeck nodes", "gpudeck nodes --json")
+    nodes.add_argument("--foreign", action="store_true",
+                       help="list only the processes on GPUs that belong to no gpudeck job (a forgotten notebook), "
+                       "with how long each has held its GPU")
     nodes.add_argument("--json", action="store_true", help="print JSON with stable field names")
     _client_flags(nodes)
 
@@ -539,6 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "environment build's (always shown for failed jobs and for commands)")
     _client_flags(logs)
     _user_parsers(sub)
+    _gpu_parsers(sub)
     _usage_parser(sub)
     return parser
 
@@ -580,6 +587,33 @@ def _user_parsers(sub: Any) -> None:
     remove.add_argument("name", metavar="NAME", help="the user's name, as `gpudeck user list` shows it")
     for action in (add, listing, remove):
         action.add_argument("--json", action="store_true", help="print JSON with stable field names")
+        _client_flags(action)
+
+
+def gpu_ref(text: str) -> tuple[str, int]:
+    """NODE:INDEX for argparse ('node-b:3')."""
+    node, sep, index = text.rpartition(":")
+    if not sep or not node or not index.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not NODE:INDEX (like node-b:3, as `gpudeck nodes` lists them)")
+    return node, int(index)
+
+
+def _gpu_parsers(sub: Any) -> None:
+    gpu = _command(sub, "gpu", "keep one faulty GPU out of the schedule, or offer it again (admins)",
+                   "A GPU that reports a fatal fault (an Xid error, uncorrected ECC errors, a failed row remap) is "
+                   "cordoned by itself: no new job is placed on it, the rest of its node goes on, and `gpudeck "
+                   "nodes` shows why. Once it is fixed or reset, `gpudeck gpu uncordon NODE:INDEX` offers it again "
+                   "(the faults it showed until then do not cordon it again; a new one does). `cordon` takes one "
+                   "out by hand. Jobs running on it are left alone.",
+                   "gpudeck gpu uncordon node-b:3", "gpudeck gpu cordon node-b:3 --reason 'fans are loud'")
+    actions = gpu.add_subparsers(dest="gpu_action", metavar="ACTION", required=True,
+                                 help="cordon or uncordon (each has its own --help)")
+    cordon = actions.add_parser("cordon", help="keep a GPU out of the schedule")
+    cordon.add_argument("--reason", default="", help="why, shown in `gpudeck nodes` and the dashboard")
+    uncordon = actions.add_parser("uncordon", help="offer a cordoned GPU to jobs again")
+    for action in (cordon, uncordon):
+        action.add_argument("gpu", type=gpu_ref, metavar="NODE:INDEX", help="the GPU, as `gpudeck nodes` lists it")
+        action.add_argument("--json", action="store_true", help="print the node as JSON with stable field names")
         _client_flags(action)
 
 
@@ -849,6 +883,10 @@ async def cmd_listing(args: argparse.Namespace) -> int:
             print(json.dumps(data, indent=2) if args.json else output.jobs_table(data, filtered))
             if left_out and not args.json:
                 print(left_out)
+        elif args.command == "nodes" and args.foreign:
+            data = await session.request(ListNodes)
+            held = output.foreign_processes(data["nodes"])
+            print(json.dumps(held, indent=2) if args.json else output.foreign_table(held, time.time()))
         elif args.command == "nodes":
             data = await session.request(ListNodes)
             print(json.dumps(data["nodes"], indent=2) if args.json else output.nodes_table(data))
@@ -864,6 +902,24 @@ async def cmd_listing(args: argparse.Namespace) -> int:
             whole = args.job[1] is None and data["array_job"] == data["id"]
             print(f"array {data['id']}: every task that had not ended is cancelled" if whole
                   else f"job {ref_text(*args.job)} cancelled")
+        return 0
+
+    return await _with_session(args, work)
+
+
+async def cmd_gpu(args: argparse.Namespace) -> int:
+    from gpudeck.protocol.messages import Cordon
+
+    node, index = args.gpu
+    on = args.gpu_action == "cordon"
+
+    async def work(session: ClientSession) -> int:
+        data = await session.request(Cordon, node=node, gpu=index, on=on, reason=args.reason if on else "")
+        if args.json:
+            print(json.dumps(data, indent=2))
+        else:
+            print(f"GPU {index} of node {visible(node)} " + ("is cordoned: no new job will be placed on it" if on
+                                                           else "is offered to jobs again"))
         return 0
 
     return await _with_session(args, work)
@@ -1013,6 +1069,7 @@ async def cmd_agent(args: argparse.Namespace) -> int:
     import socket
 
     from gpudeck.agent.gpus import open_backend
+    from gpudeck.agent.health import SIMULATED_GPUS
     from gpudeck.agent.node import Agent, AgentConfig
 
     state_dir = args.state_dir or config.agent_dir()
@@ -1023,7 +1080,7 @@ async def cmd_agent(args: argparse.Namespace) -> int:
     coordinator = split_address(address, config.DEFAULT_PORT) if address else None
     if coordinator is None and args.no_mdns:
         raise Failure("with --no-mdns the agent needs --coordinator HOST:PORT")
-    backend, found = open_backend(args.simulate_gpus)
+    backend, found = open_backend(args.simulate_gpus, injected=state_dir / SIMULATED_GPUS)
     logging.getLogger("gpudeck.agent").info("%s", found)
     agent = Agent(AgentConfig(name=args.name or socket.gethostname().split(".")[0], token=token,
                               state_dir=state_dir, coordinator=coordinator,
@@ -1103,7 +1160,8 @@ async def cmd_web(args: argparse.Namespace) -> int:
 
 ASYNC_COMMANDS = {"submit": cmd_submit, "jobs": cmd_listing, "nodes": cmd_listing, "show": cmd_listing,
                   "cancel": cmd_listing, "drain": cmd_listing, "logs": cmd_logs, "outputs": cmd_outputs, "coordinator": cmd_coordinator, "agent": cmd_agent,
-                  "web": cmd_web, "user": cmd_user, "usage": cmd_usage}
+                  "web": cmd_web, "user": cmd_user, "gpu": cmd_gpu,
+                  "usage": cmd_usage}
 
 
 def parse_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:

@@ -18,6 +18,7 @@ log = logging.getLogger("gpudeck.up")
 
 async def run_up(args: argparse.Namespace) -> int:
     from gpudeck.agent.gpus import open_backend
+    from gpudeck.agent.health import SIMULATED_GPUS
     from gpudeck.agent.node import Agent, AgentConfig
     from gpudeck.cli import scheduling_options
     from gpudeck.coordinator.server import Coordinator
@@ -32,7 +33,7 @@ async def run_up(args: argparse.Namespace) -> int:
         print(f"gpudeck: cannot listen on port {args.port} ({exc.strerror}): is gpudeck already up? "
               "Try another --port.")
         return 1
-    backend, found = open_backend(args.simulate_gpus)
+    backend, found = open_backend(args.simulate_gpus, injected=config.agent_dir() / SIMULATED_GPUS)
     name = socket.gethostname().split(".")[0]
     agent = Agent(AgentConfig(name=name, token=coordinator.token, state_dir=config.agent_dir(),
                               coordinator=("127.0.0.1", coordinator.port), mdns_interfaces=interfaces), backend)

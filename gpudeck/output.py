@@ -7,7 +7,7 @@ from typing import Any, TextIO
 
 from gpudeck.arrays import compress, job_label
 from gpudeck.model import format_duration
-from gpudeck.text import counted, human_bytes, idle_note, safe_output, visible, visible_data
+from gpudeck.text import counted, human_bytes, idle_note, safe_output, spoken_duration, visible, visible_data
 
 GIB = 1 << 30
 
@@ -140,10 +140,30 @@ def nodes_table(data: dict[str, Any]) -> str:
                          ", ".join(f"{p['name']} pid {p['pid']}" for p in foreign) or "-"])
         if rows:
             lines.append(table(["  GPU", "NAME", "UTIL", "MEMORY", "TEMP", "POWER", "OTHER PROCESSES"], rows))
+        lines += [f"  GPU {c['gpu']} is cordoned (no new jobs) since "
+                  f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(c['since']))}: {c['cause']}"
+                  for c in node.get("cordoned", [])]
     if unjoined:
         lines.append("\nseen on the network but not joined:")
         lines += [f"  {u['name']} at {u['address']} ({counted(u['gpus'], 'GPU')}): {u['why']}" for u in unjoined]
     return "\n".join(lines)
+
+
+def foreign_processes(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every process on a GPU that belongs to no gpudeck job, longest held first (`nodes --foreign`)."""
+    held = [{"node": node["name"], "gpu": gpu["index"], "uuid": gpu["uuid"], "pid": p["pid"], "name": p["name"],
+             "memory_used": p["memory_used"], "since": p.get("since")}
+            for node in nodes for gpu in node["gpus"] for p in gpu["processes"] or [] if p.get("foreign")]
+    return sorted(held, key=lambda p: (p["since"] is None, p["since"] or 0, p["node"], p["gpu"]))
+
+
+def foreign_table(held: list[dict[str, Any]], now: float) -> str:
+    if not held:
+        return "no process outside gpudeck holds a GPU"
+    rows = [[p["node"], str(p["gpu"]), str(p["pid"]), p["name"] or "?", _value(p["memory_used"], " MiB", 2**20),
+             spoken_duration(now - p["since"]) if p["since"] is not None else "?"] for p in visible_data(held)]
+    return table(["NODE", "GPU", "PID", "PROCESS", "MEMORY", "HELD FOR"], rows) + (
+        "\n(held for: since the node's agent first saw it there)")
 
 
 def job_detail(job: dict[str, Any]) -> str:

@@ -15,7 +15,7 @@ from bench.gpu_check import FIELDS, SMI_FIELDS, compare_gpu, parse_smi
 
 ROOT = Path(__file__).resolve().parents[1]
 # One line as `nvidia-smi --query-gpu=<SMI_FIELDS> --format=csv,noheader,nounits` prints it on an H200.
-SMI_LINE = "GPU-5f1e7a3c-0b6d-4a52-9c1e-2b8f4d1a7e90, NVIDIA H200, 143771, 1024, 37, 41, 118.52, 700.00"
+SMI_LINE = "GPU-5f1e7a3c-0b6d-4a52-9c1e-2b8f4d1a7e90, NVIDIA H200, 143771, 1024, 37, 41, 118.52, 700.00, 0"
 
 
 def reading(**changes: object) -> dict[str, object]:
@@ -23,13 +23,14 @@ def reading(**changes: object) -> dict[str, object]:
     base: dict[str, object] = {
         "index": 0, "uuid": "GPU-5f1e7a3c-0b6d-4a52-9c1e-2b8f4d1a7e90", "name": "NVIDIA H200",
         "memory_total": 143771 * 2**20, "memory_used": 1100 * 2**20, "utilization": 30, "temperature": 42,
-        "power": 121.0, "power_limit": 700.0, "processes": [],
+        "power": 121.0, "power_limit": 700.0, "processes": [], "ecc_uncorrected": 0, "remapped_rows": 0,
     }
     return {**base, **changes}
 
 
 def test_every_field_agrees_within_its_tolerance() -> None:
     [row] = parse_smi(SMI_LINE, SMI_FIELDS)
+    row["remapped_rows.uncorrectable"] = "0"  # from `nvidia-smi --query-remapped-rows`
     checks = compare_gpu(reading(), row)
     assert [check.field for check in checks] == [field.name for field in FIELDS]
     assert all(check.ok for check in checks), [check for check in checks if not check.ok]
@@ -37,18 +38,19 @@ def test_every_field_agrees_within_its_tolerance() -> None:
 
 @pytest.mark.parametrize(("field", "value"), [
     ("name", "NVIDIA H100"), ("memory_total", 81559 * 2**20), ("memory_used", 9000 * 2**20),
-    ("temperature", 60), ("power", 300.0), ("power_limit", 500.0),
+    ("temperature", 60), ("power", 300.0), ("power_limit", 500.0), ("ecc_uncorrected", 2),
 ])
 def test_a_field_that_disagrees_is_flagged(field: str, value: object) -> None:
     [row] = parse_smi(SMI_LINE, SMI_FIELDS)
+    row["remapped_rows.uncorrectable"] = "0"
     flagged = [check.field for check in compare_gpu(reading(**{field: value}), row) if not check.ok]
     assert flagged == [field]
 
 
 def test_a_field_only_one_side_reports_is_flagged() -> None:
     [row] = parse_smi(SMI_LINE.replace("118.52", "[N/A]"), SMI_FIELDS)
-    assert [check.field for check in compare_gpu(reading(), row) if not check.ok] == ["power"]
-    assert all(check.ok for check in compare_gpu(reading(power=None), row))
+    assert [check.field for check in compare_gpu(reading(), row) if not check.ok] == ["power", "remapped_rows"]
+    assert all(check.ok for check in compare_gpu(reading(power=None, remapped_rows=None), row))
 
 
 def test_a_line_with_other_columns_is_refused() -> None:

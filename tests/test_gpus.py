@@ -43,6 +43,10 @@ WIRE_FIELDS = {
     "power_limit",
     "processes",
     "energy_mj",
+    "ecc_uncorrected",
+    "retired_pages",
+    "remapped_rows",
+    "faults",
 }
 MISSING_PID = 99_999_999  # above any Linux pid_max, so /proc has no entry for it
 
@@ -215,7 +219,7 @@ def test_a_reading_on_the_wire_has_exactly_the_field_names() -> None:
     )
     (wire,) = Telemetry(gpus=[reading]).to_wire()["gpus"]
     assert set(wire) == WIRE_FIELDS == {f.name for f in fields(GpuReading)}
-    assert wire["processes"] == [{"pid": 12, "name": "python", "memory_used": None, "foreign": False}]
+    assert wire["processes"] == [{"pid": 12, "name": "python", "memory_used": None, "foreign": False, "since": None}]
     assert wire["memory_used"] is None and wire["power"] == 1.5
 
 
@@ -328,6 +332,47 @@ class FakeNvml:
     def nvmlDeviceGetGraphicsRunningProcesses(self, handle: int) -> list[Any]:
         return self._metric(handle, "graphics")
 
+    # Health: each GPU's dict may hold "ecc", "retired" (pages), "retired_pending", "remap" (a 4-tuple)
+    # and "xids" (events waiting); a GPU without them reports nothing wrong.
+    nvmlEventTypeXidCriticalError = pynvml.nvmlEventTypeXidCriticalError
+
+    def nvmlEventSetCreate(self) -> str:
+        return "events"
+
+    def nvmlDeviceRegisterEvents(self, handle: int, types: int, events: str) -> None:
+        assert types == pynvml.nvmlEventTypeXidCriticalError and events == "events"
+
+    def nvmlEventSetWait_v2(self, events: str, timeout_ms: int) -> Any:
+        assert timeout_ms == 0  # a poll must never block the telemetry loop
+        for handle, gpu in enumerate(self.gpus):
+            if isinstance(gpu, dict) and gpu.get("xids"):
+                return SimpleNamespace(device=handle, eventData=gpu["xids"].pop(0))
+        raise pynvml.NVMLError_Timeout()
+
+    def nvmlEventSetFree(self, events: str) -> None:
+        self._count("events_freed")
+
+    def _health(self, handle: int, key: str, default: Any) -> Any:
+        gpu = self.gpus[handle]
+        value = gpu.get(key, default) if isinstance(gpu, dict) else default
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    def nvmlDeviceGetTotalEccErrors(self, handle: int, error_type: int, counter: int) -> int:
+        assert (error_type, counter) == (pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, pynvml.NVML_VOLATILE_ECC)
+        return self._health(handle, "ecc", 0)
+
+    def nvmlDeviceGetRetiredPages(self, handle: int, cause: int) -> list[int]:
+        pages = self._health(handle, "retired", [])
+        return pages if cause == pynvml.NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR else []
+
+    def nvmlDeviceGetRetiredPagesPendingStatus(self, handle: int) -> int:
+        return self._health(handle, "retired_pending", pynvml.NVML_FEATURE_DISABLED)
+
+    def nvmlDeviceGetRemappedRows(self, handle: int) -> tuple[int, int, int, int]:
+        return self._health(handle, "remap", (0, 0, 0, 0))
+
     def nvmlSystemGetProcessName(self, pid: int) -> bytes:
         if pid not in self.process_names:
             raise pynvml.NVMLError_NotFound()
@@ -378,6 +423,9 @@ def test_nvml_reads_every_metric_and_converts_units() -> None:
         power_limit=700.0,
         processes=(),
         energy_mj=9_876_543_210,
+        ecc_uncorrected=0,
+        retired_pages=0,
+        remapped_rows=0,
     )
 
 
@@ -488,3 +536,67 @@ def test_open_nvml_zero_devices_releases_nvml() -> None:
     backend, message = _open_nvml(fake)
     assert isinstance(backend, EmptyBackend) and "--simulate-gpus" in message
     assert fake.calls["shutdown"] == 1
+
+
+# --- GPU health ---------------------------------------------------------------------------------
+
+
+def test_nvml_health_of_a_sound_gpu_reads_zero_and_no_faults() -> None:
+    reading = NvmlBackend(FakeNvml([healthy_gpu()])).read()[0]
+    assert (reading.ecc_uncorrected, reading.retired_pages, reading.remapped_rows, reading.faults) == (0, 0, 0, ())
+
+
+def test_nvml_fatal_xid_is_a_fault_kept_until_the_agent_restarts_and_a_harmless_one_is_not() -> None:
+    fake = FakeNvml([healthy_gpu(xids=[13, 79]), healthy_gpu(uuid="GPU-bbbb")])
+    backend = NvmlBackend(fake)
+    first = backend.read()
+    assert len(first[0].faults) == 1 and first[0].faults[0].startswith("Xid 79 at ")
+    assert "fallen off the bus" in first[0].faults[0] and first[1].faults == ()
+    assert backend.read()[0].faults == first[0].faults  # the event came once; the fault stays
+    backend.close()
+    assert fake.calls["events_freed"] == 1
+
+
+def test_nvml_uncorrected_ecc_failed_remap_and_pending_retirement_are_faults() -> None:
+    gpu = healthy_gpu(ecc=2, retired=[0x1000, 0x2000], retired_pending=pynvml.NVML_FEATURE_ENABLED, remap=(5, 1, 0, 1))
+    reading = NvmlBackend(FakeNvml([gpu])).read()[0]
+    assert (reading.ecc_uncorrected, reading.retired_pages, reading.remapped_rows) == (2, 2, 1)
+    assert reading.faults == ("2 uncorrected ECC errors since the driver loaded",
+                              "retired memory pages are waiting for a GPU reset", "a memory row remap failed")
+
+
+def test_nvml_health_a_gpu_cannot_report_is_unknown_not_a_fault() -> None:
+    unsupported = pynvml.NVMLError_NotSupported()
+    gpu = healthy_gpu(ecc=unsupported, retired=unsupported, retired_pending=unsupported, remap=unsupported)
+    reading = NvmlBackend(FakeNvml([gpu])).read()[0]
+    assert (reading.ecc_uncorrected, reading.retired_pages, reading.remapped_rows, reading.faults) == (None, None, None, ())
+
+
+def test_nvml_health_counters_refresh_with_the_process_list_not_every_poll() -> None:
+    clock = Clock()
+    fake = FakeNvml([healthy_gpu()])
+    backend = NvmlBackend(fake, process_interval=5.0, clock=clock)
+    backend.read()
+    fake.gpus[0]["ecc"] = 1
+    assert backend.read()[0].ecc_uncorrected == 0
+    clock.now += 5.0
+    assert backend.read()[0].ecc_uncorrected == 1
+
+
+def test_injected_faults_and_outside_processes_reach_simulated_readings(tmp_path) -> None:
+    injected = tmp_path / "simulated-gpus"
+    backend = SimulatedBackend(2, seed=1, injected=injected)
+    assert all(r.faults == () for r in backend.read())
+    outside = subprocess.Popen(["sleep", "300"])
+    try:
+        injected.write_text(f"0 xid 79\n1 ecc 3\n1 process {outside.pid}\nnonsense line\n0 process notapid\n")
+        first = backend.read()
+        assert [f.split(":")[0][:6] for f in first[0].faults] == ["Xid 79"]
+        assert first[1].faults == ("3 uncorrected ECC errors since the driver loaded",)
+        assert [(p.pid, p.name) for p in first[1].processes] == [(outside.pid, "sleep")]
+        injected.write_text(f"0 xid 79\n0 xid 79\n1 process {outside.pid}\n")  # a second event; ecc cleared
+        second = backend.read()
+        assert len(second[0].faults) == 2 and second[1].faults == ()
+    finally:
+        outside.kill()
+        outside.wait()

@@ -20,6 +20,7 @@ from gpudeck.coordinator.scheduler import (
     JobRequest,
     NodeSlots,
     Placement,
+    RunningJob,
     impossible_reason,
     schedule,
     validate_request,
@@ -119,6 +120,23 @@ def test_foreign_gpus_are_never_offered() -> None:
     decision = schedule(cluster, [gpus(1, 1), gpus(2, 2)])
     assert hosts_of(decision) == {1: (("b", (0,)),)}
     assert 2 in decision.reasons
+
+
+def test_a_cordoned_gpu_is_never_offered_and_the_reason_counts_it() -> None:
+    cordoned = NodeSlots("node-a", (GpuSlot(0, cordoned="Xid 79"), GpuSlot(1), GpuSlot(2, cordoned="ecc")))
+    decision = schedule([cordoned], [gpus(1, 1), gpus(2, 2)])
+    assert hosts_of(decision) == {1: (("node-a", (1,)),)}
+    assert decision.reasons[2] == ("needs 2 GPUs; none are free; 2 GPUs are cordoned for a fault "
+                                   "(gpudeck nodes says which)")
+
+
+def test_a_cordoned_gpu_a_job_holds_is_not_planned_free_when_that_job_ends() -> None:
+    """Only GPUs that will be offered count toward a waiting job's planned start."""
+    held = NodeSlots("node-a", (GpuSlot(0, busy_job=7, cordoned="Xid 79"), GpuSlot(1, busy_job=7)))
+    running = (RunningJob(7, (("node-a", (0, 1)),), ends_at=2000.0),)
+    assert schedule([held], [gpus(1, 2)], running, now=1000.0).estimated_start == {}
+    sound = NodeSlots("node-a", (GpuSlot(0, busy_job=7), GpuSlot(1, busy_job=7)))
+    assert schedule([sound], [gpus(1, 2)], running, now=1000.0).estimated_start == {1: 2000.0}
 
 
 def test_nodes_take_best_fit_nodes_ranked_by_name() -> None:

@@ -577,6 +577,11 @@ def asked_text(job: Job) -> str:
     return f"{asked} GPU" if asked == "1" else f"{asked} GPUs"
 
 
+def cordon_of(node: dict[str, Any], index: int) -> dict[str, Any] | None:
+    """The cordon of GPU `index` of `node` (its cause and since when), or None."""
+    return next((c for c in node.get("cordoned", []) if c["gpu"] == index), None)
+
+
 def foreign_processes(gpu: dict[str, Any]) -> list[dict[str, Any]]:
     return [p for p in gpu.get("processes") or [] if p.get("foreign")]
 

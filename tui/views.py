@@ -23,7 +23,8 @@ from gpudeck.arrays import job_label
 from gpudeck.output import energy_text, gpu_hours_text
 from gpudeck.text import counted, human_bytes, idle_note, rate, spoken_duration, visible
 from gpudeck.tui.model import (
-    ACTIVE_STATES, Changes, Cluster, Person, JobTraffic, age, asked_text, bar, describe_process, foreign_processes,
+    ACTIVE_STATES, Changes, Cluster, Person, JobTraffic, age, asked_text, bar, cordon_of, describe_process,
+    foreign_processes,
     gib, matches, rank_health, rank_places, request_text, sparkline,
 )
 from gpudeck.tui.table import SPAN, SPAN_FROM, Column, DeckTable, Palette
@@ -248,6 +249,8 @@ class NodesView(FilteredView):
             outside = [(g["index"], p) for g in node["gpus"] for p in foreign_processes(g)]
             for index, process in outside:
                 text.append(f"\nGPU {index}: ! outside gpudeck: {describe_process(process)}")
+            for cordon in node.get("cordoned", []):
+                text.append(f"\nGPU {cordon['gpu']}: cordoned, no new jobs: {cordon['cause']}")
             return text
         gpu = next((g for g in node["gpus"] if g["index"] == key[2]), None)
         if gpu is None:
@@ -261,6 +264,10 @@ class NodesView(FilteredView):
         limit = gpu.get("power_limit")
         if power is not None:
             text.append(f" · {power:.0f}W" + (f" of {limit:.0f}W" if limit else ""))
+        cordon = cordon_of(node, key[2])
+        if cordon is not None:
+            text.append(f"\ncordoned for {spoken_duration(self.cluster.now() - cordon['since'])} "
+                        f"(`gpudeck gpu uncordon {key[1]}:{key[2]}` offers it again): {cordon['cause']}")
         for process in gpu.get("processes") or []:
             mark = "! outside gpudeck: " if process.get("foreign") else ""
             text.append(f"\n{mark}{describe_process(process)}")
@@ -312,6 +319,8 @@ class NodesView(FilteredView):
             jobs.append(" draining", style=p.warn)
         if foreign:
             jobs.append(f" !{foreign} outside", style=p.bad)
+        if node.get("cordoned"):
+            jobs.append(f" x{len(node['cordoned'])} cordoned", style=p.bad)
         util = sum(utils) / len(utils) if utils else None
         stale = node["state"] == "down"
         if stale:
@@ -353,8 +362,11 @@ class NodesView(FilteredView):
         if not (node.get("simulated") and gpu_name.startswith("Simulated")):
             label.append(gpu_name, style=p.dim)
         stale = node["state"] == "down"
+        cordon = cordon_of(node, index)
         if stale:
             state, style = "stale", p.warn
+        elif cordon is not None:
+            state, style = "cordoned", p.bad
         elif foreign:
             state, style = "outside", p.bad
         elif job is not None:
@@ -372,6 +384,10 @@ class NodesView(FilteredView):
                 use.append("  ")
             more = f" +{len(foreign) - 1}" if len(foreign) > 1 else ""
             use.append(f"! outside gpudeck: {describe_process(foreign[0])}{more}", style=p.bad)
+        if cordon is not None:
+            if use:
+                use.append("  ")
+            use.append(f"cordoned: {cordon['cause']}", style=p.bad)
         temp = f"{gpu['temperature']:.0f}C" if gpu.get("temperature") is not None else "n/a"
         power = _watts(gpu["power"]) if gpu.get("power") is not None else "n/a"
         cells = {

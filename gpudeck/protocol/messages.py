@@ -16,7 +16,8 @@ from typing import Any, ClassVar
 from gpudeck.protocol.payloads import GpuReading, JobReport, OutputFile, TrafficByRank, WarmStatus
 from gpudeck.protocol.values import ShapeError, plain, typed_fields
 
-PROTOCOL_VERSION = 6  # 6: users, owners, arrays, preemption, energy readings (issue 13)
+PROTOCOL_VERSION = 7  # 7: GPU health and cordons, foreign processes' first sighting, doctor, stragglers (issue 14)
+# 6: users, owners, arrays, preemption, energy readings (issue 13)
 
 
 class ProtocolError(Exception):
@@ -418,6 +419,17 @@ class Drain(Message):
     req: int
     node: str
     on: bool
+
+
+@message("cordon")
+class Cordon(Message):
+    """Keep one GPU out of the schedule (admins only), or with on=False offer it again (`gpu uncordon`)."""
+
+    req: int
+    node: str
+    gpu: int
+    on: bool
+    reason: str = ""
 
 
 @message("add_user")

@@ -29,6 +29,7 @@ class GpuProcess:
     name: str
     memory_used: int | None
     foreign: bool = False
+    since: float | None = None  # when the node's agent first saw it on this GPU (epoch seconds)
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,13 @@ class GpuReading:
     # newer); simulated GPUs count it from their simulated power. The coordinator charges each job the
     # growth of its GPUs' counters.
     energy_mj: int | None = None
+    # Health (gpudeck.agent.health): uncorrected ECC errors since the driver loaded, retired pages,
+    # rows remapped for uncorrectable errors; `faults`, one sentence each, make the coordinator
+    # cordon this GPU.
+    ecc_uncorrected: int | None = None
+    retired_pages: int | None = None
+    remapped_rows: int | None = None
+    faults: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -202,6 +210,15 @@ class JobView:
 
 
 @dataclass(frozen=True)
+class CordonView:
+    """A cordoned GPU of a node (coordinator.health): its index, why, since when (epoch seconds)."""
+
+    gpu: int
+    cause: str
+    since: float
+
+
+@dataclass(frozen=True)
 class NodeView:
     """A node as `gpudeck nodes --json` and the dashboard see it."""
 
@@ -216,6 +233,7 @@ class NodeView:
     jobs: list[int]
     gpus: list[GpuReading]
     warm: WarmStatus = field(default_factory=WarmStatus)
+    cordoned: list[CordonView] = field(default_factory=list)  # GPUs kept out of the schedule, and why
 
     def to_json(self) -> dict[str, Any]:
         return plain(self)

@@ -23,8 +23,10 @@ def gpu(index: int, util: int | None, used_gib: float | None, temp: float | None
 
 
 def node(name: str, gpus: list[dict[str, Any]], state: str = "up", simulated: bool = True, address: str = "10.0.0.1",
-         jobs: list[int] | None = None, draining: bool = False, age: float = 0.4) -> dict[str, Any]:
+         jobs: list[int] | None = None, draining: bool = False, age: float = 0.4,
+         cordoned: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     return NodeView.from_json({"name": name, "state": state, "draining": draining, "simulated": simulated,
+                               "cordoned": cordoned or [],
                                "hostname": name, "address": address, "connected": state != "down",
                                "last_heartbeat_age": age, "jobs": jobs or [], "gpus": gpus,
                                "warm": {"size": 1, "ready": 1, "memory_bytes": 412 * 2**20}}).to_json()

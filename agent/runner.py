@@ -725,9 +725,9 @@ class JobRunner:
                 continue
 
     async def ship_traffic(self, job: RunningJob) -> None:
-        totals = self.sink.totals(job.job, job.attempt)
-        if totals:
-            await self.send(Traffic(job=job.job, attempt=job.attempt, by_rank=totals))
+        totals, sync = self.sink.totals(job.job, job.attempt), self.sink.sync(job.job, job.attempt)
+        if totals or sync:
+            await self.send(Traffic(job=job.job, attempt=job.attempt, by_rank=totals, sync=sync))
 
     async def ship_all(self) -> None:
         for job in list(self.jobs.values()):

@@ -24,6 +24,7 @@ class TrafficSink:
         self._sock.bind((host, port))
         self._sock.setblocking(False)
         self._totals: dict[tuple[int, int], ByRank] = {}
+        self._sync: dict[tuple[int, int], ByRank] = {}  # collective progress, rank -> SYNC_KEYS -> count
         self.dropped = 0
 
     @classmethod
@@ -61,6 +62,9 @@ class TrafficSink:
             ranks = self._totals.get((report.job, report.attempt))
             if ranks is not None:
                 _raise(ranks.setdefault(report.rank, {}), report.bytes)
+                if report.sync:
+                    _raise(self._sync.setdefault((report.job, report.attempt), {}).setdefault(report.rank, {}),
+                           report.sync)
 
     def expect(self, job: int, attempt: int) -> None:
         """Accept reports for a job attempt running on this node; others are ignored."""
@@ -75,8 +79,12 @@ class TrafficSink:
     def totals(self, job: int, attempt: int) -> ByRank:
         return {rank: dict(kinds) for rank, kinds in self._totals.get((job, attempt), {}).items()}
 
+    def sync(self, job: int, attempt: int) -> ByRank:
+        return {rank: dict(counts) for rank, counts in self._sync.get((job, attempt), {}).items()}
+
     def forget(self, job: int, attempt: int) -> None:
         self._totals.pop((job, attempt), None)
+        self._sync.pop((job, attempt), None)
 
     def close(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         if loop is not None:

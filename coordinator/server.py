@@ -31,15 +31,16 @@ from gpudeck.coordinator.logs import LogStore, rank_problem
 from gpudeck.coordinator.metrics import ClusterCollector, JobEvents, MetricsEndpoint
 from gpudeck.coordinator.outputs import OutputRelay
 from gpudeck.coordinator.priority import Policy
+from gpudeck.coordinator.progress import ProgressBook
 from gpudeck.coordinator.projects import ProjectStore
 from gpudeck.coordinator.registry import SUSPECT_AFTER, AgentLink, Registry
 from gpudeck.coordinator.store import JobFilter, JobRow, Store, StoreFull
 from gpudeck.coordinator.traffic import TrafficBook
 from gpudeck.coordinator.usage import EnergyMeter, usage_view
 from gpudeck.coordinator.users import ADMIN, Caller, People, may_touch, need_admin, user_view
-from gpudeck.coordinator.views import job_view, node_view
+from gpudeck.coordinator.views import job_view, node_view, rank_nodes
 from gpudeck.coordinator.watch import JOBS_PER_FRAME, Publisher, split_update
-from gpudeck.config import ENDPOINT_FILE, IDLE_AFTER, PROJECT_STORE_LIMIT
+from gpudeck.config import ENDPOINT_FILE, HANG_AFTER, IDLE_AFTER, PROJECT_STORE_LIMIT
 from gpudeck.discovery import Discovery
 from gpudeck.model import JobSpec, JobState, NodeState
 from gpudeck.project import DEFAULT_CAP, path_problem
@@ -69,8 +70,9 @@ class Coordinator:
                  project_cap: int = DEFAULT_CAP, project_store: int = PROJECT_STORE_LIMIT,
                  idle_after: float = IDLE_AFTER, idle_cancel: bool = False, priority: Policy = Policy(),
                  default_time_limit: float = DEFAULT_TIME_LIMIT, preempt_grace: float = PREEMPT_GRACE,
-                 metrics: tuple[str, int] | None = None) -> None:
-        """`metrics`: where to serve Prometheus metrics (None: nowhere). `idle_after`: how long every GPU of a running job must read 0 % before it is marked idle;
+                 metrics: tuple[str, int] | None = None, hang_after: float = HANG_AFTER) -> None:
+        """`metrics`: where to serve Prometheus metrics (None: nowhere); `hang_after`: how long a running
+        job's ranks may complete no collective before it is flagged hung. `idle_after`: how long every GPU of a running job must read 0 % before it is marked idle;
         `idle_cancel`: cancel it then. `priority`: the weights, fair-share half-life and age cap of
         pending jobs' priority; `default_time_limit`: how long reservations plan a job without
         --time-limit to run; `preempt_grace`: a preempted job's seconds from SIGTERM to SIGKILL."""
@@ -94,6 +96,7 @@ class Coordinator:
         self._accepting: set[asyncio.Task[None]] = set()  # accepts, and closes of removed users' sessions
         self.publisher = Publisher()
         self.idle = IdleTracker(idle_after)
+        self.progress = ProgressBook(hang_after, clock)
         self.idle_cancel = idle_cancel
         self.relay = OutputRelay(self.send)
         self._published_at = 0.0
@@ -175,6 +178,7 @@ class Coordinator:
                 self.jobs.node_down(name)
         self.jobs.enforce_time_limits()
         self._watch_idle()
+        self._watch_progress()
         self.events.timed_pass(self.jobs.schedule)
         self.traffic.persist(self.clock())
         self.energy.persist(self.clock())
@@ -196,6 +200,20 @@ class Coordinator:
             log.info("job %d cancelled: %s", job_id, reason)
             self.wake.set()
 
+    def _watch_progress(self) -> None:
+        """Forget jobs that stopped running; cancel those hung past their --hang-timeout."""
+        running = self.store.jobs((JobState.RUNNING,))
+        self.progress.keep_only({row.id for row in running})
+        for row in running:
+            timeout, stalled = row.spec.hang_timeout, self.progress.stalled_for(row.id)
+            if timeout is not None and stalled is not None and stalled >= timeout:
+                hang = self.progress.view(row.id, rank_nodes(row))
+                reason = f"hung for {spoken_duration(stalled)}, past its --hang-timeout" + (
+                    f": {hang.hung.sentence}" if hang and hang.hung else "")
+                self.jobs.cancel(row.id, reason=reason)
+                log.info("job %d cancelled: %s", row.id, reason)
+                self.wake.set()
+
     def _publish(self) -> None:
         """Send watchers what changed, at most once a PUBLISH_EVERY; only the jobs the store wrote or
         that reported traffic since the last publish are looked at."""
@@ -204,13 +222,14 @@ class Coordinator:
             self.store.take_changed_ids()  # nobody to tell; a new watcher starts from a snapshot
             self.traffic.take_changed()
             self.idle.take_changed()
+            self.progress.take_changed()
             return
         if now - self._published_at < PUBLISH_EVERY:
             return
         self._published_at = now
         nodes = self._nodes()
         changed = {row.id: row for row in self.store.take_changed()}
-        view_only = (self.traffic.take_changed() | self.idle.take_changed()) - set(changed)
+        view_only = (self.traffic.take_changed() | self.idle.take_changed() | self.progress.take_changed()) - set(changed)
         changed.update((job_id, row) for job_id in view_only if (row := self.store.job(job_id)) is not None)
         jobs = self._job_views(sorted(changed.values(), key=lambda row: row.id))
         update = self.publisher.publish_data(nodes["nodes"], nodes["unjoined"], jobs, now)
@@ -397,6 +416,8 @@ class Coordinator:
                 log.warning("could not store a log chunk of job %d: %s", message.job, exc.strerror)
         elif isinstance(message, Traffic):
             self.traffic.record(message.job, message.attempt, message.by_rank)
+            if message.sync:
+                self.progress.record(message.job, message.attempt, message.sync)
         elif isinstance(message, FetchContent):
             link.conn.post(self._content_chunk(message))
         elif isinstance(message, JobPreparing):
@@ -528,7 +549,8 @@ class Coordinator:
         traffic = self.traffic.totals([row.id for row in rows])
         outputs = self.store.outputs([row.id for row in rows])
         return [job_view(row, traffic[row.id], outputs[row.id], self.idle.idle_since(row.id),
-                         *self.jobs.standing(row)).to_json() for row in rows]
+                         *self.jobs.standing(row), progress=self.progress.view(row.id, rank_nodes(row))).to_json()
+                for row in rows]
 
     def _kept_outputs(self, node: str, message: Outputs) -> None:
         """A node's word on what it keeps of a job's outputs: only of an attempt it had a share of."""

@@ -3,26 +3,33 @@ names, a contract, are declared once in `gpudeck.protocol.payloads`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from gpudeck.coordinator.priority import Factor
 from gpudeck.coordinator.registry import Registry
 from gpudeck.coordinator.store import CordonRow, JobRow, NodeRow
-from gpudeck.protocol.payloads import CordonView, FactorView, JobView, NodeView, OutputFile, TrafficByRank, WarmStatus
+from gpudeck.protocol.payloads import CordonView, FactorView, ProgressView, JobView, NodeView, OutputFile, TrafficByRank, WarmStatus
 
 
 def job_view(row: JobRow, traffic: TrafficByRank, outputs: dict[str, list[OutputFile]],
              idle_since: float | None = None, factors: Sequence[Factor] = (),
-             estimated_start: float | None = None) -> JobView:
+             estimated_start: float | None = None, progress: ProgressView | None = None) -> JobView:
     """`factors` and `estimated_start`: a pending job's priority terms and planned start
-    (`JobControl.standing`)."""
+    (`JobControl.standing`); `progress`: a running job's stragglers and hang (coordinator.progress)."""
     return JobView.build(row.id, row.spec, state=row.state.value, reason=row.reason, hosts=row.hosts,
                          restarts=row.restarts, attempt=row.attempt, exit_code=row.exit_code,
                          submitted_at=row.submitted_at, started_at=row.started_at, ended_at=row.ended_at,
                          traffic=traffic, outputs=outputs, owner=row.owner, idle_since=idle_since,
                          estimated_start=estimated_start,
                          priority_factors=[FactorView(f.name, f.value, f.weight, f.contribution) for f in factors],
-                         array_job=row.array_job, array_index=row.array_index)
+                         array_job=row.array_job, array_index=row.array_index, progress=progress)
+
+
+def rank_nodes(row: JobRow) -> Callable[[int], str]:
+    """The node each rank of the job's current attempt runs on: ranks are numbered node by node, one
+    per GPU (a command: one per node)."""
+    nodes = [node for node, gpus in row.hosts for _ in range(1 if row.spec.command else max(1, len(gpus)))]
+    return lambda rank: nodes[rank] if 0 <= rank < len(nodes) else "an unknown node"
 
 
 def node_view(node: NodeRow, registry: Registry, jobs: list[int], now: float,

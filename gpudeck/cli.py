@@ -314,6 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "(`gpudeck jobs` and the dashboard say so; default: 30m)")
     coord.add_argument("--idle-cancel", action="store_true",
                        help="cancel a job once it has been idle for --idle-after, so its GPUs go to others")
+    coord.add_argument("--hang-after", type=duration, default=config.HANG_AFTER, metavar="DUR",
+                       help="flag a running job hung once its ranks have completed no collective for this long, "
+                       "naming the rank that stopped first (default: 10m; a job is cancelled for it only "
+                       "when submitted with --hang-timeout)")
     coord.add_argument("--metrics", type=metrics_address, metavar="[HOST:]PORT",
                        help="serve Prometheus metrics (GPU series under dcgm-exporter's names, nodes, jobs, queue "
                        "wait, traffic) at http://HOST:PORT/metrics, without a token: give only a port to keep it "
@@ -411,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"higher runs first, -{MAX_PRIORITY} to {MAX_PRIORITY} (default: 0)")
     submit.add_argument("--time-limit", metavar="DUR",
                         help=f"stop the job after this long (90s, 10m, 2h; at most {MAX_TIME_LIMIT // 86400}d)")
+    submit.add_argument("--hang-timeout", type=duration, metavar="DUR",
+                        help="cancel the job once its ranks have completed no collective (all-reduce, send, ...) "
+                        "for this long; without it a hung job is only flagged in `gpudeck jobs`")
     submit.add_argument("--max-restarts", type=int, default=0, metavar="K",
                         help=f"requeue the job up to K times when one of its nodes is lost, 0 to {MAX_RESTARTS} "
                         "(default: 0)")
@@ -791,7 +798,7 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
         command=list(args.command_line), env=_environment(args), python=args.python or "",
         venv=args.venv or "", requirements=_requirements(args.requirements), image=args.image or "",
         launcher="torchrun" if args.torchrun else "", preemptible=args.preemptible, after=args.after,
-        after_any=args.after_any, array=args.array or "")
+        after_any=args.after_any, array=args.array or "", hang_timeout=args.hang_timeout)
     try:
         spec.check()
     except ValueError as exc:
@@ -1048,7 +1055,8 @@ async def cmd_coordinator(args: argparse.Namespace) -> int:
                               mdns_interfaces=args.mdns_interface, use_mdns=not args.no_mdns,
                               job_ports=args.job_ports, project_cap=args.project_cap,
                               project_store=args.project_store, idle_after=args.idle_after,
-                              idle_cancel=args.idle_cancel, metrics=args.metrics, **scheduling_options(args))
+                              idle_cancel=args.idle_cancel, metrics=args.metrics, hang_after=args.hang_after,
+                              **scheduling_options(args))
     await coordinator.start()
     try:
         await _until_signalled(asyncio.Event().wait())

@@ -23,6 +23,7 @@ ENDPOINT_FILE = "endpoint.json"
 # Storage bounds, each a flag of `gpudeck coordinator` or `gpudeck agent` (the default here).
 PROJECT_STORE_LIMIT = 8 * 1024**3  # the coordinator's store of shipped project files
 IDLE_AFTER = 30 * 60.0  # seconds every GPU of a running job reads 0 % before the job is marked idle
+HANG_AFTER = 600.0  # `gpudeck coordinator --hang-after`: no collective completed this long flags a job hung
 NODE_CACHE_LIMIT = 16 * 1024**3  # a node's cache of project files
 KEEP_OUTPUTS_FOR = 7 * 86400.0  # seconds a node keeps a job's outputs...
 OUTPUTS_SPACE = 10 * 1024**3  # ...or until they take this much, the oldest going first

@@ -186,6 +186,7 @@ class JobSpec:
     after: list[str] = field(default_factory=list)  # jobs ('7', or a task '12.3') that must succeed first
     after_any: list[str] = field(default_factory=list)  # jobs that must end first, however they end
     array: str = ""  # --array as given ('0-31%4'): one job per index (see gpudeck.arrays)
+    hang_timeout: float | None = None  # cancel it once its ranks completed no collective this long
 
     @property
     def total_gpus(self) -> int:
@@ -223,6 +224,8 @@ class JobSpec:
             raise ValueError(problem)
         if self.time_limit is not None and not 0 < self.time_limit <= MAX_TIME_LIMIT:
             raise ValueError(f"a time limit must be more than zero and at most {MAX_TIME_LIMIT // 86400} days")
+        if self.hang_timeout is not None and not 0 < self.hang_timeout <= MAX_TIME_LIMIT:
+            raise ValueError(f"a hang timeout must be more than zero and at most {MAX_TIME_LIMIT // 86400} days")
         if [bool(self.script_name), bool(self.workload), bool(self.command)].count(True) != 1:
             raise ValueError("give one of a script, a built-in workload (--workload) or a command (-- CMD)")
         self._check_code()

@@ -37,7 +37,7 @@ def jobs_table(jobs: list[dict[str, Any]], filtered: bool = False) -> str:
         return ("no jobs match: `gpudeck jobs --all` lists every job" if filtered
                 else "no jobs yet: queue one with `gpudeck submit train.py`")
     now = time.time()
-    rows = [[label, j["name"], j.get("owner") or "-", j["state"], _request(j), ",".join(j["nodes"]) or "-",
+    rows = [[label, j["name"], j.get("owner") or "-", j["state"] + (" HUNG" if _hung(j) else ""), _request(j), ",".join(j["nodes"]) or "-",
              _runtime(j), starts_text(j.get("estimated_start"), now) if j["state"] == "pending" else "-",
              str(j["attempt"]), "-" if j["exit_code"] is None else str(j["exit_code"]), _reason(j)]
             for label, j in _listed(jobs)]
@@ -93,8 +93,31 @@ def priority_text(job: dict[str, Any]) -> list[str]:
 
 
 def _reason(job: dict[str, Any]) -> str:
-    """The job's reason, or for a running job whose GPUs all read 0 %, how long they have."""
-    return job["reason"] or idle_note(job.get("idle_since"), time.time())
+    """The job's reason, or for a running job: that it is hung, that its GPUs all read 0 % (and how
+    long), or which rank the others wait for."""
+    hung, progress = _hung(job), job.get("progress") or {}
+    return (job["reason"] or (hung["sentence"] if hung else "") or idle_note(job.get("idle_since"), time.time())
+            or progress.get("straggler", ""))
+
+
+def _hung(job: dict[str, Any]) -> dict[str, Any] | None:
+    return (job.get("progress") or {}).get("hung")
+
+
+HEAT = " ▁▂▃▄▅▆▇█"
+
+
+def wait_heatmap(progress: dict[str, Any], most_ranks: int = 32) -> list[str]:
+    """Per rank, a cell per interval of the share of time spent waiting in collectives (█ all of it,
+    blank none, · nothing reported), oldest on the left; the ranks beyond `most_ranks` summed up."""
+    wait = progress["wait"]
+    width = max(len(str(rank)) for rank in wait)
+    lines = [f"rank {rank:>{width}} |" + "".join("·" if cell is None else HEAT[round(cell * (len(HEAT) - 1))]
+                                                  for cell in cells) + "|"
+             for rank, cells in list(wait.items())[:most_ranks]]
+    if len(wait) > most_ranks:
+        lines.append(f"... and {len(wait) - most_ranks} more ranks (`gpudeck show --json` has them all)")
+    return lines
 
 
 def users_table(users: list[dict[str, Any]]) -> str:
@@ -191,7 +214,25 @@ def job_detail(job: dict[str, Any]) -> str:
     kept = outputs_text(job)
     if kept:
         lines.append(f"  outputs   {kept}")
+    lines += _progress_text(job)
     return "\n".join(lines)
+
+
+def _progress_text(job: dict[str, Any]) -> list[str]:
+    progress = job.get("progress")
+    if not progress:
+        return []
+    lines = []
+    if progress["hung"]:
+        kill = (f"; it is cancelled once hung for {format_duration(job['hang_timeout'])}" if job.get("hang_timeout")
+                else "; it is left running (submit --hang-timeout cancels a hung job)")
+        lines.append(f"  HUNG      {progress['hung']['sentence']}{kill}")
+    if progress["straggler"]:
+        lines.append(f"  straggler {progress['straggler']}")
+    minutes = len(next(iter(progress["wait"].values()), [])) * progress["bucket_seconds"] / 60
+    lines.append(f"  waiting in collectives, the last {minutes:g} minutes ({progress['bucket_seconds']:g} s a cell):")
+    lines += [f"    {line}" for line in wait_heatmap(progress)]
+    return lines
 
 
 def _order_text(job: dict[str, Any]) -> list[str]:

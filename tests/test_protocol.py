@@ -26,7 +26,8 @@ SAMPLES = [
     Register(hostname="h", address="10.0.0.2", simulated=True, gpus=[],
              jobs=[JobReport(job=4, attempt=2, exit_code=3, detail="rank 1 exited with code 3", failed_at=5.5)]),
     LogChunk(job=3, attempt=1, rank=-1, offset=1024, data=b"\x00\xffline\n"),
-    Traffic(job=3, attempt=2, by_rank={0: {"all_reduce": 8320}, 11: {"send": 1}}),
+    Traffic(job=3, attempt=2, by_rank={0: {"all_reduce": 8320}, 11: {"send": 1}},
+            sync={0: {"entered": 9, "ops": 8, "wait_us": 1200, "span_us": 90000}}),
     Launch(job=1, attempt=1, node_rank=0, nnodes=2, gpus=[0, 1], master_addr="10.0.0.1", master_port=29500,
            script_name="t.py", script=b"print()", workload="", args=["--steps", "5"], workdir="/tmp"),
 ]

@@ -56,7 +56,7 @@ class UdpReporter:
 
     def _send_locked(self) -> None:
         """Snapshot and send under the lock, so datagrams leave in the order their totals grew."""
-        report = TrafficReport(self._job, self._attempt, self._rank, self._counter.snapshot())
+        report = TrafficReport(self._job, self._attempt, self._rank, self._counter.snapshot(), self._counter.sync())
         try:
             self._socket.sendto(encode_report(report), self._address)
         except OSError:

@@ -23,7 +23,7 @@ from textual.widgets import Button, Footer, Input, Label, Log, Select, Static, T
 
 from gpudeck import config
 from gpudeck.model import format_duration
-from gpudeck.output import outputs_text, starts_text
+from gpudeck.output import outputs_text, starts_text, wait_heatmap
 from gpudeck.text import human_bytes, rate, safe_output, visible
 from gpudeck.protocol.session import Refused
 from gpudeck.tui.client import NotConnected
@@ -185,6 +185,7 @@ class JobScreen(Screen):
         yield DeckHeader(show_clock=False)
         yield Banner(classes="banner")
         yield Static(id="job-summary")
+        yield Static(id="job-progress")
         with TabbedContent(initial=self.initial_tab, id="job-tabs"):
             with TabPane("Traffic", id="traffic"):
                 with VerticalScroll(id="job-traffic"):
@@ -236,6 +237,10 @@ class JobScreen(Screen):
         lines = text.plain.count("\n")
         self.query_one("#job-summary", Static).update(text, layout=lines != getattr(self, "_summary_lines", -1))
         self._summary_lines = lines
+        progress = self.query_one("#job-progress", Static)
+        shown = _progress_text(job)
+        progress.display = bool(shown.plain)
+        progress.update(shown)
 
     def _summary(self, job: dict[str, Any]) -> Text:
         cluster = self.deck.cluster
@@ -742,3 +747,20 @@ class NotFoundScreen(Screen):
     def deck_retry(self) -> None:
         self.app.restart_link()  # type: ignore[attr-defined]
 
+
+
+def _progress_text(job: dict[str, Any]) -> Text:
+    """A running job's hang, straggler and per-rank heatmap of waiting in collectives (empty when
+    its ranks reported no collective progress)."""
+    progress = job.get("progress") if job["state"] == "running" else None
+    text = Text()
+    if not progress:
+        return text
+    if progress["hung"]:
+        text.append(f"HUNG: {progress['hung']['sentence']}\n", style="bold reverse")
+    if progress["straggler"]:
+        text.append(f"straggler: {progress['straggler']}\n", style="bold")
+    text.append(f"waiting in collectives ({progress['bucket_seconds']:g} s a cell, oldest left; blank: none, "
+                "█: all the time):\n", style="dim")
+    text.append("\n".join(wait_heatmap(progress, most_ranks=8)))
+    return text

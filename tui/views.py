@@ -513,15 +513,20 @@ class JobsView(FilteredView):
         state = job["state"]
         if state in ("pending", "failed") or (state == "cancelled" and job.get("reason")):
             info = Text(job.get("reason") or "", style=p.warn if state == "pending" else p.dim)
+        elif state == "running" and (job.get("progress") or {}).get("hung"):
+            info = Text(job["progress"]["hung"]["sentence"], style=p.bad)
         elif state == "running" and job.get("idle_since") is not None:
             info = Text(idle_note(job["idle_since"], self.cluster.now()), style=p.warn)
+        elif state == "running" and (job.get("progress") or {}).get("straggler"):
+            info = Text(job["progress"]["straggler"], style=p.warn)
         else:
             info = Text(" ".join(job.get("command", [])), style=p.dim)
         exit_code = job.get("exit_code")
         return {
             "id": job_label(job["id"], job.get("array_job"), job.get("array_index")), "name": job["name"],
             "owner": Text(job.get("owner") or "-", style=p.accent + Style(bold=True) if self._mine(job) else ""),
-            "state": Text(state, style=getattr(p, JOB_STATE_STYLE.get(state, "dim"))),
+            "state": Text("hung", style=p.bad) if state == "running" and (job.get("progress") or {}).get("hung")
+            else Text(state, style=getattr(p, JOB_STATE_STYLE.get(state, "dim"))),
             "gpus": request_text(job), "nodes": ",".join(job.get("nodes", [])) or "-",
             "runtime": self.cluster.runtime(job), "attempt": str(job.get("attempt", "")),
             "exit": Text("-" if exit_code is None else str(exit_code), style=p.bad if exit_code else ""),

@@ -203,11 +203,13 @@ class LogChunk(Message):
 
 @message("traffic")
 class Traffic(Message):
-    """Cumulative payload bytes of one job attempt's ranks on this node."""
+    """Cumulative payload bytes of one job attempt's ranks on this node, and their collective
+    progress (gpudeck.protocol.traffic.SYNC_KEYS by rank; coordinator.progress)."""
 
     job: int
     attempt: int
     by_rank: TrafficByRank
+    sync: TrafficByRank
 
 
 # --- coordinator to agent ----------------------------------------------------------------------

@@ -140,6 +140,28 @@ class FactorView:
 
 
 @dataclass(frozen=True)
+class HangView:
+    """A running job whose ranks completed no collective for the coordinator's --hang-after."""
+
+    since: float  # when the last collective completed (epoch seconds)
+    rank: int  # the rank that stopped first
+    node: str
+    sentence: str
+
+
+@dataclass(frozen=True)
+class ProgressView:
+    """A running job's collective progress (coordinator.progress): per rank, the share of each
+    `bucket_seconds` of the last minutes spent waiting in collectives (oldest first; None where
+    nothing was reported), the straggler sentence ("" when none), and whether it is hung."""
+
+    bucket_seconds: float
+    wait: dict[str, list[float | None]]
+    straggler: str = ""
+    hung: HangView | None = None
+
+
+@dataclass(frozen=True)
 class JobView:
     """A job as `gpudeck jobs --json`, `show --json`, `submit --json` and the dashboard see it."""
 
@@ -174,6 +196,8 @@ class JobView:
     array: str = ""  # the array's --array, as submitted ("0-31%4")
     after: list[str] = field(default_factory=list)  # jobs it runs after once they succeeded (--after)
     after_any: list[str] = field(default_factory=list)  # jobs it runs after once they ended (--after-any)
+    progress: ProgressView | None = None  # running: stragglers and hangs, from the ranks' collectives
+    hang_timeout: float | None = None  # cancelled once hung this long (--hang-timeout); None: only flagged
 
     @classmethod
     def build(cls, job_id: int, spec: JobSpec, state: str, submitted_at: float, reason: str = "",
@@ -183,7 +207,7 @@ class JobView:
               outputs: dict[str, list[OutputFile]] | None = None, owner: str = "",
               idle_since: float | None = None, estimated_start: float | None = None,
               priority_factors: Sequence[FactorView] = (), array_job: int | None = None,
-              array_index: int | None = None) -> "JobView":
+              array_index: int | None = None, progress: ProgressView | None = None) -> "JobView":
         """The view of a job with this spec and this history (the coordinator's rows, or a recorded link)."""
         return cls(
             id=job_id, name=spec.name, state=state, reason=reason, nodes=[node for node, _ in hosts],
@@ -199,7 +223,8 @@ class JobView:
             outputs=outputs or {}, owner=owner, idle_since=idle_since, estimated_start=estimated_start,
             priority_score=sum(f.contribution for f in priority_factors) if priority_factors else None,
             priority_factors=list(priority_factors), array_job=array_job, array_index=array_index, array=spec.array,
-            after=list(spec.after), after_any=list(spec.after_any))
+            after=list(spec.after), after_any=list(spec.after_any), progress=progress,
+            hang_timeout=spec.hang_timeout)
 
     def to_json(self) -> dict[str, Any]:
         return plain(self)

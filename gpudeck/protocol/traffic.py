@@ -1,7 +1,9 @@
 """The traffic datagram: what a rank tells its node agent about the bytes it handed to torch.distributed.
 
 One msgpack map per UDP datagram, carrying cumulative totals so that a lost datagram loses only a
-sample: ``{"v": 1, "job": int, "attempt": int, "rank": int, "bytes": {kind: int}}``.
+sample: ``{"v": 2, "job": int, "attempt": int, "rank": int, "bytes": {kind: int}, "sync": {name: int}}``,
+where ``sync`` is the rank's collective progress (SYNC_KEYS: collectives entered and completed,
+microseconds waited in them and their span; empty before the first collective).
 
 It lives in the shared kernel because both sides use it: the ranks (gpudeck.train) encode, the
 agent's traffic sink decodes. It imports only msgpack and the standard library.
@@ -17,12 +19,13 @@ from typing import Any
 
 import msgpack
 
-VERSION = 1
+VERSION = 2
+SYNC_KEYS = frozenset({"entered", "ops", "wait_us", "span_us"})
 MAX_DATAGRAM = 8192
 MAX_KINDS = 64
 MAX_BYTES = 2**63 - 1
 _KIND = re.compile(r"[a-z][a-z0-9_]{0,63}")
-_KEYS = frozenset({"v", "job", "attempt", "rank", "bytes"})
+_KEYS = frozenset({"v", "job", "attempt", "rank", "bytes", "sync"})
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,7 @@ class TrafficReport:
     attempt: int
     rank: int
     bytes: Mapping[str, int] = field(default_factory=dict)
+    sync: Mapping[str, int] = field(default_factory=dict)
 
 
 def encode_report(report: TrafficReport) -> bytes:
@@ -44,6 +48,7 @@ def encode_report(report: TrafficReport) -> bytes:
             "attempt": report.attempt,
             "rank": report.rank,
             "bytes": dict(report.bytes),
+            "sync": dict(report.sync),
         }
     )
 
@@ -72,6 +77,7 @@ def decode_report(data: bytes) -> TrafficReport:
         attempt=_count(body["attempt"], "attempt"),
         rank=_count(body["rank"], "rank"),
         bytes=MappingProxyType(_kinds(body["bytes"])),
+        sync=MappingProxyType(_sync(body["sync"])),
     )
 
 
@@ -80,6 +86,15 @@ def _count(value: Any, name: str) -> int:
     if type(value) is not int or not 0 <= value <= MAX_BYTES:
         raise ValueError(f"{name} must be an integer in [0, 2**63), got {value!r}")
     return value
+
+
+def _sync(value: Any) -> dict[str, int]:
+    """Validate the progress map: all of SYNC_KEYS, or nothing, each a non-negative count."""
+    if not isinstance(value, dict) or (value and set(value) != SYNC_KEYS):
+        raise ValueError(f"sync must be a map with keys {sorted(SYNC_KEYS)}, or empty")
+    for name, count in value.items():
+        _count(count, f"sync[{name}]")
+    return dict(value)
 
 
 def _kinds(value: Any) -> dict[str, int]:

@@ -15,6 +15,9 @@ parser.add_argument("--fail-at", type=int, default=-1, help="at this step, exit 
 parser.add_argument("--fail-rank", type=int, default=-1, help="only this rank fails (default: every rank)")
 parser.add_argument("--fail-signal", type=int, default=0, help="fail by killing itself with this signal instead")
 parser.add_argument("--ignore-sigterm", action="store_true", help="behave like a rank stuck in a collective")
+parser.add_argument("--slow-rank", type=int, default=-1, help="this rank sleeps --slow-sleep per step instead")
+parser.add_argument("--slow-sleep", type=float, default=0.0)
+parser.add_argument("--hang-at", type=int, default=-1, help="at this step, --hang-rank stops in its own code")
 args = parser.parse_args()
 if args.ignore_sigterm:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -32,5 +35,7 @@ for step in range(args.steps):
     loss.backward()
     opt.step()
     print(f"rank {dist.get_rank()} step {step} loss {loss.item():.4f}", flush=True)
-    time.sleep(args.sleep)
+    if step == args.hang_at and dist.get_rank() == args.slow_rank:
+        time.sleep(86400)  # the others wait in the next all-reduce
+    time.sleep(args.slow_sleep if dist.get_rank() == args.slow_rank else args.sleep)
 dist.destroy_process_group()

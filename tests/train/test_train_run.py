@@ -92,6 +92,10 @@ def test_ddp_gradient_bytes_are_exact_and_logs_go_per_rank(tmp_path: Path, sink:
     totals = sink.close()
     expected = {"all_reduce": LINEAR_64_32_BYTES * steps, "broadcast": LINEAR_64_32_BYTES}
     assert totals == {0: expected, 1: expected}
+    for rank in (0, 1):  # the last datagram's collective progress: every collective entered and completed
+        sync = dict([report for report in sink.reports if report.rank == rank][-1].sync)
+        assert sync["entered"] == sync["ops"] >= steps + 1, sync  # DDP's all-reduces and broadcasts
+        assert 0 < sync["wait_us"] <= sync["span_us"] * 1.5, sync
     for rank in (0, 1):
         log = (logs / f"rank-{rank}.log").read_text()
         assert f"rank {rank} finished" in log

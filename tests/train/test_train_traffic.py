@@ -16,7 +16,8 @@ from gpudeck.protocol.traffic import TrafficReport, decode_report, encode_report
 from gpudeck.train.counter import TrafficCounter
 from gpudeck.train.reporter import reporter_from_env
 
-VALID = {"v": 1, "job": 7, "attempt": 2, "rank": 1, "bytes": {"all_reduce": 8320, "send": 0}}
+SYNC = {"entered": 41, "ops": 40, "wait_us": 1_250_000, "span_us": 9_000_000}
+VALID = {"v": 2, "job": 7, "attempt": 2, "rank": 1, "bytes": {"all_reduce": 8320, "send": 0}, "sync": SYNC}
 
 
 def pack(body: object) -> bytes:
@@ -35,7 +36,9 @@ def test_round_trip() -> None:
 
 
 def test_decodes_a_hand_built_datagram() -> None:
-    assert dict(decode_report(pack(VALID)).bytes) == VALID["bytes"]
+    decoded = decode_report(pack(VALID))
+    assert dict(decoded.bytes) == VALID["bytes"] and dict(decoded.sync) == SYNC
+    assert dict(decode_report(pack(with_field(sync={}))).sync) == {}  # before the first collective
 
 
 @pytest.mark.parametrize(
@@ -61,7 +64,14 @@ def test_rejects_what_is_not_a_report_map(data: bytes) -> None:
     [
         pytest.param({k: v for k, v in VALID.items() if k != "rank"}, id="missing-key"),
         pytest.param(with_field(extra=1), id="unknown-key"),
-        pytest.param(with_field(v=2), id="future-version"),
+        pytest.param(with_field(v=3), id="future-version"),
+        pytest.param(with_field(v=1), id="older-version"),
+        pytest.param({k: v for k, v in VALID.items() if k != "sync"}, id="no-sync"),
+        pytest.param(with_field(sync={"ops": 1}), id="partial-sync"),
+        pytest.param(with_field(sync={**SYNC, "extra": 1}), id="unknown-sync-key"),
+        pytest.param(with_field(sync={**SYNC, "ops": -1}), id="negative-sync"),
+        pytest.param(with_field(sync={**SYNC, "wait_us": 0.5}), id="float-sync"),
+        pytest.param(with_field(sync=[1]), id="sync-array"),
         pytest.param(with_field(v=True), id="bool-version"),
         pytest.param(with_field(job="7"), id="string-job"),
         pytest.param(with_field(attempt=1.0), id="float-attempt"),

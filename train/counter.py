@@ -17,11 +17,12 @@ class TrafficCounter:
         self._lock = threading.Lock()
         self._totals: dict[str, int] = {}
         # Collective progress (the coordinator's straggler and hang detection, coordinator.progress):
-        # collectives called and completed, microseconds spent between the two, and the span from
-        # the first call to the last completion.
-        self._entered = self._ops = self._wait_us = 0
+        # collectives called and completed, and the time with at least one of them in flight (DDP
+        # keeps several buckets in flight at once: summing each one's time would count it twice).
+        self._entered = self._ops = self._in_flight = 0
+        self._waited = 0.0
         self._first: float | None = None
-        self._last = 0.0
+        self._busy_since = self._last = 0.0
 
     def add(self, kind: str, nbytes: int) -> None:
         """Add ``nbytes`` to ``kind``; kinds appear once bytes flowed, so zeros are skipped."""
@@ -35,28 +36,38 @@ class TrafficCounter:
         with self._lock:
             return dict(self._totals)
 
-    def entered(self) -> float:
-        """A collective was called; returns its start, for `completed`."""
+    def entered(self) -> None:
+        """A collective was called; `completed` follows when it is done."""
         now = time.monotonic()
         with self._lock:
             self._entered += 1
             if self._first is None:
                 self._first = now
-        return now
+            if self._in_flight == 0:
+                self._busy_since = now
+            self._in_flight += 1
 
-    def completed(self, started: float) -> None:
-        """The collective called at `started` finished (its work completed, or it failed)."""
+    def completed(self) -> None:
+        """A collective `entered` before finished (its work completed, or it failed)."""
         now = time.monotonic()
         with self._lock:
             self._ops += 1
-            self._wait_us += int((now - started) * 1e6)
+            self._in_flight = max(0, self._in_flight - 1)
+            if self._in_flight == 0:
+                self._waited += now - self._busy_since
             self._last = max(self._last, now)
 
     def sync(self) -> dict[str, int]:
-        """Cumulative progress: collectives entered and completed (ops), time waited in them and the
-        span they cover, in microseconds; empty before the first collective."""
+        """Cumulative progress: collectives entered and completed (ops), and in microseconds the time
+        with one in flight (wait) and the span from the first call to the last completion, or to now
+        while one is in flight (a rank blocked in a hung collective shows its wait growing); empty
+        before the first collective."""
+        now = time.monotonic()
         with self._lock:
             if self._first is None:
                 return {}
-            span = int((max(self._last, self._first) - self._first) * 1e6)
-            return {"entered": self._entered, "ops": self._ops, "wait_us": self._wait_us, "span_us": span}
+            waited, end = self._waited, max(self._last, self._first)
+            if self._in_flight:
+                waited, end = waited + now - self._busy_since, now
+            return {"entered": self._entered, "ops": self._ops, "wait_us": int(waited * 1e6),
+                    "span_us": int((end - self._first) * 1e6)}

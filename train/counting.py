@@ -79,29 +79,31 @@ def _count_method(
 
     @functools.wraps(original)
     def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
-        started = counter.entered()
+        counter.entered()
         try:
             work = original(self, *args, **kwargs)
         except BaseException:
-            counter.completed(started)
+            counter.completed()
             raise
         counter.add(kind, tensor_bytes(_argument(args, kwargs, index, keywords)))
-        _when_done(work, counter, started)
+        _when_done(work, counter)
         return work
 
     setattr(cls, name, counted)
 
 
-def _when_done(work: Any, counter: TrafficCounter, started: float) -> None:
-    """Count the collective complete when its work is: the time from the call until then is what this
-    rank waited in it (for its peers and the transfer). The work's future says so without waiting;
-    where a backend gives none, the call itself is all that is measured."""
+def _when_done(work: Any, counter: TrafficCounter) -> None:
+    """Count the collective complete when its work is: until then this rank waits in it (for its
+    peers and the transfer). The work's future says so without waiting (DDP's reducer waits on it in
+    C++, never through Python's Work.wait); where a backend gives none, the call itself is all that
+    is measured. On NCCL the future completes once the kernels are queued, so waits read near zero
+    there and no straggler is named, while completed counts still show a hang."""
     try:
         future = work.get_future()
     except (AttributeError, RuntimeError):
-        counter.completed(started)
+        counter.completed()
         return
-    future.add_done_callback(lambda _: counter.completed(started))
+    future.add_done_callback(lambda _: counter.completed())
 
 
 def _argument(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, keywords: tuple[str, ...]) -> Any:
@@ -116,11 +118,11 @@ def _counted_broadcast_coalesced(original: Callable[..., Any], counter: TrafficC
 
     @functools.wraps(original)
     def counted(group: Any, tensors: Any, *args: Any, **kwargs: Any) -> Any:
-        started = counter.entered()
+        counter.entered()
         try:
             result = original(group, tensors, *args, **kwargs)
         finally:
-            counter.completed(started)  # synchronous: it returns once done
+            counter.completed()  # synchronous: it returns once done
         counter.add("broadcast", tensor_bytes(tensors))
         return result
 

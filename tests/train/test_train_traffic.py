@@ -145,6 +145,25 @@ def last_report(sink: socket.socket) -> TrafficReport:
         return reports[-1]
 
 
+def test_overlapping_collectives_count_the_time_in_flight_once() -> None:
+    """DDP keeps several buckets in flight: their waits overlap and must not add up past the span."""
+    counter = TrafficCounter()
+    assert counter.sync() == {}
+    counter.entered()
+    counter.entered()
+    threading.Event().wait(0.05)
+    counter.completed()
+    counter.completed()
+    sync = counter.sync()
+    assert sync["entered"] == sync["ops"] == 2
+    assert 0 < sync["wait_us"] <= sync["span_us"] + 1000, sync
+    counter.entered()  # in flight now: its wait keeps growing while it is blocked
+    before = counter.sync()
+    threading.Event().wait(0.02)
+    after = counter.sync()
+    assert after["wait_us"] > before["wait_us"] and after["ops"] == 2 and after["entered"] == 3
+
+
 def test_reporter_sends_final_totals_on_close() -> None:
     counter = TrafficCounter()
     with receiver() as sink:

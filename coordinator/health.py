@@ -53,7 +53,7 @@ class GpuHealth:
         """An admin's cordon of one GPU."""
         record = self.store.cordons().get((node, gpu.index))
         if record is not None and record.cordoned:
-            raise ValueError(f"GPU {gpu.index} of node {node} is already cordoned: {'; '.join(record.faults)}")
+            raise ValueError(f"GPU {gpu.index} of node {node} is already cordoned: {record.cause}")
         row = CordonRow(node, gpu.index, gpu.uuid, (why,), now, True, record.acknowledged if record else ())
         self.store.set_cordon(row)
         log.info("GPU %d of node %s is cordoned: %s", gpu.index, node, why)

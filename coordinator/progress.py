@@ -155,18 +155,24 @@ def _straggler(job: _Job, node_of: Callable[[int], str]) -> str:
 
 def _heat(samples: deque[_Sample], now: float) -> list[float | None]:
     """The share of each BUCKET of the window (oldest first) the rank spent in collectives; None
-    where no report covers that time."""
-    cells: list[float | None] = []
+    where no report covers that time. One pass over the samples: views are built every second for
+    every running job."""
+    listed = list(samples)
     count = int(WINDOW // BUCKET)
-    for index in range(count):
-        start, end = now - (count - index) * BUCKET, now - (count - index - 1) * BUCKET
-        before = [s for s in samples if s.at <= start] or None
-        within = [s for s in samples if start < s.at <= end]
-        if not within or before is None and len(within) < 2:
+    last_at: list[int] = []  # per bucket boundary, the index of the last sample at or before it (-1: none)
+    index = -1
+    for boundary in range(count + 1):
+        at = now - (count - boundary) * BUCKET
+        while index + 1 < len(listed) and listed[index + 1].at <= at:
+            index += 1
+        last_at.append(index)
+    cells: list[float | None] = []
+    for bucket in range(count):
+        before, top = last_at[bucket], last_at[bucket + 1]
+        if top == before or before < 0 and top - before < 2:
             cells.append(None)
             continue
-        base = before[-1] if before else within[0]
-        top = within[-1]
-        elapsed = top.span_us - base.span_us
-        cells.append(round(min(1.0, (top.wait_us - base.wait_us) / elapsed), 3) if elapsed > 0 else 0.0)
+        base, end = listed[max(before, 0)], listed[top]
+        elapsed = end.span_us - base.span_us
+        cells.append(round(min(1.0, (end.wait_us - base.wait_us) / elapsed), 3) if elapsed > 0 else 0.0)
     return cells

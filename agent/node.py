@@ -65,10 +65,11 @@ class Agent:
         self.fetcher = ContentFetcher(self.send)
         keeper = OutputKeeper(config.state_dir.resolve() / "outputs", config.keep_outputs_for, config.outputs_space)
         self.warm = WarmPool(config.warm, f"{config.token.cluster}/{config.name}", config.state_dir.resolve())
+        self.discovery = Discovery(config.mdns_interfaces) if config.use_mdns else None
         self.runner = JobRunner(config.state_dir, config.token.cluster, config.name, self.sink, backend, self.send,
                                 self.fetcher, keeper, config.cache_space, config.environments,
-                                self.warm if config.warm else None, config.run_as_owner)
-        self.discovery = Discovery(config.mdns_interfaces) if config.use_mdns else None
+                                self.warm if config.warm else None, config.run_as_owner,
+                                self._mdns_view if self.discovery else None)
         self.conn: Connection | None = None
         self.latest: list[GpuReading] = []
         self._first_seen: dict[tuple[str, int], float] = {}  # (GPU uuid, pid) -> when first seen there
@@ -91,6 +92,11 @@ class Agent:
             for task in tasks:
                 task.cancel()
             await self.stop()
+
+    def _mdns_view(self) -> dict[str, list[str]]:
+        """The adverts this node sees, as node names by role (gpudeck doctor shows who sees whom)."""
+        adverts = self.discovery.adverts() if self.discovery else []
+        return {role: sorted({a.node for a in adverts if a.role == role}) for role in ("agent", "coordinator")}
 
     async def stop(self, kill_jobs: bool = False) -> None:
         await self.runner.shutdown(kill_jobs)

@@ -41,7 +41,6 @@ from gpudeck.agent.containers import (
 )
 from gpudeck.agent.environments import BuildFailed, Environments
 from gpudeck.agent.gpus import GpuBackend
-from gpudeck.agent.netif import interface_towards
 from gpudeck.agent.outputs import OutputKeeper
 from gpudeck.agent.overlay import AUTOCOUNT, overlay_env, write_overlay
 from gpudeck.agent.procs import MARKER, Leader, alive, run_bounded, run_marker, signal_all, wait_exit
@@ -49,7 +48,8 @@ from gpudeck.agent.projects import ContentFetcher, FetchFailed, NodeCache
 from gpudeck.agent.traffic_sink import TrafficSink
 from gpudeck.agent.warm import WarmPool
 from gpudeck.config import ENVIRONMENTS_KEPT, NODE_CACHE_LIMIT
-from gpudeck.model import RESERVED_ENV
+from gpudeck.model import DOCTOR, RESERVED_ENV
+from gpudeck.netif import interface_towards
 from gpudeck.protocol.messages import (
     JobExited, JobPreparing, JobStarted, Launch, LogChunk, Message, OutputChunk, Outputs, SendOutput, Traffic,
 )
@@ -184,7 +184,8 @@ class JobRunner:
     def __init__(self, state_dir: Path, cluster: str, node: str, sink: TrafficSink, backend: GpuBackend,
                  send: Send, fetcher: ContentFetcher | None = None, outputs: OutputKeeper | None = None,
                  cache_space: int = NODE_CACHE_LIMIT, environments: int = ENVIRONMENTS_KEPT,
-                 warm: WarmPool | None = None, run_as_owner: bool = False) -> None:
+                 warm: WarmPool | None = None, run_as_owner: bool = False,
+                 mdns_view: Callable[[], dict[str, list[str]]] | None = None) -> None:
         state_dir = state_dir.resolve()  # ranks run elsewhere: every path they are given is absolute
         self.root = state_dir / "jobs"
         self.cache = NodeCache(state_dir / "cache", fetcher or ContentFetcher(send), cache_space)
@@ -193,6 +194,7 @@ class JobRunner:
         self.outputs = outputs or OutputKeeper(state_dir / "outputs")
         self.warm = warm
         self.run_as_owner = run_as_owner  # see accounts
+        self.mdns_view = mdns_view  # the adverts this node sees, by role (None: mDNS is off here)
         self.cluster = cluster
         self.node = node
         self.sink = sink
@@ -519,6 +521,8 @@ class JobRunner:
         if interface:
             env.setdefault("GLOO_SOCKET_IFNAME", interface)
             env.setdefault("NCCL_SOCKET_IFNAME", interface)
+        if order.workload == DOCTOR and self.mdns_view is not None:
+            env["GPUDECK_MDNS_SEEN"] = json.dumps(self.mdns_view())  # what gpudeck doctor reports as seen
         if order.command:
             env[AUTOCOUNT] = "1"
         if not order.project and _usable_dir(order.workdir, setup.account):

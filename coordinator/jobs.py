@@ -8,6 +8,7 @@ no-op the second time, and ranks of an attempt the coordinator no longer wants a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -24,7 +25,7 @@ from gpudeck.coordinator.scheduler import (
     validate_request,
 )
 from gpudeck.coordinator.store import AttemptNode, JobRow, Store
-from gpudeck.model import WORKLOADS, JobSpec, JobState, NodeState, format_duration
+from gpudeck.model import DOCTOR, WORKLOADS, JobSpec, JobState, NodeState, format_duration
 from gpudeck.protocol.messages import Forget, Kill, Launch, Message
 from gpudeck.protocol.payloads import GpuReading, JobReport
 
@@ -45,7 +46,8 @@ def request_of(row: JobRow, priority: float) -> JobRequest:
     """What the scheduler sees of a pending job, with its priority score (`JobControl._score`)."""
     spec = row.spec
     return JobRequest(job_id=row.id, priority=priority, gpus=spec.gpus, nodes=spec.nodes,
-                      gpus_per_node=spec.gpus_per_node, owner=row.owner, time_limit=spec.time_limit)
+                      gpus_per_node=spec.gpus_per_node, owner=row.owner, time_limit=spec.time_limit,
+                      on_nodes=tuple(spec.on_nodes))
 
 
 def _waiting(row: JobRow) -> Waiting:
@@ -62,10 +64,12 @@ def _gpu_slot(gpu: GpuReading, busy: dict[int, int], cordoned: dict[int, str]) -
 
 def _launch_order(row: JobRow, attempt: int, node_rank: int, shape: list[int], gpus: list[int], master_addr: str,
                   master_port: int, script: bytes, preempt_grace: float) -> Launch:
-    """`shape`: how many GPUs (ranks) each node holds, in node-rank order; ranks go node by node."""
+    """`shape`: how many GPUs each node holds, in node-rank order; ranks go node by node, one per GPU
+    (and one on a node given none: gpudeck doctor's check)."""
     spec = row.spec
+    ranks = [max(1, gpus_held) for gpus_held in shape]
     return Launch(job=row.id, attempt=attempt, node_rank=node_rank, nnodes=len(shape), gpus=gpus,
-                  first_rank=sum(shape[:node_rank]), world_size=sum(shape),
+                  first_rank=sum(ranks[:node_rank]), world_size=sum(ranks),
                   master_addr=master_addr, master_port=master_port, script_name=spec.script_name, script=script,
                   workload=spec.workload, args=spec.args, workdir=spec.workdir, project=spec.project,
                   subdir=spec.subdir, command=spec.command, env=spec.env, python=spec.python, venv=spec.venv,
@@ -121,13 +125,16 @@ class JobControl:
     def submit(self, spec: JobSpec, owner: str) -> JobRow:
         """Store `owner`'s job, or raise ValueError with the reason it can never run."""
         spec.check()
-        if spec.workload and spec.workload not in WORKLOADS:
+        if spec.workload and spec.workload not in WORKLOADS and spec.workload != DOCTOR:
             known = ", ".join(sorted(WORKLOADS)) or "none in this version"
             raise ValueError(f"there is no built-in workload {spec.workload!r} (built-in workloads: {known})")
-        request = JobRequest(job_id=0, gpus=spec.gpus, nodes=spec.nodes, gpus_per_node=spec.gpus_per_node)
-        problem = validate_request(request) or impossible_reason(request, self._capacity())
-        if problem:
-            raise ValueError(problem)
+        if spec.on_nodes:
+            spec = self._doctor_check(spec)
+        else:
+            request = JobRequest(job_id=0, gpus=spec.gpus, nodes=spec.nodes, gpus_per_node=spec.gpus_per_node)
+            problem = validate_request(request) or impossible_reason(request, self._capacity())
+            if problem:
+                raise ValueError(problem)
         user = self.store.user(owner)
         if user is not None and user.max_gpus is not None and spec.total_gpus > user.max_gpus:
             raise ValueError(limit_reason(owner, user.max_gpus, spec.total_gpus, 0))
@@ -139,6 +146,18 @@ class JobControl:
         else:
             job_id = self.store.add_job(spec, self.clock(), owner)
         return self.store.job(job_id)  # type: ignore[return-value]
+
+    def _doctor_check(self, spec: JobSpec) -> JobSpec:
+        """gpudeck doctor's check, on nodes that have joined and are not down, told the job ports
+        (what it checks the nodes can reach on each other)."""
+        known = {node.name for node in self.store.nodes() if node.state is not NodeState.DOWN}
+        unknown = [name for name in spec.on_nodes if name not in known]
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not a node of this "
+                             "cluster that is up (gpudeck nodes lists them)")
+        first, last = self.job_ports
+        nodes = ",".join(sorted(spec.on_nodes))  # the node-rank order (the scheduler lists hosts by name)
+        return dataclasses.replace(spec, args=[*spec.args, "--nodes", nodes, "--job-ports", f"{first}-{last}"])
 
     def _named(self, ref: str) -> JobRow | None:
         """The job a reference names: '7', or the task '12.3' (see gpudeck.arrays)."""

@@ -36,6 +36,8 @@ Policy, and why:
   first, taking all free GPUs of each but the last, which gives the remainder.
 - `--nodes N --gpus-per-node G` takes the N best-fit nodes (fewest free GPUs that still have G) and the
   G lowest free indices on each; hosts are listed by node name, and that order is the node rank.
+- `gpudeck doctor`'s check names its nodes and takes no GPU: it starts as soon as those nodes are up
+  (and not draining), beside whatever runs there, since it measures the network and holds nothing.
 - Ties are broken by node name and GPU indices are chosen lowest first, so placements do not depend on
   the order in which nodes or GPUs are given. Node names and job ids are expected to be unique.
 - Thousands of pending jobs cost little: within a round placements only take GPUs, so a request of
@@ -109,6 +111,9 @@ class JobRequest:
     time_limit: float | None = None
     """Its --time-limit in seconds, after which it is stopped; None: nothing stops it, so it may
     backfill only on GPUs the reservation does not need."""
+    on_nodes: tuple[str, ...] = ()
+    """gpudeck doctor's check: one rank on each of these nodes and no GPU. It starts once they are
+    all up, takes nothing from anyone, and so neither waits for nor delays any other job."""
 
 
 @dataclass(frozen=True)
@@ -223,7 +228,9 @@ class _Round:
 
     def consider(self, req: JobRequest) -> None:
         shape = (req.gpus, req.nodes, req.gpus_per_node)
-        if validate_request(req) is not None:
+        if req.on_nodes:
+            self._on_named_nodes(req)
+        elif validate_request(req) is not None:
             self.waiting.append((req, "invalid"))
         elif self._over_limit(req):
             self.waiting.append((req, "limit"))
@@ -235,6 +242,13 @@ class _Round:
             self.waiting.append((req, "capacity"))
         else:
             self._try(req, shape, self.outside, self.unfit_outside, "held")
+
+    def _on_named_nodes(self, req: JobRequest) -> None:
+        hosts = place(req, self.free)
+        if hosts is None:
+            self.waiting.append((req, "named nodes"))
+        else:
+            self.placements.append(Placement(req.job_id, hosts))
 
     def _first_come(self, req: JobRequest, shape: _Shape) -> None:
         """Before any reservation: place the job, else try to reserve GPUs for it."""
@@ -304,6 +318,10 @@ class _Round:
             if why == "limit":
                 reasons[req.job_id] = self._limit_reason(req)
                 continue
+            if why == "named nodes":
+                away = [name for name in req.on_nodes if name not in self.free]
+                reasons[req.job_id] = f"waits for {', '.join(away)} to be up and not draining"
+                continue
             shape = (req.gpus, req.nodes, req.gpus_per_node)
             if why == "held":
                 if shape not in fits_free:
@@ -361,6 +379,8 @@ def _is_free(gpu: GpuSlot) -> bool:
 
 def place(req: JobRequest, free: FreeMap) -> Hosts | None:
     """The hosts for a well-formed request on the free GPUs, or None if it does not fit."""
+    if req.on_nodes:
+        return tuple((name, ()) for name in sorted(req.on_nodes)) if all(n in free for n in req.on_nodes) else None
     if req.gpus is not None:
         return _place_any(req.gpus, free)
     assert req.nodes is not None and req.gpus_per_node is not None
@@ -438,12 +458,6 @@ def _spread_reason(nodes: int, per_node: int, free: FreeMap) -> str:
     if not free[most]:
         return f"{need}; no node has a free GPU"
     return f"{need}; the most free on one node is {len(free[most])}, on {most}"
-
-
-
-
-
-
 
 
 def _cordon_note(cordoned: int) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -23,11 +24,11 @@ from gpudeck.capacity import MAX_GPUS, MAX_GPUS_PER_NODE, MAX_NODES
 from gpudeck.arrays import MAX_ARRAY_TASKS, parse_array, parse_ref, ref_text
 from gpudeck.config import split_address
 from gpudeck.model import (
-    MAX_PRIORITY, MAX_RESTARTS, MAX_TIME_LIMIT, WORKLOADS, JobSpec, JobState, duration_seconds, parse_duration,
+    DOCTOR, MAX_PRIORITY, MAX_RESTARTS, MAX_TIME_LIMIT, WORKLOADS, JobSpec, JobState, duration_seconds, parse_duration,
     parse_shape, parse_size,
 )
 from gpudeck.project import DEFAULT_CAP, OUTPUTS_HERE
-from gpudeck.text import counted, visible
+from gpudeck.text import counted, visible, visible_data
 
 if TYPE_CHECKING:
     from gpudeck.protocol import auth
@@ -553,6 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     _client_flags(logs)
     _user_parsers(sub)
     _gpu_parsers(sub)
+    _doctor_parser(sub)
     _usage_parser(sub)
     return parser
 
@@ -595,6 +597,25 @@ def _user_parsers(sub: Any) -> None:
     for action in (add, listing, remove):
         action.add_argument("--json", action="store_true", help="print JSON with stable field names")
         _client_flags(action)
+
+
+def _doctor_parser(sub: Any) -> None:
+    doctor = _command(sub, "doctor", "pre-flight check of the network between nodes: interfaces, ports, mDNS, bandwidth",
+                      "Runs a small job of its own, one rank on each node and no GPU, so it takes the launch path "
+                      "and the ports real jobs take. It shows the interface each node uses toward each other node "
+                      "and whether the job ports answer there, which nodes see each other's mDNS adverts, and a "
+                      "gloo all-reduce between every pair of nodes and across all of them, as bus bandwidth "
+                      "(nccl-tests' algbw x 2(n-1)/n) against the best pair. It names a blocked port, a slow or "
+                      "broken link, and a node all of whose links are slow. Exit code 1 when it found a problem.",
+                      "gpudeck doctor", "gpudeck doctor --nodes node-a,node-b", "gpudeck doctor --size 64M --json")
+    doctor.add_argument("--nodes", type=lambda text: [part for part in text.split(",") if part], metavar="A,B",
+                        help="the nodes to check (default: every node that is up and not draining)")
+    doctor.add_argument("--size", type=size, default=4 << 20, metavar="SIZE",
+                        help="bytes in each all-reduce (default: 4M); larger reads closer to a link's top speed")
+    doctor.add_argument("--timeout", type=duration, default=10.0, metavar="DUR",
+                        help="how long the check waits for a node at each step (default: 10s)")
+    doctor.add_argument("--json", action="store_true", help="print the report as JSON with stable field names")
+    _client_flags(doctor)
 
 
 def gpu_ref(text: str) -> tuple[str, int]:
@@ -1021,6 +1042,57 @@ async def cmd_outputs(args: argparse.Namespace) -> int:
     return await _with_session(args, work)
 
 
+async def cmd_doctor(args: argparse.Namespace) -> int:
+    """Submit gpudeck doctor's check, wait for it, print its report; 1 when it found a problem."""
+    from gpudeck import doctor
+    from gpudeck.protocol.messages import ListNodes, Submit
+
+    if args.size > 1 << 30:
+        raise UsageError("--size is at most 1G")
+
+    async def work(session: ClientSession) -> int:
+        names = doctor.chosen_nodes((await session.request(ListNodes))["nodes"], args.nodes)
+        spec = JobSpec(name="doctor", workload=DOCTOR, on_nodes=names,
+                       args=["--bytes", str(args.size), "--timeout", f"{args.timeout:g}"])
+        job = await session.request(Submit, spec=spec.to_wire())
+        print(f"gpudeck: checking {', '.join(names)} (job {job['id']})", file=sys.stderr)
+        data = await _doctor_report(session, job["id"], names[0], 60 + 4 * args.timeout * len(names))
+        found = doctor.Report.from_json(visible_data(data))
+        print(json.dumps(found.to_json(), indent=2) if args.json else doctor.table(found))
+        return 0 if not found.problems else 1
+
+    return await _with_session(args, work)
+
+
+async def _doctor_report(session: ClientSession, job_id: int, first: str, wait: float) -> dict[str, Any]:
+    """The report the check's rank 0 (on node `first`) left in its outputs; a Failure if the job
+    ended without one, or did not end in `wait` seconds (then it is cancelled)."""
+    import asyncio
+    import tempfile
+
+    from gpudeck import doctor, output
+    from gpudeck.protocol.messages import Cancel, ShowJob
+    from gpudeck.upload import download_outputs
+
+    deadline = time.monotonic() + wait
+    while True:
+        job = await session.request(ShowJob, job=job_id)
+        kept = [f for f in job["outputs"].get(first, []) if f["path"] == doctor.REPORT_FILE]
+        if kept or JobState(job["state"]).finished and job["state"] != JobState.SUCCEEDED:
+            break
+        if time.monotonic() > deadline:
+            await session.request(Cancel, job=job_id)
+            raise Failure(f"the check (job {job_id}) did not finish in {wait:.0f} s, so it was cancelled; it "
+                          f"was {job['state']}: {job.get('reason') or 'no reason given'}")
+        await asyncio.sleep(0.2)
+    if not kept:
+        raise Failure(f"the check itself {output.how_it_ended(str(job_id), job['state'], job.get('reason', ''))}; "
+                      f"`gpudeck logs {job_id}` shows what it printed")
+    with tempfile.TemporaryDirectory() as folder:
+        await download_outputs(session, job_id, {first: kept}, Path(folder), io.StringIO())
+        return json.loads((Path(folder) / doctor.REPORT_FILE).read_text())
+
+
 def cmd_token(args: argparse.Namespace) -> int:
     from gpudeck.protocol import auth
 
@@ -1169,7 +1241,7 @@ async def cmd_web(args: argparse.Namespace) -> int:
 ASYNC_COMMANDS = {"submit": cmd_submit, "jobs": cmd_listing, "nodes": cmd_listing, "show": cmd_listing,
                   "cancel": cmd_listing, "drain": cmd_listing, "logs": cmd_logs, "outputs": cmd_outputs, "coordinator": cmd_coordinator, "agent": cmd_agent,
                   "web": cmd_web, "user": cmd_user, "gpu": cmd_gpu,
-                  "usage": cmd_usage}
+                  "usage": cmd_usage, "doctor": cmd_doctor}
 
 
 def parse_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:

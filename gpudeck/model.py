@@ -20,6 +20,8 @@ MAX_SCRIPT_BYTES = 1024 * 1024
 MAX_TIME_LIMIT = 365 * 86400
 MAX_RESTARTS = 100
 MAX_PRIORITY = 1000  # either way
+DOCTOR = "doctor"  # the built-in workload of `gpudeck doctor` (not one for `submit --workload`)
+MAX_DOCTOR_NODES = 64
 
 
 class JobState(str, Enum):
@@ -187,6 +189,7 @@ class JobSpec:
     after_any: list[str] = field(default_factory=list)  # jobs that must end first, however they end
     array: str = ""  # --array as given ('0-31%4'): one job per index (see gpudeck.arrays)
     hang_timeout: float | None = None  # cancel it once its ranks completed no collective this long
+    on_nodes: list[str] = field(default_factory=list)  # one rank on each and no GPU: gpudeck doctor's check only
 
     @property
     def total_gpus(self) -> int:
@@ -219,7 +222,7 @@ class JobSpec:
 
     def check(self) -> None:
         _check_types(self)
-        problem = name_problem(self.name, "job") or validate_request(self.gpus, self.nodes, self.gpus_per_node)
+        problem = name_problem(self.name, "job") or self._placement_problem()
         if problem:
             raise ValueError(problem)
         if self.time_limit is not None and not 0 < self.time_limit <= MAX_TIME_LIMIT:
@@ -235,6 +238,20 @@ class JobSpec:
             raise ValueError(f"--max-restarts must be from 0 to {MAX_RESTARTS}, not {self.max_restarts}")
         if not -MAX_PRIORITY <= self.priority <= MAX_PRIORITY:
             raise ValueError(f"--priority must be from -{MAX_PRIORITY} to {MAX_PRIORITY}, not {self.priority}")
+
+    def _placement_problem(self) -> str | None:
+        """Why the GPUs or nodes asked for cannot be, or None. Only the built-in check of `gpudeck
+        doctor` may name its nodes and take no GPU: it is gpudeck's own code, so a job that holds
+        nothing and bypasses the queue's limits cannot be anybody's training script."""
+        if self.workload != DOCTOR and not self.on_nodes:
+            return validate_request(self.gpus, self.nodes, self.gpus_per_node)
+        if self.workload != DOCTOR or not self.on_nodes:
+            return "only gpudeck doctor runs its check, on the nodes it names"
+        if (self.gpus, self.nodes, self.gpus_per_node) != (None, None, None):
+            return "gpudeck doctor's check takes no GPU"
+        if len(self.on_nodes) > MAX_DOCTOR_NODES or len(set(self.on_nodes)) != len(self.on_nodes):
+            return f"gpudeck doctor checks 1 to {MAX_DOCTOR_NODES} different nodes"
+        return next(filter(None, (name_problem(node, "node") for node in self.on_nodes)), None)
 
     def _check_order(self) -> None:
         """--after, --after-any and --array: well formed, and an array that keeps at most
@@ -317,6 +334,7 @@ _SPEC_TYPES: dict[str, tuple[type, ...]] = {
     "args": (list,), "workdir": (str,), "project": (str,), "project_files": (int,), "project_bytes": (int,), "project_uploaded": (int,),
     "subdir": (str,), "command": (list,), "env": (dict,), "python": (str,), "venv": (str,), "requirements": (dict,),
     "image": (str,), "launcher": (str,), "preemptible": (bool,), "after": (list,), "after_any": (list,), "array": (str,),
+    "on_nodes": (list,),
 }
 
 
@@ -340,8 +358,8 @@ def _check_types(spec: JobSpec) -> None:
             raise ValueError(f"job field {name!r} has the wrong type ({type(value).__name__})")
     if not all(isinstance(a, str) for a in [*spec.args, *spec.command]):
         raise ValueError("job arguments must be strings")
-    if not all(isinstance(ref, str) for ref in [*spec.after, *spec.after_any]):
-        raise ValueError("the jobs to run after must be named by strings")
+    if not all(isinstance(ref, str) for ref in [*spec.after, *spec.after_any, *spec.on_nodes]):
+        raise ValueError("jobs and nodes must be named by strings")
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in spec.env.items()):
         raise ValueError("environment variables must be strings")
     if not all(isinstance(k, str) and isinstance(v, bytes) for k, v in spec.requirements.items()):

@@ -28,6 +28,8 @@ def _runtime(job: dict[str, Any]) -> str:
 
 def _request(job: dict[str, Any]) -> str:
     req = job["request"]
+    if req["gpus"] is None and req["nodes"] is None:
+        return "no GPU"  # gpudeck doctor's check: one rank on each of the nodes it names
     return counted(req["gpus"], "GPU") if req["gpus"] is not None else f"{req['nodes']}x{req['gpus_per_node']}"
 
 
@@ -206,8 +208,8 @@ def job_detail(job: dict[str, Any]) -> str:
                                        "not planned: only the next job in line that cannot start gets a planned start"))
         lines += priority_text(job)
     for place in job["placement"]:
-        gpus = "GPU" if len(place["gpus"]) == 1 else "GPUs"
-        lines.append(f"  node {place['node_rank']}    {place['node']} {gpus} {','.join(map(str, place['gpus']))}")
+        held = f"GPU{'s' if len(place['gpus']) > 1 else ''} {','.join(map(str, place['gpus']))}" if place["gpus"] else "no GPU"
+        lines.append(f"  node {place['node_rank']}    {place['node']} {held}")
     traffic = job["traffic"]["by_kind"]
     if traffic:
         lines.append("  traffic   " + ", ".join(f"{kind} {moved:,} B" for kind, moved in traffic.items()))

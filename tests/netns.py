@@ -15,6 +15,8 @@ import secrets
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,3 +138,24 @@ class NamespaceProcesses:
 
     def stop(self) -> None:
         stop_processes(self.procs, self.root)
+
+
+@contextmanager
+def running_lab(root: Path, count: int) -> Iterator[tuple[Lab, NamespaceProcesses]]:
+    """A built lab of `count` hosts and the processes the caller starts in it, all stopped and
+    torn down at the end, also on failure."""
+    lab, procs = Lab(count=count), NamespaceProcesses(root)
+    try:
+        lab.build()
+        yield lab, procs
+    finally:
+        procs.stop()
+        lab.teardown()
+
+
+def print_logs_if_failed(request: Any, procs: NamespaceProcesses, names: tuple[str, ...], tail: int = 4000) -> None:
+    """After a test (from an autouse fixture): its processes' logs, when it failed or did not run."""
+    report = getattr(request.node, "rep_call", None)
+    if report is None or report.failed:
+        for name in names:
+            print(f"--- {name} log\n{procs.logs_of(name)[-tail:]}")

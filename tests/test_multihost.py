@@ -17,7 +17,7 @@ import pytest
 
 from tests.cluster import wait_until
 from tests.conftest import SCRIPTS
-from tests.netns import SKIP_REASON, Lab, NamespaceProcesses, netns_available
+from tests.netns import SKIP_REASON, Lab, NamespaceProcesses, netns_available, print_logs_if_failed, running_lab
 
 pytestmark = [
     pytest.mark.netns,
@@ -73,25 +73,16 @@ class MultiHost:
 @pytest.fixture(scope="module")
 def multihost(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MultiHost]:
     """Built once for the module (the mDNS joins are the slow part); torn down even on failure."""
-    root = tmp_path_factory.mktemp("multihost")
-    lab, procs = Lab(count=3), NamespaceProcesses(root)
-    try:
-        lab.build()
+    with running_lab(tmp_path_factory.mktemp("multihost"), 3) as (lab, procs):
         cluster = MultiHost(lab, procs)
         cluster.start()
         yield cluster
-    finally:
-        procs.stop()
-        lab.teardown()
 
 
 @pytest.fixture(autouse=True)
 def _logs_on_failure(multihost: MultiHost, request: pytest.FixtureRequest) -> Iterator[None]:
     yield
-    report = getattr(request.node, "rep_call", None)
-    if report is None or report.failed:
-        for name in ("coordinator", *AGENTS):
-            print(f"--- {name} log\n{multihost.procs.logs_of(name)[-4000:]}")
+    print_logs_if_failed(request, multihost.procs, ("coordinator", *AGENTS))
 
 
 def test_agents_in_other_namespaces_find_the_coordinator_over_mdns(multihost: MultiHost) -> None:

@@ -582,3 +582,20 @@ def test_validate_request_accepts_exactly_the_documented_shapes(req: JobRequest)
 def test_placement_type_is_what_callers_read() -> None:
     decision = schedule([node("a", 2)], [gpus(1, 2)])
     assert decision.placements == (Placement(1, (("a", (0, 1)),)),)
+
+
+def test_the_doctor_check_starts_on_its_named_nodes_beside_full_gpus_and_blocks_nobody() -> None:
+    nodes = [node("a", 2, busy=[0, 1]), node("b", 2, busy=[0]), node("c", 1)]
+    big = JobRequest(job_id=1, priority=5, gpus=4)  # cannot start: it takes the reservation
+    check = JobRequest(job_id=2, on_nodes=("b", "a"))
+    small = JobRequest(job_id=3, gpus=1, time_limit=10)
+    decision = schedule(nodes, [big, check, small], [RunningJob(99, (("a", (0, 1)), ("b", (0,))), ends_at=100)])
+    assert decision.placements == (Placement(2, (("a", ()), ("b", ()))), Placement(3, (("b", (1,)),)))
+    assert decision.reservation is not None and decision.reservation.job_id == 1  # as if the check were not there
+    assert decision.free_after == {"a": (), "b": (), "c": (0,)}
+
+
+def test_the_doctor_check_waits_for_a_named_node_that_is_not_up() -> None:
+    decision = schedule([node("a", 1)], [JobRequest(job_id=7, on_nodes=("a", "gone"))])
+    assert decision.placements == ()
+    assert decision.reasons == {7: "waits for gone to be up and not draining"}

@@ -11,18 +11,18 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from gpudeck.model import WORKLOADS
+from gpudeck.model import DOCTOR, WORKLOADS
 from gpudeck.train.workloads import MODULES, load, options, task
 from gpudeck.train.workloads.checkpoint import Checkpoints
 from gpudeck.train.workloads.session import Session
 
 
 def test_every_workload_the_cli_offers_exists_with_a_main():
-    assert set(WORKLOADS) == set(MODULES)
+    assert set(WORKLOADS) | {DOCTOR} == set(MODULES)
     for name in MODULES:
         module = load(name)
         assert module.NAME == name and callable(module.main)
-        assert WORKLOADS[name]
+        assert WORKLOADS.get(name) or name == DOCTOR
 
 
 def test_the_task_is_a_pure_function_of_the_seed():
@@ -117,7 +117,7 @@ def _run_module(*args: str) -> subprocess.CompletedProcess[str]:
 def test_the_wrapper_refuses_unknown_workloads_and_passes_usage_errors_through():
     unknown = _run_module("--workload", "ring-allreduce")
     assert unknown.returncode == 2 and "no built-in workload 'ring-allreduce'" in unknown.stderr
-    assert "data-parallel, parameter-server, pipeline" in unknown.stderr
+    assert "data-parallel, doctor, parameter-server, pipeline" in unknown.stderr
     assert _run_module("--workload").returncode == 2
     bad = _run_module("--workload", "pipeline", "--layers", "1")
     assert bad.returncode == 2 and "--layers must be at least 2" in bad.stderr
@@ -132,3 +132,15 @@ def test_submit_passes_the_options_after_the_workload_name_to_it():
                                       "--steps", "5", "--micro-batches", "2"])
     spec = spec_from_args(args)
     assert spec.workload == "pipeline" and spec.args == ["--steps", "5", "--micro-batches", "2"]
+
+
+def test_doctor_rounds_meet_every_pair_once_and_no_node_twice_in_a_round():
+    from gpudeck.train.workloads.doctor import rounds
+
+    for count in range(1, 10):
+        ranks = list(range(count))
+        plan = rounds(ranks)
+        met = [pair for round_ in plan for pair in round_]
+        assert sorted(met) == [(a, b) for a in ranks for b in ranks if a < b]
+        assert all(len({r for pair in round_ for r in pair}) == 2 * len(round_) for round_ in plan)
+        assert len(plan) == (count - 1 if count % 2 == 0 else count)

@@ -25,11 +25,12 @@ from types import ModuleType
 
 # Workload name -> module under this package. The names and their one-line descriptions are also in
 # gpudeck.model.WORKLOADS (which the coordinator and the CLI read without importing torch); a test
-# keeps the two in step.
+# keeps the two in step. gpudeck doctor's check is here too, and only there.
 MODULES: dict[str, str] = {
     "data-parallel": "data_parallel",
     "parameter-server": "parameter_server",
     "pipeline": "pipeline",
+    "doctor": "doctor",  # gpudeck doctor's network check (gpudeck.model.DOCTOR), not one for --workload
 }
 
 

@@ -572,7 +572,10 @@ def request_text(job: Job) -> str:
 
 
 def asked_text(job: Job) -> str:
-    """What a job asked for, with its noun: '1 GPU', '4 GPUs', '2x4 GPUs'."""
+    """What a job asked for, with its noun: '1 GPU', '4 GPUs', '2x4 GPUs', or 'no GPU' (gpudeck doctor's check)."""
+    req = job.get("request") or {}
+    if "gpus" in req and req.get("gpus") is None and req.get("nodes") is None:
+        return "no GPU"
     asked = request_text(job)
     return f"{asked} GPU" if asked == "1" else f"{asked} GPUs"
 

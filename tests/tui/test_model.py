@@ -183,3 +183,11 @@ def test_what_a_peer_wrote_reaches_the_screen_with_its_control_characters_visibl
     update["jobs"] = [dict(job, name="again\x9b2J")]
     cluster.apply(update)
     assert cluster.jobs[job["id"]]["name"] == "again\\x9b2J"
+
+
+def test_what_a_job_asked_for_reads_as_gpus_or_none_for_the_doctor_check() -> None:
+    from gpudeck.tui.model import asked_text
+
+    assert asked_text({"request": {"gpus": 1, "nodes": None, "gpus_per_node": None}}) == "1 GPU"
+    assert asked_text({"request": {"gpus": None, "nodes": 2, "gpus_per_node": 4}}) == "2x4 GPUs"
+    assert asked_text({"request": {"gpus": None, "nodes": None, "gpus_per_node": None}, "gpus": 0}) == "no GPU"

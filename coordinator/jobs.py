@@ -150,6 +150,11 @@ class JobControl:
     def _doctor_check(self, spec: JobSpec) -> JobSpec:
         """gpudeck doctor's check, on nodes that have joined and are not down, told the job ports
         (what it checks the nodes can reach on each other)."""
+        running = next((row.id for row in self.store.jobs((JobState.PENDING, JobState.STARTING, JobState.RUNNING))
+                        if row.spec.on_nodes), None)
+        if running is not None:  # one at a time: two would measure each other's traffic, and cost the nodes twice
+            raise ValueError(f"gpudeck doctor's check is already running as job {running}; wait for it to end "
+                             f"(or `gpudeck cancel {running}`)")
         known = {node.name for node in self.store.nodes() if node.state is not NodeState.DOWN}
         unknown = [name for name in spec.on_nodes if name not in known]
         if unknown:

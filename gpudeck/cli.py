@@ -611,9 +611,10 @@ def _doctor_parser(sub: Any) -> None:
     doctor.add_argument("--nodes", type=lambda text: [part for part in text.split(",") if part], metavar="A,B",
                         help="the nodes to check (default: every node that is up and not draining)")
     doctor.add_argument("--size", type=size, default=4 << 20, metavar="SIZE",
-                        help="bytes in each all-reduce (default: 4M); larger reads closer to a link's top speed")
+                        help="bytes in each all-reduce, at most 256M (default: 4M); larger reads closer to a "
+                        "link's top speed")
     doctor.add_argument("--timeout", type=duration, default=10.0, metavar="DUR",
-                        help="how long the check waits for a node at each step (default: 10s)")
+                        help="how long the check waits for a node at each step, at most 60s (default: 10s)")
     doctor.add_argument("--json", action="store_true", help="print the report as JSON with stable field names")
     _client_flags(doctor)
 
@@ -1047,8 +1048,8 @@ async def cmd_doctor(args: argparse.Namespace) -> int:
     from gpudeck import doctor
     from gpudeck.protocol.messages import ListNodes, Submit
 
-    if args.size > 1 << 30:
-        raise UsageError("--size is at most 1G")
+    if args.size > doctor.MAX_SIZE or args.timeout > doctor.MAX_TIMEOUT:
+        raise UsageError(f"--size is at most {doctor.MAX_SIZE >> 20}M and --timeout at most {doctor.MAX_TIMEOUT:g}s")
 
     async def work(session: ClientSession) -> int:
         names = doctor.chosen_nodes((await session.request(ListNodes))["nodes"], args.nodes)
@@ -1056,8 +1057,13 @@ async def cmd_doctor(args: argparse.Namespace) -> int:
                        args=["--bytes", str(args.size), "--timeout", f"{args.timeout:g}"])
         job = await session.request(Submit, spec=spec.to_wire())
         print(f"gpudeck: checking {', '.join(names)} (job {job['id']})", file=sys.stderr)
-        data = await _doctor_report(session, job["id"], names[0], 60 + 4 * args.timeout * len(names))
-        found = doctor.Report.from_json(visible_data(data))
+        rounds = len(names) + 1  # the pairs' rounds (n - 1, or n when odd), then all of them
+        data = await _doctor_report(session, job["id"], names[0], 60 + doctor.step_wait(args.timeout, 5) * rounds)
+        try:
+            found = doctor.Report.from_json(visible_data(data))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise Failure(f"the check's report could not be read ({type(exc).__name__}: {exc}); do the agents run "
+                          "the same version of gpudeck as this command?") from None
         print(json.dumps(found.to_json(), indent=2) if args.json else doctor.table(found))
         return 0 if not found.problems else 1
 
@@ -1078,7 +1084,7 @@ async def _doctor_report(session: ClientSession, job_id: int, first: str, wait: 
     while True:
         job = await session.request(ShowJob, job=job_id)
         kept = [f for f in job["outputs"].get(first, []) if f["path"] == doctor.REPORT_FILE]
-        if kept or JobState(job["state"]).finished and job["state"] != JobState.SUCCEEDED:
+        if kept or JobState(job["state"]).finished:  # a node sends its outputs before it says its ranks ended
             break
         if time.monotonic() > deadline:
             await session.request(Cancel, job=job_id)

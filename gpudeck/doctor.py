@@ -14,11 +14,61 @@ siblings is the one to look at.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 SLOW = 0.5  # a pair below this share of the best pair's bus bandwidth is named slow
 REPORT_FILE = "doctor.json"  # what rank 0 leaves in $GPUDECK_OUTPUT_DIR for the command line
+MAX_SIZE = 256 << 20  # bytes in one all-reduce: every node holds two such buffers
+MAX_REPS = 20
+MAX_TIMEOUT = 60.0  # seconds the check waits for a node at each step
+WARM_UP = 2  # untimed all-reduces before the timed ones: the first connects, the first few touch fresh memory
+
+
+class _Refusal(Exception):
+    pass
+
+
+class _ArgsParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise _Refusal(message)
+
+
+def check_args(argv: list[str]) -> argparse.Namespace:
+    """The check's options (what the command line and the coordinator put on its command line);
+    ValueError with the reason when they are not ones it takes, or not within its bounds (a check
+    must cost the nodes seconds, not hours)."""
+    parser = _ArgsParser(prog="gpudeck doctor's check", add_help=False)
+    parser.add_argument("--nodes", required=True)  # the nodes in node-rank order, comma-separated
+    parser.add_argument("--job-ports", required=True)  # the cluster's job ports, FIRST-LAST
+    parser.add_argument("--bytes", type=int, default=4 << 20)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--timeout", type=float, default=10.0)
+    try:
+        options = parser.parse_args(argv)
+    except _Refusal as refusal:
+        raise ValueError(f"gpudeck doctor's check: {refusal}") from None
+    if not (4 <= options.bytes <= MAX_SIZE and 1 <= options.reps <= MAX_REPS and 0 < options.timeout <= MAX_TIMEOUT):
+        raise ValueError(f"gpudeck doctor's check takes --bytes 4 to {MAX_SIZE}, --reps 1 to {MAX_REPS} and "
+                         f"--timeout up to {MAX_TIMEOUT:g} seconds")
+    return options
+
+
+def check_args_problem(argv: list[str]) -> str | None:
+    """Why `argv` are not the check's options, or None. The coordinator adds --nodes and
+    --job-ports (after what the client sent, so its own count), so they may be missing here."""
+    try:
+        check_args([*argv, "--nodes", "-", "--job-ports", "0-0"])
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def step_wait(timeout: float, reps: int) -> float:
+    """The longest one step of the check may take when every wait in it runs to `timeout`: a pair's
+    group is set up, warmed up and timed, each part allowed `timeout`."""
+    return timeout * (2 + WARM_UP + reps)
 
 
 def bus_bandwidth(size: int, seconds: float, ranks: int) -> float:
@@ -71,6 +121,7 @@ class Report:
     job_ports: str
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    late: list[str] = field(default_factory=list)  # nodes whose findings did not reach rank 0 in time
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -83,18 +134,22 @@ class Report:
         everyone = data.get("all")
         return cls(nodes=[NodeSeen(**n) for n in data["nodes"]], paths=[Route(**p) for p in data["paths"]],
                    pairs=[AllReduce(**p) for p in data["pairs"]], everyone=AllReduce(**everyone) if everyone else None,
-                   size=data["size"], job_ports=data["job_ports"], problems=data["problems"], warnings=data["warnings"])
+                   size=data["size"], job_ports=data["job_ports"], problems=data["problems"], warnings=data["warnings"],
+                   late=data.get("late", []))
 
 
 def report(nodes: list[NodeSeen], paths: list[Route], pairs: list[AllReduce], everyone: AllReduce | None,
-           size: int, job_ports: str) -> Report:
-    """The report with each all-reduce set against the best pair, and the verdict."""
+           size: int, job_ports: str, late: list[str] | None = None) -> Report:
+    """The report with each all-reduce set against the best pair, and the verdict. `late`: nodes
+    that took part but whose findings (their routes, the pairs they timed) never came."""
     pairs = sorted(pairs, key=lambda p: p.nodes)
     best = max((p.busbw for p in pairs if p.busbw), default=None)
     for measured in [*pairs, *([everyone] if everyone else [])]:
         measured.vs_best = measured.busbw / best if best and measured.busbw else None
-    result = Report(nodes, paths, pairs, everyone, size, job_ports)
-    result.problems = [*_unreached(nodes), *_blocked(paths), *_links(pairs, best)]
+    result = Report(nodes, paths, pairs, everyone, size, job_ports, late=list(late or []))
+    result.problems = [*_unreached(nodes), *_blocked(paths), *_links(pairs, best),
+                       *(f"{name}'s findings never reached {nodes[0].name}: its routes and some pairs are not in "
+                         "this report (its rank stopped, or its node was too slow)" for name in result.late)]
     result.warnings = _unseen(nodes)
     return result
 

@@ -7,12 +7,13 @@ the coordinator's store keeps the state, attempts and exit codes beside it.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from enum import Enum
 from typing import Any
 
 from gpudeck.arrays import MAX_ARRAY_BYTES, MAX_DEPENDENCIES, parse_array, parse_ref
 from gpudeck.capacity import validate_request
+from gpudeck.doctor import check_args_problem
 from gpudeck.project import DIGEST, path_problem
 from gpudeck.text import name_problem
 
@@ -22,6 +23,7 @@ MAX_RESTARTS = 100
 MAX_PRIORITY = 1000  # either way
 DOCTOR = "doctor"  # the built-in workload of `gpudeck doctor` (not one for `submit --workload`)
 MAX_DOCTOR_NODES = 64
+_DOCTOR_FIELDS = frozenset({"name", "workload", "on_nodes", "args"})  # all a check may set
 
 
 class JobState(str, Enum):
@@ -241,8 +243,9 @@ class JobSpec:
 
     def _placement_problem(self) -> str | None:
         """Why the GPUs or nodes asked for cannot be, or None. Only the built-in check of `gpudeck
-        doctor` may name its nodes and take no GPU: it is gpudeck's own code, so a job that holds
-        nothing and bypasses the queue's limits cannot be anybody's training script."""
+        doctor` may name its nodes and take no GPU, and it runs gpudeck's own code and nothing else:
+        a job that holds no GPU and bypasses the queue's limits can be nobody's training script (no
+        project, folder, interpreter, image, environment or variables of theirs)."""
         if self.workload != DOCTOR and not self.on_nodes:
             return validate_request(self.gpus, self.nodes, self.gpus_per_node)
         if self.workload != DOCTOR or not self.on_nodes:
@@ -251,7 +254,12 @@ class JobSpec:
             return "gpudeck doctor's check takes no GPU"
         if len(self.on_nodes) > MAX_DOCTOR_NODES or len(set(self.on_nodes)) != len(self.on_nodes):
             return f"gpudeck doctor checks 1 to {MAX_DOCTOR_NODES} different nodes"
-        return next(filter(None, (name_problem(node, "node") for node in self.on_nodes)), None)
+        extra = next((f.name for f in fields(self) if f.name not in _DOCTOR_FIELDS
+                      and getattr(self, f.name) != (f.default_factory() if f.default is MISSING else f.default)), None)
+        if extra is not None:
+            return f"gpudeck doctor's check runs gpudeck's own code as it is: it takes no {extra}"
+        return next(filter(None, (name_problem(node, "node") for node in self.on_nodes)), None) \
+            or check_args_problem(self.args)
 
     def _check_order(self) -> None:
         """--after, --after-any and --array: well formed, and an array that keeps at most
@@ -280,7 +288,7 @@ class JobSpec:
         """About what one stored row of this spec holds in the coordinator's memory (its script is
         loaded only to be sent): its texts, and the objects around them."""
         texts = [self.name, self.workdir, self.subdir, *self.args, *self.command, *self.after, *self.after_any,
-                 *self.env, *self.env.values()]
+                 *self.env, *self.env.values(), *self.on_nodes]
         return ROW_BYTES + sum(map(len, texts)) + sum(len(data) * 4 // 3 for data in self.requirements.values())
 
     def _check_code(self) -> None:

@@ -70,6 +70,12 @@ def test_blocked_job_ports_unreached_nodes_and_unseen_adverts_are_said() -> None
     assert "(not measured: c, which did not reach the rendezvous)" in doctor.table(found)
 
 
+def test_a_node_whose_findings_never_came_is_a_problem_not_a_clean_bill() -> None:
+    found = doctor.report(_seen("a", "b"), [], [], None, 1 << 20, "29500-29999", late=["b"])
+    assert found.problems == ["b's findings never reached a: its routes and some pairs are not in this report "
+                              "(its rank stopped, or its node was too slow)"]
+
+
 def test_the_report_reads_back_from_its_json() -> None:
     found = doctor.report(_seen("a", "b"), [Route("a", "b", "lo", "127.0.0.1", True, 29501)], [_pair("a", "b", GB)],
                           None, 1 << 20, "29500-29999")
@@ -88,7 +94,19 @@ def test_only_the_doctor_check_names_its_nodes_and_it_takes_no_gpu() -> None:
         ],
         "gpudeck doctor's check takes no GPU": [JobSpec(name="x", workload=DOCTOR, gpus=1, on_nodes=["a"])],
         "gpudeck doctor checks 1 to 64 different nodes": [JobSpec(name="x", workload=DOCTOR, on_nodes=["a", "a"])],
+        "gpudeck doctor's check takes --bytes 4 to": [
+            JobSpec(name="x", workload=DOCTOR, on_nodes=["a"], args=["--bytes", str(1 << 30)]),
+            JobSpec(name="x", workload=DOCTOR, on_nodes=["a"], args=["--reps", "1000"])],
+        "gpudeck doctor's check: unrecognized arguments: --evil": [
+            JobSpec(name="x", workload=DOCTOR, on_nodes=["a"], args=["--evil"])],
     }
+    # nothing of a user's may come with it: it would run their code on any node, outside the queue
+    for extra, value in (("python", "/usr/bin/python3"), ("venv", "/opt/v"), ("image", "busybox"),
+                         ("workdir", "/home/ada"), ("project", "a" * 64), ("env", {"PYTHONPATH": "/tmp"}),
+                         ("requirements", {"requirements.txt": b"evil"}), ("launcher", "torchrun"),
+                         ("array", "0-3"), ("time_limit", 5.0), ("preemptible", True)):
+        refused.setdefault(f"it takes no {extra}$", []).append(
+            JobSpec(name="x", workload=DOCTOR, on_nodes=["a"], **{extra: value}))
     for reason, specs in refused.items():
         for spec in specs:
             with pytest.raises(ValueError, match=reason):
@@ -139,3 +157,7 @@ def test_doctor_checks_two_loopback_nodes_whose_gpus_are_all_held(cluster: Clust
     jobs = {job["id"]: job for job in cluster.json("jobs")}
     checks = [job for job in jobs.values() if job["name"] == "doctor"]
     assert [job["state"] for job in checks] == ["succeeded", "succeeded"]
+    rank0 = cluster.cli("logs", str(checks[0]["id"]), "--rank", "0")
+    assert "node-a ↔ node-b" in rank0.stdout  # rank 0 prints the table in its log too
+    beyond = cluster.cli("logs", str(checks[0]["id"]), "--rank", "2", check=False)
+    assert beyond.returncode == 1 and "its ranks are 0 and 1" in beyond.stderr

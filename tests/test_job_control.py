@@ -415,3 +415,20 @@ def test_after_an_arrays_id_waits_for_every_task_and_after_a_task_for_that_one(d
     assert (deck.job(whole).state, deck.job(whole).reason) == (
         JobState.FAILED, f"array {array} had 1 failed task, and this job was to run after it succeeded")
     assert deck.job(first).state is JobState.STARTING, "task 0 alone succeeded, and that was all it waited for"
+
+
+def test_the_doctor_check_launches_one_rank_per_node_beside_full_gpus_one_check_at_a_time(deck: Deck):
+    holder = deck.submit(nodes=2, gpus_per_node=2)
+    with pytest.raises(ValueError, match="ghost is not a node of this cluster that is up"):
+        deck.control.submit(JobSpec(name="doctor", workload="doctor", on_nodes=["ghost"]), "bob")
+    check = deck.control.submit(JobSpec(name="doctor", workload="doctor", on_nodes=["node-b", "node-a"]), "ada")
+    assert check.spec.args == ["--nodes", "node-a,node-b", "--job-ports", f"{PORTS[0]}-{PORTS[1]}"]
+    with pytest.raises(ValueError, match=f"already running as job {check.id}"):
+        deck.control.submit(JobSpec(name="doctor", workload="doctor", on_nodes=["node-a"]), "bob")
+    deck.control.schedule()
+    assert deck.job(holder).state is JobState.STARTING and deck.job(check.id).state is JobState.STARTING
+    launches = sorted((node, m.gpus, m.node_rank, m.first_rank, m.world_size) for node, m in deck.taken(Launch)
+                      if m.job == check.id)
+    assert launches == [("node-a", [], 0, 0, 2), ("node-b", [], 1, 1, 2)]
+    deck.restart()  # the stored check reads back as valid, the coordinator's own arguments included
+    assert deck.job(check.id).spec.on_nodes == ["node-b", "node-a"]

@@ -11,7 +11,7 @@ reach the rendezvous is the finding, so after ``--timeout`` rank 0 goes on with 
    built on a PrefixStore of the one store;
 3. all nodes reached time one all-reduce together.
 
-Each timing is the fastest of ``--reps`` all-reduces after two to warm up (the first connects), so a
+Each timing is the fastest of ``--reps`` all-reduces after ``WARM_UP`` untimed ones (the first connects), so a
 busy CPU does not pass for a slow link. Gloo's data connections use ports the kernel picks, outside
 the job range: a firewall that opens only the job ports lets the rendezvous through and stops the
 all-reduce, which then shows as a broken link. Rank 0 writes the report to ``$GPUDECK_OUTPUT_DIR``.
@@ -24,6 +24,7 @@ import json
 import os
 import random
 import socket
+import sys
 import threading
 import time
 from datetime import timedelta
@@ -37,24 +38,14 @@ from gpudeck.netif import interface_towards, local_address_towards
 
 NAME = "doctor"
 PROBE_TIMEOUT = 3.0  # seconds to connect to a peer's job port
-WARM_UP = 2  # untimed all-reduces first: the first connects, and the first few touch fresh memory
-
-
-def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="gpudeck doctor's check")
-    parser.add_argument("--nodes", required=True, help="the nodes in node-rank order, comma-separated")
-    parser.add_argument("--job-ports", required=True, help="the cluster's job ports, FIRST-LAST")
-    parser.add_argument("--bytes", type=int, default=4 << 20, help="the size of each all-reduce")
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for a node at each step")
-    options = parser.parse_args(argv)
-    if not (4 <= options.bytes <= 1 << 30 and 1 <= options.reps <= 100 and 0 < options.timeout <= 600):
-        parser.error("--bytes must be 4 to 2^30, --reps 1 to 100, --timeout up to 600 seconds")
-    return options
 
 
 def main(argv: list[str]) -> int:
-    options = parse(argv)
+    try:
+        options = doctor.check_args(argv)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     master, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     timeout = timedelta(seconds=options.timeout)
@@ -70,7 +61,7 @@ def main(argv: list[str]) -> int:
         return 0
     hellos = {r: json.loads(store.get(f"hello/{r}")) for r in present}
     mine = {"routes": [_route(hellos[rank]["node"], hellos[r]) for r in present if r != rank]}
-    _barrier(store, "routes", len(present), options.timeout)
+    _barrier(store, "routes", len(present), (len(present) + 2) * PROBE_TIMEOUT + options.timeout)
     probe.close()
     mine["pairs"] = _pairs(store, rank, present, hellos, options)
     if len(present) > 2:
@@ -140,6 +131,10 @@ class Probe:
             conn.close()
 
     def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept, so the port is free at once
+        except OSError:
+            pass
         self.sock.close()
 
 
@@ -162,12 +157,16 @@ def _route(source: str, target: dict[str, Any]) -> dict[str, Any]:
             "ports_reachable": error is None, "port": target["probe_port"], "error": error}
 
 
-def _barrier(store: dist.Store, name: str, count: int, timeout: float) -> None:
-    """Wait until `count` ranks reached `name` (at most 2 x timeout: a dead peer must not hang the check)."""
-    store.add(f"barrier/{name}", 1)
-    deadline = time.monotonic() + 2 * timeout
-    while store.add(f"barrier/{name}", 0) < count and time.monotonic() < deadline:
-        time.sleep(0.005)
+def _barrier(store: dist.Store, name: str, count: int, wait: float) -> None:
+    """Wait until `count` ranks reached `name`, or `wait` seconds passed (a dead peer must not hang
+    the check); the last to come says so with one key, so nobody polls rank 0's store."""
+    if store.add(f"barrier/{name}", 1) >= count:
+        store.set(f"barrier/{name}/all", "1")
+        return
+    try:
+        store.wait([f"barrier/{name}/all"], timedelta(seconds=wait))
+    except RuntimeError:  # a DistStoreError: someone never came; go on with what there is
+        pass
 
 
 def rounds(ranks: list[int]) -> list[list[tuple[int, int]]]:
@@ -189,7 +188,7 @@ def _pairs(store: dist.Store, rank: int, present: list[int], hellos: dict[int, A
         pair = next((p for p in pairs if rank in p), None)
         if pair is not None:
             measured.append(_timed(store, f"pair/{pair[0]}-{pair[1]}", list(pair), rank, hellos, options))
-        _barrier(store, f"round/{number}", len(present), options.timeout)
+        _barrier(store, f"round/{number}", len(present), doctor.step_wait(options.timeout, options.reps))
     return measured
 
 
@@ -201,7 +200,7 @@ def _timed(store: dist.Store, label: str, members: list[int], rank: int, hellos:
         group = dist.ProcessGroupGloo(dist.PrefixStore(label, store), members.index(rank), len(members),
                                       timedelta(seconds=options.timeout))
         tensor = torch.ones(options.bytes // 4, dtype=torch.float32)
-        for _ in range(WARM_UP):
+        for _ in range(doctor.WARM_UP):
             group.allreduce([tensor]).wait()
         fastest = float("inf")
         for _ in range(options.reps):
@@ -216,13 +215,14 @@ def _timed(store: dist.Store, label: str, members: list[int], rank: int, hellos:
 
 def _report(store: dist.Store, options: argparse.Namespace, present: list[int], hellos: dict[int, Any]) -> None:
     """Gather every rank's findings into the report, print it, and leave it for the command line."""
-    results = {}
+    results, late = {}, []
     for r in present:
         try:
             store.wait([f"result/{r}"], timedelta(seconds=2 * options.timeout))
             results[r] = json.loads(store.get(f"result/{r}"))
         except RuntimeError:
             results[r] = {"routes": [], "pairs": []}
+            late.append(hellos[r]["node"])
     names = options.nodes.split(",")
     nodes = [doctor.NodeSeen(name=name, address=hellos[r]["address"] if r in hellos else "", reached=r in hellos,
                              mdns=hellos[r]["mdns"] if r in hellos else None) for r, name in enumerate(names)]
@@ -230,7 +230,7 @@ def _report(store: dist.Store, options: argparse.Namespace, present: list[int], 
     pairs = [doctor.AllReduce(**pair) for r in present for pair in results[r]["pairs"] if pair["nodes"][0] == hellos[r]["node"]]
     everyone = results[0].get("all")
     found = doctor.report(nodes, routes, pairs, doctor.AllReduce(**everyone) if everyone else None,
-                          options.bytes // 4 * 4, options.job_ports)
+                          options.bytes // 4 * 4, options.job_ports, late)
     print(doctor.table(found))
     out = os.environ.get("GPUDECK_OUTPUT_DIR")
     if out:

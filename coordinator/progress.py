@@ -108,15 +108,12 @@ class ProgressBook:
     def stalled_for(self, job_id: int) -> float | None:
         """Seconds since any rank of the job completed a collective; None for a job not judged."""
         job = self._jobs.get(job_id)
-        if job is None or not _judged(job):
-            return None
-        return self.clock() - max(held.progressed_at for held in job.ranks.values())
+        since = _stalled_since(job) if job is not None else None
+        return None if since is None else self.clock() - since
 
     def _hang(self, job: _Job, now: float, node_of: Callable[[int], str]) -> HangView | None:
-        if not _judged(job):
-            return None
-        since = max(held.progressed_at for held in job.ranks.values())
-        if now - since < self.hang_after:
+        since = _stalled_since(job)
+        if since is None or now - since < self.hang_after:
             return None
         outside = [rank for rank, held in job.ranks.items() if held.samples[-1].entered == held.samples[-1].ops]
         first = min(outside or job.ranks, key=lambda rank: (job.ranks[rank].progressed_at, rank))
@@ -128,8 +125,11 @@ class ProgressBook:
                         f"waits inside one, rank {first} on {node_of(first)} since longest")
 
 
-def _judged(job: _Job) -> bool:
-    return any(held.samples and held.samples[-1].ops > 0 for held in job.ranks.values())
+def _stalled_since(job: _Job) -> float | None:
+    """When a rank of the job last completed a collective; None before any has (not judged yet)."""
+    if not any(held.samples and held.samples[-1].ops > 0 for held in job.ranks.values()):
+        return None
+    return max(held.progressed_at for held in job.ranks.values())
 
 
 def _own_time_per_op(samples: deque[_Sample]) -> float | None:

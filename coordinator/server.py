@@ -650,9 +650,8 @@ class Coordinator:
             raise LookupError(f"job {row.id} has no attempt {attempt}: {had}")
         if message.rank is not None and message.rank not in self.logs.ranks(row.id, attempt):
             spec = row.spec
-            ranks = 0 if spec.command else len(spec.on_nodes) or spec.total_gpus
             placed = len(self.store.attempt_nodes(row.id, attempt)) or None
-            problem = rank_problem(row.id, message.rank, ranks, placed, spec.nodes or spec.gpus or 1)
+            problem = rank_problem(row.id, message.rank, spec.ranks, placed, spec.nodes or spec.gpus or 1)
             if problem:
                 raise LookupError(problem)
         chunks = self.logs.read(row.id, attempt, message.offsets, message.rank)

@@ -199,6 +199,12 @@ class JobSpec:
         return self.gpus if self.gpus is not None else (self.nodes or 0) * (self.gpus_per_node or 0)
 
     @property
+    def ranks(self) -> int:
+        """The ranks it runs in all: one per GPU, one per node gpudeck doctor's check names, none
+        for a command (it runs once per node, and its output is each node's own)."""
+        return 0 if self.command else len(self.on_nodes) or self.total_gpus
+
+    @property
     def what(self) -> list[str]:
         """What runs, as the job's command line shows it."""
         if self.command:

@@ -25,6 +25,10 @@ from gpudeck.protocol.payloads import WarmStatus
 log = logging.getLogger(__name__)
 FD = "GPUDECK_WARM_FD"  # the same name as gpudeck.train.warm.FD (which imports torch: not imported here)
 POOL = "GPUDECK_WARM"  # in each warm interpreter's environment: whose it is
+# What the interpreter imports torch with: numpy's OpenBLAS starts a thread per CPU when it loads and
+# libgomp reads its size once, and an interpreter with threads must not fork. Each forked rank then
+# sizes its pools as a cold rank of its job would (gpudeck.train.warm.pool_sizes).
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 ANSWER_TIMEOUT = 30.0
 EARLY_END = 30.0  # an interpreter that ends this soon after its start ended early
 GIVE_UP_AFTER = 3  # early ends in a row
@@ -66,7 +70,7 @@ class WarmPool:
         """Start one interpreter, wait for its import to finish, and start another when it ends."""
         ours, theirs = socket.socketpair()
         env = {key: value for key, value in os.environ.items() if key != MARKER}
-        env.update({FD: str(theirs.fileno()), POOL: self.owner, "PYTHONUNBUFFERED": "1"})
+        env.update({**ONE_THREAD, FD: str(theirs.fileno()), POOL: self.owner, "PYTHONUNBUFFERED": "1"})
         loop = asyncio.get_running_loop()
         try:
             with open(self.cwd / "warm.log", "ab") as output:

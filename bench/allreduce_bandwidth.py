@@ -137,7 +137,7 @@ def kill_marked(marker: str) -> None:
 
 def launch(options: argparse.Namespace, forwarded: list[str]) -> int:
     marker = uuid.uuid4().hex
-    env = {**os.environ, "OMP_NUM_THREADS": "1", MARKER: marker}
+    env = {**os.environ, MARKER: marker}
     env.pop("GPUDECK_TRAFFIC_ADDR", None)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "gpudeck.train.run", str(Path(__file__).resolve()), "--worker", *forwarded]

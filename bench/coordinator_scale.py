@@ -117,7 +117,7 @@ class Run:
     def spawn(self, *args: str, stdout: Any = None) -> subprocess.Popen[bytes]:
         log = open(self.root / f"{self.name}-{len(self.procs)}.log", "ab")
         proc = subprocess.Popen([sys.executable, *args], stdout=stdout or log, stderr=log, cwd=ROOT,
-                                env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"))
+                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
         self.procs.append(proc)
         return proc
 

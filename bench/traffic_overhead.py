@@ -69,7 +69,7 @@ def run_job(script: Path, options: argparse.Namespace, wrapped: bool, sink_port:
         *wrapper, str(script), str(options.windows), str(options.window_steps),
     ]
     env = {
-        **os.environ, "OMP_NUM_THREADS": "1", "GPUDECK_TRAFFIC_ADDR": f"127.0.0.1:{sink_port}",
+        **os.environ, "GPUDECK_TRAFFIC_ADDR": f"127.0.0.1:{sink_port}",
         "GPUDECK_JOB_ID": "1", "GPUDECK_ATTEMPT": "0",
     }
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)

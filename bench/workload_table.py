@@ -114,7 +114,7 @@ def run(name: str, options: argparse.Namespace, sink: Sink, attempt: int) -> tup
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                    "-m", "gpudeck.train.run", "--workload", name, *model, "--log-every", str(options.steps)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPUDECK_")}
-    env.update({"OMP_NUM_THREADS": "1", MARKER: marker, "GPUDECK_TRAFFIC_ADDR": sink.address,
+    env.update({MARKER: marker, "GPUDECK_TRAFFIC_ADDR": sink.address,
                 "GPUDECK_JOB_ID": "1", "GPUDECK_ATTEMPT": str(attempt)})
     sink.expect(attempt)
     try:

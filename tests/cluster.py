@@ -19,6 +19,9 @@ from gpudeck.agent.procs import Leader, job_pids, pids_with_env, run_marker, sig
 from gpudeck.protocol.auth import JoinToken
 
 ROOT = Path(__file__).resolve().parent.parent
+# A user's install has none of these; one in the developer's shell would hide, as it once did, that the
+# warm interpreter did not work without them. The product sets what its processes need.
+THREAD_SETTINGS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "GOTO_NUM_THREADS")
 
 
 def free_port() -> int:
@@ -69,8 +72,8 @@ class Cluster:
 
     @property
     def env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update({"GPUDECK_HOME": str(self.root / "home"), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+        env = {key: value for key, value in os.environ.items() if key not in THREAD_SETTINGS}
+        env.update({"GPUDECK_HOME": str(self.root / "home"), "PYTHONUNBUFFERED": "1"})
         env.pop("GPUDECK_COORDINATOR", None)
         env.pop("GPUDECK_TOKEN", None)
         return env

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.cluster import stop_processes
+from tests.cluster import THREAD_SETTINGS, stop_processes
 
 SKIP_REASON = "needs root and iproute2 to build network namespaces"
 
@@ -105,10 +105,10 @@ class NamespaceProcesses:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def env(self, name: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GPUDECK_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GPUDECK_") and k not in THREAD_SETTINGS}
         home = self.root / "homes" / name
         home.mkdir(parents=True, exist_ok=True)
-        env.update({"GPUDECK_HOME": str(home), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+        env.update({"GPUDECK_HOME": str(home), "PYTHONUNBUFFERED": "1"})
         return env
 
     def command(self, host: Host, *args: str) -> list[str]:

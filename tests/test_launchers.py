@@ -135,10 +135,37 @@ def test_agent_started_ranks_get_torchruns_environment_and_forked_ones_start_cle
             assert rank["sigterm_default"] and rank["sigint_default"] and rank["sigchld_default"]
             assert rank["stdin_is_null"]
             assert rank["torch_threads"] == 1, "torchrun's OMP_NUM_THREADS=1 for 2 ranks a node reaches torch"
-        threads = cluster.submit("--gpus", "1", "--env", "OMP_NUM_THREADS=3", str(SCRIPTS / "rank_facts.py"))
-        assert cluster.wait_job(threads, ("succeeded", "failed"))["state"] == "succeeded"
-        (alone,) = _facts(cluster, threads).values()
-        assert alone["torch_threads"] == 3, "the job's OMP_NUM_THREADS reaches torch, which read it at its import"
+
+
+@pytest.mark.parametrize("shape", [["--gpus-per-node", "1"], ["--gpus-per-node", "2"],
+                                   ["--gpus-per-node", "1", "--env", "OMP_NUM_THREADS=3"]],
+                         ids=["one-rank-a-node", "two-ranks-a-node", "job-sets-omp"])
+def test_a_default_agent_forks_ranks_whose_thread_pools_are_a_cold_ranks(tmp_path: Path, shape: list[str]):
+    """With nothing in the environment but what a user's shell has (import torch then starts numpy's
+    BLAS threads), a warm agent still forks its ranks, and a forked rank's pools and threads are those
+    of the same job's rank started cold on the other node: the machine's default for one rank a node,
+    torchrun's one thread for two, and the job's own OMP_NUM_THREADS."""
+    cluster = Cluster(tmp_path)
+    assert not {"OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"} & set(cluster.env)
+    cluster.start_coordinator()
+    try:
+        cluster.start_agent("node-a", 2, "--warm", "1")
+        cluster.start_agent("node-b", 2)
+        cluster.wait_nodes("up", 2)
+        wait_warm(cluster, "node-a")
+        job_id = cluster.submit("--nodes", "2", *shape, str(SCRIPTS / "thread_facts.py"))
+        assert cluster.wait_job(job_id, ("succeeded", "failed"))["state"] == "succeeded"
+        record = json.loads((tmp_path / "node-a" / "jobs" / f"{job_id}-1" / "job.json").read_text())
+        assert record["forked"] == len(record["ranks"]) > 0, "every rank on the warm node was forked"
+        ranks = [json.loads(line.split("THREADS ", 1)[1]) for line in cluster.cli("logs", str(job_id)).stdout.splitlines()
+                 if "THREADS " in line]
+        forked, cold = [], []
+        for rank in ranks:
+            (forked if rank.pop("forked") else cold).append(rank)
+        assert len(forked) == len(cold) == len(record["ranks"]), ranks
+        assert forked == cold, "a forked rank has the pools and the threads of a cold one"
+    finally:
+        cluster.stop()
 
 
 def test_a_cold_rank_gets_the_same_environment_and_runs_its_first_line_before_torch(cluster: Cluster):

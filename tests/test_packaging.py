@@ -592,8 +592,7 @@ def _unit_command(installed: Installed, unit: str, env_key: str, env: dict[str, 
 
 def _service_env(installed: Installed, settings: dict[str, str]) -> dict[str, str]:
     home = str(installed.root / "var/lib/gpudeck")
-    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": home, "GPUDECK_HOME": home, "PYTHONUNBUFFERED": "1",
-           "OMP_NUM_THREADS": "1"}
+    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": home, "GPUDECK_HOME": home, "PYTHONUNBUFFERED": "1"}
     for key, value in settings.items():
         env[key] = f"{installed.root}{value}" if key == "GPUDECK_TOKEN_FILE" else value
     return env

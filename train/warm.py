@@ -15,8 +15,8 @@ Why forking here is safe, and what each fork does:
   outlives the signals that stop its rank and leaves ``rank-R.exit`` (128 + N for signal N);
 * the rank (second fork) gets the job's environment, folder, log on fds 1 and 2 and default signal
   handlers, reseeds what a fresh interpreter seeds from the OS (``random``, torch's default
-  generator, numpy's global state when torch loaded numpy) and takes ``OMP_NUM_THREADS`` into
-  torch, which read it once at its import;
+  generator, numpy's global state when torch loaded numpy) and sizes the thread pools as a cold
+  interpreter would have sized them at its import (``pool_sizes``);
 * then it runs ``gpudeck.train.run`` as ``python -m gpudeck.train.run ARGV`` would, and exits through
   the interpreter's normal end (atexit, flushed streams).
 """
@@ -29,14 +29,18 @@ import random
 import signal
 import socket
 import sys
-from typing import Any
+from pathlib import Path
+from typing import Any, Mapping
 
+import threadpoolctl
 import torch
 import torch.distributed
 
 from gpudeck.train import counting, run
 
 PRELOADED = (torch.distributed, counting)  # imported here so that no rank pays for them
+# The pools torch and numpy loaded (libgomp, numpy's OpenBLAS), found once here: each rank resizes them.
+POOLS = threadpoolctl.ThreadpoolController()
 
 FD = "GPUDECK_WARM_FD"
 MAX_REQUEST = 4 * 1024 * 1024
@@ -126,8 +130,47 @@ def _become_rank(request: dict[str, Any]) -> None:
     numpy = sys.modules.get("numpy")
     if numpy is not None:
         numpy.random.seed()
-    if env.get("OMP_NUM_THREADS", "").isdigit() and int(env["OMP_NUM_THREADS"]) > 0:
-        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    intra_op, blas = pool_sizes(env, len(os.sched_getaffinity(0)), _physical_cores())
+    POOLS.select(user_api="openmp").limit(limits=intra_op)
+    POOLS.select(user_api="blas").limit(limits=blas)
+
+
+def pool_sizes(env: Mapping[str, str], cpus: int, cores: int) -> tuple[int, int]:
+    """The sizes a cold interpreter with `env` gives torch's intra-op pool and numpy's BLAS when it
+    imports them, on `cpus` usable CPUs of `cores` physical cores.
+
+    This interpreter imported both with every pool held at one thread (the agent starts it so:
+    forking a process that has threads is unsafe), so each rank sets the sizes it would have read.
+    As measured on torch 2.13: torch takes MKL's count, MKL_NUM_THREADS, else OMP_NUM_THREADS, else
+    the physical cores, and never more than those; OpenBLAS takes OPENBLAS_NUM_THREADS, else
+    GOTO_NUM_THREADS, else OMP_NUM_THREADS, else the CPUs, and never more than those. The pools are
+    set through OpenMP and OpenBLAS directly: torch.set_num_threads would also start a pthreadpool
+    that a cold rank never has."""
+    intra_op = _first_count(env, "MKL_NUM_THREADS", "OMP_NUM_THREADS") or cores
+    blas = _first_count(env, "OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS") or cpus
+    return min(intra_op, cores), min(blas, cpus)
+
+
+def _first_count(env: Mapping[str, str], *names: str) -> int:
+    """The first of `names` set to a positive count (OpenMP's "4,2" counts as 4), or 0."""
+    for name in names:
+        first = env.get(name, "").split(",")[0].strip()
+        if first.isdigit() and int(first) > 0:
+            return int(first)
+    return 0
+
+
+def _physical_cores() -> int:
+    """Physical cores among the CPUs this process may use (hyperthreads count once, as MKL counts)."""
+    usable = os.sched_getaffinity(0)
+    cores = set()
+    for cpu in usable:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topology / "physical_package_id").read_text(), (topology / "core_id").read_text()))
+        except OSError:
+            cores.add(("cpu", str(cpu)))
+    return max(1, len(cores))
 
 
 if __name__ == "__main__":

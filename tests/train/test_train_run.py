@@ -33,6 +33,8 @@ def sink() -> Iterator[Sink]:
 
 
 def child_env(sink: Sink | None = None, **extra: str) -> dict[str, str]:
+    # The wrapper run by hand, not by an agent (which sets what a rank needs): one thread a rank, as
+    # torchrun gives ranks that share a machine, keeps tests that start two from oversubscribing two cores.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GPUDECK_JOB_ID": "41", "GPUDECK_ATTEMPT": "1", **extra}
     if sink is not None:
         env["GPUDECK_TRAFFIC_ADDR"] = sink.address

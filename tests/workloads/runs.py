@@ -22,6 +22,9 @@ MARKER = "GPUDECK_WORKLOAD_TEST_RUN"
 
 
 def env(**extra: str) -> dict[str, str]:
+    """The ranks' environment. OMP_NUM_THREADS=1: these tests run torchrun by hand, some as several
+    one-rank "nodes" on this machine, to which torchrun gives no thread setting; one thread a rank keeps
+    them from oversubscribing two cores, as torchrun's own default does for a node of several ranks."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("GPUDECK_")}
     return {**clean, "OMP_NUM_THREADS": "1", "GPUDECK_JOB_ID": "7", "GPUDECK_ATTEMPT": "1", **extra}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import io
 import json
 import logging
@@ -254,7 +255,10 @@ def _command(sub: Any, name: str, summary: str, description: str, *examples: str
 JOB_HELP = "the job's id, as submit printed it and `gpudeck jobs` lists it (ARRAY.INDEX for a task of an array)"
 
 
+@functools.cache
 def build_parser() -> argparse.ArgumentParser:
+    """The whole command line, built once a process (submit reads it again to warn about its own
+    options given after a script); parsing does not change it."""
     parser = argparse.ArgumentParser(
         prog="gpudeck", description="Run your own GPU cluster from a terminal.", allow_abbrev=False,
         epilog="Start here: `gpudeck up --simulate-gpus 4` runs a whole cluster on this machine.")

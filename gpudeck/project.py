@@ -14,6 +14,7 @@ import json
 import os
 import re
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
@@ -199,9 +200,10 @@ def file_digest(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def collect(root: Path, cap: int) -> tuple[Manifest, dict[str, Path]]:
+def collect(root: Path, cap: int, known: "DigestCache | None" = None) -> tuple[Manifest, dict[str, Path]]:
     """The project under `root` and where each content lies; ValueError with a sentence when it is
-    over `cap` or has too many files (found before any file is read, by their sizes)."""
+    over `cap` or has too many files (found before any file is read, by their sizes). Digests that
+    `known` holds for unchanged files are taken from it instead of reading the files again."""
     found, total = [], 0
     for item in walk(root):  # the walk stops at MAX_FILES: $HOME could take minutes
         found.append(item)
@@ -214,13 +216,64 @@ def collect(root: Path, cap: int) -> tuple[Manifest, dict[str, Path]]:
     if len(found) > MAX_FILES:
         raise ValueError(f"the project {root} has more than {MAX_FILES} files, the most that are shipped. "
                          "Leave some out with a .gpudeckignore file, or give --no-project")
+    cache = known or DigestCache(None)
     files, sources = [], {}
     for relative, path, info in found:
         try:
-            digest, size = file_digest(path)
+            digest, size = cache.digest(relative, path, info)
         except OSError as exc:
             raise ValueError(f"cannot read {relative} in the project {root}: {exc.strerror}; leave it out with a "
                              ".gpudeckignore file") from None
         files.append(ProjectFile(relative, size, digest, bool(info.st_mode & stat.S_IXUSR)))
         sources[digest] = path
+    cache.save()
     return Manifest(tuple(files)), sources
+
+
+class DigestCache:
+    """The digests of a project's files from its last submit, each kept with the file's device, inode,
+    size and change times (as git's index keeps them), so that a loop of submits reads only the files
+    that changed. A file changed within `racy` seconds of being read is read again next time, since a
+    second change inside one tick of the file system's clock would leave its times as they were.
+    `path` None keeps nothing."""
+
+    def __init__(self, path: Path | None, racy: float = 2.0) -> None:
+        self.path = path
+        self.racy = racy
+        self.entries: dict[str, list[Any]] = {}
+        self.kept: dict[str, list[Any]] = {}
+        if path is not None:
+            try:
+                loaded = json.loads(path.read_text())
+                self.entries = loaded if isinstance(loaded, dict) else {}
+            except (OSError, ValueError):
+                pass
+
+    @classmethod
+    def of_project(cls, root: Path, folder: Path, racy: float = 2.0) -> "DigestCache":
+        """The cache of the project at `root`, one file per project in `folder`."""
+        return cls(folder / f"{hashlib.sha256(str(root).encode()).hexdigest()[:32]}.json", racy)
+
+    def digest(self, relative: str, path: Path, info: os.stat_result) -> tuple[str, int]:
+        stamp = [info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns]
+        entry = self.entries.get(relative)
+        if isinstance(entry, list) and entry[:-1] == stamp and isinstance(entry[-1], str) and DIGEST.match(entry[-1]):
+            self.kept[relative] = entry
+            return entry[-1], info.st_size
+        digest, size = file_digest(path)
+        settled = time.time_ns() - max(info.st_mtime_ns, info.st_ctime_ns) > self.racy * 1e9
+        if size == info.st_size and settled:
+            self.kept[relative] = [*stamp, digest]
+        return digest, size
+
+    def save(self) -> None:
+        """Keep the digests of this walk's files (only those: the cache never outgrows the project)."""
+        if self.path is None or self.kept == self.entries:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.path.with_suffix(f".{os.getpid()}.partial")
+            partial.write_text(json.dumps(self.kept, separators=(",", ":")))
+            os.replace(partial, self.path)
+        except OSError:
+            pass  # a cache that cannot be written costs only the reading of the files next time

@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 from typing import IO
 
-from gpudeck.project import CHUNK, collect, path_problem
+from gpudeck import config
+from gpudeck.project import CHUNK, DigestCache, collect, path_problem
 from gpudeck.protocol.messages import ContentPut, ProjectOffer, ReadOutput
 from gpudeck.protocol.session import ClientSession
 from gpudeck.text import human_bytes
@@ -44,7 +45,8 @@ async def ship(session: ClientSession, root: Path, cap: int, needed: list[str],
                stream: IO[str] = sys.stderr) -> str:
     """Offer the project under `root` and upload its missing contents; its digest. ValueError when it
     is over the cap or leaves out a `needed` file."""
-    manifest, sources = await asyncio.to_thread(collect, root, cap)
+    known = DigestCache.of_project(root, config.data_dir() / "digests")
+    manifest, sources = await asyncio.to_thread(collect, root, cap, known)
     shipped = {f.path for f in manifest.files}
     for path in needed:
         if path not in shipped:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
 
 from gpudeck.coordinator.projects import ProjectStore, ProjectStoreFull
-from gpudeck.project import CHUNK, Manifest, ProjectFile, collect
+from gpudeck.project import CHUNK, DigestCache, Manifest, ProjectFile, collect
 
 
 def _tree(root: Path, files: dict[str, str]) -> Path:
@@ -50,6 +51,47 @@ def test_equal_projects_have_equal_digests_and_equal_files_one_content(tmp_path:
     assert first.digest == second.digest
     assert len(first.contents()) == 3
     assert {f.path: f.executable for f in first.files}["run.sh"] is True
+
+
+def test_the_digest_cache_reuses_digests_of_unchanged_files_and_reads_changed_ones(tmp_path: Path):
+    root = _tree(tmp_path / "p", {"train.py": "print(1)\n", "data.csv": "a,b\n"})
+    cache_dir = tmp_path / "cache"
+    # racy=0: these files were written a moment ago, and the change time of a file cannot be set back
+    first = collect(root, 1 << 20, DigestCache.of_project(root, cache_dir, racy=0))[0]
+    assert first == collect(root, 1 << 20)[0], "the cache changes nothing about what is shipped"
+    (cache_file,) = cache_dir.iterdir()
+    kept = json.loads(cache_file.read_text())
+    assert set(kept) == {"train.py", "data.csv"}
+    # A digest the cache holds for a file whose device, inode, size and times are unchanged is used
+    # as it is: the file is not read again.
+    planted = "f" * 64
+    kept["data.csv"][-1] = planted
+    cache_file.write_text(json.dumps(kept))
+    again = collect(root, 1 << 20, DigestCache.of_project(root, cache_dir, racy=0))[0]
+    assert {f.path: f.digest for f in again.files}["data.csv"] == planted
+    # Same size, mtime set back as before: the change time still moved, so the file is read.
+    stamp = (root / "data.csv").stat()
+    (root / "data.csv").write_text("c,d\n")
+    os.utime(root / "data.csv", ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    changed = collect(root, 1 << 20, DigestCache.of_project(root, cache_dir, racy=0))[0]
+    assert {f.path: f.digest for f in changed.files}["data.csv"] == hashlib.sha256(b"c,d\n").hexdigest()
+
+
+def test_a_file_changed_just_now_is_not_cached_and_a_broken_cache_is_ignored(tmp_path: Path):
+    root = _tree(tmp_path / "p", {"fresh.py": "x = 1\n", "old.py": "y = 2\n"})
+    os.utime(root / "old.py", (time.time() - 7200, time.time() - 7200))
+    cache_dir = tmp_path / "cache"
+    # A window of an hour: both files changed within it (a change time cannot be set back), so
+    # neither digest is trusted next time; with none, both are.
+    collect(root, 1 << 20, DigestCache.of_project(root, cache_dir, racy=3600))
+    assert not cache_dir.exists() or json.loads(next(cache_dir.iterdir()).read_text()) == {}
+    collect(root, 1 << 20, DigestCache.of_project(root, cache_dir, racy=0))
+    (cache_file,) = cache_dir.iterdir()
+    assert set(json.loads(cache_file.read_text())) == {"fresh.py", "old.py"}
+    for broken in ("{not json", "[1, 2]", json.dumps({"old.py": [1, 2]}), json.dumps({"old.py": "x"})):
+        cache_file.write_text(broken)
+        manifest = collect(root, 1 << 20, DigestCache.of_project(root, cache_dir))[0]
+        assert manifest == collect(root, 1 << 20)[0], broken
 
 
 def test_a_project_over_the_cap_is_refused_naming_its_largest_files_before_any_is_read(tmp_path: Path):

@@ -164,8 +164,9 @@ class _Rules:
         return False
 
 
-def walk(root: Path) -> Iterator[tuple[str, Path, os.stat_result]]:
-    """Every file that would be shipped, as (relative path, path, stat), without reading any."""
+def walk(root: Path, left_out: Path | None = None) -> Iterator[tuple[str, Path, os.stat_result]]:
+    """Every file that would be shipped, as (relative path, path, stat), without reading any; the
+    folder `left_out` (gpudeck's own, which a project in $HOME holds) is never entered."""
     stack: list[tuple[Path, str, _Rules | None]] = [(root, "", None)]
     while stack:
         folder, relative, parent_rules = stack.pop()
@@ -179,7 +180,7 @@ def walk(root: Path) -> Iterator[tuple[str, Path, os.stat_result]]:
             if entry.name in (ALWAYS_LEFT_OUT, OUTPUTS_HERE) and not relative:
                 continue
             if entry.is_dir(follow_symlinks=False):
-                if not rules.ignored(path, True):
+                if not rules.ignored(path, True) and Path(entry.path) != left_out:
                     stack.append((Path(entry.path), path, rules))
                 continue
             try:
@@ -205,7 +206,8 @@ def collect(root: Path, cap: int, known: "DigestCache | None" = None) -> tuple[M
     over `cap` or has too many files (found before any file is read, by their sizes). Digests that
     `known` holds for unchanged files are taken from it instead of reading the files again."""
     found, total = [], 0
-    for item in walk(root):  # the walk stops at MAX_FILES: $HOME could take minutes
+    cache = known or DigestCache(None)
+    for item in walk(root, cache.folder):  # the walk stops at MAX_FILES: $HOME could take minutes
         found.append(item)
         total += item[2].st_size
         if len(found) > MAX_FILES:
@@ -216,7 +218,6 @@ def collect(root: Path, cap: int, known: "DigestCache | None" = None) -> tuple[M
     if len(found) > MAX_FILES:
         raise ValueError(f"the project {root} has more than {MAX_FILES} files, the most that are shipped. "
                          "Leave some out with a .gpudeckignore file, or give --no-project")
-    cache = known or DigestCache(None)
     files, sources = [], {}
     for relative, path, info in found:
         try:
@@ -238,7 +239,9 @@ class DigestCache:
     `path` None keeps nothing."""
 
     def __init__(self, path: Path | None, racy: float = 2.0) -> None:
-        self.path = path
+        self.path = path.resolve() if path is not None else None
+        # never shipped: it changes while a project that holds it (a submit from $HOME) is uploaded
+        self.folder = self.path.parent if self.path is not None else None
         self.racy = racy
         self.entries: dict[str, list[Any]] = {}
         self.kept: dict[str, list[Any]] = {}

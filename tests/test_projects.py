@@ -94,6 +94,17 @@ def test_a_file_changed_just_now_is_not_cached_and_a_broken_cache_is_ignored(tmp
         assert manifest == collect(root, 1 << 20)[0], broken
 
 
+def test_the_digest_cache_is_never_shipped_with_a_project_that_holds_it(tmp_path: Path):
+    """A submit from $HOME, whose data dir holds the cache: the cache changes while the project is
+    uploaded, so it must not be part of it (CI failed on this where the test cluster's home lay in
+    the folder it submitted from)."""
+    root = _tree(tmp_path / "p", {"train.py": "print(1)\n", "home/keymap.json": "{}"})
+    for _ in range(2):
+        manifest = collect(root, 1 << 20, DigestCache.of_project(root, root / "home" / "digests", racy=0))[0]
+        assert {f.path for f in manifest.files} == {"train.py", "home/keymap.json"}
+    assert list((root / "home" / "digests").iterdir()), "the cache was written, inside the project"
+
+
 def test_a_project_over_the_cap_is_refused_naming_its_largest_files_before_any_is_read(tmp_path: Path):
     _tree(tmp_path, {"train.py": "x" * 10, "checkpoint.pt": "x" * 5000, "data.csv": "x" * 2000})
     with pytest.raises(ValueError) as refused:

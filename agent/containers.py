@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from gpudeck.agent.procs import run_bounded
 
 if TYPE_CHECKING:
-    from gpudeck.protocol.messages import Launch
+    from gpudeck.protocol.node_messages import Launch
 
 RUNTIMES = ("podman", "docker")
 PROBE_TIMEOUT = 10.0

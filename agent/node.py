@@ -27,8 +27,9 @@ from gpudeck.agent.warm import WarmPool
 from gpudeck.discovery import Discovery
 from gpudeck.protocol import auth
 from gpudeck.protocol.framing import FrameError
-from gpudeck.protocol.messages import (
-    ContentChunk, Error, Forget, Kill, Launch, SendOutput, LogOffsets, Message, ProtocolError, Register, Telemetry,
+from gpudeck.protocol.messages import Error, Message, ProtocolError
+from gpudeck.protocol.node_messages import (
+    ContentChunk, Forget, Kill, Launch, SendOutput, LogOffsets, Register, Telemetry,
 )
 from gpudeck.protocol.payloads import GpuReading
 from gpudeck.protocol.session import Connection, Refused, open_session

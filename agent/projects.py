@@ -19,7 +19,8 @@ from typing import Awaitable, Callable
 
 from gpudeck.config import NODE_CACHE_LIMIT
 from gpudeck.project import CHUNK, Manifest
-from gpudeck.protocol.messages import ContentChunk, FetchContent, Message
+from gpudeck.protocol.messages import Message
+from gpudeck.protocol.node_messages import ContentChunk, FetchContent
 from gpudeck.text import human_bytes
 
 IN_FLIGHT = 4  # chunks of one content asked for ahead

@@ -50,8 +50,9 @@ from gpudeck.agent.warm import WarmPool
 from gpudeck.config import ENVIRONMENTS_KEPT, NODE_CACHE_LIMIT
 from gpudeck.model import DOCTOR, RESERVED_ENV
 from gpudeck.netif import interface_towards
-from gpudeck.protocol.messages import (
-    JobExited, JobPreparing, JobStarted, Launch, LogChunk, Message, OutputChunk, Outputs, SendOutput, Traffic,
+from gpudeck.protocol.messages import Message
+from gpudeck.protocol.node_messages import (
+    JobExited, JobPreparing, JobStarted, Launch, LogChunk, OutputChunk, Outputs, SendOutput, Traffic,
 )
 from gpudeck.protocol.payloads import JobReport, OutputFile
 from gpudeck.protocol.rank_end import open_left, read_left

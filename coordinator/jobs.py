@@ -26,7 +26,8 @@ from gpudeck.coordinator.scheduler import (
 )
 from gpudeck.coordinator.store import AttemptNode, JobRow, Store
 from gpudeck.model import DOCTOR, WORKLOADS, JobSpec, JobState, NodeState, format_duration
-from gpudeck.protocol.messages import Forget, Kill, Launch, Message
+from gpudeck.protocol.messages import Message
+from gpudeck.protocol.node_messages import Forget, Kill, Launch
 from gpudeck.protocol.payloads import GpuReading, JobReport
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,8 @@ import itertools
 from dataclasses import dataclass
 from typing import Callable
 
-from gpudeck.protocol.messages import Error, OutputChunk, Reply, SendOutput
+from gpudeck.protocol.messages import Error, Reply
+from gpudeck.protocol.node_messages import OutputChunk, SendOutput
 from gpudeck.protocol.session import Connection
 
 IN_FLIGHT = 8

@@ -47,9 +47,13 @@ from gpudeck.project import DEFAULT_CAP, path_problem
 from gpudeck.protocol import auth
 from gpudeck.protocol.framing import FrameError
 from gpudeck.protocol.messages import (
-    PROTOCOL_VERSION, AddUser, Cancel, ContentChunk, ContentPut, Cordon, CountJobs, Drain, Error, FetchContent, Hello, JobExited,
-    JobPreparing, JobStarted, ListJobs, ListNodes, LogChunk, LogOffsets, Message, OutputChunk, Outputs, ProjectOffer,
-    ListUsers, ProtocolError, ReadLogs, ReadOutput, Register, RemoveUser, Reply, ShowJob, Submit, Telemetry, Traffic, Update, Usage, Watch, Welcome,
+    PROTOCOL_VERSION, AddUser, Cancel, ContentPut, Cordon, CountJobs, Drain, Error, Hello, ListJobs, ListNodes,
+    Message, ProjectOffer, ListUsers, ProtocolError, ReadLogs, ReadOutput, RemoveUser, Reply, ShowJob, Submit,
+    Update, Usage, Watch, Welcome,
+)
+from gpudeck.protocol.node_messages import (
+    ContentChunk, FetchContent, JobExited, JobPreparing, JobStarted, LogChunk, LogOffsets, OutputChunk, Outputs,
+    Register, Telemetry, Traffic,
 )
 from gpudeck.protocol.payloads import GpuReading, JobReport
 from gpudeck.protocol.session import HANDSHAKE_TIMEOUT, Connection

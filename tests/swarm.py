@@ -26,9 +26,8 @@ from gpudeck.agent.gpus import SimulatedBackend
 from gpudeck.protocol.auth import JoinToken
 from gpudeck.protocol import auth
 from gpudeck.protocol.framing import HEADER, decode_body, encode_frame
-from gpudeck.protocol.messages import (
-    PROTOCOL_VERSION, Hello, JobExited, JobStarted, Kill, Launch, Register, Telemetry, Watch,
-)
+from gpudeck.protocol.messages import PROTOCOL_VERSION, Hello, Watch
+from gpudeck.protocol.node_messages import JobExited, JobStarted, Kill, Launch, Register, Telemetry
 from gpudeck.protocol.payloads import GpuReading
 from gpudeck.config import split_address
 from gpudeck.protocol.session import Connection, open_session

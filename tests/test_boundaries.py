@@ -7,6 +7,8 @@ the coordinator never imports torch or textual; train imports none of the other 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,3 +57,12 @@ def test_the_checker_sees_imports(tmp_path):
     sample = tmp_path / "sample.py"
     sample.write_text("import torch\nfrom gpudeck.coordinator import store\n")
     assert imported_modules(sample) == {"torch", "gpudeck.coordinator"}
+
+
+def test_a_client_command_loads_no_wire_types_of_the_nodes():
+    """The messages between agents and the coordinator, and their payloads, were a seventh of every
+    command's start; a client never receives them, so what a command imports leaves them out."""
+    code = ("import sys, gpudeck.cli, gpudeck.client, gpudeck.upload, gpudeck.protocol.session; "
+            "print(' '.join(m for m in ('gpudeck.protocol.node_messages', 'gpudeck.protocol.payloads') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert loaded == []

@@ -29,7 +29,8 @@ from gpudeck.agent.gpus import (
     _open_nvml,
     open_backend,
 )
-from gpudeck.protocol.messages import Telemetry, decode
+from gpudeck.protocol.messages import decode
+from gpudeck.protocol.node_messages import Telemetry
 
 WIRE_FIELDS = {
     "index",

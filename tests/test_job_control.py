@@ -19,7 +19,8 @@ from gpudeck.coordinator.registry import DOWN_AFTER, SUSPECT_AFTER, AgentLink, R
 from gpudeck.coordinator.store import JobRow, Store
 from gpudeck.coordinator.views import node_view
 from gpudeck.model import IllegalTransition, JobSpec, JobState, NodeState
-from gpudeck.protocol.messages import Forget, Kill, Launch, Message
+from gpudeck.protocol.messages import Message
+from gpudeck.protocol.node_messages import Forget, Kill, Launch
 from gpudeck.protocol.payloads import GpuReading, JobReport
 
 PORTS = (31000, 31009)

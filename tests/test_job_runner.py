@@ -12,7 +12,8 @@ from pathlib import Path
 from gpudeck.agent.gpus import SimulatedBackend
 from gpudeck.agent.runner import JobRunner, RunningJob
 from gpudeck.agent.traffic_sink import TrafficSink
-from gpudeck.protocol.messages import JobExited, JobStarted, Launch, LogChunk, Message
+from gpudeck.protocol.messages import Message
+from gpudeck.protocol.node_messages import JobExited, JobStarted, Launch, LogChunk
 from gpudeck.protocol.payloads import JobReport
 
 CLUSTER = "c0ffee0000000000"

@@ -16,7 +16,8 @@ from gpudeck.agent.environments import Environments, environment_key, names_torc
 from gpudeck.agent.outputs import OutputKeeper
 from gpudeck.agent.projects import ContentFetcher, FetchFailed, NodeCache
 from gpudeck.project import CHUNK, Manifest, ProjectFile
-from gpudeck.protocol.messages import ContentChunk, FetchContent, Message
+from gpudeck.protocol.messages import Message
+from gpudeck.protocol.node_messages import ContentChunk, FetchContent
 from gpudeck.protocol.payloads import OutputFile
 
 

@@ -11,7 +11,8 @@ import pytest
 
 from gpudeck.coordinator.watch import Publisher, merge_updates
 from gpudeck.protocol import session
-from gpudeck.protocol.messages import Telemetry, Update
+from gpudeck.protocol.messages import Update
+from gpudeck.protocol.node_messages import Telemetry
 from gpudeck.protocol.session import Connection
 
 

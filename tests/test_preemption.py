@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from gpudeck.coordinator.preemption import Candidate, victims
 from gpudeck.coordinator.scheduler import JobRequest, place
 from gpudeck.model import JobState
-from gpudeck.protocol.messages import Kill
+from gpudeck.protocol.node_messages import Kill
 from tests.test_job_control import Deck
 from tests.cluster import Cluster, wait_until
 

@@ -12,9 +12,8 @@ from hypothesis import strategies as st
 
 from gpudeck.protocol import auth
 from gpudeck.protocol.framing import MAX_DEPTH, MAX_FRAME, FrameDecoder, FrameError, decode_body, encode_frame
-from gpudeck.protocol.messages import (
-    REGISTRY, Error, Hello, Launch, ListJobs, LogChunk, ProtocolError, Register, Telemetry, Traffic, decode,
-)
+from gpudeck.protocol.messages import REGISTRY, Error, Hello, ListJobs, ProtocolError, decode
+from gpudeck.protocol.node_messages import Launch, LogChunk, Register, Telemetry, Traffic
 from gpudeck.protocol.payloads import GpuProcess, GpuReading, JobReport, WarmStatus
 
 SAMPLES = [

@@ -252,13 +252,15 @@ def _command(sub: Any, name: str, summary: str, description: str, *examples: str
                           formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+TOP_OPTIONS_WITH_VALUES = ("--coordinator", "--token", "--token-file")  # gpudeck's own, before a command
 JOB_HELP = "the job's id, as submit printed it and `gpudeck jobs` lists it (ARRAY.INDEX for a task of an array)"
 
 
 @functools.cache
-def build_parser() -> argparse.ArgumentParser:
-    """The whole command line, built once a process (submit reads it again to warn about its own
-    options given after a script); parsing does not change it."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line, built once a process (submit reads it again to warn about its own options
+    given after a script; parsing does not change it). With `command`, only that subcommand's parser
+    is built, which is all a run of it needs: building all of them was a tenth of a submit's start."""
     parser = argparse.ArgumentParser(
         prog="gpudeck", description="Run your own GPU cluster from a terminal.", allow_abbrev=False,
         epilog="Start here: `gpudeck up --simulate-gpus 4` runs a whole cluster on this machine.")
@@ -272,7 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
     top_token.add_argument("--token-file", dest="dashboard_token_file", metavar="F",
                            help="with no command: a file holding the join token")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, add in PARSERS.items():
+        if command in (None, name):
+            add(sub)
+    return parser
 
+
+def _tui_parser(sub: Any) -> None:
     tui = _command(sub, "tui", "the dashboard (what `gpudeck` with no command opens)",
                    "A keyboard-driven dashboard of nodes, GPUs, jobs and sync traffic, in this terminal. It shows "
                    "the coordinator given by --coordinator, else $GPUDECK_COORDINATOR, else the one this machine's "
@@ -282,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     tui.add_argument("--mdns-interface", action="append", metavar="IP",
                      help="look for the coordinator over mDNS only on the interface with this address")
 
+
+def _up_parser(sub: Any) -> None:
     up = _command(sub, "up", "run a coordinator and an agent on this machine (loopback only), with the dashboard",
                   "Everything on this one machine, for trying gpudeck out or for a single workstation: a "
                   "coordinator and an agent for this machine's GPUs, listening on loopback only (--lan to let "
@@ -296,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "when not on a terminal)")
     _scheduling_flags(up)
 
+
+def _coordinator_parser(sub: Any) -> None:
     coord = _command(sub, "coordinator", "run the coordinator (headless, for systemd)",
                      "Run the coordinator of a cluster, without a dashboard: it keeps the job queue and the nodes "
                      "in one SQLite file under --state-dir, places jobs on the agents that join with its token, "
@@ -330,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     _scheduling_flags(coord)
     _mdns_flags(coord)
 
+
+def _agent_parser(sub: Any) -> None:
     agent = _command(sub, "agent", "run a node agent (headless, for systemd)",
                      "Run the agent of one node, without a dashboard: it joins the coordinator with the cluster's "
                      "token, reports this machine's GPUs every second and starts the ranks of the jobs placed on "
@@ -366,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "as root")
     _mdns_flags(agent)
 
+
+def _token_parser(sub: Any) -> None:
     token = _command(sub, "token", "print the join token of the coordinator on this machine",
                      "Print the join token of the coordinator whose state is on this machine. Agents and clients on "
                      "other machines need it (--token, --token-file or $GPUDECK_TOKEN): it holds the fingerprint "
@@ -373,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "gpudeck token", "gpudeck token --state-dir /var/lib/gpudeck > token && chmod 600 token")
     token.add_argument("--state-dir", type=Path, help="the coordinator's state dir (default: the data dir's coordinator/)")
 
+
+def _web_parser(sub: Any) -> None:
     web = _command(sub, "web", "the dashboard in a browser, for a laptop or a wall screen",
                    "Serve the dashboard as a web page (with textual-serve), for a lab member on a laptop without a "
                    "terminal set up, or for a wall screen. Each browser tab gets its own dashboard, which first asks "
@@ -393,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="browser sessions open at once, each a dashboard process of its own (default: %(default)s)")
     _mdns_flags(web)
 
+
+def _submit_parser(sub: Any) -> None:
     submit = sub.add_parser(
         "submit", help="queue a job; prints its id",
         description=textwrap.fill("Queue a job: a Python script (one rank per GPU, as torchrun starts them; everything after "
@@ -470,6 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     submit.set_defaults(command_line=[])  # what follows `--` (see parse_command_line)
     _client_flags(submit)
 
+
+def _jobs_parser(sub: Any) -> None:
     jobs = _command(sub, "jobs", "list jobs: those not finished and the latest finished ones",
                     f"List jobs, oldest first: by default every job that is pending, starting or running and the "
                     f"{RECENT_FINISHED} that finished last, with a line saying how many older ones are left out. "
@@ -492,6 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--json", action="store_true", help="print JSON with stable field names")
     _client_flags(jobs)
 
+
+def _nodes_parser(sub: Any) -> None:
     nodes = _command(sub, "nodes", "list nodes and their GPUs",
                      "List the nodes that have joined, each with its state, address and jobs, and under it every "
                      "GPU's use, memory, temperature, power and the processes on it that are not gpudeck's; then "
@@ -503,6 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
     nodes.add_argument("--json", action="store_true", help="print JSON with stable field names")
     _client_flags(nodes)
 
+
+def _show_parser(sub: Any) -> None:
     show = _command(sub, "show", "one job in detail, with its traffic",
                     "One job in detail: what it runs, what it asked for, the nodes and GPUs it was given, its "
                     "attempt, runtime and exit code, the bytes its ranks moved by kind of operation, and the "
@@ -512,6 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true", help="print JSON with stable field names")
     _client_flags(show)
 
+
+def _cancel_parser(sub: Any) -> None:
     cancel = _command(sub, "cancel", "cancel a job, stopping its ranks",
                       "Cancel a job: a pending job leaves the queue, and a starting or running one has its ranks "
                       "stopped on every node. Its logs and the outputs its nodes keep stay.",
@@ -519,6 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("job", type=job_id, metavar="JOB", help=JOB_HELP)
     _client_flags(cancel)
 
+
+def _drain_parser(sub: Any) -> None:
     drain = _command(sub, "drain", "stop placing new jobs on a node (running jobs go on)",
                      "Keep new jobs off a node, before maintenance or to keep its GPUs for something else: the jobs "
                      "running there go on to their end, and the scheduler places nothing new on it until "
@@ -528,6 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
     drain.add_argument("--off", action="store_true", help="let the node take new jobs again")
     _client_flags(drain)
 
+
+def _outputs_parser(sub: Any) -> None:
     outputs = _command(sub, "outputs", "download what a job wrote to $GPUDECK_OUTPUT_DIR",
                        "Download the files a job wrote under $GPUDECK_OUTPUT_DIR, which its nodes keep after it "
                        "ends (for a time and a space each agent sets). With several nodes, each node's files go in "
@@ -539,6 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
     outputs.add_argument("--node", metavar="NODE", help="only what this node keeps (a name `gpudeck nodes` lists)")
     _client_flags(outputs)
 
+
+def _logs_parser(sub: Any) -> None:
     logs = _command(sub, "logs", "a job's output, every rank's lines prefixed with its rank",
                     "A job's output, every line prefixed with the rank that printed it ([rank 0]), or with the node "
                     "([node 0]) for what a node itself printed while it set the job up or ran torchrun. Without "
@@ -556,11 +590,6 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("--launcher", action="store_true", help="include each node's own output: torchrun's and the "
                       "environment build's (always shown for failed jobs and for commands)")
     _client_flags(logs)
-    _user_parsers(sub)
-    _gpu_parsers(sub)
-    _doctor_parser(sub)
-    _usage_parser(sub)
-    return parser
 
 
 def _usage_parser(sub: Any) -> None:
@@ -650,6 +679,28 @@ def _gpu_parsers(sub: Any) -> None:
         _client_flags(action)
 
 
+PARSERS: dict[str, Callable[[Any], None]] = {  # each adds its subcommand; in the order --help lists them
+    "tui": _tui_parser,
+    "up": _up_parser,
+    "coordinator": _coordinator_parser,
+    "agent": _agent_parser,
+    "token": _token_parser,
+    "web": _web_parser,
+    "submit": _submit_parser,
+    "jobs": _jobs_parser,
+    "nodes": _nodes_parser,
+    "show": _show_parser,
+    "cancel": _cancel_parser,
+    "drain": _drain_parser,
+    "outputs": _outputs_parser,
+    "logs": _logs_parser,
+    "user": _user_parsers,
+    "gpu": _gpu_parsers,
+    "doctor": _doctor_parser,
+    "usage": _usage_parser,
+}
+
+
 # --- client commands -----------------------------------------------------------------------------
 
 
@@ -713,7 +764,7 @@ def _check_workload_options(name: str, argv: list[str]) -> None:
 def _submit_options(argv: list[str]) -> list[str]:
     """Which of `argv` are options of `gpudeck submit` itself (a script's or workload's arguments that
     were likely meant for submit), as written before any '='."""
-    submit = command_parser(build_parser(), "submit")
+    submit = command_parser(build_parser("submit"), "submit")
     own = set(submit._option_string_actions) - {"-h", "--help"}
     return [arg.partition("=")[0] for arg in argv if arg.partition("=")[0] in own]
 
@@ -1276,6 +1327,17 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
     return args
 
 
+def named_command(words: list[str]) -> str | None:
+    """The subcommand the command line names (None for none, or for a word that names none: the whole
+    parser then says which there are), skipping the values of the options before it."""
+    takes_value = False
+    for word in words:
+        if not takes_value and not word.startswith("-"):
+            return word if word in PARSERS else None
+        takes_value = word in TOP_OPTIONS_WITH_VALUES
+    return None
+
+
 def command_parser(parser: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser:
     """The parser of one subcommand (the top parser for none)."""
     for action in parser._actions:
@@ -1285,8 +1347,9 @@ def command_parser(parser: argparse.ArgumentParser, command: str | None) -> argp
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parse_command_line(parser, list(sys.argv[1:] if argv is None else argv))
+    words = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(named_command(words))
+    args = parse_command_line(parser, words)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)

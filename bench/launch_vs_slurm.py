@@ -191,9 +191,7 @@ class Gpudeck:
     def array(self, jobs: int) -> float:
         start = time.time()
         ids = shell_loop(1, f"gpudeck submit --gpus 1 --array 0-{jobs - 1} -- true", self.project, self._user_env())
-        array_id = int(ids[0])
-        tasks = [j["id"] for j in self.cluster.json("jobs", "--all") if j.get("array_job") == array_id]
-        return jobs / (self._last_end(tasks, expected=jobs) - start)
+        return jobs / (self._last_end([int(ids[0])], expected=jobs) - start)
 
     def _user_env(self) -> dict[str, str]:
         """A user's shell: the venv's gpudeck on PATH, the coordinator and token in the environment."""
@@ -201,8 +199,11 @@ class Gpudeck:
                 "GPUDECK_COORDINATOR": f"127.0.0.1:{self.cluster.port}", "GPUDECK_TOKEN": self.cluster.token}
 
     def _last_end(self, ids: list[int], expected: int | None = None) -> float:
+        """When the last of the jobs `ids` (or of the arrays they are) ended, once all `expected` have."""
+        wanted = set(ids)
+
         def ended() -> list[dict[str, object]] | None:
-            views = [j for j in self.cluster.json("jobs", "--all") if j["id"] in set(ids) or j.get("array_job") in set(ids)]
+            views = [j for j in self.cluster.json("jobs", "--all") if j["id"] in wanted or j.get("array_job") in wanted]
             done = [j for j in views if j["state"] in DONE]
             return views if len(done) == len(views) == (expected or len(ids)) else None
 

@@ -32,7 +32,8 @@ from gpudeck.protocol.node_messages import (
     ContentChunk, Forget, Kill, Launch, SendOutput, LogOffsets, Register, Telemetry,
 )
 from gpudeck.protocol.payloads import GpuReading
-from gpudeck.protocol.session import Connection, Refused, open_session
+from gpudeck.protocol.handshake import Refused
+from gpudeck.protocol.session import Connection, open_session
 
 log = logging.getLogger(__name__)
 TELEMETRY_INTERVAL = 1.0

@@ -56,7 +56,8 @@ from gpudeck.protocol.node_messages import (
     Register, Telemetry, Traffic,
 )
 from gpudeck.protocol.payloads import GpuReading, JobReport
-from gpudeck.protocol.session import HANDSHAKE_TIMEOUT, Connection
+from gpudeck.protocol.handshake import HANDSHAKE_TIMEOUT
+from gpudeck.protocol.session import Connection
 from gpudeck.text import counted, spoken_duration
 
 log = logging.getLogger(__name__)

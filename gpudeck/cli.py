@@ -883,7 +883,9 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
     return spec
 
 
-async def cmd_submit(args: argparse.Namespace) -> int:
+def cmd_submit(args: argparse.Namespace) -> int:
+    """Blocking, without asyncio: a shell loop of submits is bound by this command's start (issue 25)."""
+    from gpudeck.client import connect_blocking
     from gpudeck.protocol.messages import Submit
     from gpudeck.upload import ship
 
@@ -899,17 +901,14 @@ async def cmd_submit(args: argparse.Namespace) -> int:
         print(f"gpudeck: the script is outside {Path.cwd()}: shipping its folder {root} as the project",
               file=sys.stderr)
 
-    async def work(session: ClientSession) -> int:
-        nonlocal spec
+    with connect_blocking(args.coordinator, config.find_token(args.token, args.token_file)) as session:
         if root is not None:
             cap = session.welcome.project_cap if session.welcome else DEFAULT_CAP
-            digest = await ship(session, root, cap, [spec.script_name] if spec.script_name else [])
+            digest = ship(session, root, cap, [spec.script_name] if spec.script_name else [])
             spec = dataclasses.replace(spec, project=digest)
-        job = await session.request(Submit, spec=spec.to_wire())
-        print(json.dumps(job, indent=2) if args.json else job["id"])
-        return 0
-
-    return await _with_session(args, work)
+        job = session.request(Submit, spec=spec.to_wire())
+    print(json.dumps(job, indent=2) if args.json else job["id"])
+    return 0
 
 
 async def _all_jobs(session: ClientSession, **filters: Any) -> list[dict[str, Any]]:
@@ -1299,7 +1298,9 @@ async def cmd_web(args: argparse.Namespace) -> int:
 
 # --- entry point ---------------------------------------------------------------------------------
 
-ASYNC_COMMANDS = {"submit": cmd_submit, "jobs": cmd_listing, "nodes": cmd_listing, "show": cmd_listing,
+# Plain functions: no event loop of ours (the dashboard runs its own, submit is blocking).
+SYNC_COMMANDS = {"submit": cmd_submit, "tui": cmd_tui, "token": cmd_token}
+ASYNC_COMMANDS = {"jobs": cmd_listing, "nodes": cmd_listing, "show": cmd_listing,
                   "cancel": cmd_listing, "drain": cmd_listing, "logs": cmd_logs, "outputs": cmd_outputs, "coordinator": cmd_coordinator, "agent": cmd_agent,
                   "web": cmd_web, "user": cmd_user, "gpu": cmd_gpu,
                   "usage": cmd_usage, "doctor": cmd_doctor}
@@ -1387,20 +1388,24 @@ def main(argv: list[str] | None = None) -> int:
 def _why_refused(exc: Exception) -> str:
     """The sentence for a refusal or a failed connection (their types come with the modules that
     raise them, imported only by the commands that connect); anything else is a bug and goes on."""
-    import asyncio
-
     from gpudeck.client import NoCoordinator
     from gpudeck.protocol import auth
-    from gpudeck.protocol.session import Refused
+    from gpudeck.protocol.handshake import Refused
 
     if isinstance(exc, (Refused, auth.TokenError, auth.PinMismatch, NoCoordinator)):
         return str(exc)
-    if isinstance(exc, (ConnectionError, asyncio.TimeoutError)):
+    if isinstance(exc, (ConnectionError, TimeoutError, *_asyncio_timeout())):
         return ("the coordinator closed the connection or stopped answering before it replied "
                 f"({exc or type(exc).__name__})")
     if isinstance(exc, OSError):
         return str(exc)
     raise exc
+
+
+def _asyncio_timeout() -> tuple[type[BaseException], ...]:
+    """asyncio's timeout where a command loaded asyncio (on Python 3.10 it is not `TimeoutError`)."""
+    asyncio = sys.modules.get("asyncio")
+    return (asyncio.TimeoutError,) if asyncio is not None else ()
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -1417,12 +1422,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command in SYNC_COMMANDS:
+        return SYNC_COMMANDS[args.command](args)
     import asyncio
 
-    if args.command == "tui":
-        return cmd_tui(args)
-    if args.command == "token":
-        return cmd_token(args)
     if args.command == "up":
         from gpudeck.local import run_up
         return asyncio.run(run_up(args))

@@ -1,20 +1,24 @@
 """Moving files between the submitting machine and the cluster: shipping a project (offer its
-manifest, upload what the coordinator lacks, a few chunks in flight) and downloading a job's kept
-outputs, with progress on a terminal when it takes more than a moment."""
+manifest, upload what the coordinator lacks, a few chunks in flight; on the blocking session `submit`
+uses) and downloading a job's kept outputs, with progress on a terminal when it takes more than a
+moment."""
 
 from __future__ import annotations
 
-import asyncio
 import sys
 import time
+from collections import deque
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from gpudeck import config
 from gpudeck.project import CHUNK, DigestCache, collect, path_problem
 from gpudeck.protocol.messages import ContentPut, ProjectOffer, ReadOutput
-from gpudeck.protocol.session import ClientSession
 from gpudeck.text import human_bytes
+
+if TYPE_CHECKING:
+    from gpudeck.protocol.blocking import BlockingSession
+    from gpudeck.protocol.session import ClientSession
 
 IN_FLIGHT = 4  # chunks sent before the first is answered
 PROGRESS_AFTER = 1.0  # seconds of uploading before progress is shown
@@ -41,49 +45,46 @@ class _Progress:
             self.stream.write("\n")
 
 
-async def ship(session: ClientSession, root: Path, cap: int, needed: list[str],
-               stream: IO[str] = sys.stderr) -> str:
+def ship(session: BlockingSession, root: Path, cap: int, needed: list[str], stream: IO[str] = sys.stderr) -> str:
     """Offer the project under `root` and upload its missing contents; its digest. ValueError when it
     is over the cap or leaves out a `needed` file."""
     known = DigestCache.of_project(root, config.data_dir() / "digests")
-    manifest, sources = await asyncio.to_thread(collect, root, cap, known)
+    manifest, sources = collect(root, cap, known)
     shipped = {f.path for f in manifest.files}
     for path in needed:
         if path not in shipped:
             raise ValueError(f"{path} is left out of the project by a .gitignore or .gpudeckignore file")
-    offer = await session.request(ProjectOffer, manifest=manifest.encode())
+    offer = session.request(ProjectOffer, manifest=manifest.encode())
     missing = [(digest, sources[digest]) for digest in offer["missing"]]
     sizes = manifest.contents()
     progress = _Progress(sum(sizes[d] for d, _ in missing), stream)
     try:
         for digest, path in missing:
-            await _upload(session, digest, path, sizes[digest], progress)
+            _upload(session, digest, path, sizes[digest], progress)
     finally:
         progress.end()
     return offer["project"]
 
 
-async def _upload(session: ClientSession, digest: str, path: Path, size: int, progress: _Progress) -> None:
+def _upload(session: BlockingSession, digest: str, path: Path, size: int, progress: _Progress) -> None:
     """One content, in order, IN_FLIGHT chunks ahead (an empty file is one empty chunk)."""
-    window: list[asyncio.Task[object]] = []
+    window: deque[int] = deque()
     try:
         with open(path, "rb") as handle:
             for offset in range(0, size, CHUNK) if size else [0]:
                 data = handle.read(CHUNK)
                 if len(data) != min(CHUNK, size - offset):
                     raise ValueError(f"{path} changed while it was uploaded; submit again")
-                window.append(asyncio.create_task(
-                    session.request(ContentPut, digest=digest, offset=offset, data=data, timeout=120.0)))
+                window.append(session.send(ContentPut, digest=digest, offset=offset, data=data))
                 progress.add(len(data))
                 if len(window) >= IN_FLIGHT:
-                    await window.pop(0)
+                    session.reply(window.popleft(), timeout=120.0)
         while window:
-            await window.pop(0)
+            session.reply(window.popleft(), timeout=120.0)
+    except (ConnectionError, TimeoutError):
+        raise  # the session's, not the file's
     except OSError as exc:
         raise ValueError(f"cannot read {path}: {exc.strerror}") from None
-    finally:
-        for task in window:
-            task.cancel()
 
 
 async def download_outputs(session: ClientSession, job: int, kept: dict[str, list[dict[str, object]]],

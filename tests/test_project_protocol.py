@@ -16,7 +16,7 @@ from gpudeck.model import JobSpec
 from gpudeck.project import Manifest, ProjectFile
 from gpudeck.protocol.auth import JoinToken
 from gpudeck.protocol.messages import ContentPut, ListJobs, ProjectOffer, Submit
-from gpudeck.protocol.session import Refused
+from gpudeck.protocol.handshake import Refused
 from tests.cluster import Cluster
 
 

@@ -23,7 +23,7 @@ import pytest
 from textual.widgets import Input, Static
 
 from gpudeck.protocol.auth import JoinToken, PinMismatch
-from gpudeck.protocol.session import Refused
+from gpudeck.protocol.handshake import Refused
 from gpudeck.tui import login
 from gpudeck.tui.app import GpudeckApp
 from gpudeck.tui.client import RecordedLink

@@ -26,7 +26,7 @@ from textual.worker import Worker
 from gpudeck import config
 from gpudeck.arrays import job_label
 from gpudeck.model import WORKLOADS
-from gpudeck.protocol.session import Refused
+from gpudeck.protocol.handshake import Refused
 from gpudeck.text import counted, visible
 from gpudeck.tui.client import Changed, Connected, CoordinatorLink, Link, Lost, NotConnected, NotFound
 from gpudeck.tui.login import LoginScreen, TokenCheck

@@ -27,7 +27,8 @@ from gpudeck.model import JobSpec
 from gpudeck.protocol import auth
 from gpudeck.protocol.messages import Cancel, Drain, ListNodes, ReadLogs, Submit, Usage, Watch
 from gpudeck.protocol.payloads import JobView, UsageView
-from gpudeck.protocol.session import ClientSession, Refused
+from gpudeck.protocol.handshake import Refused
+from gpudeck.protocol.session import ClientSession
 
 BACKOFF = (0.5, 1.0, 2.0, 3.0, 5.0)
 CHECK_EVERY = 1.0  # how often a quiet connection is checked for end of stream

@@ -28,7 +28,7 @@ from textual.widgets import Input, Static
 
 from gpudeck.client import NoCoordinator
 from gpudeck.protocol.auth import JoinToken, PinMismatch, TokenError
-from gpudeck.protocol.session import Refused
+from gpudeck.protocol.handshake import Refused
 from gpudeck.text import visible
 
 MAX_TRIES = 5  # checks with the coordinator one session may make

@@ -25,7 +25,7 @@ from gpudeck import config
 from gpudeck.model import format_duration
 from gpudeck.output import outputs_text, starts_text, wait_heatmap
 from gpudeck.text import human_bytes, rate, safe_output, visible
-from gpudeck.protocol.session import Refused
+from gpudeck.protocol.handshake import Refused
 from gpudeck.tui.client import NotConnected
 from gpudeck.tui.model import (
     ACTIVE_STATES, FINISHED_STATES, MATRIX_HELP, Changes, asked_text, known_steps, node_matrix, rank_health,

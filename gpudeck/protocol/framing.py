@@ -8,11 +8,13 @@ answers with an error frame before it closes that one connection.
 
 from __future__ import annotations
 
-import asyncio
 import struct
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
+
+if TYPE_CHECKING:
+    import asyncio
 
 HEADER = struct.Struct(">I")
 MAX_FRAME = 4 * 1024 * 1024
@@ -94,7 +96,9 @@ class FrameDecoder:
 async def read_frame(reader: asyncio.StreamReader, limit: int = MAX_FRAME) -> dict[str, Any] | None:
     """Read one frame body of at most `limit` bytes; None at a clean end of stream between frames.
     A peer that has not proven the secret gets a small `limit`, so announcing a large frame costs us
-    nothing."""
+    nothing. (asyncio is imported here, not above: the blocking client reads frames without it.)"""
+    import asyncio
+
     try:
         header = await reader.readexactly(HEADER.size)
     except asyncio.IncompleteReadError as exc:

@@ -16,31 +16,13 @@ from typing import Any
 
 from gpudeck.protocol import auth
 from gpudeck.protocol.framing import MAX_FRAME, FrameError, encode_frame, read_frame
-from gpudeck.protocol.messages import (
-    PROTOCOL_VERSION,
-    Error,
-    Hello,
-    Message,
-    ProtocolError,
-    Reply,
-    Update,
-    Welcome,
-    decode,
-)
+from gpudeck.protocol.handshake import HANDSHAKE_TIMEOUT, Refused, hello, welcome_of
+from gpudeck.protocol.messages import Error, Message, ProtocolError, Reply, Update, Welcome, decode
 
-HANDSHAKE_TIMEOUT = 10.0
 OUTBOX_LIMIT = 16 * 1024 * 1024  # four largest frames: more unsent than this and the peer is not reading
 STALL_LIMIT = 20.0  # a peer whose socket takes no bytes for this long is cut off
 CLOSE_FLUSH = 2.0
 log = logging.getLogger(__name__)
-
-
-class Refused(Exception):
-    """The coordinator answered with an error; the text is its reason, for a person."""
-
-    def __init__(self, message: str, code: str = "refused") -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class Connection:
@@ -160,17 +142,11 @@ async def open_session(host: str, port: int, token: auth.JoinToken, role: str, n
     conn = Connection(reader, writer)
     try:
         auth.check_pin(writer.get_extra_info("ssl_object"), token)
-        await conn.send(Hello(secret=token.secret, role=role, name=name, version=PROTOCOL_VERSION))
-        answer = await asyncio.wait_for(conn.recv(), timeout)
+        await conn.send(hello(token, role, name))
+        return conn, welcome_of(await asyncio.wait_for(conn.recv(), timeout))
     except BaseException:
         await conn.close()
         raise
-    if isinstance(answer, Welcome):
-        return conn, answer
-    await conn.close()
-    if isinstance(answer, Error):
-        raise Refused(answer.message, answer.code)
-    raise ConnectionError("the coordinator closed the connection during the handshake")
 
 
 @dataclass

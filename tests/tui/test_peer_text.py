@@ -4,7 +4,7 @@ are shown as escapes (gpudeck.text.visible) instead of reaching the terminal. Re
 
 from __future__ import annotations
 
-from gpudeck.protocol.session import Refused
+from gpudeck.protocol.handshake import Refused
 from gpudeck.tui.app import GpudeckApp
 from gpudeck.tui.client import Lost, RecordedLink
 from gpudeck.tui.screens import ConfirmScreen, NotFoundScreen

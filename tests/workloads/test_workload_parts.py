@@ -38,6 +38,25 @@ def test_the_task_is_a_pure_function_of_the_seed():
     assert task.parameter_count(config) == sum(p.numel() for p in a.parameters())
 
 
+def test_the_data_and_model_are_the_same_bits_whatever_the_process_state():
+    """Ranks build the data and the model on their own, in processes whose torch settings differ (a
+    user's script may set the default dtype; thread counts follow the machine), and must agree on every
+    bit: before, the angles followed the default dtype and the initial weights were drawn in it."""
+    config = task.Config(seed=3)
+    reference, model = task.Data(config), task.build_model(config)
+    threads, default = torch.get_num_threads(), torch.get_default_dtype()
+    try:
+        for count, dtype in [(1, torch.float64), (2, torch.float32), (1, torch.float32)]:
+            torch.set_num_threads(count)
+            torch.set_default_dtype(dtype)
+            again = task.Data(config)
+            assert torch.equal(again.inputs, reference.inputs) and torch.equal(again.eval_inputs, reference.eval_inputs)
+            assert all(torch.equal(p, q) for p, q in zip(task.build_model(config).parameters(), model.parameters()))
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_default_dtype(default)
+
+
 @pytest.mark.parametrize("layers,stages", [(2, 1), (2, 2), (4, 2), (4, 3), (5, 2), (7, 4), (8, 8)])
 def test_stages_cover_the_model_and_merge_back_into_it(layers, stages):
     config = task.Config(layers=layers)

@@ -40,12 +40,20 @@ def torch_dtype(config: Config) -> torch.dtype:
 
 
 def spirals(points: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``points`` noisy points of CLASSES spiral arms (inputs in float64, labels in int64)."""
+    """``points`` noisy points of CLASSES spiral arms (inputs in float64, labels in int64).
+
+    Bit for bit the same in every process: the angles are float64 whatever torch's default dtype,
+    and their cosines and sines come from the C library one point at a time. torch's vectorised
+    ``cos``/``sin`` compute a vector's body and its tail with different code (SIMD and scalar), so
+    an element's last bit depends on how the call was cut into pieces (threads, SIMD width), and
+    ranks that build the data on their own must agree on every bit."""
     generator = torch.Generator().manual_seed(seed)
     labels = torch.randint(CLASSES, (points,), generator=generator)
     radius = torch.rand(points, generator=generator, dtype=torch.float64)
-    angle = radius * 2 * math.pi + labels * (2 * math.pi / CLASSES)
-    inputs = 2 * torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)
+    angle = radius * 2 * math.pi + labels.to(torch.float64) * (2 * math.pi / CLASSES)
+    turns = angle.tolist()
+    arms = torch.tensor([[math.cos(a) for a in turns], [math.sin(a) for a in turns]], dtype=torch.float64).T
+    inputs = 2 * radius[:, None] * arms
     inputs += 0.1 * torch.randn(points, INPUTS, generator=generator, dtype=torch.float64)
     return inputs, labels
 
@@ -98,10 +106,11 @@ def build_model(config: Config) -> nn.Sequential:
     modules: list[nn.Module] = []
     generator = torch.Generator().manual_seed(config.seed)
     for layer in range(config.layers):
-        linear = nn.Linear(widths[layer], widths[layer + 1])
+        linear = nn.Linear(widths[layer], widths[layer + 1], dtype=torch.float32)
         with torch.no_grad():  # Glorot's uniform init with tanh's gain: no plateau at the start
             bound = TANH_GAIN * math.sqrt(6 / (widths[layer] + widths[layer + 1]))
-            linear.weight.copy_(torch.rand(linear.weight.shape, generator=generator) * 2 * bound - bound)
+            draw = torch.rand(linear.weight.shape, generator=generator, dtype=torch.float32)
+            linear.weight.copy_(draw * 2 * bound - bound)
             linear.bias.zero_()
         modules.append(linear)
         if layer < config.layers - 1:

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from gpudeck.model import DOCTOR, WORKLOADS
-from gpudeck.train.workloads import MODULES, load, options, task
+from gpudeck.train.workloads import MODULES, load, options, parameter_server, task
 from gpudeck.train.workloads.checkpoint import Checkpoints
 from gpudeck.train.workloads.session import Session
 
@@ -55,6 +55,16 @@ def test_the_data_and_model_are_the_same_bits_whatever_the_process_state():
     finally:
         torch.set_num_threads(threads)
         torch.set_default_dtype(default)
+
+
+def test_an_async_replay_with_one_worker_is_plain_sgd():
+    """With one worker nothing is stale: each push is the whole batch's gradient at the current
+    parameters, so the replay the async tests compare with must be `train_reference` exactly."""
+    config = task.Config(seed=5, dtype="float64")
+    steps = 20
+    reference, _ = task.train_reference(config, steps)
+    replayed = parameter_server.replay_async(config, 1, [1] * steps, resumed_at=[7])
+    assert all(torch.equal(replayed[name], value) for name, value in reference.state_dict().items())
 
 
 @pytest.mark.parametrize("layers,stages", [(2, 1), (2, 2), (4, 2), (4, 3), (5, 2), (7, 4), (8, 8)])

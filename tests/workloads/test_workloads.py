@@ -10,6 +10,7 @@ again must end exactly where an uninterrupted run ends.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpudeck.train.workloads import task
+from gpudeck.train.workloads import parameter_server, task
 from gpudeck.train.workloads.checkpoint import KEPT_REPORTED
 from tests.workloads.runs import (
     Sink, checkpoint_steps, final_model, losses, max_difference, run_and_kill, run_and_stop, torchrun, torchrun_nodes,
@@ -97,28 +98,22 @@ def test_parameter_server_traffic_is_the_pulled_and_pushed_parameters(uninterrup
     assert run.traffic == {0: server, 1: worker, 2: worker}
 
 
-def _final(evals: dict[int, float]) -> float:
-    """The mean of the last five evaluation losses (steps 560 to 600), steadier than fewer."""
-    return sum(evals[step] for step in sorted(evals)[-5:]) / 5
-
-
-# Async is compared after the loss has settled: at 300 steps it still falls fast, and the lag of stale
-# updates alone moved the async/sync ratio between 1.04 and 1.13 over runs on a loaded machine; at 600
-# steps the ratio measured 0.99 to 1.00. Later (2026-12-02, idle 2-core machine, five async runs
-# against one sync run) the mean of the last three evaluations gave 0.98 to 1.08, and one CI run
-# 1.106, over the limit; the mean of the last five gave 1.00 to 1.06.
-SETTLED_STEPS = 600
-
-
-def test_parameter_server_async_loss_falls_to_within_10_percent_of_sync(uninterrupted):
-    settled = ("--steps", str(SETTLED_STEPS))
-    sync = uninterrupted("parameter-server", *settled)
-    asynchronous = uninterrupted("parameter-server", "--mode", "async", *settled)
-    sync_eval, async_eval = losses(sync.output, 0, eval_only=True), losses(asynchronous.output, 0, eval_only=True)
-    assert max(async_eval) == SETTLED_STEPS, async_eval  # reported after the last update
-    assert _final(async_eval) < 0.5 * sync_eval[0], async_eval  # it learns
-    assert _final(async_eval) <= 1.1 * _final(sync_eval), (async_eval, sync_eval)
-    pulls = pushes = SETTLED_STEPS * PARAMS * ELEMENT
+def test_parameter_server_async_equals_a_replay_of_its_arrival_order(uninterrupted):
+    """Which worker's push the server applies next depends on timing, and so does the loss: a test
+    that compared it with sync mode's failed by chance. What holds for every interleaving is checked
+    instead: the run equals one process replaying the order the pushes arrived in (each a gradient at
+    the parameters that worker was last sent), every worker's steps were applied once, and it learns."""
+    asynchronous = uninterrupted("parameter-server", "--mode", "async")
+    workers = RANKS["parameter-server"] - 1
+    (last,) = asynchronous.checkpoints.glob(f"*-server-{STEPS * workers:08d}.pt")
+    state = torch.load(last, weights_only=True)["state"]
+    assert sorted(Counter(state["arrivals"]).items()) == [(1, STEPS), (2, STEPS)] and state["resumed_at"] == []
+    replayed = parameter_server.replay_async(CONFIG, workers, state["arrivals"])
+    assert max_difference(state["model"], replayed) <= 1e-5
+    async_eval = losses(asynchronous.output, 0, eval_only=True)
+    assert max(async_eval) == STEPS, async_eval  # reported after the last update
+    assert async_eval[STEPS] < 0.5 * async_eval[min(async_eval)], async_eval  # it learns
+    pulls = pushes = STEPS * PARAMS * ELEMENT
     worker = {"recv": pulls + 8, "send": pushes, "all_gather": AGREEMENT}  # + the int64 saying where to start
     assert asynchronous.traffic == {0: {"send": 2 * (pulls + 8), "recv": 2 * pushes, "all_gather": AGREEMENT},
                                     1: worker, 2: worker}

@@ -107,10 +107,17 @@ class Server:
         self.optimizer = task.make_optimizer(self.params, config)
         self.workers = list(range(1, session.world))
         self.counts = [0] * len(self.workers)  # pushes applied from each worker (async mode)
+        # Async mode: the worker of every push applied, in order, and the updates at which the server
+        # started again from a checkpoint (every worker then computes on the parameters as saved).
+        # With the seed they determine the whole run, which can so be replayed in one process.
+        self.arrivals: list[int] = []
+        self.resumed_at: list[int] = []
         if state is not None:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.counts = list(state.get("counts", self.counts))
+            self.arrivals = list(state.get("arrivals", []))
+            self.resumed_at = list(state.get("resumed_at", [])) + [len(self.arrivals)]
         self.timer = sessions.StepTimer(session.device)
 
     def flat(self) -> torch.Tensor:
@@ -118,16 +125,12 @@ class Server:
         return parameters_to_vector(self.params).detach()
 
     def apply(self, gradient: torch.Tensor) -> None:
-        """One SGD step with this flat gradient."""
-        offset = 0
-        for param in self.params:
-            param.grad = gradient[offset:offset + param.numel()].view_as(param).clone()
-            offset += param.numel()
-        self.optimizer.step()
+        step_with(self.params, self.optimizer, gradient)
 
     def save(self, step: int, stopping: bool = False) -> None:
         self.checkpoints.save("server", step, {"model": self.model.state_dict(),
-                                               "optimizer": self.optimizer.state_dict(), "counts": self.counts})
+                                               "optimizer": self.optimizer.state_dict(), "counts": self.counts,
+                                               "arrivals": self.arrivals, "resumed_at": self.resumed_at})
 
     def report(self, step: int) -> None:
         self.session.log(f"step {step} eval loss {task.eval_loss(self.model, self.data):.6f}")
@@ -179,6 +182,7 @@ class Server:
                 index = self.workers.index(worker)
                 self.apply(gradient.to(self.session.device) / workers)
                 self.counts[index] += 1
+                self.arrivals.append(worker)
                 updates += 1
                 self.timer.step_done()
                 if self.counts[index] < args.steps:
@@ -236,3 +240,38 @@ class Worker:
             if args.step_sleep:
                 time.sleep(args.step_sleep)
         session.log(timer.summary())
+
+
+def step_with(params: Sequence[torch.nn.Parameter], optimizer: torch.optim.Optimizer, gradient: torch.Tensor) -> None:
+    """One optimizer step with this flat gradient."""
+    offset = 0
+    for param in params:
+        param.grad = gradient[offset:offset + param.numel()].view_as(param).clone()
+        offset += param.numel()
+    optimizer.step()
+
+
+def replay_async(config: task.Config, workers: int, arrivals: Sequence[int],
+                 resumed_at: Sequence[int] = ()) -> dict[str, torch.Tensor]:
+    """The model an asynchronous run must end with, worked out in one process from the order its
+    pushes arrived in (`Server.arrivals`): each push is the gradient of that worker's shard of its next
+    step at the parameters the server last sent it, applied scaled by 1/``workers``. Whatever the
+    interleaving, a run equals its replay; that is what the tests check, not a loss that depends on it."""
+    data = task.Data(config)
+    server = task.build_model(config)
+    params = list(server.parameters())
+    optimizer = task.make_optimizer(params, config)
+    computing = task.build_model(config)
+    sent = {worker: parameters_to_vector(params).detach().clone() for worker in range(1, workers + 1)}
+    steps = dict.fromkeys(sent, 0)
+    for update, worker in enumerate(arrivals):
+        if update in resumed_at:  # every worker starts again from the parameters as saved
+            sent = dict.fromkeys(sent, parameters_to_vector(params).detach().clone())
+        vector_to_parameters(sent[worker], computing.parameters())
+        inputs, labels = task.shard(data.batch(steps[worker]), worker - 1, workers)
+        computing.zero_grad(set_to_none=True)
+        task.loss_fn(computing(inputs), labels).backward()
+        step_with(params, optimizer, torch.cat([param.grad.reshape(-1) for param in computing.parameters()]) / workers)
+        steps[worker] += 1
+        sent[worker] = parameters_to_vector(params).detach().clone()
+    return server.state_dict()

@@ -40,7 +40,8 @@ async def find_runtime() -> tuple[Runtime | None, str]:
         code = await _run_bounded([path, "info"])
         if code == 0:
             return Runtime(name, path), ""
-        why.append(f"{name} is installed but `{name} info` fails" + (" (is its daemon running?)" if name == "docker" else ""))
+        why.append(f"{name} is installed but `{name} info` fails"
+                   + (" (is its daemon running?)" if name == "docker" else ""))
     return None, "; ".join(why)
 
 

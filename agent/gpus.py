@@ -171,7 +171,8 @@ class NvmlBackend:
         if device is None:
             return HealthCounters()
         nvml, handle = self._nvml, device.handle
-        ecc = self._optional("nvmlDeviceGetTotalEccErrors", handle, getattr(nvml, "NVML_MEMORY_ERROR_TYPE_UNCORRECTED", 1),
+        ecc = self._optional("nvmlDeviceGetTotalEccErrors", handle,
+                             getattr(nvml, "NVML_MEMORY_ERROR_TYPE_UNCORRECTED", 1),
                              getattr(nvml, "NVML_VOLATILE_ECC", 0))
         retired = [self._optional("nvmlDeviceGetRetiredPages", handle, getattr(nvml, cause, code)) for cause, code in (
             ("NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS", 0),
@@ -492,9 +493,10 @@ def _open_nvml(nvml: Any = None) -> tuple[GpuBackend, str]:
 
 
 def open_backend(simulate: int | None, injected: Path | None = None) -> tuple[GpuBackend, str]:
-    """simulate=N>0: SimulatedBackend(N), with faults and outside processes from the file `injected`. Otherwise try NVML; on pynvml.NVMLError (no driver or
-    library) return an empty backend with zero GPUs. The str is one line for the agent's log saying
-    what was found, so an operator sees at a glance whether the node's GPUs are real."""
+    """simulate=N>0: SimulatedBackend(N), with faults and outside processes from the file `injected`.
+    Otherwise try NVML; on pynvml.NVMLError (no driver or library) return an empty backend with zero
+    GPUs. The str is one line for the agent's log saying what was found, so an operator sees at a
+    glance whether the node's GPUs are real."""
     if simulate is not None and simulate > 0:
         return (
             SimulatedBackend(simulate, injected=injected),

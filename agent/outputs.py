@@ -43,7 +43,7 @@ class OutputKeeper:
         """Regular files under the attempt's folder (links, to files or folders, are left out)."""
         folder = self.folder(job, attempt)
         files = []
-        for top, folders, names in os.walk(folder):  # does not follow links to folders
+        for top, _folders, names in os.walk(folder):  # does not follow links to folders
             for name in names:
                 path = Path(top) / name
                 try:

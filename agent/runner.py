@@ -336,7 +336,8 @@ class JobRunner:
                 manifest = await self.cache.manifest(order.project)
                 await self.cache.working_copy(manifest, work)
             except FetchFailed as exc:
-                raise PrepareFailed(1, f"could not copy the project to {self.node}: {exc}", retry=exc.transient) from None
+                raise PrepareFailed(1, f"could not copy the project to {self.node}: {exc}",
+                                    retry=exc.transient) from None
             except OSError as exc:
                 raise PrepareFailed(1, f"could not copy the project to {self.node}: {exc.strerror or exc}") from None
         python, bin_dir = await self._interpreter(order, job, launcher_log, account)
@@ -603,7 +604,8 @@ class JobRunner:
         for index in job.gpus:
             self.backend.assign(index, [])
         try:
-            (job.path / "exit.json").write_text(json.dumps({"exit_code": code, "detail": detail, "failed_at": failed_at}))
+            (job.path / "exit.json").write_text(json.dumps({"exit_code": code, "detail": detail,
+                                                            "failed_at": failed_at}))
         except OSError as exc:
             log.warning("job %d attempt %d: could not record its exit in %s (%s)", job.job, job.attempt, job.path,
                         exc.strerror)

@@ -120,7 +120,8 @@ class WarmPool:
         async with one.turn:
             return await self._ask(one, argv, env, cwd, log_file)
 
-    async def _ask(self, one: _Interpreter, argv: list[str], env: dict[str, str], cwd: Path, log_file: Path) -> int | None:
+    async def _ask(self, one: _Interpreter, argv: list[str], env: dict[str, str], cwd: Path,
+                   log_file: Path) -> int | None:
         if not one.ready:
             return None
         try:

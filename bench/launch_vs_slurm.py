@@ -289,15 +289,16 @@ def shell_loop(count: int, command: str, cwd: Path, env: dict[str, str]) -> list
     return result.stdout.split()
 
 
-def interleaved(repeats: int, ours: Callable[[], float], theirs: Callable[[], float], label: str) -> tuple[list[float], list[float]]:
+def interleaved(repeats: int, ours: Callable[[], float], theirs: Callable[[], float],
+                label: str) -> tuple[list[float], list[float]]:
     a, b = [], []
     ours()  # one untimed run of each first: files into the page cache, a first connection
     theirs()
     for repeat in range(repeats):
         a.append(ours())
         b.append(theirs())
-        print(f"  {label:<34} run {repeat + 1}/{repeats}: gpudeck {a[-1] * 1000:7.0f} ms, baseline {b[-1] * 1000:7.0f} ms",
-              flush=True)
+        print(f"  {label:<34} run {repeat + 1}/{repeats}: gpudeck {a[-1] * 1000:7.0f} ms, "
+              f"baseline {b[-1] * 1000:7.0f} ms", flush=True)
     return a, b
 
 
@@ -326,8 +327,10 @@ def main() -> int:
         try:
             ours.start()
             baseline.start()
-            for label, script in (("first line, no torch", "no_torch.py"), ("first line, import torch first", "torch_first.py")):
-                a, b = interleaved(options.repeats, lambda: ours.first_line(script), lambda: baseline.first_line(script), label)
+            for label, script in (("first line, no torch", "no_torch.py"),
+                                  ("first line, import torch first", "torch_first.py")):
+                a, b = interleaved(options.repeats, lambda script=script: ours.first_line(script),
+                                   lambda script=script: baseline.first_line(script), label)
                 rows.append((label, name, a, b, "lower"))
             a, b = interleaved(options.repeats, lambda: ours.first_step("ddp.py"),
                                lambda: plain.run(project / "ddp.py", project)["first_step"], "first DDP step, 2 ranks")

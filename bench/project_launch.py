@@ -71,7 +71,8 @@ def shared_venv(root: Path) -> Path:
     subprocess.run([uv, "venv", "--quiet", "--python", sys.executable, "--system-site-packages", str(venv)], check=True)
     subprocess.run([uv, "pip", "install", "--quiet", "--python", str(venv / "bin" / "python"), "humanize"], check=True)
     # The lab's environment has torch too: here, the agent's, seen through a .pth file.
-    site = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+    site = subprocess.run([str(venv / "bin" / "python"), "-c",
+                           "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           capture_output=True, text=True, check=True).stdout.strip()
     agent_site = subprocess.run([sys.executable, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                 capture_output=True, text=True, check=True).stdout.strip()
@@ -132,7 +133,8 @@ def main() -> int:
 
 def print_table(results: dict[str, list[dict[str, float]]], data_mb: int, seconds: float) -> None:
     print()
-    print(f"submit to the first line of rank 0, 2 nodes x 1 rank, project of {data_mb} MiB + requirements.txt (humanize)")
+    print(f"submit to the first line of rank 0, 2 nodes x 1 rank, project of {data_mb} MiB "
+          "+ requirements.txt (humanize)")
     print(f"{'variant':<10}{'median s':>10}{'min':>8}{'max':>8}{'submit s':>10}{'uploaded MiB':>14}")
     for name, runs in results.items():
         firsts = [r["first_line"] for r in runs]
@@ -142,7 +144,8 @@ def print_table(results: dict[str, list[dict[str, float]]], data_mb: int, second
     base = statistics.median(r["first_line"] for r in results["baseline"])
     cold = statistics.median(r["first_line"] for r in results["cold"])
     warm = statistics.median(r["first_line"] for r in results["warm"])
-    print(json.dumps({"ratio_cold_to_baseline": round(cold / base, 2), "ratio_warm_to_baseline": round(warm / base, 2)}))
+    print(json.dumps({"ratio_cold_to_baseline": round(cold / base, 2),
+                      "ratio_warm_to_baseline": round(warm / base, 2)}))
     print(f"took {seconds:.0f} s")
 
 

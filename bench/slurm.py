@@ -63,7 +63,8 @@ class LoopbackSlurm:
         os.chmod(key, 0o600)
         socket_path = self.folder / "munge" / "munge.socket"
         self._spawn(_binary("munged"), "-F", "-f", f"--socket={socket_path}", f"--key-file={key}",
-                    f"--pid-file={self.folder / 'munge' / 'munged.pid'}", f"--log-file={self.folder / 'logs' / 'munged.log'}",
+                    f"--pid-file={self.folder / 'munge' / 'munged.pid'}",
+                    f"--log-file={self.folder / 'logs' / 'munged.log'}",
                     f"--seed-file={self.folder / 'munge' / 'munged.seed'}")
         self._wait(socket_path.exists, "munged to open its socket")
         (self.folder / "slurm.conf").write_text(self._config(socket_path))

@@ -194,7 +194,8 @@ async def main() -> None:
                     await pilot.pause(0.05)
 
         table = app.nodes_view.table
-        label = f"gpudeck nodes view ({'expanded, ' + str(args.nodes * (args.gpus + 1)) if expanded else args.nodes} rows)"
+        label = ("gpudeck nodes view "
+                 f"({'expanded, ' + str(args.nodes * (args.gpus + 1)) if expanded else args.nodes} rows)")
         print(f"measuring {label} …", flush=True)
         lat = await measure(app, link.push, updates, lambda t=table: t.cursor, args.seconds, prepare, args.seed)
         results.append(summary(label, lat))
@@ -214,7 +215,8 @@ async def main() -> None:
     print(f"key press to redrawn cursor while {args.nodes} nodes x {args.gpus} GPUs update once a second (ms)")
     print(f"{'case':<58} {'n':>4} {'p50':>8} {'p95':>8} {'max':>8} {'mean':>8}")
     for row in results:
-        print(f"{row['name']:<58} {row['n']:>4} {row['p50']:>8.1f} {row['p95']:>8.1f} {row['max']:>8.1f} {row['mean']:>8.1f}")
+        print(f"{row['name']:<58} {row['n']:>4} {row['p50']:>8.1f} {row['p95']:>8.1f} {row['max']:>8.1f} "
+              f"{row['mean']:>8.1f}")
     base = results[-1]
     for row in results[:-1]:
         print(f"ratio bare/gpudeck [{row['name']}]: p50 {base['p50'] / row['p50']:.1f}x, "

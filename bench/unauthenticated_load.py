@@ -112,7 +112,7 @@ def main() -> None:
             peak = start_rss
             done = threading.Event()
 
-            def watch() -> None:
+            def watch(done: threading.Event = done) -> None:
                 nonlocal peak
                 while not done.is_set():
                     peak = max(peak, hostile.rss_mib(pid))
@@ -126,17 +126,20 @@ def main() -> None:
             samples, failures = prober.take()
             p50 = statistics.median(samples) if samples else float("nan")
             base = base or p50
-            rows.append((name, peak - start_rss, hostile.rss_mib(pid) - start_rss, p50, max(samples, default=float("nan")),
-                         p50 / base, failures))
+            rows.append((name, peak - start_rss, hostile.rss_mib(pid) - start_rss, p50,
+                         max(samples, default=float("nan")), p50 / base, failures))
         prober.running = False
         print(f"coordinator RSS at the start: {start_rss:.0f} MiB; baseline answer p50 {base * 1000:.0f} ms")
-        print(f"{'phase':<30} {'peak +MiB':>9} {'after +MiB':>10} {'p50 ms':>7} {'max ms':>7} {'p50/base':>8} {'failed':>6}")
+        print(f"{'phase':<30} {'peak +MiB':>9} {'after +MiB':>10} {'p50 ms':>7} {'max ms':>7} {'p50/base':>8} "
+              f"{'failed':>6}")
         for name, peak, after, p50, worst, ratio, failures in rows:
-            print(f"{name:<30} {peak:>9.0f} {after:>10.0f} {p50 * 1000:>7.0f} {worst * 1000:>7.0f} {ratio:>8.2f} {failures:>6}")
+            print(f"{name:<30} {peak:>9.0f} {after:>10.0f} {p50 * 1000:>7.0f} {worst * 1000:>7.0f} {ratio:>8.2f} "
+                  f"{failures:>6}")
         worst_growth = max(r[2] for r in rows)
         worst_answer = max(r[4] for r in rows)
         print(f"summary: RSS at most +{worst_growth:.0f} MiB after a phase (goal +{RSS_GOAL_MIB:.0f}); slowest answer "
-              f"{worst_answer * 1000:.0f} ms (goal {LATENCY_GOAL_S * 1000:.0f}); failed answers {sum(r[6] for r in rows)}")
+              f"{worst_answer * 1000:.0f} ms (goal {LATENCY_GOAL_S * 1000:.0f}); "
+              f"failed answers {sum(r[6] for r in rows)}")
     finally:
         cluster.stop()
 

@@ -51,7 +51,8 @@ class HeldConnection(asyncio.Protocol):
             self._transport.abort()
 
 
-async def tls_streams(tcp: asyncio.Transport, context: ssl.SSLContext) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def tls_streams(tcp: asyncio.Transport,
+                      context: ssl.SSLContext) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Start TLS (server side) on a held connection and give it streams, as `start_server` would have."""
     if tcp.is_closing():
         # Pushed out before its turn: TLS on a closed transport would wait for its handshake

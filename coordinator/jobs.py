@@ -193,7 +193,8 @@ class JobControl:
                 busy.setdefault(share.node, {})[index] = share.job
         draining = set(self.draining())
         cordoned = self.store.cordoned_by_node()
-        return [self._slots_of(name, link.gpus, busy.get(name, {}), {row.gpu: row.cause for row in cordoned.get(name, [])})
+        return [self._slots_of(name, link.gpus, busy.get(name, {}),
+                               {row.gpu: row.cause for row in cordoned.get(name, [])})
                 for name, link in sorted(self.registry.links.items())
                 if self.registry.states.get(name) is NodeState.UP and name not in draining]
 
@@ -439,7 +440,8 @@ class JobControl:
         now = self.clock()
         notes = [f"GPUs {','.join(map(str, s.gpus))} of {s.node} stay reserved until {s.node} confirms that job "
                  f"{s.job}'s ranks have stopped (at most {s.fenced_until - now:.0f} s more)"
-                 for s in self.holding() if s.fenced_until is not None and self.registry.states.get(s.node) is NodeState.UP]
+                 for s in self.holding()
+                 if s.fenced_until is not None and self.registry.states.get(s.node) is NodeState.UP]
         return "; " + "; ".join(notes) if notes else ""
 
     def _free_port(self, master_addr: str) -> int | None:

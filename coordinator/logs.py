@@ -1,8 +1,8 @@
 """Job logs as files under the coordinator's state directory, one per job attempt and rank.
 
 A rank below zero is the launcher (torchrun) of node rank -rank-1, whose output explains failures
-that happen before any rank starts. Agents send chunks with their offset in the rank's log, so a chunk sent twice (after a reconnect)
-lands on the same bytes instead of being appended again.
+that happen before any rank starts. Agents send chunks with their offset in the rank's log, so a
+chunk sent twice (after a reconnect) lands on the same bytes instead of being appended again.
 """
 
 from __future__ import annotations

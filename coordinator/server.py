@@ -77,10 +77,11 @@ class Coordinator:
                  default_time_limit: float = DEFAULT_TIME_LIMIT, preempt_grace: float = PREEMPT_GRACE,
                  metrics: tuple[str, int] | None = None, hang_after: float = HANG_AFTER) -> None:
         """`metrics`: where to serve Prometheus metrics (None: nowhere); `hang_after`: how long a running
-        job's ranks may complete no collective before it is flagged hung. `idle_after`: how long every GPU of a running job must read 0 % before it is marked idle;
-        `idle_cancel`: cancel it then. `priority`: the weights, fair-share half-life and age cap of
-        pending jobs' priority; `default_time_limit`: how long reservations plan a job without
-        --time-limit to run; `preempt_grace`: a preempted job's seconds from SIGTERM to SIGKILL."""
+        job's ranks may complete no collective before it is flagged hung. `idle_after`: how long every
+        GPU of a running job must read 0 % before it is marked idle; `idle_cancel`: cancel it then.
+        `priority`: the weights, fair-share half-life and age cap of pending jobs' priority;
+        `default_time_limit`: how long reservations plan a job without --time-limit to run;
+        `preempt_grace`: a preempted job's seconds from SIGTERM to SIGKILL."""
         self.state_dir = state_dir
         self.scheduling = (priority, default_time_limit, preempt_grace)
         self.job_ports = job_ports
@@ -234,7 +235,8 @@ class Coordinator:
         self._published_at = now
         nodes = self._nodes()
         changed = {row.id: row for row in self.store.take_changed()}
-        view_only = (self.traffic.take_changed() | self.idle.take_changed() | self.progress.take_changed()) - set(changed)
+        view_only = ((self.traffic.take_changed() | self.idle.take_changed() | self.progress.take_changed())
+                     - set(changed))
         changed.update((job_id, row) for job_id in view_only if (row := self.store.job(job_id)) is not None)
         jobs = self._job_views(sorted(changed.values(), key=lambda row: row.id))
         update = self.publisher.publish_data(nodes["nodes"], nodes["unjoined"], jobs, now)
@@ -607,7 +609,8 @@ class Coordinator:
             jobs_on.setdefault(share.node, []).append(share.job)
         now = self.clock()
         cordons = self.store.cordoned_by_node()
-        nodes = [node_view(n, self.registry, sorted(set(jobs_on.get(n.name, []))), now, cordons.get(n.name, ())).to_json()
+        nodes = [node_view(n, self.registry, sorted(set(jobs_on.get(n.name, []))), now,
+                           cordons.get(n.name, ())).to_json()
                  for n in self.store.nodes()]
         joined = {n["name"] for n in nodes}
         unjoined = []
@@ -638,8 +641,8 @@ class Coordinator:
             have = f"GPUs 0 to {len(gpus) - 1}" if gpus else "no GPUs"
             raise LookupError(f"node {message.node} has no GPU {message.gpu} (it has {have})")
         if message.on:
-            self.health.cordon(message.node, gpus[message.gpu], f"cordoned by hand: {message.reason or 'no reason given'}",
-                               self.clock())
+            self.health.cordon(message.node, gpus[message.gpu],
+                               f"cordoned by hand: {message.reason or 'no reason given'}", self.clock())
         else:
             self.health.uncordon(message.node, gpus.get(message.gpu), message.gpu)
         self.wake.set()

@@ -197,9 +197,10 @@ class Store:
             db["nodes"].create({"name": str, "hostname": str, "address": str, "simulated": int, "gpus": str,
                                 "state": str, "draining": int, "joined_at": float, "last_seen": float}, pk="name",
                                 if_not_exists=True)
-            db["jobs"].create({"id": int, "name": str, "spec": str, "script": bytes, "state": str, "reason": str, "priority": int,
-                               "submitted_at": float, "started_at": float, "ended_at": float, "attempt": int,
-                               "exit_code": int, "restarts": int, "requeued_because": str, "failed_at": float},
+            db["jobs"].create({"id": int, "name": str, "spec": str, "script": bytes, "state": str, "reason": str,
+                               "priority": int, "submitted_at": float, "started_at": float, "ended_at": float,
+                               "attempt": int, "exit_code": int, "restarts": int, "requeued_because": str,
+                               "failed_at": float},
                               pk="id", if_not_exists=True, not_null={"name", "spec", "state", "submitted_at"})
             _add_missing_columns(db["jobs"], {"failed_at": float, "owner": str, "array_job": int, "array_index": int})
             db["attempts"].create({"job": int, "attempt": int, "master_addr": str, "master_port": int,
@@ -266,8 +267,9 @@ class Store:
 
     def set_cordon(self, row: CordonRow) -> None:
         with self._tx():
-            self.db["cordons"].upsert({"node": row.node, "gpu": row.gpu, "uuid": row.uuid, "faults": json.dumps(row.faults),
-                                       "since": row.since, "cordoned": int(row.cordoned),
+            self.db["cordons"].upsert({"node": row.node, "gpu": row.gpu, "uuid": row.uuid,
+                                       "faults": json.dumps(row.faults), "since": row.since,
+                                       "cordoned": int(row.cordoned),
                                        "acknowledged": json.dumps(row.acknowledged)}, pk=("node", "gpu"))
         self._cordons[(row.node, row.gpu)] = row
 
@@ -306,8 +308,8 @@ class Store:
         found: dict[int, dict[str, list[OutputFile]]] = {job_id: {} for job_id in job_ids}
         if not job_ids:
             return found
-        rows = self.db.conn.execute(f"SELECT job, node, files FROM outputs WHERE job IN ({','.join('?' * len(job_ids))})",
-                                    job_ids).fetchall()
+        rows = self.db.conn.execute("SELECT job, node, files FROM outputs "
+                                    f"WHERE job IN ({','.join('?' * len(job_ids))})", job_ids).fetchall()
         for job_id, node, files in rows:
             found[job_id][node] = typed(json.loads(files), list[OutputFile], "outputs")
         return found
@@ -374,7 +376,8 @@ class Store:
             self.db["jobs"].update(first, {"array_job": first})
             task = {**_new_job(spec, now, owner), "script": None, "array_job": first}
             self.db["jobs"].insert_all({**task, "array_index": index} for index in indices[1:])
-            ids = [row[0] for row in self.db.conn.execute("SELECT id FROM jobs WHERE array_job = ? ORDER BY id", [first])]
+            ids = [row[0] for row in self.db.conn.execute("SELECT id FROM jobs WHERE array_job = ? ORDER BY id",
+                                                          [first])]
         self._refresh(ids)
         return first
 
@@ -582,8 +585,10 @@ class Store:
     def held_gpus(self, since: float | None = None) -> list[HeldGpus]:
         """Every attempt that held GPUs at or after `since` (None: ever), oldest first."""
         sql = ("SELECT a.job, a.attempt, j.owner, a.started_at, COALESCE(a.ended_at, j.ended_at), j.attempt, j.state, "
-               "(SELECT SUM(json_array_length(n.gpus)) FROM attempt_nodes n WHERE n.job = a.job AND n.attempt = a.attempt) "
-               "FROM attempts a JOIN jobs j ON j.id = a.job WHERE ? IS NULL OR COALESCE(a.ended_at, j.ended_at) IS NULL "
+               "(SELECT SUM(json_array_length(n.gpus)) FROM attempt_nodes n "
+               "WHERE n.job = a.job AND n.attempt = a.attempt) "
+               "FROM attempts a JOIN jobs j ON j.id = a.job "
+               "WHERE ? IS NULL OR COALESCE(a.ended_at, j.ended_at) IS NULL "
                "OR COALESCE(a.ended_at, j.ended_at) >= ? ORDER BY a.started_at, a.job")
         held = []
         for job, attempt, owner, started, ended, current, state, gpus in self.db.conn.execute(sql, [since, since]):
@@ -635,7 +640,8 @@ class Store:
         self._open_shares = None
         with self._tx():
             cur = self.db.conn.execute(
-                "UPDATE attempt_nodes SET exit_code = ? WHERE job = ? AND attempt = ? AND node = ? AND exit_code IS NULL",
+                "UPDATE attempt_nodes SET exit_code = ? WHERE job = ? AND attempt = ? AND node = ? "
+                "AND exit_code IS NULL",
                 [exit_code, job_id, attempt, node])
         return cur.rowcount == 1
 
@@ -815,13 +821,15 @@ def _user_row(row: dict[str, Any]) -> UserRow:
 
 def _cordon_row(row: dict[str, Any]) -> CordonRow:
     return CordonRow(node=row["node"], gpu=row["gpu"], uuid=row["uuid"] or "", faults=tuple(json.loads(row["faults"])),
-                     since=row["since"], cordoned=bool(row["cordoned"]), acknowledged=tuple(json.loads(row["acknowledged"])))
+                     since=row["since"], cordoned=bool(row["cordoned"]),
+                     acknowledged=tuple(json.loads(row["acknowledged"])))
 
 
 def _node_row(row: dict[str, Any]) -> NodeRow:
     return NodeRow(name=row["name"], hostname=row["hostname"], address=row["address"],
                    simulated=bool(row["simulated"]), gpus=_readings(row["gpus"]),
-                   state=NodeState(row["state"]), draining=bool(row["draining"]), joined_at=row["joined_at"], last_seen=row["last_seen"])
+                   state=NodeState(row["state"]), draining=bool(row["draining"]), joined_at=row["joined_at"],
+                   last_seen=row["last_seen"])
 
 
 def _readings(text: str | None) -> list[GpuReading]:

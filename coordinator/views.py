@@ -8,7 +8,9 @@ from collections.abc import Callable, Sequence
 from gpudeck.coordinator.priority import Factor
 from gpudeck.coordinator.registry import Registry
 from gpudeck.coordinator.store import CordonRow, JobRow, NodeRow
-from gpudeck.protocol.payloads import CordonView, FactorView, ProgressView, JobView, NodeView, OutputFile, TrafficByRank, WarmStatus
+from gpudeck.protocol.payloads import (
+    CordonView, FactorView, ProgressView, JobView, NodeView, OutputFile, TrafficByRank, WarmStatus,
+)
 
 
 def job_view(row: JobRow, traffic: TrafficByRank, outputs: dict[str, list[OutputFile]],

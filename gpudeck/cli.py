@@ -270,7 +270,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--coordinator", dest="dashboard_coordinator", type=coordinator_address, metavar="HOST:PORT",
                         help="with no command: the coordinator the dashboard shows")
     top_token = parser.add_mutually_exclusive_group()
-    top_token.add_argument("--token", dest="dashboard_token", metavar="T", help="with no command: the cluster's join token")
+    top_token.add_argument("--token", dest="dashboard_token", metavar="T",
+                           help="with no command: the cluster's join token")
     top_token.add_argument("--token-file", dest="dashboard_token_file", metavar="F",
                            help="with no command: a file holding the join token")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -300,7 +301,8 @@ def _up_parser(sub: Any) -> None:
                   "gpudeck up --simulate-gpus 4", "gpudeck up --lan --no-tui")
     up.add_argument("--simulate-gpus", type=simulated_gpus, metavar="N",
                     help=f"give the local agent N simulated GPUs (at most {MAX_GPUS_PER_NODE})")
-    up.add_argument("--port", type=port_number, default=config.DEFAULT_PORT, help="coordinator port (default: %(default)s)")
+    up.add_argument("--port", type=port_number, default=config.DEFAULT_PORT,
+                    help="coordinator port (default: %(default)s)")
     up.add_argument("--lan", action="store_true", help="listen and advertise on the LAN instead of loopback only")
     up.add_argument("--no-tui", action="store_true", help="do not open the dashboard; run until Ctrl-C (also "
                     "when not on a terminal)")
@@ -387,7 +389,8 @@ def _token_parser(sub: Any) -> None:
                      "other machines need it (--token, --token-file or $GPUDECK_TOKEN): it holds the fingerprint "
                      "of the coordinator's certificate and the cluster's secret, so keep it as you would a password.",
                      "gpudeck token", "gpudeck token --state-dir /var/lib/gpudeck > token && chmod 600 token")
-    token.add_argument("--state-dir", type=Path, help="the coordinator's state dir (default: the data dir's coordinator/)")
+    token.add_argument("--state-dir", type=Path,
+                       help="the coordinator's state dir (default: the data dir's coordinator/)")
 
 
 def _web_parser(sub: Any) -> None:
@@ -395,13 +398,14 @@ def _web_parser(sub: Any) -> None:
                    "Serve the dashboard as a web page (with textual-serve), for a lab member on a laptop without a "
                    "terminal set up, or for a wall screen. Each browser tab gets its own dashboard, which first asks "
                    "for the cluster's join token: this server holds none and shows nothing of the cluster before a "
-                   "token is typed. It listens on loopback by default; from a laptop, open an SSH tunnel to this machine "
-                   "and browse to the address it prints.",
+                   "token is typed. It listens on loopback by default; from a laptop, open an SSH tunnel to this "
+                   "machine and browse to the address it prints.",
                    "gpudeck web",
                    "ssh -L 7080:127.0.0.1:7080 you@lab-head    # on the laptop; then open http://127.0.0.1:7080",
                    "gpudeck web --coordinator lab-head:7070 --port 8080 --no-mdns")
     web.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, reached "
-                     "through an SSH tunnel; with any other, everyone who can reach it can open the page and try tokens)")
+                     "through an SSH tunnel; with any other, everyone who can reach it can open the page and "
+                     "try tokens)")
     web.add_argument("--port", type=bounded(0, 65535), default=config.WEB_PORT,
                      help="port (default: %(default)s; 0: any free one, printed)")
     web.add_argument("--coordinator", type=coordinator_address, metavar="HOST:PORT",
@@ -415,8 +419,8 @@ def _web_parser(sub: Any) -> None:
 def _submit_parser(sub: Any) -> None:
     submit = sub.add_parser(
         "submit", help="queue a job; prints its id",
-        description=textwrap.fill("Queue a job: a Python script (one rank per GPU, as torchrun starts them; everything after "
-        "SCRIPT is passed to it), a built-in --workload, or any command after `--`, run once per node with "
+        description=textwrap.fill("Queue a job: a Python script (one rank per GPU, as torchrun starts them; everything "
+        "after SCRIPT is passed to it), a built-in --workload, or any command after `--`, run once per node with "
         "MASTER_ADDR, MASTER_PORT, NNODES, NODE_RANK and GPUS_PER_NODE set (for your own torchrun, accelerate "
         "or shell script). Scripts and commands take the directory submit runs in along (the project: every "
         "file but what .gitignore and .gpudeckignore leave out); each node runs the job in its own copy.", 100),
@@ -567,7 +571,8 @@ def _outputs_parser(sub: Any) -> None:
                        "gpudeck outputs 12", "gpudeck outputs 12 --to results/ --node node-a")
     outputs.add_argument("job", type=job_id, metavar="JOB", help=JOB_HELP)
     outputs.add_argument("--to", type=Path, metavar="DIR",
-                         help="where to put them (default: gpudeck-outputs/JOB here); files there are never overwritten")
+                         help="where to put them (default: gpudeck-outputs/JOB here); "
+                         "files there are never overwritten")
     outputs.add_argument("--node", metavar="NODE", help="only what this node keeps (a name `gpudeck nodes` lists)")
     _client_flags(outputs)
 
@@ -633,7 +638,8 @@ def _user_parsers(sub: Any) -> None:
 
 
 def _doctor_parser(sub: Any) -> None:
-    doctor = _command(sub, "doctor", "pre-flight check of the network between nodes: interfaces, ports, mDNS, bandwidth",
+    doctor = _command(sub, "doctor",
+                      "pre-flight check of the network between nodes: interfaces, ports, mDNS, bandwidth",
                       "Runs a small job of its own, one rank on each node and no GPU, so it takes the launch path "
                       "and the ports real jobs take. It shows the interface each node uses toward each other node "
                       "and whether the job ports answer there, which nodes see each other's mDNS adverts, and a "
@@ -978,8 +984,8 @@ async def cmd_listing(args: argparse.Namespace) -> int:
             print(json.dumps(data, indent=2) if args.json else output.job_detail(data))
         elif args.command == "drain":
             data = await session.request(Drain, node=args.node, on=not args.off)
-            print(f"node {visible(data['name'])} " + ("is draining: no new jobs will be placed on it" if data["draining"]
-                                             else "takes new jobs again"))
+            print(f"node {visible(data['name'])} "
+                  + ("is draining: no new jobs will be placed on it" if data["draining"] else "takes new jobs again"))
         else:
             data = await session.request(Cancel, job=args.job[0], index=args.job[1])
             whole = args.job[1] is None and data["array_job"] == data["id"]
@@ -1053,7 +1059,8 @@ async def cmd_logs(args: argparse.Namespace) -> int:
     from gpudeck.protocol.messages import ReadLogs
 
     async def work(session: ClientSession) -> int:
-        printer = output.LogPrinter(sys.stdout, include_launcher=args.launcher or args.rank is not None and args.rank < 0,
+        printer = output.LogPrinter(sys.stdout,
+                                    include_launcher=args.launcher or args.rank is not None and args.rank < 0,
                                     raw=args.raw)
         offsets: dict[str, int] = {}
         while True:
@@ -1301,7 +1308,8 @@ async def cmd_web(args: argparse.Namespace) -> int:
 # Plain functions: no event loop of ours (the dashboard runs its own, submit is blocking).
 SYNC_COMMANDS = {"submit": cmd_submit, "tui": cmd_tui, "token": cmd_token}
 ASYNC_COMMANDS = {"jobs": cmd_listing, "nodes": cmd_listing, "show": cmd_listing,
-                  "cancel": cmd_listing, "drain": cmd_listing, "logs": cmd_logs, "outputs": cmd_outputs, "coordinator": cmd_coordinator, "agent": cmd_agent,
+                  "cancel": cmd_listing, "drain": cmd_listing, "logs": cmd_logs, "outputs": cmd_outputs,
+                  "coordinator": cmd_coordinator, "agent": cmd_agent,
                   "web": cmd_web, "user": cmd_user, "gpu": cmd_gpu,
                   "usage": cmd_usage, "doctor": cmd_doctor}
 
@@ -1381,7 +1389,7 @@ def main(argv: list[str] | None = None) -> int:
         return _refused(str(exc))
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - _why_refused words refusals and failed connections, re-raises the rest
         return _refused(_why_refused(exc))
 
 

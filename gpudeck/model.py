@@ -345,10 +345,10 @@ _SPEC_TYPES: dict[str, tuple[type, ...]] = {
     "name": (str,), "gpus": (int, type(None)), "nodes": (int, type(None)),
     "gpus_per_node": (int, type(None)), "priority": (int,), "time_limit": (int, float, type(None)),
     "max_restarts": (int,), "script_name": (str,), "script": (bytes,), "workload": (str,),
-    "args": (list,), "workdir": (str,), "project": (str,), "project_files": (int,), "project_bytes": (int,), "project_uploaded": (int,),
-    "subdir": (str,), "command": (list,), "env": (dict,), "python": (str,), "venv": (str,), "requirements": (dict,),
-    "image": (str,), "launcher": (str,), "preemptible": (bool,), "after": (list,), "after_any": (list,), "array": (str,),
-    "on_nodes": (list,),
+    "args": (list,), "workdir": (str,), "project": (str,), "project_files": (int,), "project_bytes": (int,),
+    "project_uploaded": (int,), "subdir": (str,), "command": (list,), "env": (dict,), "python": (str,), "venv": (str,),
+    "requirements": (dict,), "image": (str,), "launcher": (str,), "preemptible": (bool,), "after": (list,),
+    "after_any": (list,), "array": (str,), "on_nodes": (list,),
 }
 
 

@@ -39,8 +39,9 @@ def jobs_table(jobs: list[dict[str, Any]], filtered: bool = False) -> str:
         return ("no jobs match: `gpudeck jobs --all` lists every job" if filtered
                 else "no jobs yet: queue one with `gpudeck submit train.py`")
     now = time.time()
-    rows = [[label, j["name"], j.get("owner") or "-", j["state"] + (" HUNG" if _hung(j) else ""), _request(j), ",".join(j["nodes"]) or "-",
-             _runtime(j), starts_text(j.get("estimated_start"), now) if j["state"] == "pending" else "-",
+    rows = [[label, j["name"], j.get("owner") or "-", j["state"] + (" HUNG" if _hung(j) else ""), _request(j),
+             ",".join(j["nodes"]) or "-", _runtime(j),
+             starts_text(j.get("estimated_start"), now) if j["state"] == "pending" else "-",
              str(j["attempt"]), "-" if j["exit_code"] is None else str(j["exit_code"]), _reason(j)]
             for label, j in _listed(jobs)]
     return table(["ID", "NAME", "OWNER", "STATE", "ASKED", "NODES", "RUNTIME", "STARTS", "ATTEMPT", "EXIT", "REASON"],
@@ -197,7 +198,8 @@ def job_detail(job: dict[str, Any]) -> str:
     lines = [f"job {label} {job['name']}: {job['state']}" + (f" ({_reason(job)})" if _reason(job) else ""),
              f"  owner     {job.get('owner') or '-'}",
              f"  command   {' '.join(job['command'])}",
-             f"  asked     {_request(job)}, priority {job['priority']}, restarts {job['restarts']}/{job['max_restarts']}",
+             f"  asked     {_request(job)}, priority {job['priority']}, restarts "
+             f"{job['restarts']}/{job['max_restarts']}",
              f"  attempt   {job['attempt']}, runtime {_runtime(job)}, exit code "
              f"{'-' if job['exit_code'] is None else job['exit_code']}", *_order_text(job)]
     if job["state"] == "pending":
@@ -208,7 +210,8 @@ def job_detail(job: dict[str, Any]) -> str:
                                        "not planned: only the next job in line that cannot start gets a planned start"))
         lines += priority_text(job)
     for place in job["placement"]:
-        held = f"GPU{'s' if len(place['gpus']) > 1 else ''} {','.join(map(str, place['gpus']))}" if place["gpus"] else "no GPU"
+        held = (f"GPU{'s' if len(place['gpus']) > 1 else ''} {','.join(map(str, place['gpus']))}" if place["gpus"]
+                else "no GPU")
         lines.append(f"  node {place['node_rank']}    {place['node']} {held}")
     traffic = job["traffic"]["by_kind"]
     if traffic:

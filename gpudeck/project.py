@@ -1,10 +1,11 @@
 """A job's project: the files of the directory it is submitted from, each named by its content.
 
 The CLI walks the directory (`collect`), leaving out what `.gitignore` and `.gpudeckignore` files
-exclude, `.git` itself and the `gpudeck-outputs` folder that `gpudeck outputs` fills, hashes every file, and offers the coordinator a `Manifest`; the coordinator
-asks only for the contents it does not hold, and every node copies a job's working copy out of its own
-cache of contents. The manifest is itself stored as content (its digest names the project), so a job
-carries one string, and the coordinator, the agents and the CLI check it with the same rules here.
+exclude, `.git` itself and the `gpudeck-outputs` folder that `gpudeck outputs` fills, hashes every
+file, and offers the coordinator a `Manifest`; the coordinator asks only for the contents it does
+not hold, and every node copies a job's working copy out of its own cache of contents. The manifest
+is itself stored as content (its digest names the project), so a job carries one string, and the
+coordinator, the agents and the CLI check it with the same rules here.
 """
 
 from __future__ import annotations

@@ -202,6 +202,7 @@ def _kill_leftover_jobs(root: Path) -> None:
 
 def _leaders(job_dir: Path) -> list[Leader]:
     try:
-        return [Leader(pid, started) for pid, started in json.loads((job_dir / "job.json").read_text()).get("leaders", [])]
+        return [Leader(pid, started)
+                for pid, started in json.loads((job_dir / "job.json").read_text()).get("leaders", [])]
     except (OSError, ValueError):
         return []

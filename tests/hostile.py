@@ -46,7 +46,8 @@ def _tls() -> ssl.SSLContext:
     return ctx
 
 
-def announce_big_frames(port: int, count: int, length: int = 4 * 1024 * 1024, body: int = 64 * 1024) -> list[socket.socket]:
+def announce_big_frames(port: int, count: int, length: int = 4 * 1024 * 1024,
+                        body: int = 64 * 1024) -> list[socket.socket]:
     """TLS connections that each announce a `length`-byte frame before any secret and send part of it."""
     held = []
     for _ in range(count):

@@ -122,7 +122,8 @@ class NamespaceProcesses:
         self.procs[name] = proc
         return proc
 
-    def run(self, host: Host, *args: str, home: str = "client", timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def run(self, host: Host, *args: str, home: str = "client",
+            timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run(self.command(host, *args), capture_output=True, text=True, env=self.env(home),
                               cwd=self.root, timeout=timeout)
 

@@ -117,7 +117,8 @@ def watcher(address: str, token: str, keep_reading: bool) -> None:
     raw.connect((host, port))
     tls = auth.client_context().wrap_socket(raw, server_hostname=None)
     auth.check_pin(tls, join)
-    tls.sendall(encode_frame(Hello(secret=join.secret, role="client", name="watcher", version=PROTOCOL_VERSION).to_wire()))
+    tls.sendall(encode_frame(Hello(secret=join.secret, role="client", name="watcher",
+                                   version=PROTOCOL_VERSION).to_wire()))
     _read_frame(tls)  # the welcome
     tls.sendall(encode_frame(Watch(req=1).to_wire()))
     while decode_body(_read_frame(tls)).get("kind") != "reply":
@@ -153,7 +154,9 @@ def main() -> None:
     parser.add_argument("--agents", type=int, default=16)
     parser.add_argument("--gpus", type=int, default=8)
     parser.add_argument("--prefix", default="swarm-")
-    parser.add_argument("--run-for", type=float, default=None, help="seconds a launched job runs on average, spread over half to one and a half times that (default: until killed)")
+    parser.add_argument("--run-for", type=float, default=None,
+                        help="seconds a launched job runs on average, spread over half to one and a half times that "
+                        "(default: until killed)")
     parser.add_argument("--busy", action="store_true",
                         help="GPUs report load from the start, so every reading changes every second")
     parser.add_argument("--watcher", choices=("stuck", "reading"),

@@ -1,7 +1,10 @@
 """The design's import boundaries, checked on the source so a stray import fails CI, not a user.
 
 tui and agent import only the shared kernel (gpudeck.*, not each other or the coordinator);
-the coordinator never imports torch or textual; train imports none of the other parts.
+the coordinator never imports torch or textual; train imports none of the other parts. Each part's
+`ruff.toml` states its rules (ruff reports a stray import in an editor and in CI); this test reads
+the same files, so the suite checks them too. The composition root (gpudeck/cli.py and
+gpudeck/local.py, which compose the parts) is exempt there, by name.
 """
 
 from __future__ import annotations
@@ -13,15 +16,18 @@ from pathlib import Path
 
 import pytest
 
+tomllib = pytest.importorskip("tomllib", reason="reading the parts' ruff.toml needs Python 3.11")
+
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = {"agent": "gpudeck.agent", "coordinator": "gpudeck.coordinator", "tui": "gpudeck.tui", "train": "gpudeck.train"}
-FORBIDDEN = {
-    "agent": ("gpudeck.coordinator", "gpudeck.tui", "gpudeck.train", "torch", "textual"),
-    "tui": ("gpudeck.coordinator", "gpudeck.agent", "gpudeck.train", "torch"),
-    "coordinator": ("gpudeck.agent", "gpudeck.tui", "gpudeck.train", "torch", "textual"),
-    "train": ("gpudeck.agent", "gpudeck.coordinator", "gpudeck.tui", "textual"),
-    "gpudeck": ("torch", "textual"),
-}
+PARTS = ("agent", "coordinator", "gpudeck", "train", "tui")
+
+
+def _part_rules(folder: str) -> dict:
+    return tomllib.loads((ROOT / folder / "ruff.toml").read_text())["lint"]
+
+
+FORBIDDEN = {folder: tuple(_part_rules(folder)["flake8-tidy-imports"]["banned-api"]) for folder in PARTS}
+COMPOSITION_ROOT = {name for name, codes in _part_rules("gpudeck")["per-file-ignores"].items() if "TID251" in codes}
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -37,8 +43,7 @@ def imported_modules(path: Path) -> set[str]:
 def _sources(folder: str) -> list[Path]:
     files = sorted((ROOT / folder).rglob("*.py"))
     if folder == "gpudeck":
-        # The command and `gpudeck up` compose the parts, importing them lazily inside functions.
-        files = [f for f in files if f.name not in ("cli.py", "local.py")]
+        files = [f for f in files if f.relative_to(ROOT / folder).as_posix() not in COMPOSITION_ROOT]
     return files
 
 
@@ -53,6 +58,11 @@ def test_parts_import_only_what_the_design_allows(folder):
     assert not offences, "\n".join(offences)
 
 
+def test_only_the_composition_root_may_import_every_part():
+    """An exemption added to gpudeck/ruff.toml for convenience would silently open a boundary."""
+    assert COMPOSITION_ROOT == {"cli.py", "local.py"}
+
+
 def test_the_checker_sees_imports(tmp_path):
     sample = tmp_path / "sample.py"
     sample.write_text("import torch\nfrom gpudeck.coordinator import store\n")
@@ -63,7 +73,8 @@ def test_a_client_command_loads_no_wire_types_of_the_nodes():
     """The messages between agents and the coordinator, and their payloads, were a seventh of every
     command's start; a client never receives them, so what a command imports leaves them out."""
     code = ("import sys, gpudeck.cli, gpudeck.client, gpudeck.upload, gpudeck.protocol.session; "
-            "print(' '.join(m for m in ('gpudeck.protocol.node_messages', 'gpudeck.protocol.payloads') if m in sys.modules))")
+            "print(' '.join(m for m in ('gpudeck.protocol.node_messages', 'gpudeck.protocol.payloads') "
+            "if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert loaded == []
 

@@ -69,7 +69,8 @@ def test_every_command_explains_itself_with_an_example(name: str):
     ["submit", "--gpus", "2", "train.py", "--epochs", "3"], ["submit", "--array", "0-3", "--", "true"],
     ["--coordinator", "lab:7070", "--token", "jobs", "nodes", "--json"], ["-v", "logs", "12.3", "--follow"],
     ["agent", "--coordinator", "127.0.0.1:7070", "--warm", "0"], ["user", "add", "ana", "--admin"],
-    ["gpu", "cordon", "node-a:1", "--reason", "xid 79"], ["doctor", "--nodes", "a,b"], ["usage", "--since", "2026-12-01"]])
+    ["gpu", "cordon", "node-a:1", "--reason", "xid 79"], ["doctor", "--nodes", "a,b"],
+    ["usage", "--since", "2026-12-01"]])
 def test_a_command_line_parses_alike_with_only_its_own_command_built(words: list[str]):
     """`gpudeck CMD` builds only CMD's parser (the others cost a submit a tenth of its start)."""
     command = named_command(words)
@@ -186,7 +187,8 @@ def test_a_rank_of_a_job_not_started_yet_is_no_error_and_one_beyond_it_is(cluste
 def _follow(cluster: Cluster, job_id: int) -> subprocess.Popen[str]:
     flags = ["--coordinator", f"127.0.0.1:{cluster.port}", "--token", cluster.token]
     return subprocess.Popen([sys.executable, "-m", "gpudeck", "logs", str(job_id), "--follow", *flags],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cluster.env, cwd=cluster.root)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cluster.env,
+                            cwd=cluster.root)
 
 
 def test_following_a_log_ends_by_saying_how_the_job_ended(cluster: Cluster):
@@ -227,7 +229,8 @@ def history(tmp_path: Path) -> Iterator[Cluster]:
     for index in range(1, 29):
         job_id = store.add_job(JobSpec(name=f"j{index}", gpus=1, workload="pipeline"), now - 30 * HOUR, "admin")
         if index <= 25:
-            store.transition(job_id, JobState.CANCELLED, reason="cancelled by a user", ended_at=now - (26 - index) * HOUR)
+            store.transition(job_id, JobState.CANCELLED, reason="cancelled by a user",
+                             ended_at=now - (26 - index) * HOUR)
     store.close()
     cluster.start_coordinator()
     yield cluster
@@ -274,7 +277,8 @@ def test_the_store_filters_and_pages_newest_first(tmp_path: Path):
     cancelled = JobFilter(states=(JobState.CANCELLED,))
     assert [row.id for row in store.jobs_page(0, 2, cancelled)] == [1, 3]
     assert [row.id for row in store.jobs_page(0, 2, cancelled, newest=True)] == [5, 7]
-    assert [row.id for row in store.jobs_page(0, 2, JobFilter(states=(JobState.CANCELLED,), before=5), newest=True)] == [1, 3]
+    assert [row.id for row in store.jobs_page(0, 2, JobFilter(states=(JobState.CANCELLED,), before=5),
+                                              newest=True)] == [1, 3]
     assert [row.id for row in store.jobs_page(0, 10, JobFilter(since=5.0))] == [2, 4, 5, 6, 7]
     assert store.count_jobs(cancelled) == 4 and store.count_jobs() == 7
     store.close()

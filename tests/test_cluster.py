@@ -30,7 +30,8 @@ def test_two_node_ddp_job_succeeds_with_logs_and_exact_all_reduce_bytes(cluster:
     assert job["exit_code"] == 0 and job["attempt"] == 1
     assert sorted(job["nodes"]) == ["node-a", "node-b"]
     assert job["traffic"]["by_kind"]["all_reduce"] == 2 * 5 * GRAD_BYTES
-    assert {r: k["all_reduce"] for r, k in job["traffic"]["by_rank"].items()} == {"0": 5 * GRAD_BYTES, "1": 5 * GRAD_BYTES}
+    assert ({r: k["all_reduce"] for r, k in job["traffic"]["by_rank"].items()}
+            == {"0": 5 * GRAD_BYTES, "1": 5 * GRAD_BYTES})
     logs = cluster.cli("logs", str(job_id)).stdout
     assert logs.count("step 4 loss") == 2
     assert "[rank 0] rank 0 step 0" in logs and "[rank 1] rank 1 step 0" in logs

@@ -149,7 +149,8 @@ def test_the_first_job_that_cannot_start_gets_gpus_when_the_running_jobs_end() -
     assert decision.reservation is not None and decision.reservation.hosts == (("a", (0, 1, 2, 3)),)
     assert decision.estimated_start == {1: 130.0}
     assert [p.job_id for p in decision.placements] == [4], "only the job that ends by then may use the free GPU"
-    assert decision.reasons[1] == "needs 4 GPUs; none are free; it is next in line and starts when jobs 10, 11 and 12 end"
+    assert decision.reasons[1] == ("needs 4 GPUs; none are free; it is next in line and starts when jobs 10, 11 "
+                                   "and 12 end")
     assert decision.reasons[2] == decision.reasons[3] == "needs 1 GPU; none are free"
 
 
@@ -211,7 +212,8 @@ def scenes(draw: st.DrawFn) -> Scene:
     known), some used by outside processes (also some held ones); a queue of 0-8 jobs of three owners
     with time limits."""
     now = float(draw(st.integers(0, 100)))
-    ends = {job: None if draw(st.integers(0, 4)) == 0 else float(draw(st.integers(0, 300))) for job in range(1000, 1005)}
+    ends = {job: None if draw(st.integers(0, 4)) == 0 else float(draw(st.integers(0, 300)))
+            for job in range(1000, 1005)}
     owners = {job: draw(st.sampled_from(OWNERS)) for job in ends}
     names = draw(st.lists(st.sampled_from(["a", "b", "c", "d"]), min_size=1, max_size=4, unique=True))
     nodes, held = [], {}
@@ -481,9 +483,9 @@ def test_show_explains_a_pending_jobs_factors_like_sprio_and_jobs_says_when_it_s
 
 
 def test_the_coordinators_priority_flags_make_its_policy() -> None:
-    args = build_parser().parse_args(["coordinator", "--priority-weights", "age=5,fair_share=7", "--fair-share-half-life",
-                                      "1d", "--priority-age-cap", "2d", "--default-time-limit", "2h",
-                                      "--preempt-grace", "45s"])
+    args = build_parser().parse_args(["coordinator", "--priority-weights", "age=5,fair_share=7",
+                                      "--fair-share-half-life", "1d", "--priority-age-cap", "2d",
+                                      "--default-time-limit", "2h", "--preempt-grace", "45s"])
     assert scheduling_options(args) == {"priority": Policy(Weights(fair_share=7.0, age=5.0), 86400.0, 172800.0),
                                         "default_time_limit": 7200.0, "preempt_grace": 45.0}
     with pytest.raises(SystemExit) as refused:
@@ -528,6 +530,7 @@ def test_a_whole_node_job_behind_one_gpu_jobs_starts_by_its_estimate(tmp_path: P
         done = cluster.wait_job(whole, ("succeeded", "failed"), timeout=120)
         assert done["state"] == "succeeded" and done["started_at"] <= waiting["estimated_start"]
         later = [cluster.wait_job(job_id, ("succeeded", "failed")) for job_id in stream]
-        assert all(job["started_at"] >= done["started_at"] for job in later), (done, later, cluster.logs_of("coordinator"))
+        assert all(job["started_at"] >= done["started_at"] for job in later), (done, later,
+                                                                               cluster.logs_of("coordinator"))
     finally:
         cluster.stop()

@@ -570,7 +570,8 @@ def test_nvml_health_a_gpu_cannot_report_is_unknown_not_a_fault() -> None:
     unsupported = pynvml.NVMLError_NotSupported()
     gpu = healthy_gpu(ecc=unsupported, retired=unsupported, retired_pending=unsupported, remap=unsupported)
     reading = NvmlBackend(FakeNvml([gpu])).read()[0]
-    assert (reading.ecc_uncorrected, reading.retired_pages, reading.remapped_rows, reading.faults) == (None, None, None, ())
+    assert (reading.ecc_uncorrected, reading.retired_pages, reading.remapped_rows,
+            reading.faults) == (None, None, None, ())
 
 
 def test_nvml_health_counters_refresh_with_the_process_list_not_every_poll() -> None:

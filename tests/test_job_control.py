@@ -356,7 +356,8 @@ def test_a_pass_with_nothing_freed_schedules_only_new_jobs_and_reasons_stay_true
     assert deck.control.schedule() == "new jobs"
     assert deck.job(small).state is JobState.STARTING, "a new job that ends before the reservation starts at once"
     assert deck.control.schedule() == "full", "its placement took a GPU: every reason is due again"
-    assert deck.job(big).reason == f"needs 2 GPUs; none are free; it is next in line and starts when jobs 1 and {small} end"
+    assert deck.job(big).reason == ("needs 2 GPUs; none are free; it is next in line and starts when jobs 1 and "
+                                    f"{small} end")
     deck.start_all(first)
     deck.control.exited("node-a", first, 1, 0, "")
     assert deck.control.schedule() == "full", "a GPU was freed"

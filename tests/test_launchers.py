@@ -86,7 +86,8 @@ def launched(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Launche
 
 
 def _facts(cluster: Cluster, job_id: int) -> dict[int, dict[str, Any]]:
-    lines = [line.split("FACTS ", 1)[1] for line in cluster.cli("logs", str(job_id)).stdout.splitlines() if "FACTS " in line]
+    lines = [line.split("FACTS ", 1)[1] for line in cluster.cli("logs", str(job_id)).stdout.splitlines()
+             if "FACTS " in line]
     facts = [json.loads(line) for line in lines]
     return {int(f["rendezvous"]["RANK"]): f for f in facts}
 
@@ -110,8 +111,8 @@ def test_agent_started_ranks_get_torchruns_environment_and_forked_ones_start_cle
         assert len(fresh_seeds) == 2, "a fresh interpreter seeds torch from the OS"
         facts = {}
         for how in ("torchrun", "forked"):
-            job_id = Launched(cluster, how).submit("--nodes", "2", "--gpus-per-node", "2", str(SCRIPTS / "rank_facts.py"),
-                                                   "--flag")
+            job_id = Launched(cluster, how).submit("--nodes", "2", "--gpus-per-node", "2",
+                                                   str(SCRIPTS / "rank_facts.py"), "--flag")
             job = cluster.wait_job(job_id, ("succeeded", "failed"))
             assert job["state"] == "succeeded", job
             for node in ("node-a", "node-b"):
@@ -157,8 +158,8 @@ def test_a_default_agent_forks_ranks_whose_thread_pools_are_a_cold_ranks(tmp_pat
         assert cluster.wait_job(job_id, ("succeeded", "failed"))["state"] == "succeeded"
         record = json.loads((tmp_path / "node-a" / "jobs" / f"{job_id}-1" / "job.json").read_text())
         assert record["forked"] == len(record["ranks"]) > 0, "every rank on the warm node was forked"
-        ranks = [json.loads(line.split("THREADS ", 1)[1]) for line in cluster.cli("logs", str(job_id)).stdout.splitlines()
-                 if "THREADS " in line]
+        ranks = [json.loads(line.split("THREADS ", 1)[1])
+                 for line in cluster.cli("logs", str(job_id)).stdout.splitlines() if "THREADS " in line]
         forked, cold = [], []
         for rank in ranks:
             (forked if rank.pop("forked") else cold).append(rank)
@@ -177,7 +178,8 @@ def test_a_cold_rank_gets_the_same_environment_and_runs_its_first_line_before_to
     torchrun = _facts(cluster, reference)
     for rank in range(4):
         assert _comparable(cold[rank]["rendezvous"], job_id) == _comparable(torchrun[rank]["rendezvous"], reference)
-        assert cold[rank]["rendezvous"]["OMP_NUM_THREADS"] == "1", "one thread per rank unless the job says, as torchrun"
+        assert cold[rank]["rendezvous"]["OMP_NUM_THREADS"] == "1", ("one thread per rank unless the job says, "
+                                                                    "as torchrun")
         assert not cold[rank]["torch_loaded_before_first_line"], "nothing imports torch before the script's first line"
         assert cold[rank]["session_leader_is_parent"] and cold[rank]["stdin_is_null"]
         assert cold[rank]["all_reduce"] == [4.0] * 4
@@ -185,8 +187,8 @@ def test_a_cold_rank_gets_the_same_environment_and_runs_its_first_line_before_to
 
 def test_two_node_job_keeps_logs_per_rank_and_exact_traffic_across_an_agent_restart(launched: Launched):
     cluster, steps = launched.cluster, 30
-    job_id = launched.submit("--nodes", "2", "--gpus-per-node", "1", str(SCRIPTS / "slow_ddp.py"), "--steps", str(steps),
-                             "--sleep", "0.1")
+    job_id = launched.submit("--nodes", "2", "--gpus-per-node", "1", str(SCRIPTS / "slow_ddp.py"),
+                             "--steps", str(steps), "--sleep", "0.1")
     nodes = cluster.wait_job(job_id, ("running",))["nodes"]
     wait_until(lambda: cluster.job(job_id)["traffic"]["by_kind"].get("all_reduce"), 60, "the first traffic report")
     for node in nodes:
@@ -219,10 +221,11 @@ def test_cancel_stops_ranks_that_ignore_sigterm_and_frees_the_gpus(launched: Lau
 
 def test_a_lost_node_stops_the_other_ranks_and_the_job_runs_again(launched: Launched):
     cluster = launched.cluster
-    job_id = launched.submit("--nodes", "2", "--gpus-per-node", "1", "--max-restarts", "1", str(SCRIPTS / "slow_ddp.py"),
-                             "--steps", "100000")
+    job_id = launched.submit("--nodes", "2", "--gpus-per-node", "1", "--max-restarts", "1",
+                             str(SCRIPTS / "slow_ddp.py"), "--steps", "100000")
     cluster.wait_job(job_id, ("running",))
-    wait_until(lambda: cluster.job_pids("node-a", job_id) and cluster.job_pids("node-b", job_id), 30, "both nodes' ranks")
+    wait_until(lambda: cluster.job_pids("node-a", job_id) and cluster.job_pids("node-b", job_id), 30,
+               "both nodes' ranks")
     doomed = cluster.job_pids("node-b", job_id)
     cluster.kill("node-b", signal.SIGKILL)
     for pid in doomed:  # the machine is gone: its ranks with it

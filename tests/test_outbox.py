@@ -77,7 +77,8 @@ def test_a_slow_watcher_gets_merged_updates_and_misses_nothing():
         publisher = Publisher()
         publisher.watch(near)
         for step in range(200):
-            publisher.broadcast({"time": float(step), "nodes": [{"name": f"n{step % 7}", "step": step, "pad": "x" * 2000}],
+            publisher.broadcast({"time": float(step),
+                                 "nodes": [{"name": f"n{step % 7}", "step": step, "pad": "x" * 2000}],
                                  "jobs": [{"id": step % 5, "step": step}]})
         assert near.queued_bytes < 200 * 2000, "no more than one update waits per watcher"
         nodes: dict[str, Any] = {}

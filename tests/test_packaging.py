@@ -29,9 +29,9 @@ import pytest
 
 tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11")
 
-from gpudeck import __version__
-from gpudeck.protocol import auth
-from tests.cluster import Cluster, free_port, wait_until
+from gpudeck import __version__  # noqa: E402 - after the importorskip above
+from gpudeck.protocol import auth  # noqa: E402 - after the importorskip above
+from tests.cluster import Cluster, free_port, wait_until  # noqa: E402 - after the importorskip above
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGING = REPO / "packaging"
@@ -402,7 +402,8 @@ def test_with_systemd_uninstall_ends_the_agent_with_its_jobs(tmp_path: Path) -> 
     code = (f'{SYSTEMCTL_STUB} sleep() {{ :; }}; CALLS="{calls}" ACTIVE="gpudeck-agent.service" ROOT="" '
             f'UNIT_DIR="{units}" ETC_DIR="{tmp_path}/etc/gpudeck" OPT_DIR="{tmp_path}/opt/gpudeck" '
             f'STATE_DIR="{tmp_path}/var/lib/gpudeck" BIN_LINK="{tmp_path}/bin/gpudeck" '
-            f'SYSUSERS_FILE="{tmp_path}/sysusers" TMPFILES_FILE="{tmp_path}/tmpfiles" SERVICE_USER=gpudeck-test-absent; '
+            f'SYSUSERS_FILE="{tmp_path}/sysusers" TMPFILES_FILE="{tmp_path}/tmpfiles" '
+            'SERVICE_USER=gpudeck-test-absent; '
             'uninstall')
     result = shell(code)
     assert result.returncode == 0, result.stderr
@@ -444,8 +445,8 @@ def test_installs_files_with_their_modes_owners_and_units(installed: Installed) 
         return oct(stat.S_IMODE(info.st_mode)), info.st_uid, info.st_gid
 
     # The environment: a working gpudeck whose scripts name the final path, as in the image.
-    version = subprocess.run([str(installed.venv / "bin/python"), "-I", "-m", "gpudeck", "--version"], capture_output=True,
-                             text=True, timeout=60)
+    version = subprocess.run([str(installed.venv / "bin/python"), "-I", "-m", "gpudeck", "--version"],
+                             capture_output=True, text=True, timeout=60)
     assert version.stdout.strip() == f"gpudeck {__version__}"
     assert (installed.venv / "bin/gpudeck").read_text().splitlines()[0] == "#!/opt/gpudeck/venv/bin/python"
     assert os.readlink(root / "usr/local/bin/gpudeck") == "/opt/gpudeck/venv/bin/gpudeck"
@@ -480,7 +481,8 @@ def test_unit_contents() -> None:
     agent = unit_settings(PACKAGING / "systemd/gpudeck-agent.service")
     coordinator = unit_settings(PACKAGING / "systemd/gpudeck-coordinator.service")
     for unit in (agent, coordinator):
-        assert "network-online.target" in unit["Unit"]["After"][0] and unit["Unit"]["Wants"] == ["network-online.target"]
+        assert ("network-online.target" in unit["Unit"]["After"][0]
+                and unit["Unit"]["Wants"] == ["network-online.target"])
         assert unit["Unit"]["StartLimitIntervalSec"] == ["0"]
         service = unit["Service"]
         assert service["User"] == ["gpudeck"] and service["Restart"] == ["on-failure"]
@@ -556,8 +558,8 @@ def test_a_run_with_a_newer_wheel_upgrades_in_place_and_keeps_the_token(installe
     assert (installed.root / "etc/systemd/system/gpudeck-agent.service").read_text().endswith("# upgraded\n")
     assert "wrote /etc/gpudeck" not in result.stdout
     assert snapshot(installed.root)["etc/gpudeck/token"] == token_before
-    version = subprocess.run([str(installed.venv / "bin/python"), "-I", "-m", "gpudeck", "--version"], capture_output=True,
-                             text=True, timeout=60)
+    version = subprocess.run([str(installed.venv / "bin/python"), "-I", "-m", "gpudeck", "--version"],
+                             capture_output=True, text=True, timeout=60)
     assert version.stdout.strip() == f"gpudeck {newer}"
 
 
@@ -679,7 +681,8 @@ def test_coordinator_node_installs_the_coordinator_and_prints_the_join_command(i
             process = subprocess.Popen(_as_service_user(installed, command), env=env, cwd=state, stdout=log,
                                        stderr=subprocess.STDOUT, start_new_session=True)
         token_file = state / "token"
-        wait_until(lambda: token_file.exists() and token_file.read_text().strip(), 30, "the installed coordinator's token")
+        wait_until(lambda: token_file.exists() and token_file.read_text().strip(), 30,
+                   "the installed coordinator's token")
         token = token_file.read_text().strip()
         if _runs_as_service_user(installed):
             assert token_file.stat().st_uid == SERVICE_UID

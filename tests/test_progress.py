@@ -87,7 +87,8 @@ def test_the_heatmap_holds_the_share_of_each_interval_spent_waiting():
     wait = book.view(7, node_of).wait
     assert len(wait["0"]) == int(WINDOW // BUCKET)
     assert wait["0"][:-3] == [None] * (len(wait["0"]) - 3)  # no report covers those minutes
-    assert all(abs(cell - 0.8) < 0.05 for cell in wait["0"][-2:]) and all(abs(cell - 0.2) < 0.05 for cell in wait["1"][-2:])
+    assert (all(abs(cell - 0.8) < 0.05 for cell in wait["0"][-2:])
+            and all(abs(cell - 0.2) < 0.05 for cell in wait["1"][-2:]))
 
 
 def test_a_new_attempt_starts_clean_and_stale_reports_and_extra_ranks_are_dropped():

@@ -133,7 +133,8 @@ def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
     with zipfile.ZipFile(os.path.join(wheel_directory, name), "w") as wheel:
         wheel.writestr("gatepkg/__init__.py", "OPENED = True\\n")
         wheel.writestr("gatepkg-1.0.dist-info/METADATA", "Metadata-Version: 2.1\\nName: gatepkg\\nVersion: 1.0\\n")
-        wheel.writestr("gatepkg-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\\nGenerator: test\\nRoot-Is-Purelib: true\\nTag: py3-none-any\\n")
+        wheel.writestr("gatepkg-1.0.dist-info/WHEEL",
+                       "Wheel-Version: 1.0\\nGenerator: test\\nRoot-Is-Purelib: true\\nTag: py3-none-any\\n")
         wheel.writestr("gatepkg-1.0.dist-info/RECORD", "")
     return name
 '''
@@ -431,7 +432,8 @@ def test_a_uv_lock_with_its_pyproject_builds_the_locked_environment(cluster: Clu
     (project / "pyproject.toml").write_text(
         '[project]\nname = "locked"\nversion = "0.1"\nrequires-python = ">=3.10"\n'
         f'dependencies = ["gatepkg @ {gate.as_uri()}"]\n')
-    locked = subprocess.run([uv_binary(), "lock", "--offline", "--project", str(project)], capture_output=True, text=True)
+    locked = subprocess.run([uv_binary(), "lock", "--offline", "--project", str(project)], capture_output=True,
+                            text=True)
     assert locked.returncode == 0, locked.stderr
     (project / "train.py").write_text("import gatepkg\nprint('locked gate opened:', gatepkg.OPENED)\n")
     job = cluster.submit_json("--gpus", "1", "--requirements", "uv.lock", "train.py", cwd=project)

@@ -87,7 +87,8 @@ class SmallBufferHost:
             proc = subprocess.Popen(command, env=self.procs.env(name), cwd=ROOT, **popen)  # type: ignore[call-overload]
         else:
             with open(self.procs.root / f"{name}.log", "ab") as log:
-                proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.procs.env(name), cwd=ROOT)
+                proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.procs.env(name),
+                                        cwd=ROOT)
         self.procs.procs[name] = proc
         return proc
 
@@ -145,7 +146,8 @@ def _wait_beyond_buffers(setup: SmallBufferHost) -> None:
     received = 0
     while received < BEYOND_BUFFERS:
         ready, _, _ = select.select([reader.stdout], [], [], UPDATE_SILENCE)
-        assert ready, f"watchers got no update for {UPDATE_SILENCE:.0f} s after {received} bytes: the control loop is stuck"
+        assert ready, (f"watchers got no update for {UPDATE_SILENCE:.0f} s after {received} bytes: "
+                       "the control loop is stuck")
         line = reader.stdout.readline()
         assert line, "the reading watcher lost its connection"
         received = int(line.split()[1])

@@ -41,7 +41,8 @@ def test_the_straggler_is_named_and_a_stopped_rank_flags_the_job_hung_but_leaves
     job = submit_ddp(cluster)
     rank_1 = cluster.wait_job(job, ("running",))["placement"][1]["node"]
     progress = wait_until(lambda: progress_of(cluster, job, "straggler"), 120, "a straggler named", interval=1)
-    assert progress["straggler"].startswith(f"rank 1 on {rank_1} is ") and "slower than the median" in progress["straggler"]
+    assert (progress["straggler"].startswith(f"rank 1 on {rank_1} is ")
+            and "slower than the median" in progress["straggler"])
     assert set(progress["wait"]) == {"0", "1"} and any(cell for cell in progress["wait"]["0"])
     detail = cluster.cli("show", str(job)).stdout
     assert f"straggler rank 1 on {rank_1}" in detail and "rank 0 |" in detail

@@ -107,7 +107,7 @@ def test_the_gpu_time_of_a_split_window_adds_up_to_the_whole(held, cuts):
     after = usage_view(held, jobs_of(held), energy, middle, now)
     assert before.gpu_seconds + after.gpu_seconds == whole.gpu_seconds
     for name in {"ada", "bob", ""}:
-        def of(view: UsageView) -> float:
+        def of(view: UsageView, name: str = name) -> float:
             return next((u.gpu_seconds for u in view.users if u.user == name), 0.0)
         assert of(before) + of(after) == of(whole)
     assert math.isclose((before.energy_j or 0) + (after.energy_j or 0), whole.energy_j or 0, abs_tol=1e-6)

@@ -122,7 +122,8 @@ def test_one_users_flood_does_not_delay_anothers_first_job(lab: Cluster) -> None
     """ada queues ten jobs on a two-GPU cluster; bob's one job, submitted after them all, is the next
     to start when a GPU frees: ada's use of the cluster lowers her jobs' fair share."""
     ada, bob = add_user(lab, "ada"), add_user(lab, "bob")
-    flood = [lab.submit_json("--name", f"ada-{i}", "--no-project", "--", "sleep", "600", token=ada)["id"] for i in range(10)]
+    flood = [lab.submit_json("--name", f"ada-{i}", "--no-project", "--", "sleep", "600", token=ada)["id"]
+             for i in range(10)]
     for job in flood[:2]:
         lab.wait_job(job, ("running",))
 

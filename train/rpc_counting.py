@@ -67,7 +67,7 @@ def _count_result(counter: TrafficCounter, future: torch._C.Future) -> None:
     """Count a completed RPC's value; a failed RPC received no tensors."""
     try:
         value = future.value()
-    except Exception:  # the caller sees this error from its own wait(); nothing arrived to count
+    except Exception:  # noqa: BLE001 - the caller sees this error from its own wait(); nothing arrived to count
         return
     counter.add("rpc", unique_tensor_bytes(value))
 

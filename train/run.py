@@ -35,7 +35,8 @@ from gpudeck.train.autocount import after_torch
 from gpudeck.train.counter import TrafficCounter
 from gpudeck.train.reporter import reporter_from_env
 
-USAGE = "usage: python -m gpudeck.train.run SCRIPT [ARG...]\n       python -m gpudeck.train.run --workload NAME [ARG...]"
+USAGE = ("usage: python -m gpudeck.train.run SCRIPT [ARG...]\n"
+         "       python -m gpudeck.train.run --workload NAME [ARG...]")
 
 
 def main(argv: list[str]) -> int:
@@ -85,7 +86,7 @@ def close_process_group() -> None:
         return
     try:
         dist.destroy_process_group()
-    except Exception as exc:  # the script's own status matters more than a clean teardown
+    except Exception as exc:  # noqa: BLE001 - the script's own status matters more than a clean teardown
         print(f"gpudeck: could not close the script's process group ({type(exc).__name__}: {exc})",
               file=sys.stderr)
 
@@ -124,7 +125,7 @@ def install_counting(counter: TrafficCounter) -> None:
         from gpudeck.train import counting
 
         counting.install(counter)
-    except Exception as exc:  # counting is an extra; it must never stop the job
+    except Exception as exc:  # noqa: BLE001 - counting is an extra; it must never stop the job
         print(f"gpudeck: traffic counting disabled ({type(exc).__name__}: {exc})", file=sys.stderr)
 
 
@@ -134,7 +135,7 @@ def run_script(path: str, args: list[str]) -> int:
     sys.path[0] = os.path.dirname(os.path.abspath(path))
     try:
         runpy.run_path(path, run_name="__main__")
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the script's uncaught exception is printed and gives 1
         exc.with_traceback(_script_frames(exc.__traceback__, path))
         sys.excepthook(type(exc), exc, exc.__traceback__)
         return 1
@@ -148,7 +149,7 @@ def run_workload(name: str, args: list[str]) -> int:
     sys.argv = [f"gpudeck.train.workloads:{name}", *args]
     try:
         status = load(name).main(args)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the workload's uncaught exception is printed and gives 1
         sys.excepthook(type(exc), exc, exc.__traceback__)
         return 1
     return int(status or 0)

@@ -156,7 +156,8 @@ class GpudeckApp(App[int]):
         except (OSError, ValueError) as exc:
             self.notify(f"ignored {self.keymap_path}: {exc}", severity="warning")
             return
-        if not isinstance(keymap, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in keymap.items()):
+        if not isinstance(keymap, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in keymap.items()):
             self.notify(f"ignored {self.keymap_path}: it must map binding ids to keys", severity="warning")
             return
         unknown = sorted(set(keymap) - binding_ids())
@@ -233,8 +234,8 @@ class GpudeckApp(App[int]):
     def _lost(self, event: Lost) -> None:
         self.lost = event
         for banner in self.banners():
-            banner.say(f"Lost the coordinator {self.where}: {event.reason.rstrip('.?! ')}. Reconnecting (try {event.attempt}, "
-                       f"next in {event.retry_in:.0f} s); what you see is from before.")
+            banner.say(f"Lost the coordinator {self.where}: {event.reason.rstrip('.?! ')}. Reconnecting "
+                       f"(try {event.attempt}, next in {event.retry_in:.0f} s); what you see is from before.")
             banner.add_class("-shown")
         self.sub_title = f"{self.where} · disconnected"
 
@@ -361,7 +362,8 @@ class GpudeckApp(App[int]):
         """Refresh the footer only when the set of keys that apply changed (it is not free)."""
         if not self.screen_stack:  # shutting down
             return
-        state = (tuple(self.check_action(a, ()) for a in ("cancel_job", "logs", "drain", "filter", "expand_all", "mine")),
+        state = (tuple(self.check_action(a, ())
+                       for a in ("cancel_job", "logs", "drain", "filter", "expand_all", "mine")),
                  self.active_tab, len(self.screen_stack))
         if state != self._binding_state:
             self._binding_state = state
@@ -408,7 +410,8 @@ class GpudeckApp(App[int]):
         if self.jobs_view.table.index_of(job["id"]) is None:
             self.jobs_view.clear_filter()  # a filter that hides the new job would hide the answer
         self.jobs_view.table.move_to(job["id"])
-        self.notify(f"job {job['id']} {visible(job['name'])} submitted: {job['state']}", title="submitted", markup=False)
+        self.notify(f"job {job['id']} {visible(job['name'])} submitted: {job['state']}", title="submitted",
+                    markup=False)
 
     def action_open_job(self) -> None:
         job = self.selected_job()

@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gpudeck.tui.login",
                                      description="The dashboard behind a token prompt, as `gpudeck web` runs it "
                                      "for each browser session.")
-    parser.add_argument("--coordinator", metavar="HOST:PORT", help="the coordinator (default: as the dashboard finds it)")
+    parser.add_argument("--coordinator", metavar="HOST:PORT",
+                        help="the coordinator (default: as the dashboard finds it)")
     parser.add_argument("--mdns-interface", action="append", metavar="IP", help="look for it over mDNS only there")
     args = parser.parse_args(argv)
     end_with_parent()

@@ -221,7 +221,8 @@ def rank_health(places: Sequence[RankPlace], rank_rates: dict[int, dict[str, flo
         return flags
     for rank, value in totals.items():
         others = sorted(v for r, v in totals.items() if r != rank)
-        median = others[len(others) // 2] if len(others) % 2 else (others[len(others) // 2 - 1] + others[len(others) // 2]) / 2
+        median = (others[len(others) // 2] if len(others) % 2
+                  else (others[len(others) // 2 - 1] + others[len(others) // 2]) / 2)
         if median <= 0:
             continue
         if value <= 0:
@@ -412,7 +413,8 @@ class Cluster:
 
     def heartbeat_age(self, name: str) -> float:
         node = self.nodes[name]
-        return float(node.get("last_heartbeat_age") or 0.0) + max(0.0, self.mono() - self.node_heard.get(name, self.mono()))
+        return (float(node.get("last_heartbeat_age") or 0.0)
+                + max(0.0, self.mono() - self.node_heard.get(name, self.mono())))
 
     def active_jobs(self) -> list[Job]:
         return [job for job in self.jobs.values() if job["state"] in ACTIVE_STATES]

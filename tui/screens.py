@@ -310,7 +310,8 @@ class JobScreen(Screen):
         if job.get("state") in FINISHED_STATES:
             moved = job.get("traffic", {}).get("by_rank", {}).get(str(rank), {})
             sent = sum(moved.values())
-            kinds_text = ", ".join(f"{k} {human_bytes(v)}" for k, v in sorted(moved.items(), key=lambda kv: -kv[1]) if v)
+            kinds_text = ", ".join(f"{k} {human_bytes(v)}"
+                                   for k, v in sorted(moved.items(), key=lambda kv: -kv[1]) if v)
         else:
             kinds_text = ", ".join(f"{k} {rate(v)}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]) if v)
         gpu = Text()
@@ -420,7 +421,8 @@ class JobScreen(Screen):
         lines = f"{count} line{'s' if count != 1 else ''}" if count else "no lines"
         status.update(Text.assemble(("showing ", "dim"), (which, "bold"), ("  ([ ] to change)  follow: ", "dim"),
                                     ("on" if self.follow else "off", "bold"), ("  (f)  ", "dim"),
-                                    (f"{self.log_note}, {lines}" if self.log_note.startswith("attempt") else self.log_note,
+                                    (f"{self.log_note}, {lines}" if self.log_note.startswith("attempt")
+                                     else self.log_note,
                                      "dim")))
 
     def watch_follow(self, follow: bool) -> None:
@@ -521,7 +523,8 @@ class SubmitScreen(ModalScreen[dict[str, Any] | None]):
         with Vertical(id="submit-form"):
             yield Static("Submit a job", classes="title")
             if self.workloads:
-                options = [("a script (below)", SCRIPT)] + [(f"{name}: {text}", name) for name, text in sorted(self.workloads.items())]
+                options = [("a script (below)", SCRIPT)] + [(f"{name}: {text}", name)
+                                                            for name, text in sorted(self.workloads.items())]
                 with Horizontal(classes="field", id="row-workload"):
                     yield Label("Run", classes="field-label")
                     yield Select(options, value=self.form.workload if self.form.workload in self.workloads else SCRIPT,
@@ -666,7 +669,10 @@ history, newest first. / filters: every word must match the id, name, state, nod
 kind, from the cumulative counts the ranks report once a second. RANKS OFF PACE names ranks that send \
 nothing (silent) or less than half the median of the others (slow) while the job runs.
 
-[b]People[/b]  One row per user: the GPUs their jobs hold now, their running and pending jobs, their share of the cluster's GPU time over the last 7 days, and their GPU-hours over the last day and week (as `gpudeck usage` counts them, asked for every 30 s). A job whose GPUs all read 0 % for the cluster's --idle-after is marked idle in the jobs view.
+[b]People[/b]  One row per user: the GPUs their jobs hold now, their running and pending jobs, their share \
+of the cluster's GPU time over the last 7 days, and their GPU-hours over the last day and week (as \
+`gpudeck usage` counts them, asked for every 30 s). A job whose GPUs all read 0 % for the cluster's \
+--idle-after is marked idle in the jobs view.
 
 [b]Node matrix[/b]  {matrix}
 
@@ -688,7 +694,8 @@ class HelpScreen(ModalScreen[None]):
         self.keymap_path = keymap_path
 
     def compose(self) -> ComposeResult:
-        lines = "\n".join(f"  [b]{escape(key):<10}[/b] {escape(text)}" + (f"  [dim]({binding_id})[/dim]" if binding_id else "")
+        lines = "\n".join(f"  [b]{escape(key):<10}[/b] {escape(text)}"
+                          + (f"  [dim]({binding_id})[/dim]" if binding_id else "")
                           for key, text, binding_id in self.keys)
         with VerticalScroll(id="help"):
             yield Static(HELP.format(matrix=MATRIX_HELP, keys=lines, keymap=self.keymap_path), markup=True)

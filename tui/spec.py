@@ -100,7 +100,8 @@ def check_form(form: Form, nodes: Iterable[dict[str, Any]], workloads: dict[str,
             elif info.st_size == 0:
                 problems["script"] = f"the script {script_name} is empty"
             elif info.st_size > MAX_SCRIPT_BYTES:
-                problems["script"] = f"the script is over {MAX_SCRIPT_BYTES // 1024} KiB; put large code in modules on every node"
+                problems["script"] = (f"the script is over {MAX_SCRIPT_BYTES // 1024} KiB; "
+                                      "put large code in modules on every node")
             elif read:
                 try:
                     script = path.read_bytes()

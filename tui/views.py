@@ -244,7 +244,8 @@ class NodesView(FilteredView):
             text.append(key[1], style="bold")
             text.append(f" ({node.get('hostname')}, {node.get('address')}) {node['state']}"
                         + (", draining" if node.get("draining") else "")
-                        + f" · {counted(len(node['gpus']), sim.strip() + ' GPU' if sim else 'GPU')} · jobs {','.join(map(str, node.get('jobs', []))) or 'none'}"
+                        + f" · {counted(len(node['gpus']), sim.strip() + ' GPU' if sim else 'GPU')}"
+                        f" · jobs {','.join(map(str, node.get('jobs', []))) or 'none'}"
                         + f" · heartbeat {age(self.cluster.heartbeat_age(key[1]))} ago")
             outside = [(g["index"], p) for g in node["gpus"] for p in foreign_processes(g)]
             for index, process in outside:
@@ -327,7 +328,8 @@ class NodesView(FilteredView):
             jobs = Text("stale ", style=p.warn) + jobs
         return self._dim_readings(stale, p, {
             "name": Text(marker + name, style="bold"),
-            "state": Text(state, style=getattr(p, STATE_STYLE.get(node["state"], "warn")) if state != "draining" else p.warn),
+            "state": Text(state, style=getattr(p, STATE_STYLE.get(node["state"], "warn"))
+                          if state != "draining" else p.warn),
             "gpus": gpus_cell,
             "util": self._util(util, p),
             "memory": self._memory(sum(used) if used else None, sum(total) if total else None, p),
@@ -395,7 +397,8 @@ class NodesView(FilteredView):
             "util": self._util(gpu.get("utilization"), p),
             "memory": self._memory(gpu.get("memory_used"), gpu.get("memory_total"), p),
             "temp": temp, "power": power,
-            "history": Text(sparkline(self.cluster.gpu_util.get((name, index), []), self.table.column_width("history"), 100),
+            "history": Text(sparkline(self.cluster.gpu_util.get((name, index), []),
+                                      self.table.column_width("history"), 100),
                             style=p.accent),
         }
         # Node-level columns are empty on a GPU row: what uses the GPU gets the rest of the line.

@@ -130,7 +130,8 @@ class CoordinatorIdentity:
 
     def token(self) -> JoinToken:
         if not self.token_path.exists():
-            raise TokenError(f"no join token in {self.state_dir}: has a coordinator been started with this state directory?")
+            raise TokenError(f"no join token in {self.state_dir}: has a coordinator been started with this state "
+                             "directory?")
         return JoinToken.parse(self.token_path.read_text())
 
     def fingerprint(self) -> str:

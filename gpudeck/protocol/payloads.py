@@ -212,7 +212,8 @@ class JobView:
         return cls(
             id=job_id, name=spec.name, state=state, reason=reason, nodes=[node for node, _ in hosts],
             gpus=spec.total_gpus,
-            placement=[PlacementView(node=node, node_rank=rank, gpus=list(gpus)) for rank, (node, gpus) in enumerate(hosts)],
+            placement=[PlacementView(node=node, node_rank=rank, gpus=list(gpus))
+                       for rank, (node, gpus) in enumerate(hosts)],
             request=RequestView(gpus=spec.gpus, nodes=spec.nodes, gpus_per_node=spec.gpus_per_node),
             command=spec.what, priority=spec.priority,
             time_limit=spec.time_limit, max_restarts=spec.max_restarts, restarts=restarts, attempt=attempt,

@@ -282,7 +282,8 @@ RPC_SCRIPT = """
     rpc.init_rpc(f"worker{rank}", rank=rank, world_size=2)
     if rank == 0:
         assert rpc.rpc_sync("worker1", doubled, args=(torch.ones(10),))["y"][0].sum() == 20
-        summed = rpc.rpc_async("worker1", torch.add, args=(torch.ones(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64)))
+        summed = rpc.rpc_async("worker1", torch.add,
+                               args=(torch.ones(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64)))
         assert summed.wait().sum() == 10
         remote = rpc.remote("worker1", plus_one, args=([torch.ones(3)], {"k": (torch.ones(2),)}))
         assert remote.to_here()[1].sum() == 4

@@ -43,7 +43,8 @@ def job(job_id: int, name: str, state: str, placement: list[tuple[str, list[int]
                    script_name=script, script=b"#", args=args)
     return JobView.build(job_id, spec, state=state, submitted_at=T0 - 600 + job_id, reason=reason,
                          hosts=placement or [], attempt=attempt, exit_code=exit_code, started_at=started,
-                         ended_at=ended, traffic={int(rank): kinds for rank, kinds in (by_rank or {}).items()}).to_json()
+                         ended_at=ended,
+                         traffic={int(rank): kinds for rank, kinds in (by_rank or {}).items()}).to_json()
 
 
 STEP = 8320 * 10  # bytes one rank all-reduces per second in the recorded DDP job

@@ -158,7 +158,8 @@ async def test_a_log_that_measures_new_lines_after_its_screen_closed_does_not_cl
     async with app.run_test(size=(120, 36)) as pilot:
         await wait_for(pilot, "the snapshot", lambda: app.cluster.connected)
         app.push_screen(JobScreen(7, "logs"))
-        log = await wait_for(pilot, "the job's logs", lambda: isinstance(app.screen, JobScreen) and app.screen.query(Log)
+        log = await wait_for(pilot, "the job's logs",
+                             lambda: isinstance(app.screen, JobScreen) and app.screen.query(Log)
                              and app.screen.query_one(Log))
         await app.pop_screen()
         log.write_lines(["a line that arrives as the screen closes (Esc while logs stream)"])

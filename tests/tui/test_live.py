@@ -72,7 +72,8 @@ async def test_nodes_submit_traffic_logs_cancel_and_filter(cluster: Cluster):
         await wait_for(pilot, "the jobs view with the job selected", lambda: app.active_tab == "jobs" and (
             app.selected_job() or {}).get("id") == job_id)
         await pilot.press("c")
-        await wait_for(pilot, "the confirmation", lambda: isinstance(app.screen, ConfirmScreen), seen=lambda: app_state(app))
+        await wait_for(pilot, "the confirmation", lambda: isinstance(app.screen, ConfirmScreen),
+                       seen=lambda: app_state(app))
         await pilot.press("y")
         await wait_for(pilot, "the job to be cancelled", lambda: app.cluster.jobs[job_id]["state"] == "cancelled", 30)
         assert "cancelled" in rows(app.jobs_view.table)[0]
@@ -121,8 +122,10 @@ async def test_no_coordinator_says_what_to_do_and_connects_once_one_starts(tmp_p
     app = GpudeckApp(CoordinatorLink(mdns_interfaces=["127.0.0.1"]), keymap_path=tmp_path / "none.json")
     try:
         async with app.run_test(size=SIZE) as pilot:
-            await wait_for(pilot, "the not-found screen saying what to do", lambda: isinstance(app.screen, NotFoundScreen)
-                           and all(words in screen_text(app) for words in ("no coordinator found", "gpudeck up", "mDNS")),
+            await wait_for(pilot, "the not-found screen saying what to do",
+                           lambda: isinstance(app.screen, NotFoundScreen)
+                           and all(words in screen_text(app)
+                                   for words in ("no coordinator found", "gpudeck up", "mDNS")),
                            30)
             port = free_port()
             cluster.spawn("coordinator", "coordinator", "--host", "127.0.0.1", "--port", str(port), "--no-mdns")

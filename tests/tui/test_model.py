@@ -159,7 +159,8 @@ def test_shapes():
 
 def test_filter_matches_every_word():
     job = recorded.snapshot()["jobs"][0]
-    assert matches("ddp running", job, "job") and matches("node-b", job, "job") and not matches("ddp failed", job, "job")
+    assert (matches("ddp running", job, "job") and matches("node-b", job, "job")
+            and not matches("ddp failed", job, "job"))
     node = recorded.snapshot()["nodes"][2]
     assert matches("suspect draining", node, "node") and not matches("sim", node, "node")
 

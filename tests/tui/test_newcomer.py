@@ -232,7 +232,8 @@ async def test_a_keymap_entry_with_an_unknown_id_is_named_once(tmp_path):
     async with app.run_test(size=(120, 30)) as pilot:
         await wait_for(pilot, "the snapshot", lambda: app.cluster.connected)
         said = [n.message for n in app._notifications]
-        assert len([m for m in said if "gpudeck.sumbit" in m]) == 1 and not any("'gpudeck.submit'" in m for m in said), said
+        assert (len([m for m in said if "gpudeck.sumbit" in m]) == 1
+                and not any("'gpudeck.submit'" in m for m in said)), said
 
 
 async def test_the_name_placeholder_follows_the_chosen_workload(tmp_path):

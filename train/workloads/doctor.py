@@ -227,7 +227,8 @@ def _report(store: dist.Store, options: argparse.Namespace, present: list[int], 
     nodes = [doctor.NodeSeen(name=name, address=hellos[r]["address"] if r in hellos else "", reached=r in hellos,
                              mdns=hellos[r]["mdns"] if r in hellos else None) for r, name in enumerate(names)]
     routes = [doctor.Route(**route) for r in present for route in results[r]["routes"]]
-    pairs = [doctor.AllReduce(**pair) for r in present for pair in results[r]["pairs"] if pair["nodes"][0] == hellos[r]["node"]]
+    pairs = [doctor.AllReduce(**pair) for r in present for pair in results[r]["pairs"]
+             if pair["nodes"][0] == hellos[r]["node"]]
     everyone = results[0].get("all")
     found = doctor.report(nodes, routes, pairs, doctor.AllReduce(**everyone) if everyone else None,
                           options.bytes // 4 * 4, options.job_ports, late)

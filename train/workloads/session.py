@@ -31,7 +31,8 @@ class Session:
 
 def start(args: argparse.Namespace) -> Session:
     """Join the job's default process group (torchrun's environment says where the others are)."""
-    missing = [name for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    missing = [name for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+               if name not in os.environ]
     if missing:
         raise SystemExit("a workload runs under torchrun (gpudeck submit --workload does that): "
                          f"{', '.join(missing)} not set")
@@ -116,7 +117,8 @@ class Stopping:
         self._before = signal.signal(signal.SIGTERM, self._ask)
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None) -> None:
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
         signal.signal(signal.SIGTERM, self._before)
 
     def _ask(self, signum: int, frame: FrameType | None) -> None:

@@ -96,9 +96,10 @@ def micro_batches(tensor: torch.Tensor, count: int) -> tuple[torch.Tensor, ...]:
 def build_model(config: Config) -> nn.Sequential:
     """The MLP: ``layers`` Linear layers (2 -> hidden -> ... -> hidden -> 3), tanh between them.
 
-    Initialised from ``config.seed`` (Glorot uniform, gain 5/3, zero biases) in float32 and then converted, so every dtype starts from the
-    same values. Module names are the indices of a flat ``nn.Sequential`` ("0", "1", ...), which
-    the pipeline's stages keep, so stage state dicts merge into the whole model's.
+    Initialised from ``config.seed`` (Glorot uniform, gain 5/3, zero biases) in float32 and then
+    converted, so every dtype starts from the same values. Module names are the indices of a flat
+    ``nn.Sequential`` ("0", "1", ...), which the pipeline's stages keep, so stage state dicts merge
+    into the whole model's.
     """
     if config.layers < 2:
         raise ValueError("--layers must be at least 2")
@@ -160,7 +161,8 @@ def eval_loss(model: nn.Module, data: Data) -> float:
     return loss_fn(model(data.eval_inputs), data.eval_labels).item()
 
 
-def train_reference(config: Config, steps: int, device: torch.device | str = "cpu") -> tuple[nn.Sequential, list[float]]:
+def train_reference(config: Config, steps: int,
+                    device: torch.device | str = "cpu") -> tuple[nn.Sequential, list[float]]:
     """Single-process SGD on the whole batch of every step: what every workload must equal."""
     data = Data(config, device)
     model = build_model(config).to(device)

@@ -1,6 +1,6 @@
 """The design's import boundaries, checked on the source so a stray import fails CI, not a user.
 
-tui and agent import only the shared kernel (gpudeck.*, not each other or the coordinator);
+gpudeck/tui and gpudeck/agent import only the shared kernel (gpudeck.*, not each other or the coordinator);
 the coordinator never imports torch or textual; train imports none of the other parts. Each part's
 `ruff.toml` states its rules (ruff reports a stray import in an editor and in CI); this test reads
 the same files, so the suite checks them too. The composition root (gpudeck/cli.py and
@@ -19,7 +19,8 @@ import pytest
 tomllib = pytest.importorskip("tomllib", reason="reading the parts' ruff.toml needs Python 3.11")
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ("agent", "coordinator", "gpudeck", "train", "tui")
+# The shared kernel (gpudeck/ itself and gpudeck/protocol/) and the four parts in folders of their own.
+PARTS = ("gpudeck", "gpudeck/agent", "gpudeck/coordinator", "gpudeck/train", "gpudeck/tui")
 
 
 def _part_rules(folder: str) -> dict:
@@ -41,9 +42,12 @@ def imported_modules(path: Path) -> set[str]:
 
 
 def _sources(folder: str) -> list[Path]:
+    """The part's modules: a part's whole folder; the kernel's, less the parts and the composition root."""
     files = sorted((ROOT / folder).rglob("*.py"))
     if folder == "gpudeck":
-        files = [f for f in files if f.relative_to(ROOT / folder).as_posix() not in COMPOSITION_ROOT]
+        inner = [ROOT / part for part in PARTS if part != folder]
+        files = [f for f in files if f.relative_to(ROOT / folder).as_posix() not in COMPOSITION_ROOT
+                 and not any(f.is_relative_to(part) for part in inner)]
     return files
 
 

@@ -74,19 +74,13 @@ NODE_PYTHON = _node_python()
 
 
 def _source_files(tree: Path) -> dict[str, Path]:
-    """Every file of the packages in tree, by the path it must have in the wheel (the package-dir mapping)."""
-    mapping = PYPROJECT["tool"]["setuptools"]["package-dir"]
+    """Every file of the packages in tree, by the path it must have in the wheel: all but the parts'
+    ruff.toml, which configure the linter in a checkout and mean nothing in an install."""
     files: dict[str, Path] = {}
-    for package, folder in mapping.items():
-        base = tree / folder
-        nested = [tree / other for other in mapping.values() if other != folder and (tree / other).is_relative_to(base)]
-        for path in base.rglob("*"):
-            relative = path.relative_to(base)
-            if not path.is_file() or "__pycache__" in relative.parts or path.suffix == ".pyc":
-                continue
-            if any(path.is_relative_to(other) for other in nested):
-                continue  # mapped on its own
-            files["/".join((*package.split("."), *relative.parts))] = path
+    for package in PYPROJECT["tool"]["setuptools"]["packages"]:
+        for path in (tree / package.replace(".", "/")).iterdir():
+            if path.is_file() and path.suffix != ".pyc" and path.name != "ruff.toml":
+                files[path.relative_to(tree).as_posix()] = path
     return files
 
 
@@ -103,7 +97,7 @@ def _data_files(tree: Path) -> dict[str, Path]:
 def _copy_tree(dest: Path) -> Path:
     """The project's packaging inputs, copied so that a build never writes into the working tree."""
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "build", "dist")
-    folders = {folder.split("/")[0] for folder in PYPROJECT["tool"]["setuptools"]["package-dir"].values()}
+    folders = {package.split(".")[0] for package in PYPROJECT["tool"]["setuptools"]["packages"]}
     for folder in sorted(folders | {"packaging"}):
         shutil.copytree(REPO / folder, dest / folder, ignore=ignore)
     for name in ("pyproject.toml", "README.md"):

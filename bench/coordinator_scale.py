@@ -304,7 +304,8 @@ def main() -> int:
     parser.add_argument("--agents", type=int, default=64)
     options = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="gpudeck-scale-") as tmp:
-        runs = [Run("idle", 1, 0, Path(tmp)), Run("scale", options.agents, options.queued, Path(tmp))]
+        idle, scale = Run("idle", 1, 0, Path(tmp)), Run("scale", options.agents, options.queued, Path(tmp))
+        runs = [idle, scale]
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
         try:
             for run in runs:
@@ -314,7 +315,7 @@ def main() -> int:
         finally:
             for run in runs:
                 run.stop()
-        print_table(*runs, options.window)
+        print_table(idle, scale, options.window)
     return 0
 
 

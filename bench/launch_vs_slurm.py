@@ -41,7 +41,8 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
-from typing import Callable
+from functools import partial
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -207,11 +208,11 @@ class Gpudeck:
             done = [j for j in views if j["state"] in DONE]
             return views if len(done) == len(views) == (expected or len(ids)) else None
 
-        views = wait_until(ended, TIMEOUT, "every job of the loop or array to end", interval=0.5)
+        views: list[dict[str, Any]] = wait_until(ended, TIMEOUT, "every job of the loop or array to end", interval=0.5)
         failed = [j for j in views if j["state"] != "succeeded"]
         if failed:
             raise RuntimeError(f"{len(failed)} trivial gpudeck jobs did not succeed: {failed[0]}")
-        return max(float(j["ended_at"]) for j in views)  # type: ignore[arg-type]
+        return max(float(j["ended_at"]) for j in views)
 
     def stop(self) -> None:
         self.cluster.stop()
@@ -329,8 +330,8 @@ def main() -> int:
             baseline.start()
             for label, script in (("first line, no torch", "no_torch.py"),
                                   ("first line, import torch first", "torch_first.py")):
-                a, b = interleaved(options.repeats, lambda script=script: ours.first_line(script),
-                                   lambda script=script: baseline.first_line(script), label)
+                a, b = interleaved(options.repeats, partial(ours.first_line, script),
+                                   partial(baseline.first_line, script), label)
                 rows.append((label, name, a, b, "lower"))
             a, b = interleaved(options.repeats, lambda: ours.first_step("ddp.py"),
                                lambda: plain.run(project / "ddp.py", project)["first_step"], "first DDP step, 2 ranks")

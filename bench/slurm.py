@@ -44,6 +44,13 @@ def _binary(name: str) -> str:
     return shutil.which(name) or str(Path("/usr/sbin", name))
 
 
+def _program(proc: subprocess.Popen[bytes]) -> str:
+    """The program a daemon runs (`_spawn` starts each from a tuple of strings)."""
+    command = proc.args
+    assert isinstance(command, tuple), command
+    return str(command[0])
+
+
 class LoopbackSlurm:
     """munged + slurmctld + slurmd for one node named after this host, all on 127.0.0.1."""
 
@@ -116,7 +123,7 @@ class LoopbackSlurm:
     def _wait(self, ready, what: str) -> None:
         deadline = time.monotonic() + READY_TIMEOUT
         while not ready():
-            dead = [p.args[0] for p in self.procs if p.poll() is not None]
+            dead = [_program(p) for p in self.procs if p.poll() is not None]
             if dead or time.monotonic() > deadline:
                 logs = "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in (self.folder / "logs").iterdir())
                 raise RuntimeError(f"Slurm did not come up (waiting for {what}; exited: {dead})\n{logs}")

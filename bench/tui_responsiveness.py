@@ -37,6 +37,7 @@ from textual.widgets import DataTable  # noqa: E402
 
 from gpudeck.tui.app import GpudeckApp  # noqa: E402
 from gpudeck.tui.client import RecordedLink  # noqa: E402
+from gpudeck.tui.table import DeckTable  # noqa: E402
 
 GIB = 1 << 30
 T0 = 1_767_225_600.0
@@ -161,7 +162,7 @@ class BareTable(App[None]):
                     table.update_cell(node["name"], column, value)
 
 
-def summary(name: str, values: list[float]) -> dict[str, float]:
+def summary(name: str, values: list[float]) -> dict[str, Any]:
     ms = sorted(v * 1000 for v in values)
     return {"name": name, "n": len(ms), "p50": statistics.median(ms), "p95": ms[int(0.95 * (len(ms) - 1))],
             "max": ms[-1], "mean": statistics.fmean(ms)}
@@ -194,10 +195,14 @@ async def main() -> None:
                     await pilot.pause(0.05)
 
         table = app.nodes_view.table
+
+        def cursor(t: DeckTable = table) -> int:
+            return t.cursor
+
         label = ("gpudeck nodes view "
                  f"({'expanded, ' + str(args.nodes * (args.gpus + 1)) if expanded else args.nodes} rows)")
         print(f"measuring {label} …", flush=True)
-        lat = await measure(app, link.push, updates, lambda t=table: t.cursor, args.seconds, prepare, args.seed)
+        lat = await measure(app, link.push, updates, cursor, args.seconds, prepare, args.seed)
         results.append(summary(label, lat))
 
     bare = BareTable(snapshot)

@@ -129,6 +129,7 @@ def main() -> None:
             rows.append((name, peak - start_rss, hostile.rss_mib(pid) - start_rss, p50,
                          max(samples, default=float("nan")), p50 / base, failures))
         prober.running = False
+        assert base is not None  # phases() is never empty
         print(f"coordinator RSS at the start: {start_rss:.0f} MiB; baseline answer p50 {base * 1000:.0f} ms")
         print(f"{'phase':<30} {'peak +MiB':>9} {'after +MiB':>10} {'p50 ms':>7} {'max ms':>7} {'p50/base':>8} "
               f"{'failed':>6}")

@@ -261,7 +261,8 @@ class JobSpec:
         if len(self.on_nodes) > MAX_DOCTOR_NODES or len(set(self.on_nodes)) != len(self.on_nodes):
             return f"gpudeck doctor checks 1 to {MAX_DOCTOR_NODES} different nodes"
         extra = next((f.name for f in fields(self) if f.name not in _DOCTOR_FIELDS
-                      and getattr(self, f.name) != (f.default_factory() if f.default is MISSING else f.default)), None)
+                      and getattr(self, f.name)
+                      != (f.default if f.default_factory is MISSING else f.default_factory())), None)
         if extra is not None:
             return f"gpudeck doctor's check runs gpudeck's own code as it is: it takes no {extra}"
         return next(filter(None, (name_problem(node, "node") for node in self.on_nodes)), None) \

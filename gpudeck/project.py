@@ -10,6 +10,7 @@ coordinator, the agents and the CLI check it with the same rules here.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import os
@@ -49,7 +50,7 @@ class Manifest:
     def bytes(self) -> int:
         return sum(f.size for f in self.files)
 
-    def encode(self) -> bytes:
+    def encode(self) -> builtins.bytes:  # `bytes` in this class is the property above
         """Canonical bytes (sorted paths, fixed keys), so equal projects have equal digests."""
         rows = [[f.path, f.size, f.digest, f.executable] for f in sorted(self.files, key=lambda f: f.path)]
         return json.dumps({"version": 1, "files": rows}, separators=(",", ":")).encode()
@@ -66,7 +67,7 @@ class Manifest:
         return sorted(self.files, key=lambda f: f.size, reverse=True)[:count]
 
     @classmethod
-    def decode(cls, data: bytes, cap: int) -> "Manifest":
+    def decode(cls, data: builtins.bytes, cap: int) -> "Manifest":
         """A manifest from a peer, checked: ValueError with a sentence on anything a node could not
         safely write (a path out of the working copy, a file inside a file) or over the cap."""
         try:

@@ -9,7 +9,7 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 from gpudeck import config
 from gpudeck.project import CHUNK, DigestCache, collect, path_problem
@@ -59,8 +59,8 @@ def ship(session: BlockingSession, root: Path, cap: int, needed: list[str], stre
     sizes = manifest.contents()
     progress = _Progress(sum(sizes[d] for d, _ in missing), stream)
     try:
-        for digest, path in missing:
-            _upload(session, digest, path, sizes[digest], progress)
+        for digest, source in missing:
+            _upload(session, digest, source, sizes[digest], progress)
     finally:
         progress.end()
     return offer["project"]
@@ -87,7 +87,7 @@ def _upload(session: BlockingSession, digest: str, path: Path, size: int, progre
         raise ValueError(f"cannot read {path}: {exc.strerror}") from None
 
 
-async def download_outputs(session: ClientSession, job: int, kept: dict[str, list[dict[str, object]]],
+async def download_outputs(session: ClientSession, job: int, kept: dict[str, list[dict[str, Any]]],
                            destination: Path, stream: IO[str] = sys.stderr) -> int:
     """Fetch every kept file into `destination` (in a folder per node when several nodes keep some);
     the number of files written. Paths come from the coordinator and are checked again here."""

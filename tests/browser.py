@@ -141,7 +141,7 @@ class Chromium:
 class HeadlessPage:
     """One tab: navigate, type, press keys, read the terminal's text, take a screenshot."""
 
-    def __init__(self, socket: aiohttp.ClientWebSocketResponse) -> None:
+    def __init__(self, socket: aiohttp.ClientWebSocketResponse[bool]) -> None:
         self.socket = socket
         self._ids = itertools.count(1)
         self.screen = pyte.Screen(80, 24)

@@ -49,7 +49,7 @@ def _tls() -> ssl.SSLContext:
 def announce_big_frames(port: int, count: int, length: int = 4 * 1024 * 1024,
                         body: int = 64 * 1024) -> list[socket.socket]:
     """TLS connections that each announce a `length`-byte frame before any secret and send part of it."""
-    held = []
+    held: list[socket.socket] = []
     for _ in range(count):
         sock = _connect(port)
         if sock is None:

@@ -32,7 +32,7 @@ COMPOSITION_ROOT = {name for name, codes in _part_rules("gpudeck")["per-file-ign
 
 
 def imported_modules(path: Path) -> set[str]:
-    names = set()
+    names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)

@@ -4,6 +4,7 @@ examples of every reason, then properties over random queues, dependencies and a
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -60,6 +61,15 @@ upstreams = st.dictionaries(st.sampled_from(["1", "2", "3", "4.0", "4.1"]), coun
 refs = st.lists(st.sampled_from(["1", "2", "3", "4.0", "4.1"]), max_size=3, unique=True).map(tuple)
 
 
+def _not_in(taken: set[int]) -> Callable[[int], bool]:
+    return lambda i: i not in taken
+
+
+def _index(job: Waiting) -> int:
+    assert job.array_index is not None, "a task of an array has its index"
+    return job.array_index
+
+
 @st.composite
 def queues(draw: st.DrawFn) -> list[Waiting]:
     """Pending jobs, some tasks of arrays 100 and 200 (each with its own throttle), each waiting
@@ -71,7 +81,7 @@ def queues(draw: st.DrawFn) -> list[Waiting]:
         array = draw(st.sampled_from([None, 100, 200]))
         index = None
         if array is not None:
-            index = draw(st.integers(0, 30).filter(lambda i, a=array: i not in used[a]))
+            index = draw(st.integers(0, 30).filter(_not_in(used[array])))
             used[array].add(index)
         jobs.append(Waiting(job_id, draw(refs), draw(refs), array, index, throttles[array] if array else 0))
     return jobs
@@ -110,9 +120,9 @@ def test_an_array_never_passes_its_throttle_and_advances_by_index(
     by_id = {job.job_id: job for job in pending}
     for array in (100, 200):
         offered = [by_id[job_id] for job_id in verdict.offered if by_id[job_id].array_job == array]
-        indices = [task.array_index for task in offered]
+        indices = [_index(task) for task in offered]
         assert indices == sorted(indices), "an array's tasks are offered in index order"
-        ready = sorted(job.array_index for job in pending if job.array_job == array
+        ready = sorted(_index(job) for job in pending if job.array_job == array
                        and job.job_id in set(verdict.offered) | {j for j, r in verdict.reasons.items()
                                                                   if r.startswith("waits its turn")})
         throttle = next((job.throttle for job in pending if job.array_job == array), 0)

@@ -26,9 +26,9 @@ MDNS = ("--mdns-interface", LOOPBACK)
 class MdnsCluster(Cluster):
     """A Cluster whose coordinator advertises over mDNS on loopback instead of running with --no-mdns."""
 
-    def start_coordinator(self) -> None:
+    def start_coordinator(self, *extra: str) -> None:
         self.spawn("coordinator", "coordinator", "--host", LOOPBACK, "--port", str(self.port),
-                   "--state-dir", str(self.root / "coord"), *MDNS)
+                   "--state-dir", str(self.root / "coord"), *MDNS, *extra)
         self.token = wait_until(self._read_token, 20, "the coordinator's token")
         wait_until(self._accepting, 20, "the coordinator to listen")
 

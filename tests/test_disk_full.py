@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpf
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[callable]:
+def small_disk(tmp_path: Path) -> Iterator[Callable[[str, str], Path]]:
     mounted: list[Path] = []
 
     def mount(name: str, size: str) -> Path:

@@ -5,6 +5,7 @@ test_doctor_netns.py)."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -101,10 +102,12 @@ def test_only_the_doctor_check_names_its_nodes_and_it_takes_no_gpu() -> None:
             JobSpec(name="x", workload=DOCTOR, on_nodes=["a"], args=["--evil"])],
     }
     # nothing of a user's may come with it: it would run their code on any node, outside the queue
-    for extra, value in (("python", "/usr/bin/python3"), ("venv", "/opt/v"), ("image", "busybox"),
-                         ("workdir", "/home/ada"), ("project", "a" * 64), ("env", {"PYTHONPATH": "/tmp"}),
-                         ("requirements", {"requirements.txt": b"evil"}), ("launcher", "torchrun"),
-                         ("array", "0-3"), ("time_limit", 5.0), ("preemptible", True)):
+    extras: tuple[tuple[str, Any], ...] = (
+        ("python", "/usr/bin/python3"), ("venv", "/opt/v"), ("image", "busybox"),
+        ("workdir", "/home/ada"), ("project", "a" * 64), ("env", {"PYTHONPATH": "/tmp"}),
+        ("requirements", {"requirements.txt": b"evil"}), ("launcher", "torchrun"),
+        ("array", "0-3"), ("time_limit", 5.0), ("preemptible", True))
+    for extra, value in extras:
         refused.setdefault(f"it takes no {extra}$", []).append(
             JobSpec(name="x", workload=DOCTOR, on_nodes=["a"], **{extra: value}))
     for reason, specs in refused.items():

@@ -21,7 +21,7 @@ from tests.netns import SKIP_REASON, Host, Lab, NamespaceProcesses, netns_availa
 pytestmark = [
     pytest.mark.netns,
     pytest.mark.slow,
-    pytest.mark.skipif(not netns_available() or subprocess.run(["which", "tc"], capture_output=True).returncode,
+    pytest.mark.skipif(not netns_available() or subprocess.run(["which", "tc"], capture_output=True).returncode != 0,
                        reason=SKIP_REASON + ", and tc (iproute2) to shape and drop traffic"),
     pytest.mark.timeout(180),
 ]

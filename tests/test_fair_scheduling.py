@@ -188,7 +188,8 @@ def test_jobs_placed_in_the_round_are_planned_by_their_limit_or_the_default() ->
     queue = [JobRequest(1, 9, gpus=1), JobRequest(2, 8, gpus=2)]
     assert schedule([busy_node("a", 2, {})], queue, now=10.0).reservation is None, "no limit, no plan"
     decision = schedule([busy_node("a", 2, {})], queue, now=10.0, default_time_limit=60.0)
-    assert decision.estimated_start == {2: 70.0} and decision.reservation.waits_for == (1,)
+    assert decision.estimated_start == {2: 70.0}
+    assert decision.reservation is not None and decision.reservation.waits_for == (1,)
 
 
 # --- properties over clusters with running jobs, limits and time limits ------------------------
@@ -216,7 +217,8 @@ def scenes(draw: st.DrawFn) -> Scene:
             for job in range(1000, 1005)}
     owners = {job: draw(st.sampled_from(OWNERS)) for job in ends}
     names = draw(st.lists(st.sampled_from(["a", "b", "c", "d"]), min_size=1, max_size=4, unique=True))
-    nodes, held = [], {}
+    nodes: list[NodeSlots] = []
+    held: dict[int, dict[str, list[int]]] = {}
     for name in names:
         slots = []
         for index in range(draw(st.integers(0, 6))):
@@ -247,7 +249,10 @@ def decide(scene: Scene) -> Decision:
 
 
 def total(req: JobRequest) -> int:
-    return req.gpus if req.gpus is not None else req.nodes * req.gpus_per_node
+    if req.gpus is not None:
+        return req.gpus
+    assert req.nodes is not None and req.gpus_per_node is not None, "gpus, or nodes with gpus_per_node"
+    return req.nodes * req.gpus_per_node
 
 
 def initially_free(scene: Scene) -> dict[str, set[int]]:
@@ -301,6 +306,7 @@ def test_no_backfilled_job_delays_the_reservation(scene: Scene) -> None:
     decision = decide(scene)
     reserved = decision.reservation
     assume(reserved is not None)
+    assert reserved is not None
     by_id = {r.job_id: r for r in scene.queue}
     position = {r.job_id: k for k, r in enumerate(order(scene))}
     kept = gpus_of(reserved.hosts)
@@ -324,6 +330,7 @@ def test_the_estimated_start_is_the_end_of_the_jobs_it_waits_for_and_none_is_soo
     decision = decide(scene)
     reserved = decision.reservation
     assume(reserved is not None)
+    assert reserved is not None
     assert decision.estimated_start == {reserved.job_id: reserved.start}
     assert reserved.start >= scene.now
     by_id = {r.job_id: r for r in scene.queue}
@@ -370,11 +377,13 @@ def test_a_placeable_job_waits_only_behind_a_limit_or_the_reservation(scene: Sce
             seen_reservation = reserved is not None and req.job_id == reserved.job_id
             if not seen_reservation:
                 assert not fits(req, eventually), "a job that could be planned got no reservation"
-        elif req.time_limit is not None and scene.now + req.time_limit <= reserved.start:
-            assert not fits(req, free), "a job that ends before the reservation and fitted waited"
         else:
-            outside = {name: {i for i in indices if (name, i) not in kept} for name, indices in free.items()}
-            assert not fits(req, outside), "a job that fitted outside the kept GPUs waited"
+            assert reserved is not None, "seen_reservation is only set once the reservation is seen"
+            if req.time_limit is not None and scene.now + req.time_limit <= reserved.start:
+                assert not fits(req, free), "a job that ends before the reservation and fitted waited"
+            else:
+                outside = {name: {i for i in indices if (name, i) not in kept} for name, indices in free.items()}
+                assert not fits(req, outside), "a job that fitted outside the kept GPUs waited"
     assert seen_reservation == (reserved is not None)
 
 

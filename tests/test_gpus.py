@@ -69,6 +69,7 @@ def test_simulated_idle_gpus_look_idle() -> None:
             assert r.uuid.startswith("SIM-") and r.uuid.endswith(f"-{r.index}")
             assert r.memory_total == 80 * GIB and r.power_limit == 700.0
             assert r.utilization == 0 and r.memory_used == 0 and r.processes == ()
+            assert r.temperature is not None and r.power is not None
             assert 33 <= r.temperature <= 37
             assert 55 <= r.power <= 65
 
@@ -88,10 +89,13 @@ def test_simulated_assigned_gpu_gets_busy_within_bounds() -> None:
     for readings in history:
         idle, busy = readings
         assert idle.utilization == 0 and idle.processes == ()
+        assert busy.utilization is not None and busy.memory_used is not None and busy.memory_total is not None
+        assert busy.temperature is not None and busy.power is not None
         assert 60 <= busy.utilization <= 100
         assert 17 * GIB < busy.memory_used < 19 * GIB <= busy.memory_total
         assert 30 <= busy.temperature <= 72 and 55 <= busy.power <= 455
     final = history[-1][1]
+    assert final.temperature is not None and final.power is not None
     assert final.temperature >= 68 and final.power >= 440
     assert len({readings[1].utilization for readings in history}) > 1, "utilization should move"
 
@@ -105,11 +109,13 @@ def test_simulated_processes_follow_assign_and_release() -> None:
     own, missing = reading.processes
     assert own.name == open(f"/proc/{me}/comm").read().strip()
     assert missing.name == ""
+    assert reading.memory_used is not None
     assert own.memory_used == missing.memory_used == reading.memory_used // 2
 
     backend.assign(0, [])
     history = read_many(backend, 40)
     assert all(r.processes == () and r.utilization == 0 for (r,) in history)
+    assert history[-1][0].temperature is not None and history[-1][0].power is not None
     assert history[-1][0].temperature <= 37 and history[-1][0].power <= 65
 
 
@@ -150,10 +156,12 @@ def test_a_simulated_gpu_follows_the_cpu_use_of_its_job() -> None:
         backend.assign(1, [spinner.pid])
         child = _wait(lambda: _child_of(spinner.pid), "the shell's child")
         first = backend.read()
-        assert all(60 <= r.utilization <= 100 for r in first), "not measured yet: busy, as before"
+        assert all(r.utilization is not None and 60 <= r.utilization <= 100 for r in first), \
+            "not measured yet: busy, as before"
         _wait(lambda: _cpu_seconds(child) >= 0.5, "the child to compute for half a second")
         clock.now += 5.0
         idle, busy = backend.read()
+        assert idle.memory_used is not None and busy.utilization is not None
         assert idle.utilization == 0 and 17 * GIB < idle.memory_used < 19 * GIB
         assert [p.pid for p in idle.processes] == [sleeper.pid]
         assert 60 <= busy.utilization <= 100, "the shell's child computes"
@@ -174,6 +182,7 @@ def test_a_simulated_energy_counter_grows_by_power_over_time() -> None:
     assert start.energy_mj == 0
     clock.now += 10.0
     (later,) = backend.read()
+    assert later.energy_mj is not None
     assert 55 * 10 * 1000 <= later.energy_mj <= 65 * 10 * 1000, "about 60 W idle for 10 s"
     (again,) = backend.read()
     assert again.energy_mj == later.energy_mj, "no time passed, no energy"
@@ -229,7 +238,9 @@ def test_a_simulated_reading_goes_on_the_wire_as_plain_data() -> None:
     backend.assign(0, [os.getpid()])
     wire = Telemetry(gpus=backend.read()).to_wire()["gpus"][0]
     assert isinstance(wire["processes"], list) and isinstance(wire["processes"][0], dict)
-    assert decode(Telemetry(gpus=backend.read()).to_wire()).gpus[0].processes[0].pid == os.getpid()
+    message = decode(Telemetry(gpus=backend.read()).to_wire())
+    assert isinstance(message, Telemetry)
+    assert message.gpus[0].processes[0].pid == os.getpid()
 
 
 def test_empty_backend() -> None:
@@ -297,8 +308,9 @@ class FakeNvml:
 
     def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
         self._count("handle")
-        if isinstance(self.gpus[index], Exception):
-            raise self.gpus[index]
+        gpu = self.gpus[index]
+        if isinstance(gpu, Exception):
+            raise gpu
         return index
 
     def nvmlDeviceGetName(self, handle: int) -> Any:
@@ -496,10 +508,11 @@ def test_nvml_processes_merged_by_pid_with_names() -> None:
 
 def test_nvml_process_list_refreshes_only_after_interval() -> None:
     clock = Clock()
-    fake = FakeNvml([healthy_gpu(compute=[proc(1, GIB)])])
+    gpu = healthy_gpu(compute=[proc(1, GIB)])
+    fake = FakeNvml([gpu])
     backend = NvmlBackend(nvml=fake, process_interval=5.0, clock=clock)
     assert [p.pid for p in backend.read()[0].processes] == [1]
-    fake.gpus[0]["compute"] = [proc(2, GIB)]
+    gpu["compute"] = [proc(2, GIB)]
     clock.now += 4.9
     reading = backend.read()[0]
     assert [p.pid for p in reading.processes] == [1], "cached list reused"
@@ -576,10 +589,11 @@ def test_nvml_health_a_gpu_cannot_report_is_unknown_not_a_fault() -> None:
 
 def test_nvml_health_counters_refresh_with_the_process_list_not_every_poll() -> None:
     clock = Clock()
-    fake = FakeNvml([healthy_gpu()])
+    gpu = healthy_gpu()
+    fake = FakeNvml([gpu])
     backend = NvmlBackend(fake, process_interval=5.0, clock=clock)
     backend.read()
-    fake.gpus[0]["ecc"] = 1
+    gpu["ecc"] = 1
     assert backend.read()[0].ecc_uncorrected == 0
     clock.now += 5.0
     assert backend.read()[0].ecc_uncorrected == 1

@@ -4,6 +4,7 @@ of what `bench/unauthenticated_load.py` runs in full."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -61,8 +62,9 @@ def test_a_large_frame_before_the_secret_is_refused_with_a_reason(coordinator: C
     assert b"over the 4096-byte limit" in answer
 
 
-class FakeTransport:
+class FakeTransport(asyncio.WriteTransport):
     def __init__(self, name: str) -> None:
+        super().__init__()
         self.name = name
         self.aborted = False
 
@@ -75,11 +77,11 @@ def test_the_gate_pushes_out_the_oldest_of_the_address_holding_the_most():
     a1, a2, a3 = FakeTransport("a1"), FakeTransport("a2"), FakeTransport("a3")
     b1, c1, c2 = FakeTransport("b1"), FakeTransport("c1"), FakeTransport("c2")
     for transport, source in ((a1, "a"), (a2, "a"), (b1, "b")):
-        gate.admit(transport, source)  # type: ignore[arg-type]
-    gate.admit(a3, "a")  # type: ignore[arg-type]
+        gate.admit(transport, source)
+    gate.admit(a3, "a")
     assert a1.aborted and not a2.aborted and len(gate) == 3, "over the per-address limit: that address's oldest"
-    gate.admit(c1, "c")  # type: ignore[arg-type]
-    gate.admit(c2, "c")  # type: ignore[arg-type]
+    gate.admit(c1, "c")
+    gate.admit(c2, "c")
     assert a2.aborted and not b1.aborted, "over the total: the oldest of the address holding the most"
-    gate.proven(b1)  # type: ignore[arg-type]
+    gate.proven(b1)
     assert len(gate) == 3 and not any(t.aborted for t in (a3, b1, c1, c2))

@@ -395,6 +395,7 @@ def test_array_tasks_launch_with_their_index_one_at_a_time_under_a_throttle_of_o
         (node, launch), = deck.taken(Launch)
         assert (launch.array_job, launch.array_index) == (array, index)
         task = deck.store.task(array, index)
+        assert task is not None
         deck.start_all(task.id)
         deck.control.schedule()
         assert deck.taken(Launch) == [], "the throttle holds the others back while one runs"
@@ -411,6 +412,7 @@ def test_after_an_arrays_id_waits_for_every_task_and_after_a_task_for_that_one(d
     assert deck.job(first).reason == f"waits for job {array}.0 to succeed"
     for index, code in ((0, 0), (1, 3)):
         task = deck.store.task(array, index)
+        assert task is not None
         deck.start_all(task.id)
         deck.control.exited(task.hosts[0][0], task.id, 1, code, "rank 0 exited with code 3" if code else "")
     deck.control.schedule()

@@ -122,9 +122,9 @@ def test_agent_started_ranks_get_torchruns_environment_and_forked_ones_start_cle
             for rank in facts[how].values():
                 assert rank["all_reduce"] == [4.0] * 4, "init_process_group('env://') joined all four ranks"
                 rank["rendezvous"] = _comparable(rank["rendezvous"], job_id)
-        for rank in range(4):
-            assert facts["forked"][rank]["rendezvous"] == facts["torchrun"][rank]["rendezvous"], rank
-            assert facts["forked"][rank]["argv"][1:] == ["--flag"] and facts["forked"][rank]["main"] == "__main__"
+        for number in range(4):
+            assert facts["forked"][number]["rendezvous"] == facts["torchrun"][number]["rendezvous"], number
+            assert facts["forked"][number]["argv"][1:] == ["--flag"] and facts["forked"][number]["main"] == "__main__"
         forked = list(facts["forked"].values())
         assert len({rank["random"] for rank in forked}) == 4, "each forked rank seeds `random` afresh"
         assert len({rank["torch_seed"] for rank in forked}) == 4, "and torch's generator, as a fresh interpreter does"
@@ -160,7 +160,8 @@ def test_a_default_agent_forks_ranks_whose_thread_pools_are_a_cold_ranks(tmp_pat
         assert record["forked"] == len(record["ranks"]) > 0, "every rank on the warm node was forked"
         ranks = [json.loads(line.split("THREADS ", 1)[1])
                  for line in cluster.cli("logs", str(job_id)).stdout.splitlines() if "THREADS " in line]
-        forked, cold = [], []
+        forked: list[dict[str, Any]] = []
+        cold: list[dict[str, Any]] = []
         for rank in ranks:
             (forked if rank.pop("forked") else cold).append(rank)
         assert len(forked) == len(cold) == len(record["ranks"]), ranks

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import urllib.request
 from pathlib import Path
-from typing import AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Iterator
 
 import pytest
 from prometheus_client import CollectorRegistry, Gauge
@@ -47,7 +47,8 @@ def find_promtool(into: Path) -> str | None:
     if found or os.geteuid() != 0 or not shutil.which("apt-get"):
         return found
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    run = {"cwd": into, "env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "timeout": 600}
+    run: dict[str, Any] = {"cwd": into, "env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL,
+                          "timeout": 600}
     if subprocess.run(["apt-get", "download", "prometheus"], **run).returncode != 0:
         subprocess.run(["apt-get", "update", "-qq"], **run)
         subprocess.run(["apt-get", "download", "prometheus"], **run)
@@ -87,14 +88,17 @@ def test_a_scrape_shows_gpus_under_dcgm_names_with_the_holding_job_and_counts_jo
     for name in ("DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_FB_FREE", "DCGM_FI_DEV_GPU_TEMP", "DCGM_FI_DEV_POWER_USAGE",
                  "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"):
         assert len(samples[name]) == 2, name
-    total_mib = value(samples, "DCGM_FI_DEV_FB_USED", gpu="0") + value(samples, "DCGM_FI_DEV_FB_FREE", gpu="0")
+    used, free = value(samples, "DCGM_FI_DEV_FB_USED", gpu="0"), value(samples, "DCGM_FI_DEV_FB_FREE", gpu="0")
+    assert used is not None and free is not None
+    total_mib = used + free
     assert total_mib == pytest.approx(cluster.nodes()[0]["gpus"][0]["memory_total"] / 2**20)
     assert value(samples, "gpudeck_gpus", state="busy") == 1 and value(samples, "gpudeck_gpus", state="free") == 1
     assert value(samples, "gpudeck_nodes", state="up") == 1
     assert value(samples, "gpudeck_jobs", state="running") == 1
     assert value(samples, "gpudeck_queue_wait_seconds_count") == 1
     assert value(samples, "gpudeck_job_traffic_bytes_total", job=str(job), owner="admin", kind="send") == 24
-    assert value(samples, "gpudeck_scheduling_pass_seconds_count", kind="full") >= 1
+    passes = value(samples, "gpudeck_scheduling_pass_seconds_count", kind="full")
+    assert passes is not None and passes >= 1
 
     cluster.cli("cancel", str(job))
     cluster.wait_job(job, ("cancelled",))

@@ -13,6 +13,7 @@ from gpudeck.coordinator.watch import Publisher, merge_updates
 from gpudeck.protocol import session
 from gpudeck.protocol.messages import Update
 from gpudeck.protocol.node_messages import Telemetry
+from gpudeck.protocol.payloads import GpuReading
 from gpudeck.protocol.session import Connection
 
 
@@ -32,7 +33,8 @@ async def _until(predicate: Any) -> None:
 
 
 def _big(n: int) -> Telemetry:
-    return Telemetry(gpus=[{"index": n, "name": "x" * 60_000, "processes": []}])
+    return Telemetry(gpus=[GpuReading(index=n, name="x" * 60_000, uuid="", memory_total=None, memory_used=None,
+                                      utilization=None, temperature=None, power=None, power_limit=None)])
 
 
 @pytest.mark.timeout(60)

@@ -506,7 +506,9 @@ def test_units_pass_systemd_analyze_verify(installed: Installed, tmp_path: Path)
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze is not installed (apt-get install systemd): the units' syntax is unchecked")
-    version = int(re.search(r"\d+", subprocess.run([analyze, "--version"], capture_output=True, text=True).stdout)[0])
+    number = re.search(r"\d+", subprocess.run([analyze, "--version"], capture_output=True, text=True).stdout)
+    assert number is not None, "systemd-analyze --version printed no version number"
+    version = int(number[0])
     # systemd checks that ExecStart= names an executable: point the units at the staging root's.
     for unit in ("gpudeck-agent.service", "gpudeck-coordinator.service"):
         text = (installed.venv / "share/gpudeck/systemd" / unit).read_text()
@@ -567,6 +569,7 @@ def _as_service_user(installed: Installed, command: list[str]) -> list[str]:
     """As systemd runs the unit: the service user, no new privileges."""
     if not _runs_as_service_user(installed):
         return command
+    assert SETPRIV is not None  # _runs_as_service_user found it
     return [SETPRIV, f"--reuid={SERVICE_UID}", f"--regid={SERVICE_UID}", "--clear-groups", "--no-new-privs",
             *command]
 

@@ -76,7 +76,7 @@ def test_victims_make_the_job_fit_have_lower_priority_and_are_all_needed(state, 
 
 
 def test_the_lowest_priority_and_latest_started_go_first():
-    free = {"a": ()}
+    free: dict[str, tuple[int, ...]] = {"a": ()}
     old = Candidate(1, 0, started_at=10.0, hosts=(("a", (0,)),))
     new = Candidate(2, 0, started_at=50.0, hosts=(("a", (1,)),))
     low = Candidate(3, -5, started_at=5.0, hosts=(("a", (2,)),))

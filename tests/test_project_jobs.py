@@ -381,8 +381,10 @@ def test_a_venv_the_lab_made_runs_the_job_with_the_agents_torch_after_its_own_pa
     gate = _gated_package(tmp_path / "gatepkg")
     (gate / "open").touch()
     venv = tmp_path / "lab-venv"
-    subprocess.run([uv_binary(), "venv", "--quiet", "--python", sys.executable, str(venv)], check=True)
-    subprocess.run([uv_binary(), "pip", "install", "--quiet", "--python", str(venv / "bin" / "python"), str(gate)],
+    uv = uv_binary()
+    assert uv is not None, "uv is not installed (it comes with gpudeck[train])"
+    subprocess.run([uv, "venv", "--quiet", "--python", sys.executable, str(venv)], check=True)
+    subprocess.run([uv, "pip", "install", "--quiet", "--python", str(venv / "bin" / "python"), str(gate)],
                    check=True)
     project = tmp_path / "project"
     project.mkdir()
@@ -432,7 +434,9 @@ def test_a_uv_lock_with_its_pyproject_builds_the_locked_environment(cluster: Clu
     (project / "pyproject.toml").write_text(
         '[project]\nname = "locked"\nversion = "0.1"\nrequires-python = ">=3.10"\n'
         f'dependencies = ["gatepkg @ {gate.as_uri()}"]\n')
-    locked = subprocess.run([uv_binary(), "lock", "--offline", "--project", str(project)], capture_output=True,
+    uv = uv_binary()
+    assert uv is not None, "uv is not installed (it comes with gpudeck[train])"
+    locked = subprocess.run([uv, "lock", "--offline", "--project", str(project)], capture_output=True,
                             text=True)
     assert locked.returncode == 0, locked.stderr
     (project / "train.py").write_text("import gatepkg\nprint('locked gate opened:', gatepkg.OPENED)\n")

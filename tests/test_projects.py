@@ -157,9 +157,11 @@ def test_the_store_asks_only_for_what_it_lacks_and_checks_each_upload(tmp_path: 
     small, small_file = _content(b"print()")
     manifest = Manifest((big_file, small_file))
     offer = store.offer(1, manifest.encode(), keep=set())
-    assert sorted(offer["missing"]) == sorted([big, small]) and offer["bytes"] == len(body) + 7
+    project, missing = offer["project"], offer["missing"]
+    assert isinstance(project, str) and isinstance(missing, list)
+    assert sorted(missing) == sorted([big, small]) and offer["bytes"] == len(body) + 7
     with pytest.raises(ValueError, match="2 files of the project were not uploaded"):
-        store.complete(offer["project"])
+        store.complete(project)
     with pytest.raises(ValueError, match="not asked for"):
         store.put(2, small, 0, b"print()")  # another connection made no offer
     with pytest.raises(ValueError, match="does not follow"):
@@ -172,20 +174,22 @@ def test_the_store_asks_only_for_what_it_lacks_and_checks_each_upload(tmp_path: 
     again = store.offer(1, manifest.encode(), keep=set())
     assert again["missing"] == [small] and again["project"] == offer["project"]
     store.put(1, small, 0, b"print()")
-    assert store.complete(offer["project"]).digest == offer["project"]
+    assert store.complete(project).digest == project
     assert store.offer(3, manifest.encode(), keep=set())["missing"] == []
     assert not list((tmp_path / "projects" / "partial").iterdir())
 
 
 def test_the_store_collects_the_least_recently_used_that_no_unfinished_job_needs(tmp_path: Path):
     store = ProjectStore(tmp_path / "projects", cap=3000, limit=3000)
-    projects = []
+    projects: list[tuple[str, str]] = []
     for index in range(3):
         digest, entry = _content(bytes([65 + index]) * 1000)
         manifest = Manifest((entry,))
         offer = store.offer(1, manifest.encode(), keep={p for p, _ in projects[:1]})
         store.put(1, digest, 0, bytes([65 + index]) * 1000)
-        projects.append((offer["project"], digest))
+        project = offer["project"]
+        assert isinstance(project, str)
+        projects.append((project, digest))
         os.utime(store.path(digest), (1000 + index, 1000 + index))
     first, second, third = projects
     assert store.has(first[1]), "the first project is in use by an unfinished job: kept"

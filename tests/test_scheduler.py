@@ -59,6 +59,13 @@ def hosts_of(decision: Decision) -> dict[int, tuple[tuple[str, tuple[int, ...]],
 # --- validate_request -------------------------------------------------------------------------
 
 
+def problem_of(req: JobRequest) -> str:
+    """The sentence validate_request gives a malformed request (failing if it gives none)."""
+    problem = validate_request(req)
+    assert problem is not None, req
+    return problem
+
+
 def test_well_formed_requests_pass() -> None:
     assert validate_request(gpus(1, 1)) is None
     assert validate_request(gpus(1, 4096)) is None
@@ -66,9 +73,9 @@ def test_well_formed_requests_pass() -> None:
 
 
 def test_malformed_requests_get_a_sentence() -> None:
-    assert "either" in validate_request(JobRequest(1, gpus=2, nodes=2, gpus_per_node=1))
-    assert "either" in validate_request(JobRequest(1, gpus=2, gpus_per_node=1))
-    assert "--gpus G" in validate_request(JobRequest(1))
+    assert "either" in problem_of(JobRequest(1, gpus=2, nodes=2, gpus_per_node=1))
+    assert "either" in problem_of(JobRequest(1, gpus=2, gpus_per_node=1))
+    assert "--gpus G" in problem_of(JobRequest(1))
     assert validate_request(JobRequest(1, nodes=2)) == "--nodes needs --gpus-per-node too"
     assert validate_request(JobRequest(1, gpus_per_node=2)) == "--gpus-per-node needs --nodes too"
     assert validate_request(gpus(1, 0)) == "--gpus must be at least 1, not 0"
@@ -76,7 +83,7 @@ def test_malformed_requests_get_a_sentence() -> None:
     assert validate_request(spread(1, 1025, 1)) == "--nodes must be at most 1024, not 1025"
     assert validate_request(spread(1, 2, 65)) == "--gpus-per-node must be at most 64, not 65"
     assert validate_request(spread(1, -1, 2)) == "--nodes must be at least 1, not -1"
-    assert "whole number" in validate_request(JobRequest(1, gpus=True))
+    assert "whole number" in problem_of(JobRequest(1, gpus=True))
 
 
 def test_a_malformed_job_waits_with_the_validation_sentence() -> None:
@@ -359,6 +366,7 @@ def fits(req: JobRequest, free: FreeSets) -> bool:
     """The oracle: could this well-formed request be placed on these free GPUs?"""
     if req.gpus is not None:
         return sum(len(s) for s in free.values()) >= req.gpus
+    assert req.nodes is not None and req.gpus_per_node is not None  # well formed: both given
     return sum(1 for s in free.values() if len(s) >= req.gpus_per_node) >= req.nodes
 
 
@@ -499,6 +507,7 @@ def check_nodes_reason(reason: str, req: JobRequest, free: FreeSets, hidden: int
     one_per_node, nodes, per_node, most, most_name, only, only_names, held = match.groups()
     asked = (int(one_per_node), 1) if one_per_node else (int(per_node), int(nodes))
     assert asked == (req.gpus_per_node, req.nodes)
+    assert req.gpus_per_node is not None and req.nodes is not None  # for the type checker: asked holds ints
     fitting = sorted(name for name, s in free.items() if len(s) >= req.gpus_per_node)
     best = max((len(s) for s in free.values()), default=0)
     if only:
@@ -569,11 +578,12 @@ def test_impossible_reason_is_none_iff_the_request_fits_an_idle_cluster(
     )
 )
 def test_validate_request_accepts_exactly_the_documented_shapes(req: JobRequest) -> None:
-    by_gpus = req.gpus is not None and req.nodes is None and req.gpus_per_node is None
-    by_nodes = req.gpus is None and req.nodes is not None and req.gpus_per_node is not None
-    in_range = (by_gpus and 1 <= req.gpus <= 4096) or (
-        by_nodes and 1 <= req.nodes <= 1024 and 1 <= req.gpus_per_node <= 64
-    )
+    if req.gpus is not None and req.nodes is None and req.gpus_per_node is None:  # by --gpus
+        in_range = 1 <= req.gpus <= 4096
+    elif req.gpus is None and req.nodes is not None and req.gpus_per_node is not None:  # by --nodes
+        in_range = 1 <= req.nodes <= 1024 and 1 <= req.gpus_per_node <= 64
+    else:
+        in_range = False
     problem = validate_request(req)
     assert (problem is None) == in_range
     assert problem is None or problem.strip()

@@ -7,10 +7,16 @@ import sqlite3
 from gpudeck.coordinator.store import Store
 from gpudeck.coordinator.traffic import PERSIST_EVERY, TrafficBook
 from gpudeck.model import JobSpec, JobState, NodeState
+from gpudeck.protocol.payloads import GpuReading
 
 
 def _spec(**fields) -> JobSpec:
     return JobSpec(**{"name": "t", "script_name": "t.py", "script": b"print()\n", "gpus": 2, **fields})
+
+
+def _gpu(index: int) -> GpuReading:
+    return GpuReading(index=index, name="g", uuid=f"u{index}", memory_total=None, memory_used=None,
+                      utilization=None, temperature=None, power=None, power_limit=None)
 
 
 def test_wal_and_full_sync_are_set_and_survive_a_reopen(tmp_path):
@@ -30,9 +36,11 @@ def test_a_job_attempt_from_placement_to_exits(tmp_path):
     store = Store(tmp_path / "g.db")
     job_id = store.add_job(_spec(script=b"\x00\xff binary is kept"), 1.0, "ada")
     assert store.script(job_id) == b"\x00\xff binary is kept"
-    assert store.job(job_id).spec.script == b"", "rows never carry the script"
+    row = store.job(job_id)
+    assert row is not None and row.spec.script == b"", "rows never carry the script"
     store.start_attempt(job_id, 1, [("a", [0]), ("b", [1])], "10.0.0.1", 29500, 2.0)
     row = store.job(job_id)
+    assert row is not None
     assert row.state is JobState.STARTING and row.hosts == [("a", [0]), ("b", [1])]
     assert store.open_master_ports("10.0.0.1") == {29500}
     assert [s.node for s in store.open_attempt_nodes()] == ["a", "b"]
@@ -80,15 +88,17 @@ def test_the_queue_in_memory_follows_every_write_and_reports_what_changed(tmp_pa
     assert [row.id for row in store.jobs((JobState.PENDING, JobState.STARTING))] == [first]
     reopened = Store(path)
     assert reopened.jobs((JobState.PENDING,)) == store.jobs((JobState.PENDING,))
-    assert reopened.job(second) == store.job(second) and reopened.job(second).hosts == [("a", [0, 1])]
+    row = reopened.job(second)
+    assert row == store.job(second) and row is not None and row.hosts == [("a", [0, 1])]
 
 
 def test_nodes_keep_their_join_time(tmp_path):
     store = Store(tmp_path / "g.db")
-    store.upsert_node("a", "host-a", "10.0.0.1", True, [{"index": 0}], 5.0)
+    store.upsert_node("a", "host-a", "10.0.0.1", True, [_gpu(0)], 5.0)
     store.set_node_state("a", NodeState.DOWN)
-    store.upsert_node("a", "host-a", "10.0.0.2", True, [{"index": 0}], 9.0)
+    store.upsert_node("a", "host-a", "10.0.0.2", True, [_gpu(0)], 9.0)
     node = store.node("a")
+    assert node is not None
     assert (node.joined_at, node.last_seen, node.address, node.state) == (5.0, 9.0, "10.0.0.2", NodeState.UP)
 
 
@@ -100,7 +110,8 @@ def test_an_array_is_one_row_per_task_stored_at_once_with_one_copy_of_the_script
     assert [(row.id, row.array_index) for row in tasks] == [(array, 0), (array + 1, 3), (array + 2, 5)]
     assert store.script(array + 2) == b"print()\n"
     assert store.db.conn.execute("SELECT count(*) FROM jobs WHERE script IS NOT NULL").fetchone()[0] == 2
-    assert store.task(array, 3).id == array + 1 and store.task(array, 1) is None
+    task = store.task(array, 3)
+    assert task is not None and task.id == array + 1 and store.task(array, 1) is None
     store.transition_all([array, array + 1], JobState.CANCELLED, ended_at=2.0)
     assert store.states_of([single, array, array + 1, 99]) == {
         single: ("pending", {}), array: ("cancelled", {"cancelled": 2, "pending": 1}), array + 1: ("cancelled", {})}
@@ -118,5 +129,6 @@ def test_a_state_dir_from_before_arrays_keeps_its_jobs(tmp_path):
     old.commit()
     old.close()
     row = Store(path).job(1)
+    assert row is not None
     assert (row.state, row.array_job, row.array_index, row.spec.after, row.spec.array) == (
         JobState.PENDING, None, None, [], "")

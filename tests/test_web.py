@@ -143,7 +143,7 @@ async def eventually(what: str, predicate: Callable[[], Any], timeout: float = 3
         await asyncio.sleep(0.1)
 
 
-async def open_session(http: aiohttp.ClientSession, url: str) -> aiohttp.ClientWebSocketResponse:
+async def open_session(http: aiohttp.ClientSession, url: str) -> aiohttp.ClientWebSocketResponse[bool]:
     """A websocket as the page opens it, once its dashboard has drawn something."""
     websocket = await http.ws_connect(f"{url}/ws?width=80&height=24", origin=url)
     while (await websocket.receive(timeout=60)).type != aiohttp.WSMsgType.BINARY:
@@ -177,6 +177,9 @@ async def test_sessions_are_bounded_and_each_ends_with_its_websocket(monkeypatch
 
             await first.close()
             await eventually("the first session's process to end", lambda: not alive(pids[0]))
+            # The slot is given back once the session's handler has closed everything after its process;
+            # a busy machine can run the next line before that.
+            await eventually("the first session's slot to be free", lambda: deck.taken < deck.max_sessions)
             await open_session(http, url)  # its slot is free again
             pids += [process.pid for process in deck.sessions if process.pid and process.pid not in pids]
     finally:

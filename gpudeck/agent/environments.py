@@ -17,13 +17,17 @@ import os
 import re
 import shutil
 import sys
-import tomllib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 from gpudeck.config import ENVIRONMENTS_KEPT
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the agent runs on 3.10 too; tomllib is tomli, adopted into the standard library in 3.11
+    import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]  # tomli is installed only on 3.10
 
 # An override whose marker is never true: uv leaves torch out of the environment entirely.
 _NO_TORCH = 'torch ; python_version < "0"\n'

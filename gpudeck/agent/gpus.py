@@ -122,7 +122,8 @@ class NvmlBackend:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if nvml is None:
-            import pynvml as nvml
+            import pynvml
+            nvml = pynvml
         self._nvml = nvml
         self._process_interval = process_interval
         self._clock = clock
@@ -479,7 +480,8 @@ def _no_gpus(reason: str) -> str:
 def _open_nvml(nvml: Any = None) -> tuple[GpuBackend, str]:
     """NVML if it loads and sees GPUs, else the empty backend with a line that says how to go on."""
     if nvml is None:
-        import pynvml as nvml
+        import pynvml
+        nvml = pynvml
     try:
         backend = NvmlBackend(nvml)
     except nvml.NVMLError as error:

@@ -25,7 +25,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 SIMULATED_GPUS = "simulated-gpus"
 MAX_XIDS_KEPT = 8  # per GPU: a GPU that floods events needs a reset, not a longer list
@@ -138,9 +138,11 @@ class Injected:
         if kind == "process" and number is not None:
             self.processes.setdefault(gpu, []).append(number)
             return
-        fields = {"ecc": ("ecc_uncorrected", number), "retired": ("retired_pages", number),
-                  "retired-pending": ("retired_pending", True), "remap-failed": ("remap_failed", True),
-                  "remap-pending": ("remap_pending", True)}
+        # kind -> (HealthCounters field, value): the value's type is the named field's, int or bool
+        fields: dict[str, tuple[str, Any]] = {
+            "ecc": ("ecc_uncorrected", number), "retired": ("retired_pages", number),
+            "retired-pending": ("retired_pending", True), "remap-failed": ("remap_failed", True),
+            "remap-pending": ("remap_pending", True)}
         if kind in fields and fields[kind][1] is not None:
             name, value = fields[kind]
             current = self._counters.get(gpu, HealthCounters())

@@ -341,7 +341,7 @@ class JobRunner:
             except OSError as exc:
                 raise PrepareFailed(1, f"could not copy the project to {self.node}: {exc.strerror or exc}") from None
         python, bin_dir = await self._interpreter(order, job, launcher_log, account)
-        if order.project:
+        if work is not None:
             cwd = work / order.subdir if order.subdir else work
             if not cwd.is_dir():
                 raise PrepareFailed(1, f"the folder {order.subdir} that submit ran in is not in the project (an "
@@ -550,7 +550,7 @@ class JobRunner:
             await self._finish(job, ended.exit_code, stopped or ended.detail, failed_at=ended.failed_at)
             return
         if process is not None:
-            code = await process.wait()
+            code: int | None = await process.wait()
         else:
             while job.alive():
                 await asyncio.sleep(POLL)

@@ -147,6 +147,6 @@ def _throttled(ready: list[Waiting], running: Mapping[int, int], reasons: dict[i
     for job in ready:
         if job.array_job is None:
             offered.append(job.job_id)
-        elif (task := next(taken[job.array_job], None)) is not None:
-            offered.append(task)
+        elif (task_id := next(taken[job.array_job], None)) is not None:
+            offered.append(task_id)
     return offered

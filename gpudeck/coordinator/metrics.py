@@ -132,7 +132,8 @@ class ClusterCollector(Collector):
             holder = holders.get((node, gpu.index))
             labels = [str(gpu.index), gpu.uuid, gpu.name, hostname, node, str(holder.id) if holder else "",
                       holder.owner if holder else "", "true" if simulated else "false"]
-            free = gpu.memory_total - gpu.memory_used if None not in (gpu.memory_total, gpu.memory_used) else None
+            total, used = gpu.memory_total, gpu.memory_used
+            free = total - used if total is not None and used is not None else None
             for key, value in (("util", gpu.utilization), ("temp", gpu.temperature), ("power", gpu.power),
                                ("energy", gpu.energy_mj), ("ecc", gpu.ecc_uncorrected), ("remapped", gpu.remapped_rows),
                                ("used", gpu.memory_used / MIB if gpu.memory_used is not None else None),

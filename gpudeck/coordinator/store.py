@@ -72,7 +72,7 @@ class JobFilter:
 
     def sql(self) -> tuple[str, list[Any]]:
         """A WHERE condition on `jobs j` and its parameters."""
-        terms, params = ["1"], []
+        terms, params = ["1"], list[Any]()
         if self.states:
             terms.append(f"j.state IN ({','.join('?' * len(self.states))})")
             params += [state.value for state in self.states]
@@ -183,46 +183,47 @@ class Store:
             JobState.PENDING.value, JobState.STARTING.value, JobState.RUNNING.value])}
         self._changed: set[int] = set()
         self._newly_pending: list[int] = list(self._unfinished)
-        self._nodes: dict[str, NodeRow] = {row["name"]: _node_row(row) for row in self.db["nodes"].rows}
+        self._nodes: dict[str, NodeRow] = {row["name"]: _node_row(row) for row in self.db.table("nodes").rows}
         self._open_shares: list[AttemptNode] | None = None
-        self._users: dict[str, UserRow] = {row["name"]: _user_row(row) for row in self.db["users"].rows}
+        self._users: dict[str, UserRow] = {row["name"]: _user_row(row) for row in self.db.table("users").rows}
         self._cordons: dict[tuple[str, int], CordonRow] = {
-            (row["node"], row["gpu"]): _cordon_row(row) for row in self.db["cordons"].rows}
+            (row["node"], row["gpu"]): _cordon_row(row) for row in self.db.table("cordons").rows}
         # Told of every job that changes state, after the change is on disk (the metrics count them).
         self.on_move: Callable[[JobState, JobRow], None] = lambda before, row: None
 
     def _create(self) -> None:
         db = self.db
         with self._tx():
-            db["nodes"].create({"name": str, "hostname": str, "address": str, "simulated": int, "gpus": str,
-                                "state": str, "draining": int, "joined_at": float, "last_seen": float}, pk="name",
-                                if_not_exists=True)
-            db["jobs"].create({"id": int, "name": str, "spec": str, "script": bytes, "state": str, "reason": str,
-                               "priority": int, "submitted_at": float, "started_at": float, "ended_at": float,
-                               "attempt": int, "exit_code": int, "restarts": int, "requeued_because": str,
-                               "failed_at": float},
-                              pk="id", if_not_exists=True, not_null={"name", "spec", "state", "submitted_at"})
-            _add_missing_columns(db["jobs"], {"failed_at": float, "owner": str, "array_job": int, "array_index": int})
-            db["attempts"].create({"job": int, "attempt": int, "master_addr": str, "master_port": int,
-                                   "started_at": float, "ended_at": float}, pk=("job", "attempt"), if_not_exists=True,
-                                  foreign_keys=[("job", "jobs", "id")])
-            _add_missing_columns(db["attempts"], {"ended_at": float})
-            db["attempt_nodes"].create({"job": int, "attempt": int, "node": str, "node_rank": int, "gpus": str,
-                                        "started": int, "exit_code": int, "fenced_until": float},
-                                       pk=("job", "attempt", "node"), if_not_exists=True)
-            _add_missing_columns(db["attempt_nodes"], {"fenced_until": float})
-            db["traffic"].create({"job": int, "attempt": int, "rank": int, "kind": str, "bytes": int},
-                                 pk=("job", "attempt", "rank", "kind"), if_not_exists=True)
-            db["outputs"].create({"job": int, "node": str, "attempt": int, "files": str}, pk=("job", "node"),
-                                 if_not_exists=True)
-            db["energy"].create({"job": int, "attempt": int, "millijoules": int, "simulated": int},
-                                pk=("job", "attempt"), if_not_exists=True)
-            db["jobs"].create_index(["state"], if_not_exists=True)
-            db["jobs"].create_index(["array_job", "array_index"], if_not_exists=True)
-            db["users"].create({"name": str, "secret_hash": str, "admin": int, "max_gpus": int, "created_at": float},
-                               pk="name", if_not_exists=True, not_null={"secret_hash"})
-            db["cordons"].create({"node": str, "gpu": int, "uuid": str, "faults": str, "since": float, "cordoned": int,
-                                  "acknowledged": str}, pk=("node", "gpu"), if_not_exists=True)
+            db.table("nodes").create({"name": str, "hostname": str, "address": str, "simulated": int, "gpus": str,
+                                      "state": str, "draining": int, "joined_at": float, "last_seen": float},
+                                     pk="name", if_not_exists=True)
+            db.table("jobs").create({"id": int, "name": str, "spec": str, "script": bytes, "state": str,
+                                     "reason": str, "priority": int, "submitted_at": float, "started_at": float,
+                                     "ended_at": float, "attempt": int, "exit_code": int, "restarts": int,
+                                     "requeued_because": str, "failed_at": float},
+                                    pk="id", if_not_exists=True, not_null={"name", "spec", "state", "submitted_at"})
+            _add_missing_columns(db.table("jobs"),
+                                 {"failed_at": float, "owner": str, "array_job": int, "array_index": int})
+            db.table("attempts").create({"job": int, "attempt": int, "master_addr": str, "master_port": int,
+                                         "started_at": float, "ended_at": float}, pk=("job", "attempt"),
+                                        if_not_exists=True, foreign_keys=[("job", "jobs", "id")])
+            _add_missing_columns(db.table("attempts"), {"ended_at": float})
+            db.table("attempt_nodes").create({"job": int, "attempt": int, "node": str, "node_rank": int, "gpus": str,
+                                              "started": int, "exit_code": int, "fenced_until": float},
+                                             pk=("job", "attempt", "node"), if_not_exists=True)
+            _add_missing_columns(db.table("attempt_nodes"), {"fenced_until": float})
+            db.table("traffic").create({"job": int, "attempt": int, "rank": int, "kind": str, "bytes": int},
+                                       pk=("job", "attempt", "rank", "kind"), if_not_exists=True)
+            db.table("outputs").create({"job": int, "node": str, "attempt": int, "files": str}, pk=("job", "node"),
+                                       if_not_exists=True)
+            db.table("energy").create({"job": int, "attempt": int, "millijoules": int, "simulated": int},
+                                      pk=("job", "attempt"), if_not_exists=True)
+            db.table("jobs").create_index(["state"], if_not_exists=True)
+            db.table("jobs").create_index(["array_job", "array_index"], if_not_exists=True)
+            db.table("users").create({"name": str, "secret_hash": str, "admin": int, "max_gpus": int,
+                                      "created_at": float}, pk="name", if_not_exists=True, not_null={"secret_hash"})
+            db.table("cordons").create({"node": str, "gpu": int, "uuid": str, "faults": str, "since": float,
+                                        "cordoned": int, "acknowledged": str}, pk=("node", "gpu"), if_not_exists=True)
 
     # --- users ------------------------------------------------------------------------------------
 
@@ -231,15 +232,15 @@ class Store:
         if user.name in self._users:
             raise ValueError(f"there is already a user {user.name}")
         with self._tx():
-            self.db["users"].insert({"name": user.name, "secret_hash": user.secret_hash, "admin": int(user.admin),
-                                     "max_gpus": user.max_gpus, "created_at": user.created_at})
+            self.db.table("users").insert({"name": user.name, "secret_hash": user.secret_hash, "admin": int(user.admin),
+                                           "max_gpus": user.max_gpus, "created_at": user.created_at})
         self._users[user.name] = user
 
     def remove_user(self, name: str) -> None:
         if name not in self._users:
             raise LookupError(f"there is no user {name}")
         with self._tx():
-            self.db["users"].delete(name)
+            self.db.table("users").delete(name)
         del self._users[name]
 
     def user(self, name: str) -> UserRow | None:
@@ -267,10 +268,10 @@ class Store:
 
     def set_cordon(self, row: CordonRow) -> None:
         with self._tx():
-            self.db["cordons"].upsert({"node": row.node, "gpu": row.gpu, "uuid": row.uuid,
-                                       "faults": json.dumps(row.faults), "since": row.since,
-                                       "cordoned": int(row.cordoned),
-                                       "acknowledged": json.dumps(row.acknowledged)}, pk=("node", "gpu"))
+            self.db.table("cordons").upsert({"node": row.node, "gpu": row.gpu, "uuid": row.uuid,
+                                             "faults": json.dumps(row.faults), "since": row.since,
+                                             "cordoned": int(row.cordoned),
+                                             "acknowledged": json.dumps(row.acknowledged)}, pk=("node", "gpu"))
         self._cordons[(row.node, row.gpu)] = row
 
     def remove_cordon(self, node: str, gpu: int) -> None:
@@ -284,8 +285,8 @@ class Store:
         """What a node keeps of a job's outputs (its latest attempt's); no files: nothing kept."""
         with self._tx():
             if files:
-                self.db["outputs"].upsert({"job": job_id, "node": node, "attempt": attempt,
-                                           "files": json.dumps(plain(files))}, pk=("job", "node"))
+                self.db.table("outputs").upsert({"job": job_id, "node": node, "attempt": attempt,
+                                                 "files": json.dumps(plain(files))}, pk=("job", "node"))
             else:
                 self.db.conn.execute("DELETE FROM outputs WHERE job = ? AND node = ? AND attempt = ?",
                                      [job_id, node, attempt])
@@ -327,7 +328,7 @@ class Store:
                     gpus: list[GpuReading], now: float) -> None:
         existing = self.node(name)
         with self._tx():
-            self.db["nodes"].upsert({
+            self.db.table("nodes").upsert({
                 "name": name, "hostname": hostname, "address": address, "simulated": int(simulated),
                 "gpus": json.dumps(plain(gpus)), "state": NodeState.UP.value,
                 "joined_at": existing.joined_at if existing else now, "last_seen": now,
@@ -339,12 +340,12 @@ class Store:
         if last_seen is not None:
             updates["last_seen"] = last_seen
         with self._tx():
-            self.db["nodes"].update(name, updates)
+            self.db.table("nodes").update(name, updates)
         self._refresh_node(name)
 
     def set_draining(self, name: str, on: bool) -> None:
         with self._tx():
-            self.db["nodes"].update(name, {"draining": int(on)})
+            self.db.table("nodes").update(name, {"draining": int(on)})
         self._refresh_node(name)
 
     def node(self, name: str) -> NodeRow | None:
@@ -355,7 +356,7 @@ class Store:
         return [self._nodes[name] for name in sorted(self._nodes)]
 
     def _refresh_node(self, name: str) -> None:
-        rows = list(self.db["nodes"].rows_where("name = ?", [name]))
+        rows = list(self.db.table("nodes").rows_where("name = ?", [name]))
         if rows:
             self._nodes[name] = _node_row(rows[0])
 
@@ -363,8 +364,7 @@ class Store:
 
     def add_job(self, spec: JobSpec, now: float, owner: str) -> int:
         with self._tx():
-            table = self.db["jobs"].insert(_new_job(spec, now, owner))
-        job_id = int(table.last_pk)
+            job_id = _inserted_id(self.db.table("jobs").insert(_new_job(spec, now, owner)))
         self._refresh([job_id])
         return job_id
 
@@ -372,10 +372,11 @@ class Store:
         """One job per index, in one transaction, and the array's id (its first task's). The script is
         stored once, with the first task (`script` gives it for every task)."""
         with self._tx():
-            first = int(self.db["jobs"].insert({**_new_job(spec, now, owner), "array_index": indices[0]}).last_pk)
-            self.db["jobs"].update(first, {"array_job": first})
+            first = _inserted_id(self.db.table("jobs").insert({**_new_job(spec, now, owner),
+                                                               "array_index": indices[0]}))
+            self.db.table("jobs").update(first, {"array_job": first})
             task = {**_new_job(spec, now, owner), "script": None, "array_job": first}
-            self.db["jobs"].insert_all({**task, "array_index": index} for index in indices[1:])
+            self.db.table("jobs").insert_all({**task, "array_index": index} for index in indices[1:])
             ids = [row[0] for row in self.db.conn.execute("SELECT id FROM jobs WHERE array_job = ? ORDER BY id",
                                                           [first])]
         self._refresh(ids)
@@ -507,7 +508,7 @@ class Store:
         if "state" in fields:
             raise ValueError("a job's state changes only by transition()")
         with self._tx():
-            self.db["jobs"].update(job_id, fields)
+            self.db.table("jobs").update(job_id, fields)
         self._refresh([job_id])
 
     def _check_transition(self, job_id: int, state: JobState) -> JobState:
@@ -570,16 +571,16 @@ class Store:
         self._open_shares = None
         with self._tx():
             self._check_transition(job_id, JobState.STARTING)
-            self.db["attempts"].insert({"job": job_id, "attempt": attempt, "master_addr": master_addr,
-                                        "master_port": master_port, "started_at": now})
-            self.db["attempt_nodes"].insert_all(
+            self.db.table("attempts").insert({"job": job_id, "attempt": attempt, "master_addr": master_addr,
+                                              "master_port": master_port, "started_at": now})
+            self.db.table("attempt_nodes").insert_all(
                 {"job": job_id, "attempt": attempt, "node": node, "node_rank": rank, "gpus": json.dumps(gpus),
                  "started": 0, "exit_code": None}
                 for rank, (node, gpus) in enumerate(hosts)
             )
-            self.db["jobs"].update(job_id, {"state": JobState.STARTING.value, "attempt": attempt, "reason": "",
-                                            "requeued_because": "", "started_at": now, "exit_code": None,
-                                            "failed_at": None})
+            self.db.table("jobs").update(job_id, {"state": JobState.STARTING.value, "attempt": attempt, "reason": "",
+                                                  "requeued_because": "", "started_at": now, "exit_code": None,
+                                                  "failed_at": None})
         self._refresh([job_id])
 
     def held_gpus(self, since: float | None = None) -> list[HeldGpus]:
@@ -598,18 +599,19 @@ class Store:
         return held
 
     def master(self, job_id: int, attempt: int) -> tuple[str, int]:
-        row = self.db["attempts"].get((job_id, attempt))
+        row = self.db.table("attempts").get((job_id, attempt))
         return row["master_addr"], row["master_port"]
 
     def attempt_nodes(self, job_id: int, attempt: int) -> list[AttemptNode]:
-        rows = self.db["attempt_nodes"].rows_where("job = ? and attempt = ?", [job_id, attempt], order_by="node_rank")
+        rows = self.db.table("attempt_nodes").rows_where("job = ? and attempt = ?", [job_id, attempt],
+                                                         order_by="node_rank")
         return [_attempt_node(r) for r in rows]
 
     def open_attempt_nodes(self) -> list[AttemptNode]:
         """Shares of attempts whose ranks have not been reported ended: they hold their GPUs. Read
         several times a tick; kept until a write to the shares."""
         if self._open_shares is None:
-            rows = self.db["attempt_nodes"].rows_where("exit_code IS NULL", order_by="job, attempt, node_rank")
+            rows = self.db.table("attempt_nodes").rows_where("exit_code IS NULL", order_by="job, attempt, node_rank")
             self._open_shares = [_attempt_node(row) for row in rows]
         return list(self._open_shares)
 
@@ -766,8 +768,13 @@ class _Transaction:
             self.conn.execute("ROLLBACK")
 
 
+# SQLite's result code for a full disk: sqlite3.SQLITE_FULL, but the module has it (and errors their
+# `sqlite_errorcode`) only from Python 3.11; on 3.10 only the OSError below is recognised.
+_SQLITE_FULL = 13
+
+
 def _disk_full(exc: BaseException | None) -> bool:
-    return (isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL) or (
+    return (isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) == _SQLITE_FULL) or (
         isinstance(exc, OSError) and exc.errno == errno.ENOSPC)
 
 
@@ -777,6 +784,13 @@ def _add_missing_columns(table: sqlite_utils.db.Table, columns: dict[str, type])
     for name, kind in columns.items():
         if name not in have:
             table.add_column(name, kind)
+
+
+def _inserted_id(table: sqlite_utils.db.Table) -> int:
+    """The id of the row `table.insert` just wrote: sqlite-utils types `last_pk` as maybe None, which it
+    is not after an insert of one row."""
+    assert table.last_pk is not None
+    return int(table.last_pk)
 
 
 def _new_job(spec: JobSpec, now: float, owner: str) -> dict[str, Any]:

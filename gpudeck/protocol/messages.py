@@ -13,7 +13,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import typing
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+if TYPE_CHECKING:
+    from typing_extensions import dataclass_transform
+else:
+    def dataclass_transform(**_: Any) -> Callable[[Any], Any]:
+        """At run time a no-op: the marker only tells type checkers that `message` makes dataclasses."""
+        return lambda decorator: decorator
 
 from gpudeck.protocol.values import ShapeError, plain, typed_fields
 
@@ -40,7 +47,8 @@ REGISTRY: dict[str, type[Message]] = {}
 _M = typing.TypeVar("_M", bound=type[Message])
 
 
-def message(kind: str):  # noqa: ANN201 - decorator
+@dataclass_transform(frozen_default=True)
+def message(kind: str) -> Callable[[_M], _M]:
     """Register a frozen dataclass as the message type for `kind`."""
 
     def register(cls: _M) -> _M:
@@ -58,7 +66,8 @@ def decode(body: dict[str, Any]) -> Message:
     cls = REGISTRY.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise ProtocolError(f"unknown message kind {kind!r}")
-    fields = {**_defaults(cls), **{k: v for k, v in body.items() if k != "kind"}}
+    defaults = _defaults(cls)  # type: ignore[arg-type]  # a class is hashable; mypy says not (mypy#20409)
+    fields = {**defaults, **{k: v for k, v in body.items() if k != "kind"}}
     try:
         return cls(**typed_fields(cls, fields, ""))
     except ShapeError as exc:

@@ -12,7 +12,7 @@ import itertools
 import logging
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from gpudeck.protocol import auth
 from gpudeck.protocol.framing import MAX_FRAME, FrameError, encode_frame, read_frame
@@ -166,7 +166,7 @@ class ClientSession:
         self.failure: BaseException | None = None
         self._reader = asyncio.get_running_loop().create_task(self._read_replies())
 
-    async def request(self, kind: type[Message], timeout: float = 30.0, **fields: Any) -> Any:
+    async def request(self, kind: Callable[..., Message], timeout: float = 30.0, **fields: Any) -> Any:
         """Send one request and return the reply's data; raise `Refused` with the coordinator's reason,
         also the reason it gave when it ended the session between two requests."""
         if self.failure is not None:
@@ -182,6 +182,7 @@ class ClientSession:
                 await asyncio.wait_for(self.closed.wait(), CLOSE_FLUSH)
             except asyncio.TimeoutError:
                 raise exc from None
+            assert self.failure is not None  # the reader sets it before it sets `closed`
             raise self.failure from None
         finally:
             self._waiting.pop(req, None)

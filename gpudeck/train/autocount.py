@@ -53,7 +53,7 @@ class _AfterImport(importlib.abc.MetaPathFinder):
             run_module(module)
             self.callback()
 
-        loader.exec_module = exec_module  # type: ignore[method-assign]
+        loader.exec_module = exec_module
         return spec
 
 

@@ -94,18 +94,18 @@ def install() -> None:
         register(self.reducer, slot, run_slot)
         _SLOTS[self.reducer] = slot
 
-    def register_into_slot(reducer: dist.Reducer, state: Any, hook: Hook) -> None:
+    def register_into_slot(reducer: dist.Reducer, state: Any, comm_hook: Hook) -> None:
         slot = _SLOTS.get(reducer)
         if slot is None:
-            return register(reducer, state, hook)
-        return slot.take(state, hook)
+            return register(reducer, state, comm_hook)
+        return slot.take(state, comm_hook)
 
-    def register_builtin_into_slot(reducer: dist.Reducer, hook_type: dist.BuiltinCommHookType) -> None:
+    def register_builtin_into_slot(reducer: dist.Reducer, comm_hook_type: dist.BuiltinCommHookType) -> None:
         slot = _SLOTS.get(reducer)
         if slot is None:
-            return register_builtin(reducer, hook_type)
-        return slot.take(GROUP, BUILTIN_EQUIVALENTS[hook_type])
+            return register_builtin(reducer, comm_hook_type)
+        return slot.take(GROUP, BUILTIN_EQUIVALENTS[comm_hook_type])
 
-    DistributedDataParallel._ddp_init_helper = init_helper_with_slot
+    DistributedDataParallel._ddp_init_helper = init_helper_with_slot  # type: ignore[method-assign]  # deliberate patch
     dist._register_comm_hook = register_into_slot
     dist._register_builtin_comm_hook = register_builtin_into_slot

@@ -22,12 +22,14 @@ counting, reporting and exit status (what ``main`` returns; an uncaught exceptio
 
 from __future__ import annotations
 
+import io
 import os
 import runpy
 import sys
 import time
 import types
 from collections.abc import Mapping
+from typing import cast
 
 from gpudeck.protocol import rank_end
 from gpudeck.protocol.rank_end import RankEnd, exit_status
@@ -116,7 +118,7 @@ def redirect_output(env: Mapping[str, str]) -> None:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
-    sys.stdout.reconfigure(line_buffering=True)
+    cast(io.TextIOWrapper, sys.stdout).reconfigure(line_buffering=True)  # typeshed says TextIO; it is the interpreter's
 
 
 def install_counting(counter: TrafficCounter) -> None:

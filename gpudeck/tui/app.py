@@ -309,8 +309,9 @@ class GpudeckApp(App[int]):
 
     @property
     def active_view(self) -> NodesView | JobsView | TrafficView | PeopleView | None:
-        return {"nodes": self.nodes_view, "jobs": self.jobs_view, "traffic": self.traffic_view,
-                "people": self.people_view}.get(self.active_tab)
+        views: dict[str, NodesView | JobsView | TrafficView | PeopleView] = {
+            "nodes": self.nodes_view, "jobs": self.jobs_view, "traffic": self.traffic_view, "people": self.people_view}
+        return views.get(self.active_tab)
 
     def selected_job(self, screen: Screen | None = None) -> dict[str, Any] | None:
         screen = screen or self.screen
@@ -445,7 +446,7 @@ class GpudeckApp(App[int]):
     def action_drain(self) -> None:
         name = self.selected_node()
         node = self.cluster.nodes.get(name or "")
-        if node is None:
+        if name is None or node is None:
             return
         if node.get("draining"):
             self.push_screen(ConfirmScreen(f"Resume node {name}?", "New jobs may be placed on it again.",
@@ -509,9 +510,10 @@ class GpudeckApp(App[int]):
     def action_help(self) -> None:
         """Every key of where the user is: the views, the actions, the open screen's own keys, then
         moving around; each as the keymap has it now."""
-        keys = [self._key_help(binding) for binding in self.BINDINGS]
+        keys = [self._key_help(binding) for binding in self.BINDINGS if isinstance(binding, Binding)]
         if isinstance(self.screen, JobScreen):
-            keys += [self._key_help(binding, "job: ") for binding in self.screen.BINDINGS]
+            keys += [self._key_help(binding, "job: ") for binding in self.screen.BINDINGS
+                     if isinstance(binding, Binding)]
         keys += MOVING_KEYS
         self.push_screen(HelpScreen(keys, str(self.keymap_path)))
 

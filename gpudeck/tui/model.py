@@ -442,8 +442,11 @@ class Cluster:
                 counts[1 if running else 2] += 1
         figures = {(window, user["user"]): user for window, view in self.usage.items() for user in view["users"]}
         names = set(now) | {name for _, name in figures}
-        people = [Person(name, *now.get(name, [0, 0, 0]), figures.get(("day", name)), figures.get(("week", name)),
-                         bool(self.usage)) for name in names]
+        people = []
+        for name in names:
+            gpus, running_jobs, pending_jobs = now.get(name, [0, 0, 0])
+            people.append(Person(name, gpus, running_jobs, pending_jobs, figures.get(("day", name)),
+                                 figures.get(("week", name)), bool(self.usage)))
         return sorted(people, key=lambda p: (-p.running_gpus, -(p.week or {}).get("gpu_seconds", 0.0), p.user))
 
     def totals(self) -> dict[str, int]:

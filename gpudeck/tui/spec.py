@@ -72,7 +72,7 @@ def check_form(form: Form, nodes: Iterable[dict[str, Any]], workloads: dict[str,
     """Check every field; with `read`, read the script's bytes into the spec (only when sending)."""
     cwd = cwd or os.getcwd()
     problems: dict[str, str] = {}
-    script_path, args = "", []
+    script_path, args = "", list[str]()
     script_name, script = "", b""
     if form.workload and form.workload not in workloads:
         problems["workload"] = f"there is no built-in workload {form.workload!r}"

@@ -85,7 +85,7 @@ class DeckTable(ScrollView, can_focus=True):
     cursor: reactive[int] = reactive(0, always_update=True, repaint=False)
 
     class Highlighted(Message):
-        def __init__(self, table: "DeckTable", key: Hashable | None) -> None:
+        def __init__(self, table: "DeckTable", key: Any) -> None:  # a row's key, of the view's kind; None: no row
             super().__init__()
             self.table = table
             self.key = key
@@ -278,7 +278,7 @@ class DeckTable(ScrollView, can_focus=True):
         segments: list[Segment] = []
         span_from = cells.get(SPAN_FROM)
         order = self._order
-        span_at = order.get(span_from, len(order)) if span_from is not None else len(order)
+        span_at = order.get(span_from, len(order)) if isinstance(span_from, str) else len(order)  # a column's key
         gap = Segment(" " * GAP, base)
         used = 0
         for number, (column, size) in enumerate(self.column_layout(width)):

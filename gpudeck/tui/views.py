@@ -235,7 +235,8 @@ class NodesView(FilteredView):
                     gpus = counted(advert["gpus"], "GPU") if isinstance(advert.get("gpus"), int) else "? GPUs"
                     text.append(f"{advert['name']} at {advert['address']} ({gpus}) has not "
                                 f"joined: {advert['why']}\n")
-            return text.rstrip() or Text("")
+            text.rstrip()
+            return text
         node = self.cluster.nodes.get(key[1])
         if node is None:
             return text
@@ -353,7 +354,7 @@ class NodesView(FilteredView):
     def _gpu_cells(self, name: str, index: int, p: Palette) -> dict[str, Any]:
         node = self.cluster.nodes.get(name)
         gpu = next((g for g in node["gpus"] if g["index"] == index), None) if node else None
-        if gpu is None:
+        if node is None or gpu is None:
             return {}
         job = self.cluster.gpu_jobs.get((name, index))
         foreign = foreign_processes(gpu)

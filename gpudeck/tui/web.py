@@ -90,10 +90,13 @@ class DashboardProcess(AppService):
     environment that holds no token, so that only a typed one can open the cluster."""
 
     def __init__(self, argv: list[str], websocket: web.WebSocketResponse, downloads: DownloadManager) -> None:
+        async def close() -> None:  # AppService takes a close that returns None; the websocket's says if it closed
+            await websocket.close()
+
         # `exec`: the process textual-serve starts through the shell is the dashboard itself, so
         # that killing it kills the dashboard.
         super().__init__("exec " + shlex.join(argv), write_bytes=websocket.send_bytes, write_str=websocket.send_str,
-                         close=websocket.close, download_manager=downloads)
+                         close=close, download_manager=downloads)
 
     def _build_environment(self, width: int = 80, height: int = 24) -> dict[str, str]:
         environment = super()._build_environment(width, height)
@@ -216,7 +219,7 @@ class WebDeck:
     async def _websocket(self, request: web.Request) -> web.StreamResponse:
         refusal = self._refusal(request)
         if refusal is not None:
-            log.warning("refused a browser session from %s: %s", request.remote, refusal.text.strip())
+            log.warning("refused a browser session from %s: %s", request.remote, (refusal.text or "").strip())
             raise refusal
         self.taken += 1
         self._starts.append(time.monotonic())

@@ -62,7 +62,7 @@ def test_without_a_terminal_gpudeck_prints_help_and_up_stays_headless(tmp_path: 
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             env=_env(tmp_path / "home"), text=True)
     try:
-        lines = []
+        lines: list[str] = []
         while len(lines) < 30 and not any(line.startswith("gpudeck is up") for line in lines):
             lines.append(proc.stdout.readline())  # type: ignore[union-attr]
         assert lines[-1].startswith("gpudeck is up"), lines

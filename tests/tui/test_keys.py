@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+from textual.binding import Binding
 from textual.command import CommandPalette
 from textual.widgets import Log
 
@@ -40,7 +41,10 @@ async def test_bindings_have_ids_that_a_keymap_file_rebinds(tmp_path):
         await wait_for(pilot, "the form", lambda: isinstance(app.screen, SubmitScreen))
         await pilot.press("escape", "f1")
         await wait_for(pilot, "help", lambda: isinstance(app.screen, HelpScreen))
-        ids = {b.id for b in GpudeckApp.BINDINGS}
+        ids = set()
+        for b in GpudeckApp.BINDINGS:
+            assert isinstance(b, Binding), b
+            ids.add(b.id)
         assert {"gpudeck.submit", "gpudeck.cancel", "gpudeck.logs", "gpudeck.filter", "gpudeck.help",
                 "gpudeck.quit", "gpudeck.drain", "gpudeck.nodes", "gpudeck.jobs", "gpudeck.traffic"} <= ids
 
@@ -100,7 +104,9 @@ async def test_drain_asks_then_marks_the_node(tmp_path):
         await wait_for(pilot, "the snapshot", lambda: app.cluster.connected)
         await pilot.press("d")
         await wait_for(pilot, "the question", lambda: isinstance(app.screen, ConfirmScreen))
-        assert "Drain node node-a?" in app.screen.question
+        question = app.screen
+        assert isinstance(question, ConfirmScreen)
+        assert "Drain node node-a?" in question.question
         await pilot.press("y")
         await wait_for(pilot, "node-a draining", lambda: app.cluster.nodes["node-a"]["draining"])
         assert app.nodes_view.table.row_text(("node", "node-a")).split()[2] == "draining"

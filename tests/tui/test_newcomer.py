@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from textual.binding import Binding
 from textual.widgets import Input, Static
 
 from gpudeck.model import JobSpec
@@ -78,7 +79,9 @@ async def test_a_finished_jobs_detail_shows_what_it_moved_by_kind_rank_and_step(
         assert "all_reduce" in shown and "64 KiB" in shown and "8.0 KiB per step" in shown, shown
         assert "broadcast" in shown and "2.0 KiB" in shown, shown
         assert "0 B/s" not in shown, "a finished job has no rates to show"
-        ranks = rows(app.screen.ranks)
+        detail = app.screen
+        assert isinstance(detail, JobScreen)
+        ranks = rows(detail.ranks)
         assert all("all_reduce 32 KiB" in row for row in ranks), ranks
 
 
@@ -133,8 +136,11 @@ async def test_help_lists_every_key_of_the_job_screen_grouped_by_what_it_does(tm
         await wait_for(pilot, "the detail", lambda: isinstance(app.screen, JobScreen))
         await pilot.press("question_mark")
         await wait_for(pilot, "help", lambda: isinstance(app.screen, HelpScreen))
-        ids = [binding_id for _, _, binding_id in app.screen.keys]
+        help_screen = app.screen
+        assert isinstance(help_screen, HelpScreen)
+        ids = [binding_id for _, _, binding_id in help_screen.keys]
         for binding in JobScreen.BINDINGS:
+            assert isinstance(binding, Binding), binding
             assert binding.id in ids, f"{binding.id} missing from help: {ids}"
         for binding_id in ("gpudeck.nodes", "gpudeck.submit", "gpudeck.cancel", "gpudeck.quit"):
             assert binding_id in ids, ids
@@ -185,7 +191,9 @@ async def test_quitting_up_with_jobs_running_asks_first(tmp_path):
         await wait_for(pilot, "the snapshot", lambda: app.cluster.connected)
         await pilot.press("q")
         await wait_for(pilot, "the question", lambda: isinstance(app.screen, ConfirmScreen))
-        assert "1 job is running" in app.screen.detail, app.screen.detail
+        question = app.screen
+        assert isinstance(question, ConfirmScreen)
+        assert "1 job is running" in question.detail, question.detail
         await pilot.press("n")
         await wait_for(pilot, "the dashboard again", lambda: not isinstance(app.screen, ConfirmScreen))
         assert app.is_running
@@ -216,8 +224,14 @@ async def test_enter_on_a_gpu_row_keeps_its_node_open(tmp_path):
         await wait_for(pilot, "node-a collapsed", lambda: ("gpu", "node-a", 1) not in app.nodes_view.table.keys)
 
 
+class AddressedLink(RecordedLink):
+    """A recorded link that keeps the --coordinator it was given, as CoordinatorLink does."""
+
+    coordinator: str | None = None
+
+
 async def test_no_coordinator_repeats_the_address_that_was_asked_for(tmp_path):
-    link = RecordedLink(not_found="nothing answered at 10.1.2.3:7171")
+    link = AddressedLink(not_found="nothing answered at 10.1.2.3:7171")
     link.coordinator = "10.1.2.3:7171"  # as CoordinatorLink keeps the --coordinator it was given
     app = app_on(tmp_path, link)
     async with app.run_test(size=(120, 40)) as pilot:
@@ -253,6 +267,15 @@ async def test_one_gpu_is_one_gpu(tmp_path):
         assert "· 1 GPU · jobs none" in app.nodes_view.describe(("node", "node-c")).plain
         assert "asked 1 GPU · priority" in app.jobs_view.describe(9).plain
         assert "asked 4 GPUs · priority" in app.jobs_view.describe(8).plain
+
+
+async def test_the_preview_of_a_node_that_has_not_joined_says_why(tmp_path):
+    """It was always empty: rich's Text.rstrip() strips in place and returns None (mypy found it)."""
+    app = app_on(tmp_path, RecordedLink(recorded.snapshot()))
+    async with app.run_test(size=(140, 30)) as pilot:
+        await wait_for(pilot, "the snapshot", lambda: app.cluster.connected)
+        said = app.nodes_view.describe(("unjoined", "gpu-box-7")).plain
+        assert said.startswith("gpu-box-7 at 10.0.0.17 (8 GPUs) has not joined: ") and not said.endswith("\n")
 
 
 async def test_a_model_change_between_screens_does_not_crash_the_header(tmp_path):

@@ -4,6 +4,8 @@ are shown as escapes (gpudeck.text.visible) instead of reaching the terminal. Re
 
 from __future__ import annotations
 
+from typing import Any
+
 from gpudeck.protocol.handshake import Refused
 from gpudeck.tui.app import GpudeckApp
 from gpudeck.tui.client import Lost, RecordedLink
@@ -22,7 +24,7 @@ def app_on(tmp_path, link: RecordedLink) -> GpudeckApp:
 class RefusingLink(RecordedLink):
     """A coordinator whose refusal quotes what it was sent, as the real one quotes names."""
 
-    async def cancel(self, job: int) -> dict:
+    async def cancel(self, job: int, index: int | None = None) -> dict[str, Any]:
         raise Refused(f"job {job} is held by [/]someone\x1b]0;pwned\x07")
 
 

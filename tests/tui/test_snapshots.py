@@ -39,7 +39,9 @@ def settle(*keys: str, updates: int = SETTLED):
 
     async def run(pilot: Pilot) -> None:
         app = pilot.app
+        assert isinstance(app, GpudeckApp)
         link = app.link
+        assert isinstance(link, RecordedLink)
         await wait_for(pilot, "the snapshot", lambda: app.cluster.connected and link.pushed is not None)
         for update in recorded.updates(updates):
             link.push(update)

@@ -75,6 +75,7 @@ def run_and_kill(workload: str, ranks: int, args: list[str], cwd: Path, checkpoi
     marker = uuid.uuid4().hex
     process = subprocess.Popen(command(workload, ranks, args), env=env(**{MARKER: marker}), cwd=cwd,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert process.stdout is not None  # stdout=PIPE
     deadline = time.monotonic() + timeout
     try:
         while not any(step >= after_step for step in checkpoint_steps(checkpoint_dir)):
@@ -94,6 +95,7 @@ def run_and_stop(workload: str, ranks: int, args: list[str], cwd: Path, checkpoi
     marker = uuid.uuid4().hex
     process = subprocess.Popen(command(workload, ranks, args), env=env(**{MARKER: marker}), cwd=cwd,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert process.stdout is not None  # stdout=PIPE
     deadline = time.monotonic() + timeout
     try:
         while not any(step >= after_step for step in checkpoint_steps(checkpoint_dir)):

@@ -146,7 +146,10 @@ def test_pipeline_of_three_stages_gives_the_unsplit_loss_and_gradients(tmp_path:
     inputs, labels = task.Data(config).batch(0)
     loss = task.loss_fn(model(inputs), labels)
     loss.backward()
-    gradients = {name: param.grad for name, param in model.named_parameters()}
+    gradients: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        assert param.grad is not None, f"{name} got no gradient"
+        gradients[name] = param.grad
     after = final_model(tmp_path / "ck", 1)
     assert max_difference({k: before[k] - after[k] for k in before}, gradients) <= 1e-5
     assert abs(losses(output, 2)[0] - loss.item()) <= 1e-5

@@ -125,7 +125,7 @@ class Checkpoints:
                     states[piece] = self.load(piece, step)
                 continue
             source = holders[0]
-            box = [self.load(piece, step) if session.rank == source else None]
+            box: list[Any] = [self.load(piece, step) if session.rank == source else None]  # the broadcast fills it
             dist.broadcast_object_list(box, src=source, device=session.device)
             if session.rank in needs[piece]:
                 states[piece] = box[0]

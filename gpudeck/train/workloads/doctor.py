@@ -60,7 +60,7 @@ def main(argv: list[str]) -> int:
     if rank not in present:
         return 0
     hellos = {r: json.loads(store.get(f"hello/{r}")) for r in present}
-    mine = {"routes": [_route(hellos[rank]["node"], hellos[r]) for r in present if r != rank]}
+    mine: dict[str, Any] = {"routes": [_route(hellos[rank]["node"], hellos[r]) for r in present if r != rank]}
     _barrier(store, "routes", len(present), (len(present) + 2) * PROBE_TIMEOUT + options.timeout)
     probe.close()
     mine["pairs"] = _pairs(store, rank, present, hellos, options)
@@ -201,11 +201,11 @@ def _timed(store: dist.Store, label: str, members: list[int], rank: int, hellos:
                                       timedelta(seconds=options.timeout))
         tensor = torch.ones(options.bytes // 4, dtype=torch.float32)
         for _ in range(doctor.WARM_UP):
-            group.allreduce([tensor]).wait()
+            group.allreduce([tensor]).wait()  # type: ignore[attr-defined]  # torch's stubs lack Backend.allreduce
         fastest = float("inf")
         for _ in range(options.reps):
             start = time.perf_counter()
-            group.allreduce([tensor]).wait()
+            group.allreduce([tensor]).wait()  # type: ignore[attr-defined]  # torch's stubs lack Backend.allreduce
             fastest = min(fastest, time.perf_counter() - start)
     except RuntimeError as exc:
         return {"nodes": names, "error": str(exc).splitlines()[0][:300]}

@@ -151,8 +151,8 @@ class Server:
     def _sync_step(self, step: int, gradients: list[torch.Tensor]) -> None:
         """Send the parameters to every worker, take their gradients, apply the mean."""
         flat = self.flat()
-        works = [dist.isend(flat, worker) for worker in self.workers]
-        works += [dist.irecv(gradient, worker) for gradient, worker in zip(gradients, self.workers)]
+        works = [sessions.started(dist.isend(flat, worker)) for worker in self.workers]
+        works += [sessions.started(dist.irecv(gradient, worker)) for gradient, worker in zip(gradients, self.workers)]
         for work in works:
             work.wait()
         total = gradients[0].clone()
@@ -199,7 +199,7 @@ class Server:
     def _send(self, worker: int) -> tuple[dist.Work, torch.Tensor]:
         """Start sending the parameters as they are now; the tensor must live until the send is done."""
         flat = self.flat().to(self.link.device)
-        return dist.isend(flat, worker, self.link.group), flat
+        return sessions.started(dist.isend(flat, worker, self.link.group)), flat
 
 
 class Worker:
@@ -233,7 +233,8 @@ class Worker:
             for param in self.params:
                 param.grad = None
             loss.backward()
-            dist.send(torch.cat([param.grad.reshape(-1) for param in self.params]).to(link.device), SERVER, link.group)
+            gradient = torch.cat([task.grad_of(param).reshape(-1) for param in self.params])
+            dist.send(gradient.to(link.device), SERVER, link.group)
             timer.step_done()
             if step % args.log_every == 0 or step + 1 == args.steps:
                 session.log(f"step {step} loss {loss.item():.6f}")
@@ -271,7 +272,8 @@ def replay_async(config: task.Config, workers: int, arrivals: Sequence[int],
         inputs, labels = task.shard(data.batch(steps[worker]), worker - 1, workers)
         computing.zero_grad(set_to_none=True)
         task.loss_fn(computing(inputs), labels).backward()
-        step_with(params, optimizer, torch.cat([param.grad.reshape(-1) for param in computing.parameters()]) / workers)
+        gradient = torch.cat([task.grad_of(param).reshape(-1) for param in computing.parameters()])
+        step_with(params, optimizer, gradient / workers)
         steps[worker] += 1
         sent[worker] = parameters_to_vector(params).detach().clone()
     return server.state_dict()

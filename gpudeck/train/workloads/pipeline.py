@@ -99,7 +99,7 @@ class Stage:
             stage_outputs.append(y)
             if not self.last:
                 in_flight.append(y.detach())
-                sends.append(dist.isend(in_flight[-1], following))
+                sends.append(sessions.started(dist.isend(in_flight[-1], following)))
         # Backward over the micro-batches in reverse, likewise receiving ahead.
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), dtype=task.torch_dtype(self.config), device=self.session.device)
@@ -115,7 +115,7 @@ class Stage:
                     incoming = self._receive(self.sizes[m - 1], following)
                 stage_outputs[m].backward(gradient)
             if not self.first:
-                sends.append(dist.isend(stage_inputs[m].grad, previous))
+                sends.append(sessions.started(dist.isend(task.grad_of(stage_inputs[m]), previous)))
         for work in sends:
             work.wait()
         self.optimizer.step()
@@ -130,7 +130,7 @@ class Stage:
 
     def _receive(self, rows: int, source: int) -> tuple[torch.Tensor, dist.Work]:
         buffer = self._activation(rows)
-        return buffer, dist.irecv(buffer, source)
+        return buffer, sessions.started(dist.irecv(buffer, source))
 
     def save(self, step: int, stopping: bool = False) -> None:
         self.checkpoints.save(self.piece, step, {"model": self.module.state_dict(),

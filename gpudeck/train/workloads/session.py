@@ -65,6 +65,13 @@ def run(args: argparse.Namespace, train: Callable[[argparse.Namespace, Session],
     return 0
 
 
+def started(work: dist.Work | None) -> dist.Work:
+    """A point-to-point operation's handle: torch types it as maybe None, which it is only for a rank
+    outside the group it names."""
+    assert work is not None
+    return work
+
+
 @dataclass
 class StepTimer:
     """Wall time per step over the steps this process ran, the first (warm-up) one left out."""

@@ -144,6 +144,12 @@ def loss_fn(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(outputs, labels)
 
 
+def grad_of(tensor: torch.Tensor) -> torch.Tensor:
+    """The gradient a backward just left in `tensor` (torch types `.grad` as maybe None: it is, before one)."""
+    assert tensor.grad is not None
+    return tensor.grad
+
+
 def parameter_count(config: Config) -> int:
     """Number of parameters of the model."""
     widths = [INPUTS] + [config.hidden] * (config.layers - 1) + [CLASSES]

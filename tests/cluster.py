@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyte
+
 from gpudeck.agent.procs import Leader, job_pids, pids_with_env, run_marker, signal_pids
 from gpudeck.protocol.auth import JoinToken
 
@@ -30,6 +32,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def worker_job_ports() -> str:
+    """The rendezvous ports of this test worker's clusters: its share of the default 29500-29999.
+    The suite runs in pytest-xdist workers whose clusters share this machine's loopback, which two
+    real clusters never do; a job's port is drawn at random from the range, so two workers' jobs could
+    draw one port in the same moment. A later `--job-ports` in `start_coordinator(extra)` wins."""
+    first, last = 29500, 29999
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    share = (last - first + 1) // workers
+    return f"{first + index * share}-{first + (index + 1) * share - 1}"
+
+
 def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.3) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -40,22 +54,42 @@ def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.3)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def read_pty_until(fd: int, needle: bytes, timeout: float, seen: bytearray) -> bool:
-    """Read a terminal's output into `seen` until `needle` appears (True) or `timeout` passes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], 0.2)
-        if ready:
+class Terminal:
+    """A program's terminal as a person reads it: the output is replayed into pyte, a terminal
+    emulator, so a text the dashboard drew in pieces (Textual rewrites only what changed, with style
+    codes between the characters) is found once the screen shows it, not only if its bytes came in
+    one run. `raw` keeps the bytes, for what is printed after the dashboard left the screen."""
+
+    def __init__(self, fd: int, columns: int, lines: int) -> None:
+        self.fd = fd
+        self.raw = bytearray()
+        self.screen = pyte.Screen(columns, lines)
+        self.stream = pyte.ByteStream(self.screen)
+
+    def shows(self) -> str:
+        return "\n".join(line.rstrip() for line in self.screen.display)
+
+    def read_until(self, text: str, timeout: float) -> bool:
+        """Read until the screen or the bytes hold `text` (True), or `timeout` passes."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.fd], [], [], 0.2)
+            if not ready:
+                continue
             try:
-                chunk = os.read(fd, 65536)
+                chunk = os.read(self.fd, 65536)
             except OSError:
-                return needle in seen
+                chunk = b""
             if not chunk:
-                return needle in seen
-            seen.extend(chunk)
-            if needle in seen:
+                return self._holds(text)
+            self.raw.extend(chunk)
+            self.stream.feed(chunk)
+            if self._holds(text):
                 return True
-    return False
+        return False
+
+    def _holds(self, text: str) -> bool:
+        return text.encode() in self.raw or text in self.shows()
 
 
 @dataclass
@@ -87,7 +121,7 @@ class Cluster:
 
     def start_coordinator(self, *extra: str) -> None:
         self.spawn("coordinator", "coordinator", "--host", "127.0.0.1", "--port", str(self.port),
-                   "--state-dir", str(self.coordinator_dir), "--no-mdns", *extra)
+                   "--state-dir", str(self.coordinator_dir), "--no-mdns", "--job-ports", worker_job_ports(), *extra)
         self.token = wait_until(self._read_token, 20, "the coordinator's token")
         wait_until(self._accepting, 20, "the coordinator to listen")
 

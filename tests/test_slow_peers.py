@@ -32,7 +32,7 @@ from typing import Iterator
 import pytest
 
 from gpudeck.coordinator.registry import DOWN_AFTER
-from tests.cluster import ROOT, read_pty_until, wait_until
+from tests.cluster import ROOT, Terminal, wait_until
 from tests.netns import SKIP_REASON, Host, Lab, NamespaceProcesses, netns_available
 
 pytestmark = [
@@ -191,9 +191,8 @@ def test_a_stopped_dashboard_does_not_stop_the_control_loop(small_host: SmallBuf
     small_host.procs.procs["dashboard"] = tui
     os.close(slave)
     try:
-        seen = bytearray()
-        assert read_pty_until(master, f"{SWARM + 1}/{SWARM + 1} nodes up".encode(), 60, seen), \
-            seen[-2000:].decode(errors="replace")
+        terminal = Terminal(master, 160, 40)
+        assert terminal.read_until(f"{SWARM + 1}/{SWARM + 1} nodes up", 60), terminal.shows()
         tui.send_signal(signal.SIGSTOP)  # ctrl+z, or a laptop lid closed
         wait_until(lambda: small_host.stalled(tui.pid), 60, "the stopped dashboard's connection to fill up")
         _kill_victim_and_check_the_loop(small_host)

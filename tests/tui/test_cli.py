@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import free_port, read_pty_until
+from tests.cluster import Terminal, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -34,14 +34,14 @@ def test_up_opens_the_dashboard_and_q_stops_everything(tmp_path: Path):
                             stdin=slave, stdout=slave, stderr=slave, env=_env(tmp_path / "home"), cwd=tmp_path,
                             start_new_session=True)
     os.close(slave)
-    seen = bytearray()
+    terminal = Terminal(master, 100, 30)
     try:
-        assert read_pty_until(master, b"1/1 nodes up", 60, seen), seen[-2000:].decode(errors="replace")
+        assert terminal.read_until("1/1 nodes up", 60), terminal.shows()
         assert (tmp_path / "home" / "coordinator" / "endpoint.json").exists()
         os.write(master, b"q")
         assert proc.wait(timeout=30) == 0
-        read_pty_until(master, b"gpudeck stopped", 5, seen)
-        assert b"gpudeck stopped" in seen
+        terminal.read_until("gpudeck stopped", 5)
+        assert b"gpudeck stopped" in terminal.raw
         assert not (tmp_path / "home" / "coordinator" / "endpoint.json").exists(), "the coordinator stopped"
         assert "joined" in (tmp_path / "home" / "up.log").read_text(), "logs went to a file, not over the screen"
     finally:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Generator, Iterator
 
@@ -8,6 +9,12 @@ import pytest
 from tests.cluster import Cluster
 
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
+
+# pytest-xdist's workers export COLUMNS=80 and LINES=24, which a user's shell does not; a dashboard a
+# test starts on a terminal of its own would take them over that terminal's size (and word its header
+# for 80 columns on a 160-column screen).
+for _size in ("COLUMNS", "LINES"):
+    os.environ.pop(_size, None)
 
 
 def _start(tmp: Path, agents: tuple[str, ...]) -> Cluster:

@@ -192,7 +192,7 @@ def test_a_stopped_dashboard_does_not_stop_the_control_loop(small_host: SmallBuf
     os.close(slave)
     try:
         terminal = Terminal(master, 160, 40)
-        assert terminal.read_until(f"{SWARM + 1}/{SWARM + 1} nodes up", 60), terminal.shows()
+        assert terminal.read_until(f"{SWARM + 1}/{SWARM + 1} nodes up", timeout=60), terminal.shows()
         tui.send_signal(signal.SIGSTOP)  # ctrl+z, or a laptop lid closed
         wait_until(lambda: small_host.stalled(tui.pid), 60, "the stopped dashboard's connection to fill up")
         _kill_victim_and_check_the_loop(small_host)

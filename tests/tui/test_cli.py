@@ -36,11 +36,11 @@ def test_up_opens_the_dashboard_and_q_stops_everything(tmp_path: Path):
     os.close(slave)
     terminal = Terminal(master, 100, 30)
     try:
-        assert terminal.read_until("1/1 nodes up", 60), terminal.shows()
+        assert terminal.read_until("1/1 nodes up", timeout=60), terminal.shows()
         assert (tmp_path / "home" / "coordinator" / "endpoint.json").exists()
         os.write(master, b"q")
         assert proc.wait(timeout=30) == 0
-        terminal.read_until("gpudeck stopped", 5)
+        terminal.read_until("gpudeck stopped", timeout=5)
         assert b"gpudeck stopped" in terminal.raw
         assert not (tmp_path / "home" / "coordinator" / "endpoint.json").exists(), "the coordinator stopped"
         assert "joined" in (tmp_path / "home" / "up.log").read_text(), "logs went to a file, not over the screen"

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from dataclasses import fields
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -31,6 +32,7 @@ from gpudeck.agent.gpus import (
 )
 from gpudeck.protocol.messages import decode
 from gpudeck.protocol.node_messages import Telemetry
+from tests.cluster import wait_until
 
 WIRE_FIELDS = {
     "index",
@@ -605,6 +607,9 @@ def test_injected_faults_and_outside_processes_reach_simulated_readings(tmp_path
     assert all(r.faults == () for r in backend.read())
     outside = subprocess.Popen(["sleep", "300"])
     try:
+        # Popen returns once the child is forked; until it has exec'd, /proc names it after this python.
+        wait_until(lambda: Path(f"/proc/{outside.pid}/comm").read_text().strip() == "sleep", 30,
+                   "the outside process to become sleep")
         injected.write_text(f"0 xid 79\n1 ecc 3\n1 process {outside.pid}\nnonsense line\n0 process notapid\n")
         first = backend.read()
         assert [f.split(":")[0][:6] for f in first[0].faults] == ["Xid 79"]

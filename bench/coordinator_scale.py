@@ -63,7 +63,7 @@ def serve(state_dir: Path, port: int) -> None:
     """The coordinator, with every scheduling pass timed into state_dir/passes (ms per line)."""
     import logging
 
-    from gpudeck.coordinator.server import Coordinator
+    from gpudeck.coordinator.server import Coordinator, CoordinatorConfig
 
     logging.basicConfig(level=logging.WARNING)
     out = open(state_dir / "passes", "a", buffering=1)
@@ -79,7 +79,7 @@ def serve(state_dir: Path, port: int) -> None:
     gc.callbacks.append(collected)
 
     async def main() -> None:
-        coordinator = Coordinator(state_dir, host="127.0.0.1", port=port, use_mdns=False)
+        coordinator = Coordinator(CoordinatorConfig(state_dir, host="127.0.0.1", port=port, use_mdns=False))
         await coordinator.start()
         schedule = coordinator.jobs.schedule
 

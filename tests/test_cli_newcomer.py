@@ -15,7 +15,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from gpudeck.cli import build_parser, named_command, parse_command_line, spec_from_args
+from gpudeck.cli import build_parser, named_command, parse_command_line
+from gpudeck.cli.submit import spec_from_args
 from gpudeck.coordinator.store import JobFilter, Store
 from gpudeck.model import JobSpec, JobState
 from gpudeck.output import job_detail, jobs_table, nodes_table
@@ -132,7 +133,8 @@ def test_a_workload_option_it_does_not_take_is_refused_at_submit(tmp_path: Path)
 
 
 def test_the_workload_check_at_submit_does_not_import_torch():
-    code = ("import sys; from gpudeck.cli import build_parser, parse_command_line, spec_from_args; "
+    code = ("import sys; from gpudeck.cli import build_parser, parse_command_line; "
+            "from gpudeck.cli.submit import spec_from_args; "
             "spec_from_args(parse_command_line(build_parser(), ['submit', '--workload', 'pipeline', '--steps', '5'])); "
             "print('torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -26,7 +26,8 @@ from gpudeck.coordinator.priority import (
 from gpudeck.coordinator.scheduler import (
     Decision, GpuSlot, JobRequest, NodeSlots, RunningJob, schedule, validate_request,
 )
-from gpudeck.cli import build_parser, scheduling_options
+from gpudeck.cli import build_parser
+from gpudeck.cli.services import coordinator_config
 from gpudeck.coordinator.store import UserRow
 from gpudeck.model import JobSpec, JobState
 from gpudeck.output import job_detail, jobs_table, starts_text
@@ -495,8 +496,9 @@ def test_the_coordinators_priority_flags_make_its_policy() -> None:
     args = build_parser().parse_args(["coordinator", "--priority-weights", "age=5,fair_share=7",
                                       "--fair-share-half-life", "1d", "--priority-age-cap", "2d",
                                       "--default-time-limit", "2h", "--preempt-grace", "45s"])
-    assert scheduling_options(args) == {"priority": Policy(Weights(fair_share=7.0, age=5.0), 86400.0, 172800.0),
-                                        "default_time_limit": 7200.0, "preempt_grace": 45.0}
+    settings = coordinator_config(args)
+    assert (settings.priority, settings.default_time_limit, settings.preempt_grace) == (
+        Policy(Weights(fair_share=7.0, age=5.0), 86400.0, 172800.0), 7200.0, 45.0)
     with pytest.raises(SystemExit) as refused:
         build_parser().parse_args(["coordinator", "--priority-weights", "size=3"])
     assert refused.value.code == 2

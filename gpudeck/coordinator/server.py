@@ -68,29 +68,39 @@ WRONG_TOKEN_DELAY = 0.5
 MAX_OUTPUTS_LISTED = 1000  # output files of one job on one node named in its view
 
 
+@dataclasses.dataclass(frozen=True)
+class CoordinatorConfig:
+    """What a coordinator is run with: the command line's settings (made by `gpudeck.cli.services`), one
+    record for `gpudeck coordinator` and `gpudeck up` alike, as AgentConfig is for the agent."""
+
+    state_dir: Path
+    host: str = "0.0.0.0"
+    port: int = 7070
+    mdns_interfaces: list[str] | None = None
+    use_mdns: bool = True
+    job_ports: tuple[int, int] = JOB_PORTS
+    project_cap: int = DEFAULT_CAP
+    project_store: int = PROJECT_STORE_LIMIT
+    idle_after: float = IDLE_AFTER  # how long every GPU of a running job must read 0 % before it is marked idle
+    idle_cancel: bool = False  # cancel a job once it is idle
+    priority: Policy = Policy()  # the weights, fair-share half-life and age cap of pending jobs' priority
+    default_time_limit: float = DEFAULT_TIME_LIMIT  # how long reservations plan a job without --time-limit to run
+    preempt_grace: float = PREEMPT_GRACE  # a preempted job's seconds from SIGTERM to SIGKILL
+    metrics: tuple[str, int] | None = None  # where to serve Prometheus metrics (None: nowhere)
+    hang_after: float = HANG_AFTER  # how long a running job's ranks may complete no collective before it is hung
+
+
 class Coordinator:
-    def __init__(self, state_dir: Path, host: str = "0.0.0.0", port: int = 7070,
-                 mdns_interfaces: list[str] | None = None, use_mdns: bool = True,
-                 clock: Callable[[], float] = time.time, job_ports: tuple[int, int] = JOB_PORTS,
-                 project_cap: int = DEFAULT_CAP, project_store: int = PROJECT_STORE_LIMIT,
-                 idle_after: float = IDLE_AFTER, idle_cancel: bool = False, priority: Policy = Policy(),
-                 default_time_limit: float = DEFAULT_TIME_LIMIT, preempt_grace: float = PREEMPT_GRACE,
-                 metrics: tuple[str, int] | None = None, hang_after: float = HANG_AFTER) -> None:
-        """`metrics`: where to serve Prometheus metrics (None: nowhere); `hang_after`: how long a running
-        job's ranks may complete no collective before it is flagged hung. `idle_after`: how long every
-        GPU of a running job must read 0 % before it is marked idle; `idle_cancel`: cancel it then.
-        `priority`: the weights, fair-share half-life and age cap of pending jobs' priority;
-        `default_time_limit`: how long reservations plan a job without --time-limit to run;
-        `preempt_grace`: a preempted job's seconds from SIGTERM to SIGKILL."""
-        self.state_dir = state_dir
-        self.scheduling = (priority, default_time_limit, preempt_grace)
-        self.job_ports = job_ports
-        self.project_limits = (project_cap, project_store)
-        self.host, self.port = host, port
-        self.identity = auth.CoordinatorIdentity(state_dir)
+    def __init__(self, config: CoordinatorConfig, clock: Callable[[], float] = time.time) -> None:
+        self.state_dir = config.state_dir
+        self.scheduling = (config.priority, config.default_time_limit, config.preempt_grace)
+        self.job_ports = config.job_ports
+        self.project_limits = (config.project_cap, config.project_store)
+        self.host, self.port = config.host, config.port
+        self.identity = auth.CoordinatorIdentity(config.state_dir)
         self.clock = clock
         self.registry = Registry()
-        self.discovery = Discovery(mdns_interfaces) if use_mdns else None
+        self.discovery = Discovery(config.mdns_interfaces) if config.use_mdns else None
         # Why an agent seen over mDNS has not joined, by (address, node name), from refused handshakes.
         self.refused_agents: dict[tuple[str, str], str] = {}
         self.wake = asyncio.Event()
@@ -101,14 +111,14 @@ class Coordinator:
         self.gate = AdmissionGate()
         self._accepting: set[asyncio.Task[None]] = set()  # accepts, and closes of removed users' sessions
         self.publisher = Publisher()
-        self.idle = IdleTracker(idle_after)
-        self.progress = ProgressBook(hang_after, clock)
-        self.idle_cancel = idle_cancel
+        self.idle = IdleTracker(config.idle_after)
+        self.progress = ProgressBook(config.hang_after, clock)
+        self.idle_cancel = config.idle_cancel
         self.relay = OutputRelay(self.send)
         self._published_at = 0.0
         self.metrics_registry = CollectorRegistry(auto_describe=False)
         self.events = JobEvents(self.metrics_registry)
-        self.metrics = MetricsEndpoint(self.metrics_registry, *metrics) if metrics else None
+        self.metrics = MetricsEndpoint(self.metrics_registry, *config.metrics) if config.metrics else None
 
     async def start(self) -> tuple[str, int]:
         self.token = self.identity.ensure()

@@ -155,7 +155,8 @@ def test_the_wrapper_refuses_unknown_workloads_and_passes_usage_errors_through()
 
 
 def test_submit_passes_the_options_after_the_workload_name_to_it():
-    from gpudeck.cli import build_parser, spec_from_args
+    from gpudeck.cli import build_parser
+    from gpudeck.cli.submit import spec_from_args
 
     args = build_parser().parse_args(["submit", "--nodes", "2", "--gpus-per-node", "1", "--workload", "pipeline",
                                       "--steps", "5", "--micro-batches", "2"])

@@ -4,29 +4,48 @@ and for a single workstation. It stays on loopback (no LAN multicast) unless ask
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
-import signal
-import socket
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gpudeck import config
+from gpudeck.capacity import MAX_GPUS_PER_NODE
+from gpudeck.cli.arguments import port_number, simulated_gpus
+from gpudeck.cli.parsers import command
+from gpudeck.cli.registry import Command
+from gpudeck.cli.services import coordinator_config, scheduling_flags
 
-log = logging.getLogger("gpudeck.up")
+if TYPE_CHECKING:
+    import asyncio
+
+def _up_parser(sub: Any) -> None:
+    up = command(sub, "up",
+                 "Everything on this one machine, for trying gpudeck out or for a single workstation: a "
+                 "coordinator and an agent for this machine's GPUs, listening on loopback only (--lan to let "
+                 "other machines join), with their state in the data dir ($GPUDECK_HOME), and the dashboard. "
+                 "Without GPUs, --simulate-gpus N gives the agent simulated ones.",
+                 "gpudeck up --simulate-gpus 4", "gpudeck up --lan --no-tui")
+    up.add_argument("--simulate-gpus", type=simulated_gpus, metavar="N",
+                    help=f"give the local agent N simulated GPUs (at most {MAX_GPUS_PER_NODE})")
+    up.add_argument("--port", type=port_number, default=config.DEFAULT_PORT,
+                    help="coordinator port (default: %(default)s)")
+    up.add_argument("--lan", action="store_true", help="listen and advertise on the LAN instead of loopback only")
+    up.add_argument("--no-tui", action="store_true", help="do not open the dashboard; run until Ctrl-C (also "
+                    "when not on a terminal)")
+    scheduling_flags(up)
 
 
-async def run_up(args: argparse.Namespace) -> int:
+async def cmd_up(args: argparse.Namespace) -> int:
+    import asyncio
+    import socket
+
     from gpudeck.agent.gpus import open_backend
     from gpudeck.agent.health import SIMULATED_GPUS
     from gpudeck.agent.node import Agent, AgentConfig
-    from gpudeck.cli import scheduling_options
     from gpudeck.coordinator.server import Coordinator
 
-    host = "0.0.0.0" if args.lan else "127.0.0.1"
-    interfaces = None if args.lan else ["127.0.0.1"]
-    coordinator = Coordinator(config.coordinator_dir(), host, args.port, mdns_interfaces=interfaces,
-                              **scheduling_options(args))
+    settings = coordinator_config(args)
+    host, interfaces = settings.host, settings.mdns_interfaces
+    coordinator = Coordinator(settings)
     try:
         await coordinator.start()
     except OSError as exc:
@@ -38,7 +57,7 @@ async def run_up(args: argparse.Namespace) -> int:
     agent = Agent(AgentConfig(name=name, token=coordinator.token, state_dir=config.agent_dir(),
                               coordinator=("127.0.0.1", coordinator.port), mdns_interfaces=interfaces), backend)
     runner = asyncio.create_task(agent.run())
-    if not getattr(args, "no_tui", False) and sys.stdin.isatty() and sys.stdout.isatty():
+    if not args.no_tui and sys.stdin.isatty() and sys.stdout.isatty():
         return await _with_dashboard(coordinator, runner, host, name, found)
     print(f"gpudeck is up: coordinator on {host}:{coordinator.port}, node {name}: {found}.\n"
           f"State is in {config.data_dir()}. In another terminal try:\n"
@@ -59,6 +78,9 @@ async def _with_dashboard(coordinator: Any, runner: asyncio.Task[Any], host: str
     """The dashboard in this process and event loop, beside the coordinator and the agent; quitting it
     stops them (running jobs keep running and are adopted on the next `gpudeck up`). Logging goes to a
     file meanwhile, since the terminal is the dashboard's."""
+    import asyncio
+    import signal
+
     from gpudeck.config import Endpoint
     from gpudeck.tui.app import GpudeckApp, quiet_logging
     from gpudeck.tui.client import CoordinatorLink
@@ -78,3 +100,6 @@ async def _with_dashboard(coordinator: Any, runner: asyncio.Task[Any], host: str
     print(f"gpudeck stopped (coordinator on {host}:{coordinator.port}, node {name}: {found}). Running jobs keep "
           f"running and are adopted on the next `gpudeck up`; the log is in {log_file}.", flush=True)
     return app.return_code or 0
+
+
+COMMANDS = {"up": Command(_up_parser, cmd_up)}

@@ -6,6 +6,7 @@ import time
 from typing import Any, TextIO
 
 from gpudeck.arrays import compress, job_label
+from gpudeck.logtail import LineSplitter
 from gpudeck.model import format_duration
 from gpudeck.text import counted, human_bytes, idle_note, safe_output, spoken_duration, visible, visible_data
 
@@ -326,17 +327,14 @@ class LogPrinter:
         self.out = out
         self.include_launcher = include_launcher
         self.raw = raw  # pass the job's bytes as they are, escape sequences and all (`logs --raw`)
-        self._partial: dict[int, bytes] = {}
+        self._lines = LineSplitter()
 
     @staticmethod
     def label(rank: int) -> str:
         return f"[rank {rank}]" if rank >= 0 else f"[node {-rank - 1}]"
 
     def feed(self, rank: int, data: bytes) -> None:
-        buffered = self._partial.get(rank, b"") + data
-        *lines, rest = buffered.split(b"\n")
-        self._partial[rank] = rest
-        for line in lines:
+        for line in self._lines.feed(rank, data):
             self._emit(rank, line)
 
     def _emit(self, rank: int, line: bytes) -> None:
@@ -346,8 +344,6 @@ class LogPrinter:
         self.out.write(f"{self.label(rank)} {text if self.raw else safe_output(text)}\n")
 
     def flush(self) -> None:
-        for rank, rest in sorted(self._partial.items()):
-            if rest:
-                self._emit(rank, rest)
-        self._partial.clear()
+        for rank, rest in self._lines.rest():
+            self._emit(rank, rest)
         self.out.flush()

@@ -30,11 +30,28 @@ from gpudeck.protocol.handshake import Refused
 from gpudeck.text import counted, visible
 from gpudeck.tui.client import Changed, Connected, CoordinatorLink, Link, Lost, NotConnected, NotFound
 from gpudeck.tui.login import LoginScreen, TokenCheck
-from gpudeck.tui.model import ACTIVE_STATES, FINISHED_STATES, USAGE_WINDOWS, Changes, Cluster
-from gpudeck.tui.screens import ConfirmScreen, HelpScreen, JobScreen, NotFoundScreen, SubmitScreen
+from gpudeck.tui.model import (
+    ACTIVE_STATES,
+    FINISHED_STATES,
+    USAGE_WINDOWS,
+    Changes,
+    Cluster,
+    FollowsCluster,
+    Ticking,
+)
+from gpudeck.tui.screens.confirm import ConfirmScreen
+from gpudeck.tui.screens.help import HelpScreen
+from gpudeck.tui.screens.job import JobScreen
+from gpudeck.tui.screens.not_found import NotFoundScreen
+from gpudeck.tui.screens.submit import SubmitScreen
 from gpudeck.tui.spec import Form
 from gpudeck.tui.table import DeckTable
-from gpudeck.tui.views import Banner, DeckHeader, FilteredView, JobsView, NodesView, PeopleView, TrafficView
+from gpudeck.tui.views.filtered import FilteredView
+from gpudeck.tui.views.jobs import JobsView
+from gpudeck.tui.views.nodes import NodesView
+from gpudeck.tui.views.people import PeopleView
+from gpudeck.tui.views.traffic import TrafficView
+from gpudeck.tui.widgets.header import Banner, DeckHeader
 
 KEYMAP_FILE = "keymap.json"
 VIEWS = ("nodes", "jobs", "traffic", "people")
@@ -260,10 +277,8 @@ class GpudeckApp(App[int]):
         for view in (self.nodes_view, self.jobs_view, self.traffic_view, self.people_view):
             view.model_changed(changes)
         for screen in self.screen_stack:
-            if isinstance(screen, JobScreen):
+            if isinstance(screen, FollowsCluster):
                 screen.model_changed(changes)
-            elif isinstance(screen, SubmitScreen) and (changes.nodes or changes.node_set or changes.reset):
-                screen.check()  # whether the request fits depends on the nodes there are now
         self.show_totals()
         self.refresh_bindings_soon()
 
@@ -295,7 +310,7 @@ class GpudeckApp(App[int]):
         view = self.active_view
         if view is not None:
             view.table.refresh()
-        if isinstance(self.screen, JobScreen):
+        if isinstance(self.screen, Ticking):
             self.screen.tick()
 
     # --- where the user is --------------------------------------------------------------------------

@@ -25,9 +25,9 @@ from gpudeck.client import NoCoordinator, connect, find_endpoints
 from gpudeck.config import Endpoint
 from gpudeck.model import JobSpec
 from gpudeck.protocol import auth
+from gpudeck.protocol.handshake import Refused
 from gpudeck.protocol.messages import Cancel, Drain, ListNodes, ReadLogs, Submit, Usage, Watch
 from gpudeck.protocol.payloads import JobView, UsageView
-from gpudeck.protocol.handshake import Refused
 from gpudeck.protocol.session import ClientSession
 
 BACKOFF = (0.5, 1.0, 2.0, 3.0, 5.0)

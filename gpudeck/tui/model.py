@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence, runtime_checkable
 
 from gpudeck.capacity import MAX_GPUS, MAX_GPUS_PER_NODE, MAX_NODES, impossible_reason
 from gpudeck.model import format_duration
@@ -62,6 +62,22 @@ class Changes:
     def __bool__(self) -> bool:
         return bool(self.nodes or self.jobs or self.node_set or self.job_set or self.unjoined or self.traffic
                     or self.usage or self.reset)
+
+
+@runtime_checkable
+class FollowsCluster(Protocol):
+    """A screen that shows the cluster: after each batch of updates the app tells every such screen
+    on its stack what changed (the views under the tabs it calls by name)."""
+
+    def model_changed(self, changes: Changes) -> None: ...
+
+
+@runtime_checkable
+class Ticking(Protocol):
+    """A screen whose text moves on with the clock alone (runtimes, planned starts): the app calls
+    `tick` once a second while it is on top."""
+
+    def tick(self) -> None: ...
 
 
 # --- traffic ---------------------------------------------------------------------------------------

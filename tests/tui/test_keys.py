@@ -12,7 +12,11 @@ from textual.widgets import Log
 
 from gpudeck.tui.app import GpudeckApp
 from gpudeck.tui.client import RecordedLink
-from gpudeck.tui.screens import ConfirmScreen, HelpScreen, JobScreen, NotFoundScreen, SubmitScreen
+from gpudeck.tui.screens.confirm import ConfirmScreen
+from gpudeck.tui.screens.help import HelpScreen
+from gpudeck.tui.screens.job import JobScreen
+from gpudeck.tui.screens.not_found import NotFoundScreen
+from gpudeck.tui.screens.submit import SubmitScreen
 from tests.conftest import SCRIPTS
 from tests.tui import recorded
 from tests.tui.helpers import screen_text, wait_for

@@ -13,8 +13,12 @@ from textual.widgets import Input, Log
 
 from gpudeck.tui.app import GpudeckApp
 from gpudeck.tui.client import CoordinatorLink
-from gpudeck.tui.screens import ConfirmScreen, JobScreen, KindRates, NotFoundScreen, SubmitScreen
-from gpudeck.tui.views import Banner
+from gpudeck.tui.screens.confirm import ConfirmScreen
+from gpudeck.tui.screens.job import JobScreen
+from gpudeck.tui.screens.not_found import NotFoundScreen
+from gpudeck.tui.screens.submit import SubmitScreen
+from gpudeck.tui.widgets.traffic import KindRates
+from gpudeck.tui.widgets.header import Banner
 from tests.cluster import Cluster, free_port
 from tests.tui.helpers import app_state, live_app, rows, screen_text, wait_for
 

@@ -9,7 +9,8 @@ from typing import Any
 from gpudeck.protocol.handshake import Refused
 from gpudeck.tui.app import GpudeckApp
 from gpudeck.tui.client import Lost, RecordedLink
-from gpudeck.tui.screens import ConfirmScreen, NotFoundScreen
+from gpudeck.tui.screens.confirm import ConfirmScreen
+from gpudeck.tui.screens.not_found import NotFoundScreen
 from tests.conftest import SCRIPTS
 from tests.tui import recorded
 from tests.tui.helpers import screen_text, wait_for

@@ -8,7 +8,7 @@ from typing import Any
 
 from gpudeck.tui.client import RecordedLink
 from gpudeck.tui.model import job_sort_key
-from gpudeck.tui.screens import JobScreen
+from gpudeck.tui.screens.job import JobScreen
 from tests.tui import recorded
 from tests.tui.helpers import screen_text, wait_for
 from tests.tui.test_newcomer import app_on

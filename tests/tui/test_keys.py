@@ -112,7 +112,7 @@ async def test_drain_asks_then_marks_the_node(tmp_path):
         assert isinstance(question, ConfirmScreen)
         assert "Drain node node-a?" in question.question
         await pilot.press("y")
-        await wait_for(pilot, "node-a draining", lambda: app.cluster.nodes["node-a"]["draining"])
+        await wait_for(pilot, "node-a draining", lambda: app.cluster.nodes["node-a"].draining)
         assert app.nodes_view.table.row_text(("node", "node-a")).split()[2] == "draining"
 
 

@@ -17,6 +17,7 @@ from textual.widgets import Footer, Log, Static, TabbedContent, TabPane
 from gpudeck.logtail import LogTail
 from gpudeck.model import format_duration
 from gpudeck.output import outputs_text, starts_text, wait_heatmap
+from gpudeck.protocol.views import JobView
 from gpudeck.protocol.handshake import Refused
 from gpudeck.text import human_bytes, rate, safe_output
 from gpudeck.tui.client import NotConnected
@@ -40,14 +41,14 @@ def launcher_label(rank: int) -> str:
     """A node's own output (rank -1 is node 0's): environment builds, gpudeck's notes, torchrun's."""
     return f"node {-rank - 1}"
 
-def queue_text(job: dict[str, Any], now: float) -> str:
+def queue_text(job: JobView, now: float) -> str:
     """A pending job's planned start and its priority score with each factor's part, in one line."""
-    start = starts_text(job.get("estimated_start"), now)
+    start = starts_text(job.estimated_start, now)
     text = f"starts {start} (planned)" if start != "-" else "start not planned yet (only the next job in line has one)"
-    factors = job.get("priority_factors") or []
+    factors = job.priority_factors
     if factors:
-        parts = " + ".join(f"{f['name'].replace('_', ' ')} {f['contribution']:,.0f}" for f in factors)
-        text += f"  ·  priority score {job['priority_score']:,.0f} = {parts}"
+        parts = " + ".join(f"{f.name.replace('_', ' ')} {f.contribution:,.0f}" for f in factors)
+        text += f"  ·  priority score {job.priority_score:,.0f} = {parts}"
     return text
 
 RANK_COLUMNS = [
@@ -122,14 +123,14 @@ class JobScreen(Screen):
         self._focus_tab(self.initial_tab)
 
     @property
-    def job(self) -> dict[str, Any] | None:
+    def job(self) -> JobView | None:
         return self.deck.cluster.jobs.get(self.job_id)
 
     def model_changed(self, changes: Changes) -> None:
         job = self.job
         if job is None:
             return
-        if self.title != (title := f"job {job['id']} {job['name']}"):
+        if self.title != (title := f"job {job.id} {job.name}"):
             self.title = title
             self.deck.show_totals()  # the header's counts make room for this title
         self._show_summary(job)
@@ -139,10 +140,10 @@ class JobScreen(Screen):
 
     def tick(self) -> None:
         job = self.job
-        if job is not None and (job["state"] in ACTIVE_STATES or job["state"] == "pending"):
+        if job is not None and (job.state in ACTIVE_STATES or job.state == "pending"):
             self._show_summary(job)  # its runtime, or its planned start, counts
 
-    def _show_summary(self, job: dict[str, Any]) -> None:
+    def _show_summary(self, job: JobView) -> None:
         text = self._summary(job)
         lines = text.plain.count("\n")
         self.query_one("#job-summary", Static).update(text, layout=lines != getattr(self, "_summary_lines", -1))
@@ -152,34 +153,34 @@ class JobScreen(Screen):
         progress.display = bool(shown.plain)
         progress.update(shown)
 
-    def _summary(self, job: dict[str, Any]) -> Text:
+    def _summary(self, job: JobView) -> Text:
         cluster = self.deck.cluster
         text = Text()
-        text.append(f"job {job['id']} ", style="bold")
-        text.append(job["name"], style="bold")
-        text.append(f"  {job['state']}", style="bold reverse" if job["state"] == "failed" else "bold")
-        exit_code = "-" if job.get("exit_code") is None else str(job["exit_code"])
-        text.append(f"  attempt {job['attempt']}  runtime {cluster.runtime(job)}  exit {exit_code}\n")
-        limit = format_duration(job["time_limit"]) if job.get("time_limit") else "none"
-        text.append(f"asked {asked_text(job)}  priority {job['priority']}  restarts "
-                    f"{job['restarts']}/{job['max_restarts']}  time limit {limit}\n", style="dim")
-        if job.get("reason"):
-            text.append(f"{job['reason']}\n", style="italic")
-        if job["state"] == "pending":
+        text.append(f"job {job.id} ", style="bold")
+        text.append(job.name, style="bold")
+        text.append(f"  {job.state}", style="bold reverse" if job.state == "failed" else "bold")
+        exit_code = "-" if job.exit_code is None else str(job.exit_code)
+        text.append(f"  attempt {job.attempt}  runtime {cluster.runtime(job)}  exit {exit_code}\n")
+        limit = format_duration(job.time_limit) if job.time_limit else "none"
+        text.append(f"asked {asked_text(job)}  priority {job.priority}  restarts "
+                    f"{job.restarts}/{job.max_restarts}  time limit {limit}\n", style="dim")
+        if job.reason:
+            text.append(f"{job.reason}\n", style="italic")
+        if job.state == "pending":
             text.append(queue_text(job, cluster.now()) + "\n")
-        text.append("$ " + " ".join(job.get("command", [])), style="dim")
+        text.append("$ " + " ".join(job.command), style="dim")
         kept = outputs_text(job)
         if kept:
             text.append(f"\noutputs {kept}")
         return text
 
-    def _update_traffic(self, job: dict[str, Any]) -> None:
+    def _update_traffic(self, job: JobView) -> None:
         traffic = self.deck.cluster.traffic.get(self.job_id)
         places = rank_places(job)
         self._places = places
-        ended = job["state"] in FINISHED_STATES
+        ended = job.state in FINISHED_STATES
         kinds_widget = self.query_one(KindRates)
-        by_kind = job.get("traffic", {}).get("by_kind", {})
+        by_kind = job.traffic.by_kind
         kinds_widget.steps = known_steps(job)
         kinds_widget.moved = (("total", sum(by_kind.values())), *sorted(by_kind.items())) if ended and by_kind else ()
         title = "bytes per second by kind"
@@ -195,7 +196,7 @@ class JobScreen(Screen):
             rows += [(kind, kinds.get(kind, 0.0), tuple(traffic.series(kind))) for kind in traffic.kinds()]
             self.query_one(KindRates).rows = tuple(rows)
             self._rank_rates = traffic.rank_rates()
-        self._health = rank_health(places, self._rank_rates, job["state"] == "running")
+        self._health = rank_health(places, self._rank_rates, job.state == "running")
         names, matrix = node_matrix(job, self._rank_rates)
         self.query_one(NodeMatrix).data = (tuple(names), tuple(tuple(row) for row in matrix))
         height = min(len(places), 12) + 1
@@ -210,33 +211,35 @@ class JobScreen(Screen):
         place = next((pl for pl in getattr(self, "_places", []) if pl.rank == rank), None)
         if place is None:
             return {}
-        job = self.job or {}
-        node = self.deck.cluster.nodes.get(place.node, {})
+        job = self.job
+        if job is None:
+            return {}
+        node = self.deck.cluster.nodes.get(place.node)
         kinds = getattr(self, "_rank_rates", {}).get(rank, {})
         traffic = self.deck.cluster.traffic.get(self.job_id)
         sent = sum((traffic.latest.get(rank, {}) if traffic else {}).values())
         reported = traffic is not None and rank in traffic.latest
         flag = getattr(self, "_health", {}).get(rank, "")
-        if job.get("state") in FINISHED_STATES:
-            moved = job.get("traffic", {}).get("by_rank", {}).get(str(rank), {})
+        if job.state in FINISHED_STATES:
+            moved = job.traffic.by_rank.get(rank, {})
             sent = sum(moved.values())
             kinds_text = ", ".join(f"{k} {human_bytes(v)}"
                                    for k, v in sorted(moved.items(), key=lambda kv: -kv[1]) if v)
         else:
             kinds_text = ", ".join(f"{k} {rate(v)}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]) if v)
         gpu = Text()
-        if node.get("simulated"):
+        if node is not None and node.simulated:
             gpu.append("SIM ", style=p.sim)
         gpu.append(str(place.gpu))
         if flag:
             pace = Text(flag.upper(), style=p.bad)
-        elif job.get("state") == "running" and not reported:
+        elif job.state == "running" and not reported:
             pace = Text("no report", style=p.warn)
         else:
-            pace = Text("ok" if job.get("state") == "running" else "-", style=p.dim)
+            pace = Text("ok" if job.state == "running" else "-", style=p.dim)
         return {
             "rank": str(rank), "node": place.node, "node_rank": str(place.node_rank), "gpu": gpu,
-            "rate": "-" if job.get("state") in FINISHED_STATES else rate(sum(kinds.values())),
+            "rate": "-" if job.state in FINISHED_STATES else rate(sum(kinds.values())),
             "sent": human_bytes(sent), "kinds": kinds_text or "-",
             "health": pace,
         }
@@ -244,15 +247,15 @@ class JobScreen(Screen):
     # --- logs -------------------------------------------------------------------------------------
 
     def rank_options(self) -> list[int | None]:
-        job = self.job or {}
-        places = rank_places(job)
-        nodes = len(job.get("placement") or [])
-        return [None, *(p.rank for p in places), *(-n - 1 for n in range(nodes))]
+        job = self.job
+        if job is None:
+            return [None]
+        nodes = len(job.placement)
+        return [None, *(p.rank for p in rank_places(job)), *(-n - 1 for n in range(nodes))]
 
     def _shows(self, rank: int) -> bool:
-        job = self.job or {}
         if self.rank_choice is None:
-            return rank >= 0 or job.get("state") == "failed"
+            return rank >= 0 or (self.job is not None and self.job.state == "failed")
         return rank == self.rank_choice
 
     def _format(self, rank: int, line: str) -> str:
@@ -356,18 +359,18 @@ class JobScreen(Screen):
             return self.query_one("#job-tabs", TabbedContent).active == "logs"
         return True
 
-def _progress_text(job: dict[str, Any]) -> Text:
+def _progress_text(job: JobView) -> Text:
     """A running job's hang, straggler and per-rank heatmap of waiting in collectives (empty when
     its ranks reported no collective progress)."""
-    progress = job.get("progress") if job["state"] == "running" else None
+    progress = job.progress if job.state == "running" else None
     text = Text()
     if not progress:
         return text
-    if progress["hung"]:
-        text.append(f"HUNG: {progress['hung']['sentence']}\n", style="bold reverse")
-    if progress["straggler"]:
-        text.append(f"straggler: {progress['straggler']}\n", style="bold")
-    text.append(f"waiting in collectives ({progress['bucket_seconds']:g} s a cell, oldest left; blank: none, "
+    if progress.hung:
+        text.append(f"HUNG: {progress.hung.sentence}\n", style="bold reverse")
+    if progress.straggler:
+        text.append(f"straggler: {progress.straggler}\n", style="bold")
+    text.append(f"waiting in collectives ({progress.bucket_seconds:g} s a cell, oldest left; blank: none, "
                 "█: all the time):\n", style="dim")
     text.append("\n".join(wait_heatmap(progress, most_ranks=8)))
     return text

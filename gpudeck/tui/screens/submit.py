@@ -16,6 +16,7 @@ from textual.screen import ModalScreen
 from textual.suggester import Suggester
 from textual.widgets import Footer, Input, Label, Select, Static
 
+from gpudeck.protocol.views import JobView
 from gpudeck.protocol.handshake import Refused
 from gpudeck.text import visible
 from gpudeck.tui.client import NotConnected
@@ -58,7 +59,7 @@ FIELDS = [
     ("max_restarts", "Max restarts", "when a node is lost"),
 ]
 
-class SubmitScreen(ModalScreen[dict[str, Any] | None]):
+class SubmitScreen(ModalScreen[JobView | None]):
     """A job submission form, filled and sent from the keyboard; checked as you type."""
 
     BINDINGS = [

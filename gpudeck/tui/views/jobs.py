@@ -16,6 +16,7 @@ import time
 from rich.style import Style
 
 from gpudeck.arrays import job_label
+from gpudeck.protocol.views import JobView
 from gpudeck.text import idle_note
 from gpudeck.tui.model import Cluster, matches, request_text
 from gpudeck.tui.widgets.filter_bar import FilterBar
@@ -63,11 +64,11 @@ class JobsView(FilteredView):
         mine = self.mine_only
         self.table.empty = (f"none of the jobs are yours ({self.me}): m shows everyone's" if mine
                             else "no jobs yet: press s to submit one")
-        self.table.set_keys([job["id"] for job in self.cluster.sorted_jobs()
-                             if matches(self.filter_text, job, "job") and (not mine or self._mine(job))])
+        self.table.set_keys([job.id for job in self.cluster.sorted_jobs()
+                             if matches(self.filter_text, job) and (not mine or self._mine(job))])
 
-    def _mine(self, job: dict[str, Any]) -> bool:
-        return bool(self.me) and job.get("owner") == self.me
+    def _mine(self, job: JobView) -> bool:
+        return bool(self.me) and job.owner == self.me
 
     def model_changed(self, changes: Changes) -> None:
         if changes.reset or changes.job_set:
@@ -77,7 +78,7 @@ class JobsView(FilteredView):
         if changes.reset or self.table.cursor_key in changes.jobs:
             self.update_preview()
 
-    def selected_job(self) -> dict[str, Any] | None:
+    def selected_job(self) -> JobView | None:
         key = self.table.cursor_key
         return self.cluster.jobs.get(key) if key is not None else None
 
@@ -86,45 +87,45 @@ class JobsView(FilteredView):
         text = Text()
         if job is None:
             return text
-        text.append(f"job {job['id']} {job['name']}", style="bold")
-        text.append(f" {job['state']}")
-        if job.get("reason"):
-            text.append(f": {job['reason']}")
-        if job.get("idle_since") is not None and job["state"] == "running":
-            text.append(f": {idle_note(job['idle_since'], self.cluster.now())}", style="bold")
-        submitted = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job["submitted_at"]))
-        text.append(f"\n$ {' '.join(job.get('command', []))} · asked {asked_text(job)} · priority "
-                    f"{job.get('priority', 0)} · submitted {submitted}", style="dim")
+        text.append(f"job {job.id} {job.name}", style="bold")
+        text.append(f" {job.state}")
+        if job.reason:
+            text.append(f": {job.reason}")
+        if job.idle_since is not None and job.state == "running":
+            text.append(f": {idle_note(job.idle_since, self.cluster.now())}", style="bold")
+        submitted = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.submitted_at))
+        text.append(f"\n$ {' '.join(job.command)} · asked {asked_text(job)} · priority "
+                    f"{job.priority} · submitted {submitted}", style="dim")
         return text
 
     def _version(self, key: Any) -> Hashable:
         job = self.cluster.jobs.get(key)
-        ticking = job is not None and job["state"] in ACTIVE_STATES
+        ticking = job is not None and job.state in ACTIVE_STATES
         return (self.cluster.job_version.get(key), int(self.cluster.now()) if ticking else 0)
 
     def _row(self, key: Any, p: Palette) -> dict[str, Any]:
         job = self.cluster.jobs.get(key)
         if job is None:
             return {}
-        state = job["state"]
-        if state in ("pending", "failed") or (state == "cancelled" and job.get("reason")):
-            info = Text(job.get("reason") or "", style=p.warn if state == "pending" else p.dim)
-        elif state == "running" and (job.get("progress") or {}).get("hung"):
-            info = Text(job["progress"]["hung"]["sentence"], style=p.bad)
-        elif state == "running" and job.get("idle_since") is not None:
-            info = Text(idle_note(job["idle_since"], self.cluster.now()), style=p.warn)
-        elif state == "running" and (job.get("progress") or {}).get("straggler"):
-            info = Text(job["progress"]["straggler"], style=p.warn)
+        state = job.state
+        if state in ("pending", "failed") or (state == "cancelled" and job.reason):
+            info = Text(job.reason or "", style=p.warn if state == "pending" else p.dim)
+        elif state == "running" and job.progress and job.progress.hung:
+            info = Text(job.progress.hung.sentence, style=p.bad)
+        elif state == "running" and job.idle_since is not None:
+            info = Text(idle_note(job.idle_since, self.cluster.now()), style=p.warn)
+        elif state == "running" and job.progress and job.progress.straggler:
+            info = Text(job.progress.straggler, style=p.warn)
         else:
-            info = Text(" ".join(job.get("command", [])), style=p.dim)
-        exit_code = job.get("exit_code")
+            info = Text(" ".join(job.command), style=p.dim)
+        exit_code = job.exit_code
         return {
-            "id": job_label(job["id"], job.get("array_job"), job.get("array_index")), "name": job["name"],
-            "owner": Text(job.get("owner") or "-", style=p.accent + Style(bold=True) if self._mine(job) else ""),
-            "state": Text("hung", style=p.bad) if state == "running" and (job.get("progress") or {}).get("hung")
+            "id": job_label(job.id, job.array_job, job.array_index), "name": job.name,
+            "owner": Text(job.owner or "-", style=p.accent + Style(bold=True) if self._mine(job) else ""),
+            "state": Text("hung", style=p.bad) if state == "running" and job.progress and job.progress.hung
             else Text(state, style=getattr(p, JOB_STATE_STYLE.get(state, "dim"))),
-            "gpus": request_text(job), "nodes": ",".join(job.get("nodes", [])) or "-",
-            "runtime": self.cluster.runtime(job), "attempt": str(job.get("attempt", "")),
+            "gpus": request_text(job), "nodes": ",".join(job.nodes) or "-",
+            "runtime": self.cluster.runtime(job), "attempt": str(job.attempt),
             "exit": Text("-" if exit_code is None else str(exit_code), style=p.bad if exit_code else ""),
-            "priority": str(job.get("priority", 0)), "info": info,
+            "priority": str(job.priority), "info": info,
         }

@@ -77,11 +77,11 @@ class NodesView(FilteredView):
         keys: list[Hashable] = []
         for name in self.cluster.node_names():
             node = self.cluster.nodes[name]
-            if not matches(self.filter_text, node, "node"):
+            if not matches(self.filter_text, node):
                 continue
             keys.append(("node", name))
             if self.is_expanded(name):
-                keys += [("gpu", name, gpu["index"]) for gpu in node["gpus"]]
+                keys += [("gpu", name, gpu.index) for gpu in node.gpus]
         unjoined = [u for u in self.cluster.unjoined
                     if not self.filter_text or all(w in f"{u['name']} {u['address']} unjoined".lower()
                                                    for w in self.filter_text.lower().split())]
@@ -93,7 +93,7 @@ class NodesView(FilteredView):
     def model_changed(self, changes: Changes) -> None:
         if changes.reset and not self.sized:  # the first snapshot; a reconnect keeps what the user opened
             self.sized = True
-            self.expand_all = sum(len(n["gpus"]) for n in self.cluster.nodes.values()) <= EXPAND_UP_TO_GPUS
+            self.expand_all = sum(len(n.gpus) for n in self.cluster.nodes.values()) <= EXPAND_UP_TO_GPUS
         if changes.reset or changes.node_set or changes.unjoined:
             self.rebuild()
             self.update_preview()
@@ -105,7 +105,7 @@ class NodesView(FilteredView):
         for name in changes.nodes:
             keys.append(("node", name))
             if self.is_expanded(name) and name in self.cluster.nodes:
-                keys += [("gpu", name, gpu["index"]) for gpu in self.cluster.nodes[name]["gpus"]]
+                keys += [("gpu", name, gpu.index) for gpu in self.cluster.nodes[name].gpus]
         self.table.refresh_keys(keys)
 
     def toggle(self, name: str) -> None:
@@ -146,38 +146,39 @@ class NodesView(FilteredView):
         node = self.cluster.nodes.get(key[1])
         if node is None:
             return text
-        sim = " SIM" if node.get("simulated") else ""
+        sim = " SIM" if node.simulated else ""
         if key[0] == "node":
             text.append(key[1], style="bold")
-            text.append(f" ({node.get('hostname')}, {node.get('address')}) {node['state']}"
-                        + (", draining" if node.get("draining") else "")
-                        + f" · {counted(len(node['gpus']), sim.strip() + ' GPU' if sim else 'GPU')}"
-                        f" · jobs {','.join(map(str, node.get('jobs', []))) or 'none'}"
+            text.append(f" ({node.hostname}, {node.address}) {node.state}"
+                        + (", draining" if node.draining else "")
+                        + f" · {counted(len(node.gpus), sim.strip() + ' GPU' if sim else 'GPU')}"
+                        f" · jobs {','.join(map(str, node.jobs)) or 'none'}"
                         + f" · heartbeat {age(self.cluster.heartbeat_age(key[1]))} ago")
-            outside = [(g["index"], p) for g in node["gpus"] for p in foreign_processes(g)]
+            outside = [(g.index, p) for g in node.gpus for p in foreign_processes(g)]
             for index, process in outside:
                 text.append(f"\nGPU {index}: ! outside gpudeck: {describe_process(process)}")
-            for cordon in node.get("cordoned", []):
-                text.append(f"\nGPU {cordon['gpu']}: cordoned, no new jobs: {cordon['cause']}")
+            for kept_out in node.cordoned:
+                text.append(f"\nGPU {kept_out.gpu}: cordoned, no new jobs: {kept_out.cause}")
             return text
-        gpu = next((g for g in node["gpus"] if g["index"] == key[2]), None)
+        gpu = next((g for g in node.gpus if g.index == key[2]), None)
         if gpu is None:
             return text
         text.append(f"{key[1]} GPU {key[2]}{sim}", style="bold")
-        text.append(f" {gpu.get('name')} · {gpu.get('uuid')}")
+        text.append(f" {gpu.name} · {gpu.uuid}")
         job = self.cluster.gpu_jobs.get((key[1], key[2]))
         if job is not None:
-            text.append(f" · job {job} {self.cluster.jobs.get(job, {}).get('name', '')}")
-        power = gpu.get("power")
-        limit = gpu.get("power_limit")
+            held = self.cluster.jobs.get(job)
+            text.append(f" · job {job} {held.name if held else ''}")
+        power = gpu.power
+        limit = gpu.power_limit
         if power is not None:
             text.append(f" · {power:.0f}W" + (f" of {limit:.0f}W" if limit else ""))
         cordon = cordon_of(node, key[2])
         if cordon is not None:
-            text.append(f"\ncordoned for {spoken_duration(self.cluster.now() - cordon['since'])} "
-                        f"(`gpudeck gpu uncordon {key[1]}:{key[2]}` offers it again): {cordon['cause']}")
-        for process in gpu.get("processes") or []:
-            mark = "! outside gpudeck: " if process.get("foreign") else ""
+            text.append(f"\ncordoned for {spoken_duration(self.cluster.now() - cordon.since)} "
+                        f"(`gpudeck gpu uncordon {key[1]}:{key[2]}` offers it again): {cordon.cause}")
+        for process in gpu.processes or []:
+            mark = "! outside gpudeck: " if process.foreign else ""
             text.append(f"\n{mark}{describe_process(process)}")
         return text
 
@@ -209,33 +210,33 @@ class NodesView(FilteredView):
         node = self.cluster.nodes.get(name)
         if node is None:
             return {}
-        gpus = node["gpus"]
-        utils = [g["utilization"] for g in gpus if g.get("utilization") is not None]
-        used = [g["memory_used"] for g in gpus if g.get("memory_used") is not None]
-        total = [g["memory_total"] for g in gpus if g.get("memory_total") is not None]
-        temps = [g["temperature"] for g in gpus if g.get("temperature") is not None]
-        power = [g["power"] for g in gpus if g.get("power") is not None]
-        state = "draining" if node.get("draining") and node["state"] == "up" else node["state"]
+        gpus = node.gpus
+        utils = [g.utilization for g in gpus if g.utilization is not None]
+        used = [g.memory_used for g in gpus if g.memory_used is not None]
+        total = [g.memory_total for g in gpus if g.memory_total is not None]
+        temps = [g.temperature for g in gpus if g.temperature is not None]
+        power = [g.power for g in gpus if g.power is not None]
+        state = "draining" if node.draining and node.state == "up" else node.state
         seen = self.cluster.heartbeat_age(name)
         marker = "▾ " if self.is_expanded(name) else "▸ "
         gpus_cell = Text(str(len(gpus)))
-        if node.get("simulated"):
+        if node.simulated:
             gpus_cell.append(" SIM", style=p.sim)
         foreign = sum(1 for g in gpus if foreign_processes(g))
-        jobs = Text(",".join(map(str, node.get("jobs", []))) or "-")
-        if node.get("draining") and state != "draining":
+        jobs = Text(",".join(map(str, node.jobs)) or "-")
+        if node.draining and state != "draining":
             jobs.append(" draining", style=p.warn)
         if foreign:
             jobs.append(f" !{foreign} outside", style=p.bad)
-        if node.get("cordoned"):
-            jobs.append(f" x{len(node['cordoned'])} cordoned", style=p.bad)
+        if node.cordoned:
+            jobs.append(f" x{len(node.cordoned)} cordoned", style=p.bad)
         util = sum(utils) / len(utils) if utils else None
-        stale = node["state"] == "down"
+        stale = node.state == "down"
         if stale:
             jobs = Text("stale ", style=p.warn) + jobs
         return self._dim_readings(stale, p, {
             "name": Text(marker + name, style="bold"),
-            "state": Text(state, style=getattr(p, STATE_STYLE.get(node["state"], "warn"))
+            "state": Text(state, style=getattr(p, STATE_STYLE.get(node.state, "warn"))
                           if state != "draining" else p.warn),
             "gpus": gpus_cell,
             "util": self._util(util, p),
@@ -244,7 +245,7 @@ class NodesView(FilteredView):
             "power": _watts(sum(power)) if power else "n/a",
             "history": Text(sparkline(self.cluster.node_util.get(name, []), self.table.column_width("history"), 100),
                             style=p.accent),
-            "address": node.get("address", ""),
+            "address": node.address,
             "heartbeat": Text(age(seen), style=p.warn if seen > HEARTBEAT_LATE else p.dim),
             "jobs": jobs,
         })
@@ -259,18 +260,18 @@ class NodesView(FilteredView):
 
     def _gpu_cells(self, name: str, index: int, p: Palette) -> dict[str, Any]:
         node = self.cluster.nodes.get(name)
-        gpu = next((g for g in node["gpus"] if g["index"] == index), None) if node else None
+        gpu = next((g for g in node.gpus if g.index == index), None) if node else None
         if node is None or gpu is None:
             return {}
         job = self.cluster.gpu_jobs.get((name, index))
         foreign = foreign_processes(gpu)
         label = Text(f"  {index} ")
-        if node.get("simulated"):
+        if node.simulated:
             label.append("SIM ", style=p.sim)
-        gpu_name = (gpu.get("name") or "GPU").removeprefix("NVIDIA ")
-        if not (node.get("simulated") and gpu_name.startswith("Simulated")):
+        gpu_name = (gpu.name or "GPU").removeprefix("NVIDIA ")
+        if not (node.simulated and gpu_name.startswith("Simulated")):
             label.append(gpu_name, style=p.dim)
-        stale = node["state"] == "down"
+        stale = node.state == "down"
         cordon = cordon_of(node, index)
         if stale:
             state, style = "stale", p.warn
@@ -285,9 +286,9 @@ class NodesView(FilteredView):
         use = Text()
         if job is not None:
             use.append(f"job {job}")
-            name_of = self.cluster.jobs.get(job, {}).get("name")
-            if name_of:
-                use.append(f" {name_of}", style=p.dim)
+            held = self.cluster.jobs.get(job)
+            if held and held.name:
+                use.append(f" {held.name}", style=p.dim)
         if foreign:
             if use:
                 use.append("  ")
@@ -296,13 +297,13 @@ class NodesView(FilteredView):
         if cordon is not None:
             if use:
                 use.append("  ")
-            use.append(f"cordoned: {cordon['cause']}", style=p.bad)
-        temp = f"{gpu['temperature']:.0f}C" if gpu.get("temperature") is not None else "n/a"
-        power = _watts(gpu["power"]) if gpu.get("power") is not None else "n/a"
+            use.append(f"cordoned: {cordon.cause}", style=p.bad)
+        temp = f"{gpu.temperature:.0f}C" if gpu.temperature is not None else "n/a"
+        power = _watts(gpu.power) if gpu.power is not None else "n/a"
         cells = {
             "name": label, "state": Text(state, style=style), "gpus": "",
-            "util": self._util(gpu.get("utilization"), p),
-            "memory": self._memory(gpu.get("memory_used"), gpu.get("memory_total"), p),
+            "util": self._util(gpu.utilization, p),
+            "memory": self._memory(gpu.memory_used, gpu.memory_total, p),
             "temp": temp, "power": power,
             "history": Text(sparkline(self.cluster.gpu_util.get((name, index), []),
                                       self.table.column_width("history"), 100),

@@ -58,9 +58,9 @@ class PeopleView(Vertical):
         week = self.cluster.usage.get("week")
         if week is None:
             return Text("usage figures are on their way from the coordinator", style="dim")
-        text = Text(f"last 7 days: {week['gpu_hours']:.1f} GPU-hours in {counted(week['jobs'], 'job')}", style="dim")
-        if week.get("mean_wait_s") is not None:
-            text.append(f", mean wait {spoken_duration(week['mean_wait_s'])}", style="dim")
+        text = Text(f"last 7 days: {week.gpu_hours:.1f} GPU-hours in {counted(week.jobs, 'job')}", style="dim")
+        if week.mean_wait_s is not None:
+            text.append(f", mean wait {spoken_duration(week.mean_wait_s)}", style="dim")
         text.append(" · SHARE is each person's part of it · `gpudeck usage` for every job", style="dim")
         return text
 
@@ -68,20 +68,20 @@ class PeopleView(Vertical):
         person = self.rows.get(key)
         if person is None:
             return {}
-        week, day = person.week or {}, person.day or {}
+        week, day = person.week, person.day
         unknown = "…" if not person.known else "0.00"
-        share = week.get("share", 0.0)
+        share = week.share if week else 0.0
         share_cell = Text(bar(share, 6), style=p.accent)
         share_cell.append(f" {share:4.0%}" if person.known else "    …")
-        wait = week.get("mean_wait_s")
+        wait = week.mean_wait_s if week else None
         return {
             "user": Text(person.user or "-", style="bold"), "gpus": str(person.running_gpus),
             "running": str(person.running_jobs),
             "pending": Text(str(person.pending_jobs), style=p.warn if person.pending_jobs else ""),
             "share": share_cell,
-            "day": gpu_hours_text(day["gpu_hours"]) if day else unknown,
-            "week": gpu_hours_text(week["gpu_hours"]) if week else unknown,
+            "day": gpu_hours_text(day.gpu_hours) if day else unknown,
+            "week": gpu_hours_text(week.gpu_hours) if week else unknown,
             "wait": Text(spoken_duration(wait) if wait is not None else "-", style=p.dim),
-            "energy": Text(energy_text(week.get("energy_j"), week.get("energy_simulated", False)) if week else "-",
+            "energy": Text(energy_text(week.energy_j, week.energy_simulated) if week else "-",
                            style=p.dim),
         }

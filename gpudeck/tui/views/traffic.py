@@ -8,6 +8,7 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical
 
+from gpudeck.protocol.views import JobView
 from gpudeck.text import human_bytes, rate
 from gpudeck.tui.model import ACTIVE_STATES, Changes, rank_health, rank_places, sparkline
 from gpudeck.tui.table import Column, DeckTable, Palette
@@ -42,11 +43,11 @@ class TrafficView(Vertical):
 
     def model_changed(self, changes: Changes) -> None:
         if changes.reset or changes.job_set:
-            self.table.set_keys([job["id"] for job in self.cluster.sorted_jobs() if job["state"] in ACTIVE_STATES])
+            self.table.set_keys([job.id for job in self.cluster.sorted_jobs() if job.state in ACTIVE_STATES])
         if changes.traffic or changes.reset:
             kinds: dict[str, float] = {}
             for job in self.cluster.active_jobs():
-                traffic = self.cluster.traffic.get(job["id"])
+                traffic = self.cluster.traffic.get(job.id)
                 for kind, value in (traffic.kind_rates() if traffic else {}).items():
                     kinds[kind] = kinds.get(kind, 0.0) + value
             recent = list(self.cluster.cluster_rate)[-3:]
@@ -54,7 +55,7 @@ class TrafficView(Vertical):
                                tuple(sorted(kinds.items(), key=lambda kv: -kv[1])))
             self.table.refresh()
 
-    def selected_job(self) -> dict[str, Any] | None:
+    def selected_job(self) -> JobView | None:
         key = self.table.cursor_key
         return self.cluster.jobs.get(key) if key is not None else None
 
@@ -65,10 +66,10 @@ class TrafficView(Vertical):
         traffic = self.cluster.traffic.get(key)
         places = rank_places(job)
         kinds = traffic.kind_rates() if traffic else {}
-        health = rank_health(places, traffic.rank_rates() if traffic else {}, job["state"] == "running")
+        health = rank_health(places, traffic.rank_rates() if traffic else {}, job.state == "running")
         off = [f"{r} {flag}" for r, flag in sorted(health.items()) if flag]
         return {
-            "id": job_label(job["id"], job.get("array_job"), job.get("array_index")), "name": job["name"],
+            "id": job_label(job.id, job.array_job, job.array_index), "name": job.name,
             "ranks": str(len(places)),
             "rate": rate(sum(kinds.values())),
             "history": Text(sparkline(traffic.series() if traffic else [], self.table.column_width("history")),

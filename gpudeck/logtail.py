@@ -31,12 +31,15 @@ class LineSplitter:
 class LogStep:
     """What one read of the logs brought: the lines, by rank, in the order to show them; `restarted`
     when they belong to a new attempt (what was shown is of the one before); `more` when any rank
-    had bytes (read again at once); `ended` when the job finished and all of it was read."""
+    had bytes (read again at once); `finished` when the job has (`state` says how); `ended` when it
+    finished and all of it was read."""
 
     attempt: int
+    state: str
     lines: list[tuple[int, bytes]]
     restarted: bool
     more: bool
+    finished: bool
     ended: bool
 
 
@@ -59,7 +62,7 @@ class LogTail:
             self.offsets[rank] = self.offsets.get(rank, 0) + len(data)
             lines += [(int(rank), line) for line in self._lines.feed(int(rank), data)]
         more = any(reply["chunks"].values())
-        ended = bool(reply["finished"]) and not more
-        if ended:
+        finished = bool(reply["finished"])
+        if finished and not more:
             lines += self._lines.rest()
-        return LogStep(reply["attempt"], lines, restarted, more, ended)
+        return LogStep(reply["attempt"], reply["state"], lines, restarted, more, finished, finished and not more)

@@ -1,18 +1,22 @@
 """Human-readable output of the CLI: tables, a job's detail, and per-rank log lines.
 
 The commands hand over what the coordinator answered, as `--json` prints it; the jobs and nodes in
-it are read here as the typed views the coordinator built them from (`gpudeck.protocol.views`)."""
+it are read here as the typed views the coordinator built them from (`gpudeck.protocol.views`),
+imported by the functions that read them: a command that prints none (`gpudeck logs`) does not
+create their classes as it starts."""
 
 from __future__ import annotations
 
 import time
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from gpudeck.arrays import compress, job_label
 from gpudeck.logtail import LineSplitter
 from gpudeck.model import format_duration
-from gpudeck.protocol.views import HangView, JobView, NodeView, ProgressView
 from gpudeck.text import counted, human_bytes, idle_note, safe_output, spoken_duration, visible, visible_data
+
+if TYPE_CHECKING:
+    from gpudeck.protocol.views import HangView, JobView, ProgressView, UsageView, UserUsage
 
 GIB = 1 << 30
 
@@ -44,6 +48,8 @@ def jobs_table(jobs: list[dict[str, Any]], filtered: bool = False) -> str:
     if not jobs:
         return ("no jobs match: `gpudeck jobs --all` lists every job" if filtered
                 else "no jobs yet: queue one with `gpudeck submit train.py`")
+    from gpudeck.protocol.views import JobView
+
     now = time.time()
     rows = [[label, j.name, j.owner or "-", j.state + (" HUNG" if _hung(j) else ""), _request(j),
              ",".join(j.nodes) or "-", _runtime(j),
@@ -155,6 +161,8 @@ def _value(value: Any, unit: str = "", scale: float = 1.0) -> str:
 def nodes_table(data: dict[str, Any]) -> str:
     """`gpudeck nodes`: each node (a `NodeView` as `--json` has it) with a row per GPU, then the
     machines seen on the network that have not joined."""
+    from gpudeck.protocol.views import NodeView
+
     nodes = [NodeView.from_json(node) for node in visible_data(data["nodes"])]
     unjoined = visible_data(data["unjoined"])
     lines = []
@@ -187,6 +195,8 @@ def nodes_table(data: dict[str, Any]) -> str:
 def foreign_processes(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every process on a GPU that belongs to no gpudeck job, longest held first (`nodes --foreign`,
     whose `--json` prints these records)."""
+    from gpudeck.protocol.views import NodeView
+
     held = [{"node": node.name, "gpu": gpu.index, "uuid": gpu.uuid, "pid": p.pid, "name": p.name,
              "memory_used": p.memory_used, "since": p.since}
             for node in map(NodeView.from_json, nodes) for gpu in node.gpus for p in gpu.processes if p.foreign]
@@ -204,6 +214,8 @@ def foreign_table(held: list[dict[str, Any]], now: float) -> str:
 
 def job_detail(data: dict[str, Any]) -> str:
     """`gpudeck show`: a job (a `JobView` as `--json` has it) in detail."""
+    from gpudeck.protocol.views import JobView
+
     job = JobView.from_json(visible_data(data))
     label = job_label(job.id, job.array_job, job.array_index)
     lines = [f"job {label} {job.name}: {job.state}" + (f" ({_reason(job)})" if _reason(job) else ""),
@@ -286,37 +298,40 @@ def gpu_hours_text(hours: float) -> str:
 
 
 def usage_report(data: dict[str, Any]) -> str:
-    """`gpudeck usage`: the totals in a sentence, a row per user, then the jobs that held the most."""
-    data = visible_data(data)
-    since = ("since " + time.strftime("%Y-%m-%d %H:%M", time.localtime(data["since"]))
-             if data["since"] is not None else "ever")
-    if not data["jobs"]:
-        whose = f" of {data['user'] or '-'}'s" if data["user"] is not None else ""
+    """`gpudeck usage` (a `UsageView` as `--json` has it): the totals in a sentence, a row per user,
+    then the jobs that held the most."""
+    from gpudeck.protocol.views import UsageView
+
+    usage = UsageView.from_json(visible_data(data))
+    since = ("since " + time.strftime("%Y-%m-%d %H:%M", time.localtime(usage.since))
+             if usage.since is not None else "ever")
+    if not usage.jobs:
+        whose = f" of {usage.user or '-'}'s" if usage.user is not None else ""
         return f"nothing to count: no job{whose} held GPUs {since}"
-    energy = energy_text(data["energy_j"], data["energy_simulated"])
-    whose = f"{data['user'] or '-'}: " if data["user"] is not None else ""
-    headline = (f"{whose}{gpu_hours_text(data['gpu_hours'])} GPU-hours in {counted(data['jobs'], 'job')} {since}, "
-                f"mean wait {_wait(data['mean_wait_s'])}, energy {energy}"
-                + (" (SIM: counted from simulated GPUs, not measured)" if data["energy_simulated"] else ""))
-    return "\n".join([headline, "", _usage_users(data["users"]), "", _usage_jobs(data)])
+    energy = energy_text(usage.energy_j, usage.energy_simulated)
+    whose = f"{usage.user or '-'}: " if usage.user is not None else ""
+    headline = (f"{whose}{gpu_hours_text(usage.gpu_hours)} GPU-hours in {counted(usage.jobs, 'job')} {since}, "
+                f"mean wait {_wait(usage.mean_wait_s)}, energy {energy}"
+                + (" (SIM: counted from simulated GPUs, not measured)" if usage.energy_simulated else ""))
+    return "\n".join([headline, "", _usage_users(usage.users), "", _usage_jobs(usage)])
 
 
-def _usage_users(users: list[dict[str, Any]]) -> str:
+def _usage_users(users: list[UserUsage]) -> str:
     return table(["USER", "GPU-HOURS", "SHARE", "JOBS", "MEAN WAIT", "ENERGY"], [
-        [u["user"] or "-", gpu_hours_text(u["gpu_hours"]), f"{u['share']:.0%}", str(u["jobs"]),
-         _wait(u["mean_wait_s"]), energy_text(u["energy_j"], u["energy_simulated"])] for u in users])
+        [u.user or "-", gpu_hours_text(u.gpu_hours), f"{u.share:.0%}", str(u.jobs),
+         _wait(u.mean_wait_s), energy_text(u.energy_j, u.energy_simulated)] for u in users])
 
 
-def _usage_jobs(data: dict[str, Any]) -> str:
+def _usage_jobs(usage: UsageView) -> str:
     """The jobs that held the most, and a line saying how many more there are."""
-    jobs = data["by_job"][:USAGE_JOBS_SHOWN]
+    jobs = usage.by_job[:USAGE_JOBS_SHOWN]
     text = table(["JOB", "NAME", "OWNER", "STATE", "GPUS", "GPU-HOURS", "WAIT", "ENERGY"], [
-        [str(j["id"]), j["name"], j["owner"] or "-", j["state"], str(j["gpus"]), gpu_hours_text(j["gpu_hours"]),
-         _wait(j["wait_s"]), energy_text(j["energy_j"], j["energy_simulated"])] for j in jobs])
-    more = data["jobs"] - len(jobs)
+        [str(j.id), j.name, j.owner or "-", j.state, str(j.gpus), gpu_hours_text(j.gpu_hours),
+         _wait(j.wait_s), energy_text(j.energy_j, j.energy_simulated)] for j in jobs])
+    more = usage.jobs - len(jobs)
     if more:
         text += (f"\n... and {counted(more, 'more job')} that held less: `gpudeck usage --json` lists the "
-                 f"{len(data['by_job'])} that held the most")
+                 f"{len(usage.by_job)} that held the most")
     return text
 
 

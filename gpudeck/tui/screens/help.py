@@ -43,6 +43,7 @@ binding id to keys, for example {{"gpudeck.submit": "n", "gpudeck.quit": "q,ctrl
 from the palette ("Theme"), or set GPUDECK_THEME; NO_COLOR turns colour off.
 """
 
+
 class HelpScreen(ModalScreen[None]):
     BINDINGS = [Binding("escape,q,question_mark", "dismiss", "Close", id="help.close")]
 

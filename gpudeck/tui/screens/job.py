@@ -37,9 +37,11 @@ LOG_LINES = 20000
 
 LOG_POLL = 0.5
 
+
 def launcher_label(rank: int) -> str:
     """A node's own output (rank -1 is node 0's): environment builds, gpudeck's notes, torchrun's."""
     return f"node {-rank - 1}"
+
 
 def queue_text(job: JobView, now: float) -> str:
     """A pending job's planned start and its priority score with each factor's part, in one line."""
@@ -61,6 +63,7 @@ RANK_COLUMNS = [
     Column("kinds", "BY KIND", 14, flex=2, priority=2),
     Column("health", "PACE", 7),
 ]
+
 
 class JobScreen(Screen):
     """One job: what it asked for, where its ranks run, its traffic and its logs."""
@@ -293,10 +296,10 @@ class JobScreen(Screen):
                 shown += self._add(rank, [safe_output(line.decode(errors="replace"), colours=False)])
             if shown:
                 log.write_lines(shown)
-            self.log_note = f"attempt {step.attempt}" + (", finished" if reply["finished"] else "")
+            self.log_note = f"attempt {step.attempt}" + (", finished" if step.finished else "")
             self._update_log_status()
             if step.ended:
-                if reply["state"] == "failed":
+                if step.state == "failed":
                     self._rewrite()  # failed jobs also show each node's own output
                 return
             if not step.more:
@@ -358,6 +361,7 @@ class JobScreen(Screen):
         if action in ("follow", "rank"):
             return self.query_one("#job-tabs", TabbedContent).active == "logs"
         return True
+
 
 def _progress_text(job: JobView) -> Text:
     """A running job's hang, straggler and per-rank heatmap of waiting in collectives (empty when

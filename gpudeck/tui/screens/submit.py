@@ -59,6 +59,7 @@ FIELDS = [
     ("max_restarts", "Max restarts", "when a node is lost"),
 ]
 
+
 class SubmitScreen(ModalScreen[JobView | None]):
     """A job submission form, filled and sent from the keyboard; checked as you type."""
 

@@ -40,6 +40,7 @@ JOB_COLUMNS = [
 JOB_STATE_STYLE = {"pending": "warn", "starting": "accent", "running": "good", "succeeded": "dim",
                    "failed": "bad", "cancelled": "dim"}
 
+
 class JobsView(FilteredView):
     """The queue (running, then pending in the order they will be served) and history, newest first."""
 

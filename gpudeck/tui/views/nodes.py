@@ -38,8 +38,10 @@ STATE_STYLE = {"up": "good", "suspect": "warn", "down": "bad", "unjoined": "warn
 
 READING_COLUMNS = {"util", "memory", "history", "temp", "power"}
 
+
 def _watts(value: float) -> str:
     return f"{value / 1000:.1f}kW" if value >= 10000 else f"{value:.0f}W"
+
 
 class NodesView(FilteredView):
     """One row per node, expandable to one row per GPU; agents seen but not joined at the bottom."""

@@ -28,6 +28,7 @@ PEOPLE_COLUMNS = [
     Column("energy", "ENERGY 7D", 12, priority=2, align="right"),
 ]
 
+
 class PeopleView(Vertical):
     """One row per user: the GPUs their jobs hold now, their running and pending jobs (from the jobs
     the dashboard watches), their share of the cluster's GPU time over the last 7 days and their

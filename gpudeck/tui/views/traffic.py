@@ -27,6 +27,7 @@ TRAFFIC_COLUMNS = [
     Column("health", "RANKS OFF PACE", 14, flex=1),
 ]
 
+
 class TrafficView(Vertical):
     """Every running job's parameter-sync traffic, side by side, with the cluster total on top."""
 
@@ -78,6 +79,7 @@ class TrafficView(Vertical):
                      or _quiet(traffic, p),
             "health": Text("rank " + ", ".join(off), style=p.bad) if off else Text("-", style=p.dim),
         }
+
 
 def _quiet(traffic: JobTraffic | None, p: Palette) -> Text:
     """A job sending nothing now: what it has sent so far, or that it has not reported yet."""

@@ -22,6 +22,7 @@ class Banner(Static):
         not markup and its control characters are made visible."""
         self.update(Text(visible(text)))
 
+
 class DeckHeader(Header):
     """Textual's Header, without its crash on a short-lived screen: its title watchers run later, and
     when the screen was dismissed meanwhile (the not-found screen closes the moment a coordinator

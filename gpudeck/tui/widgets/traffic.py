@@ -48,6 +48,7 @@ class KindRates(Widget):
                 text.append(f"  {human_bytes(count / self.steps)} per step", style="dim")
         return text
 
+
 class NodeMatrix(Widget):
     """Node-to-node bytes per second: a row is what a node sends, a column what it receives."""
 
@@ -75,6 +76,7 @@ class NodeMatrix(Widget):
                 value = matrix[row][col]
                 text.append((rate(value) if value > 0 else "·").rjust(cell), style="" if value > 0 else "dim")
         return text
+
 
 class TotalTraffic(Widget):
     """The cluster's sync traffic: total rate, its history, and the split by kind."""

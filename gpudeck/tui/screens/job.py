@@ -12,13 +12,13 @@ from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.reactive import reactive
 from textual.screen import Screen
-from textual.widgets import Footer, Log, Static, TabbedContent, TabPane
+from textual.widgets import Footer, Log, Static, TabPane, TabbedContent
 
 from gpudeck.logtail import LogTail
 from gpudeck.model import format_duration
 from gpudeck.output import outputs_text, starts_text, wait_heatmap
-from gpudeck.protocol.views import JobView
 from gpudeck.protocol.handshake import Refused
+from gpudeck.protocol.views import JobView
 from gpudeck.text import human_bytes, rate, safe_output
 from gpudeck.tui.client import NotConnected
 from gpudeck.tui.model import (

@@ -16,8 +16,8 @@ from textual.screen import ModalScreen
 from textual.suggester import Suggester
 from textual.widgets import Footer, Input, Label, Select, Static
 
-from gpudeck.protocol.views import JobView
 from gpudeck.protocol.handshake import Refused
+from gpudeck.protocol.views import JobView
 from gpudeck.text import visible
 from gpudeck.tui.client import NotConnected
 from gpudeck.tui.model import Changes

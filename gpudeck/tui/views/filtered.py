@@ -10,8 +10,8 @@ from textual.containers import Vertical
 from textual.reactive import reactive
 from textual.widgets import Input, Static
 
-from gpudeck.tui.table import DeckTable
 from gpudeck.tui.model import Cluster
+from gpudeck.tui.table import DeckTable
 from gpudeck.tui.widgets.filter_bar import FilterBar
 
 

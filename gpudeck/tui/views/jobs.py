@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, Hashable
 
+from rich.style import Style
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.reactive import reactive
 
-from gpudeck.tui.model import ACTIVE_STATES, Changes, asked_text
-from gpudeck.tui.table import Column, DeckTable, Palette
-
-import time
-
-from rich.style import Style
-
 from gpudeck.arrays import job_label
 from gpudeck.protocol.views import JobView
 from gpudeck.text import idle_note
-from gpudeck.tui.model import Cluster, matches, request_text
-from gpudeck.tui.widgets.filter_bar import FilterBar
+from gpudeck.tui.model import ACTIVE_STATES, Changes, Cluster, asked_text, matches, request_text
+from gpudeck.tui.table import Column, DeckTable, Palette
 from gpudeck.tui.views.filtered import FilteredView
+from gpudeck.tui.widgets.filter_bar import FilterBar
 
 
 JOB_COLUMNS = [

@@ -7,13 +7,13 @@ from typing import Any, Hashable
 from rich.text import Text
 from textual.app import ComposeResult
 
-from gpudeck.tui.model import Changes, sparkline
-from gpudeck.tui.table import Column, DeckTable, Palette
 from gpudeck.text import counted, spoken_duration
-from gpudeck.tui.model import Cluster, age, bar, cordon_of, describe_process, foreign_processes, gib, matches
-from gpudeck.tui.table import SPAN, SPAN_FROM
-from gpudeck.tui.widgets.filter_bar import FilterBar
+from gpudeck.tui.model import (
+    Changes, Cluster, age, bar, cordon_of, describe_process, foreign_processes, gib, matches, sparkline,
+)
+from gpudeck.tui.table import SPAN, SPAN_FROM, Column, DeckTable, Palette
 from gpudeck.tui.views.filtered import FilteredView
+from gpudeck.tui.widgets.filter_bar import FilterBar
 
 
 EXPAND_UP_TO_GPUS = 64  # clusters this small show every GPU from the start, as nvitop does

@@ -9,11 +9,10 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import Static
 
-from gpudeck.tui.model import Changes
-from gpudeck.tui.table import Column, DeckTable, Palette
 from gpudeck.output import energy_text, gpu_hours_text
 from gpudeck.text import counted, spoken_duration
-from gpudeck.tui.model import Cluster, Person, bar
+from gpudeck.tui.model import Changes, Cluster, Person, bar
+from gpudeck.tui.table import Column, DeckTable, Palette
 
 
 PEOPLE_COLUMNS = [

@@ -8,12 +8,11 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical
 
+from gpudeck.arrays import job_label
 from gpudeck.protocol.views import JobView
 from gpudeck.text import human_bytes, rate
-from gpudeck.tui.model import ACTIVE_STATES, Changes, rank_health, rank_places, sparkline
+from gpudeck.tui.model import ACTIVE_STATES, Changes, Cluster, JobTraffic, rank_health, rank_places, sparkline
 from gpudeck.tui.table import Column, DeckTable, Palette
-from gpudeck.arrays import job_label
-from gpudeck.tui.model import Cluster, JobTraffic
 from gpudeck.tui.widgets.traffic import TotalTraffic
 
 

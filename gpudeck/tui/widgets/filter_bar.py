@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from textual.widgets import Input
-
 from textual.message import Message
+from textual.widgets import Input
 
 
 class FilterBar(Input):

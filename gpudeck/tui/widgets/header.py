@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 from rich.text import Text
-from textual.widgets import Static
-
-from gpudeck.text import visible
-
 from textual import events
 from textual.css.query import NoMatches
 from textual.dom import NoScreen
-from textual.widgets import Header
+from textual.widgets import Header, Static
 from textual.widgets._header import HeaderTitle
+
+from gpudeck.text import visible
 
 
 class Banner(Static):

@@ -33,15 +33,7 @@ from gpudeck.tui.client import (
     Changed, ClusterUpdate, Connected, CoordinatorLink, Link, Lost, NotConnected, NotFound,
 )
 from gpudeck.tui.login import LoginScreen, TokenCheck
-from gpudeck.tui.model import (
-    ACTIVE_STATES,
-    FINISHED_STATES,
-    USAGE_WINDOWS,
-    Changes,
-    Cluster,
-    FollowsCluster,
-    Ticking,
-)
+from gpudeck.tui.model import ACTIVE_STATES, FINISHED_STATES, USAGE_WINDOWS, Changes, Cluster, FollowsCluster, Ticking
 from gpudeck.tui.screens.confirm import ConfirmScreen
 from gpudeck.tui.screens.help import HelpScreen
 from gpudeck.tui.screens.job import JobScreen

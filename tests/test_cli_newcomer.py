@@ -20,6 +20,7 @@ from gpudeck.cli.submit import spec_from_args
 from gpudeck.coordinator.store import JobFilter, Store
 from gpudeck.model import JobSpec, JobState
 from gpudeck.output import job_detail, jobs_table, nodes_table
+from gpudeck.protocol.views import GpuReading, JobView, NodeView
 from gpudeck.text import human_bytes, rate
 from tests.cluster import Cluster
 from tests.conftest import SCRIPTS
@@ -290,17 +291,17 @@ def test_the_store_filters_and_pages_newest_first(tmp_path: Path):
 
 
 def test_one_gpu_is_one_gpu_in_every_table():
-    job = {"id": 1, "name": "a", "state": "running", "request": {"gpus": 1}, "nodes": ["n"], "started_at": None,
-           "ended_at": None, "attempt": 1, "exit_code": None, "reason": ""}
+    job = JobView.build(1, JobSpec(name="a", gpus=1, command=["a.py"]), state="running", submitted_at=0.0,
+                        hosts=[("n", [0])], attempt=1).to_json()
     assert "1 GPU " in jobs_table([job]) + " " and "1 GPUs" not in jobs_table([job])
-    node = {"name": "n", "state": "up", "simulated": True, "address": "10.0.0.1", "jobs": [], "last_heartbeat_age": 1,
-            "gpus": [{"index": 0, "name": "G", "utilization": 1, "memory_used": 0, "memory_total": 1 << 30,
-                      "temperature": 40, "power": 50, "processes": []}]}
+    node = NodeView(name="n", state="up", draining=False, simulated=True, hostname="n", address="10.0.0.1",
+                    connected=True, last_heartbeat_age=1, jobs=[],
+                    gpus=[GpuReading(index=0, name="G", uuid="G-0", memory_total=1 << 30, memory_used=0, utilization=1,
+                                     temperature=40, power=50, power_limit=None)]).to_json()
     unjoined = [{"name": "m", "address": "10.0.0.2", "gpus": 1, "why": "it has not connected"}]
     listed = nodes_table({"nodes": [node], "unjoined": unjoined})
     assert "1 GPU " in listed and "(1 GPU)" in listed and "1 GPUs" not in listed, listed
-    detail = job_detail({**job, "command": ["a.py"], "priority": 0, "restarts": 0, "max_restarts": 0,
-                         "placement": [{"node_rank": 0, "node": "n", "gpus": [0]}], "traffic": {"by_kind": {}}})
+    detail = job_detail(job)
     assert "n GPU 0" in detail and "GPUs 0" not in detail, detail
 
 

@@ -11,7 +11,9 @@ import sys
 
 import pytest
 
+from gpudeck.model import JobSpec
 from gpudeck.output import jobs_table
+from gpudeck.protocol.views import JobView
 from tests.cluster import Cluster
 from tests.conftest import SCRIPTS
 
@@ -74,8 +76,8 @@ def test_an_escape_in_a_node_name_is_shown_not_obeyed(cluster: Cluster):
 
 
 def test_tables_show_control_characters_of_stored_names_as_escapes():
-    job = {"id": 1, "name": "evil\x1b]0;pwned\x07\rX", "state": "failed", "request": {"gpus": 1}, "nodes": ["n"],
-           "started_at": None, "ended_at": None, "attempt": 1, "exit_code": 1, "reason": "why\x1b[2J"}
+    job = JobView.build(1, JobSpec(name="evil\x1b]0;pwned\x07\rX", gpus=1, command=["true"]), state="failed",
+                        submitted_at=0.0, reason="why\x1b[2J", hosts=[("n", [0])], attempt=1, exit_code=1).to_json()
     text = jobs_table([job])
     assert ESC not in text and "\x07" not in text and "\r" not in text
     assert "evil\\x1b]0;pwned\\x07\\rX" in text and "why\\x1b[2J" in text

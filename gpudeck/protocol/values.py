@@ -52,16 +52,24 @@ def hints(cls: type) -> dict[str, Any]:
 
 def typed_fields(cls: type, body: dict[str, Any], where: str) -> dict[str, Any]:
     """The fields of `cls` from a map, each converted; every field present, none unknown."""
-    names = [f.name for f in dataclasses.fields(cls)]
-    extra = set(body) - set(names)
+    fields, names = _fields(cls)
+    extra = body.keys() - names
     if extra:
         raise ShapeError(f"unknown field {where + sorted(map(str, extra))[0]!r}")
     values = {}
-    for name in names:
+    for name, annotation in fields:
         if name not in body:
             raise ShapeError(f"missing field {where + name!r}")
-        values[name] = typed(body[name], hints(cls)[name], f"{where}{name}")
+        values[name] = typed(body[name], annotation, where + name)
     return values
+
+
+@functools.lru_cache(maxsize=None)
+def _fields(cls: type) -> tuple[tuple[tuple[str, Any], ...], frozenset[str]]:
+    """A dataclass's fields in order with their types, and their names, worked out once per class
+    (clients decode every job and node they are sent; agents' telemetry comes every second)."""
+    names = tuple(f.name for f in dataclasses.fields(cls))
+    return tuple((name, hints(cls)[name]) for name in names), frozenset(names)
 
 
 def typed(value: Any, annotation: Any, where: str) -> Any:

@@ -14,7 +14,7 @@ import time
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Awaitable, Callable, Iterable, Iterator
 
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
@@ -27,14 +27,26 @@ from gpudeck import config
 from gpudeck.arrays import job_label
 from gpudeck.model import WORKLOADS
 from gpudeck.protocol.handshake import Refused
+from gpudeck.protocol.views import JobView, NodeView
 from gpudeck.text import counted, visible
-from gpudeck.tui.client import Changed, Connected, CoordinatorLink, Link, Lost, NotConnected, NotFound
+from gpudeck.tui.client import (
+    Changed, ClusterUpdate, Connected, CoordinatorLink, Link, Lost, NotConnected, NotFound,
+)
 from gpudeck.tui.login import LoginScreen, TokenCheck
-from gpudeck.tui.model import ACTIVE_STATES, FINISHED_STATES, USAGE_WINDOWS, Changes, Cluster
-from gpudeck.tui.screens import ConfirmScreen, HelpScreen, JobScreen, NotFoundScreen, SubmitScreen
+from gpudeck.tui.model import ACTIVE_STATES, FINISHED_STATES, USAGE_WINDOWS, Changes, Cluster, FollowsCluster, Ticking
+from gpudeck.tui.screens.confirm import ConfirmScreen
+from gpudeck.tui.screens.help import HelpScreen
+from gpudeck.tui.screens.job import JobScreen
+from gpudeck.tui.screens.not_found import NotFoundScreen
+from gpudeck.tui.screens.submit import SubmitScreen
 from gpudeck.tui.spec import Form
 from gpudeck.tui.table import DeckTable
-from gpudeck.tui.views import Banner, DeckHeader, FilteredView, JobsView, NodesView, PeopleView, TrafficView
+from gpudeck.tui.views.filtered import FilteredView
+from gpudeck.tui.views.jobs import JobsView
+from gpudeck.tui.views.nodes import NodesView
+from gpudeck.tui.views.people import PeopleView
+from gpudeck.tui.views.traffic import TrafficView
+from gpudeck.tui.widgets.header import Banner, DeckHeader
 
 KEYMAP_FILE = "keymap.json"
 VIEWS = ("nodes", "jobs", "traffic", "people")
@@ -260,10 +272,8 @@ class GpudeckApp(App[int]):
         for view in (self.nodes_view, self.jobs_view, self.traffic_view, self.people_view):
             view.model_changed(changes)
         for screen in self.screen_stack:
-            if isinstance(screen, JobScreen):
+            if isinstance(screen, FollowsCluster):
                 screen.model_changed(changes)
-            elif isinstance(screen, SubmitScreen) and (changes.nodes or changes.node_set or changes.reset):
-                screen.check()  # whether the request fits depends on the nodes there are now
         self.show_totals()
         self.refresh_bindings_soon()
 
@@ -295,7 +305,7 @@ class GpudeckApp(App[int]):
         view = self.active_view
         if view is not None:
             view.table.refresh()
-        if isinstance(self.screen, JobScreen):
+        if isinstance(self.screen, Ticking):
             self.screen.tick()
 
     # --- where the user is --------------------------------------------------------------------------
@@ -313,7 +323,7 @@ class GpudeckApp(App[int]):
             "nodes": self.nodes_view, "jobs": self.jobs_view, "traffic": self.traffic_view, "people": self.people_view}
         return views.get(self.active_tab)
 
-    def selected_job(self, screen: Screen | None = None) -> dict[str, Any] | None:
+    def selected_job(self, screen: Screen | None = None) -> JobView | None:
         screen = screen or self.screen
         if isinstance(screen, JobScreen):
             return screen.job
@@ -346,7 +356,7 @@ class GpudeckApp(App[int]):
         main = screen is self.screen_stack[0]
         if action == "cancel_job":
             job = self.selected_job(screen)
-            return job is not None and job["state"] not in FINISHED_STATES
+            return job is not None and job.state not in FINISHED_STATES
         if action in ("logs", "open_job"):
             return self.selected_job(screen) is not None and not isinstance(screen, JobScreen)
         if action == "drain":
@@ -401,46 +411,46 @@ class GpudeckApp(App[int]):
     def action_submit(self) -> None:
         self.push_screen(SubmitScreen(self.last_form, self.cwd, self.workloads), self._submitted)
 
-    def _submitted(self, job: dict[str, Any] | None) -> None:
+    def _submitted(self, job: JobView | None) -> None:
         if not job:
             return
         self.last_form = None
         self._changes.merge(self.cluster.upsert_job(job))
         self.on_model_changed(ModelChanged())
         self.action_view("jobs")
-        if self.jobs_view.table.index_of(job["id"]) is None:
+        if self.jobs_view.table.index_of(job.id) is None:
             self.jobs_view.clear_filter()  # a filter that hides the new job would hide the answer
-        self.jobs_view.table.move_to(job["id"])
-        self.notify(f"job {job['id']} {visible(job['name'])} submitted: {job['state']}", title="submitted",
+        self.jobs_view.table.move_to(job.id)
+        self.notify(f"job {job.id} {visible(job.name)} submitted: {job.state}", title="submitted",
                     markup=False)
 
     def action_open_job(self) -> None:
         job = self.selected_job()
         if job is not None:
-            self.push_screen(JobScreen(job["id"], "traffic"))
+            self.push_screen(JobScreen(job.id, "traffic"))
 
     def action_logs(self) -> None:
         job = self.selected_job()
         if job is not None:
-            self.push_screen(JobScreen(job["id"], "logs"))
+            self.push_screen(JobScreen(job.id, "logs"))
 
     def action_cancel_job(self) -> None:
         job = self.selected_job()
-        if job is None or job["state"] in FINISHED_STATES:
+        if job is None or job.state in FINISHED_STATES:
             return
-        where = f" on {', '.join(job['nodes'])}" if job.get("nodes") else ""
-        detail = (f"It is {job['state']}{where}; every rank will be stopped." if job["state"] in ACTIVE_STATES
+        where = f" on {', '.join(job.nodes)}" if job.nodes else ""
+        detail = (f"It is {job.state}{where}; every rank will be stopped." if job.state in ACTIVE_STATES
                   else "It is still waiting; it will not start.")
-        label = job_label(job["id"], job.get("array_job"), job.get("array_index"))
-        self.push_screen(ConfirmScreen(f"Cancel job {label} {job['name']}?", detail, "Cancel the job",
+        label = job_label(job.id, job.array_job, job.array_index)
+        self.push_screen(ConfirmScreen(f"Cancel job {label} {job.name}?", detail, "Cancel the job",
                                        "Keep the job"), partial(self._cancel_confirmed, job))
 
-    def _cancel_confirmed(self, job: dict[str, Any], yes: bool | None) -> None:
+    def _cancel_confirmed(self, job: JobView, yes: bool | None) -> None:
         """Cancel the selected job: of an array, that one task (its row), never the whole array."""
         if yes:
-            label = job_label(job["id"], job.get("array_job"), job.get("array_index"))
-            cancel = (self.link.cancel(job["array_job"], job["array_index"]) if job.get("array_job") is not None
-                      else self.link.cancel(job["id"]))
+            label = job_label(job.id, job.array_job, job.array_index)
+            cancel = (self.link.cancel(job.array_job, job.array_index) if job.array_job is not None
+                      else self.link.cancel(job.id))
             self.run_worker(self._request(cancel, f"job {label} cancelled"), group="requests")
 
     def action_drain(self) -> None:
@@ -448,11 +458,11 @@ class GpudeckApp(App[int]):
         node = self.cluster.nodes.get(name or "")
         if name is None or node is None:
             return
-        if node.get("draining"):
+        if node.draining:
             self.push_screen(ConfirmScreen(f"Resume node {name}?", "New jobs may be placed on it again.",
                                            "Resume it", "Keep it drained"), partial(self._drain_confirmed, name, False))
         else:
-            jobs = len(node.get("jobs", []))
+            jobs = len(node.jobs)
             running = ("no job runs there now" if not jobs else "the job running there goes on" if jobs == 1
                        else f"the {jobs} jobs running there go on")
             self.push_screen(ConfirmScreen(f"Drain node {name}?", f"No new jobs will be placed on it; {running}.",
@@ -463,7 +473,7 @@ class GpudeckApp(App[int]):
             done = f"node {name} " + ("is draining" if on else "takes new jobs again")
             self.run_worker(self._request(self.link.drain(name, on), done), group="requests")
 
-    async def _request(self, call: Any, done: str) -> None:
+    async def _request(self, call: Awaitable[JobView | NodeView], done: str) -> None:
         """One request from an action: the reply updates the model; a refusal is a toast."""
         try:
             reply = await call
@@ -473,10 +483,10 @@ class GpudeckApp(App[int]):
         except (NotConnected, ConnectionError, OSError, TimeoutError) as exc:
             self.notify(visible(f"not sent: {exc}"), title="no coordinator", severity="error", markup=False)
             return
-        if isinstance(reply, dict) and "id" in reply:
+        if isinstance(reply, JobView):
             self._changes.merge(self.cluster.upsert_job(reply))
-        elif isinstance(reply, dict) and "gpus" in reply and "name" in reply:
-            self._changes.merge(self.cluster.apply({"nodes": [reply]}))
+        else:
+            self._changes.merge(self.cluster.apply(ClusterUpdate(nodes=[reply])))
         self.on_model_changed(ModelChanged())
         self.notify(done, markup=False)  # it names a job or node
 

@@ -9,6 +9,9 @@ a real coordinator; `RecordedLink` replays recorded data for snapshot tests and 
 - `NotFound`: no coordinator or no token yet (the text says what was tried); it keeps looking.
 - `Connected`: the `watch` snapshot; then `Changed` with every update that queued since the last
   one, so a dashboard that falls behind gets one batch instead of a backlog.
+
+What the coordinator sends is read here, once, into typed values (`ClusterUpdate`, the views of
+gpudeck.protocol.views), with every string a peer wrote made visible (`gpudeck.text.visible`).
 - `Lost`: the connection broke; it reconnects with backoff and sends `Connected` again.
 """
 
@@ -17,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Protocol
 
 from gpudeck import config
@@ -25,15 +28,52 @@ from gpudeck.client import NoCoordinator, connect, find_endpoints
 from gpudeck.config import Endpoint
 from gpudeck.model import JobSpec
 from gpudeck.protocol import auth
-from gpudeck.protocol.messages import Cancel, Drain, ListNodes, ReadLogs, Submit, Usage, Watch
-from gpudeck.protocol.payloads import JobView, UsageView
 from gpudeck.protocol.handshake import Refused
+from gpudeck.protocol.messages import Cancel, Drain, ListNodes, ReadLogs, Submit, Usage, Watch
+from gpudeck.protocol.views import JobView, NodeView, UsageView
+from gpudeck.text import visible_data
 from gpudeck.protocol.session import ClientSession
 
 BACKOFF = (0.5, 1.0, 2.0, 3.0, 5.0)
 CHECK_EVERY = 1.0  # how often a quiet connection is checked for end of stream
 PING_AFTER = 10.0  # a connection quiet this long is asked something, to notice a silent failure
 PING_TIMEOUT = 10.0
+
+
+# --- what the coordinator sends ----------------------------------------------------------------------
+
+
+def job_view(data: dict[str, Any]) -> JobView:
+    """A job as a peer sent it, its strings made visible."""
+    return JobView.from_json(visible_data(data))
+
+
+def node_view(data: dict[str, Any]) -> NodeView:
+    """A node as a peer sent it, its strings made visible."""
+    return NodeView.from_json(visible_data(data))
+
+
+@dataclass(frozen=True)
+class ClusterUpdate:
+    """The `watch` snapshot, or one update pushed after it: an update carries only the nodes and jobs
+    that changed, the nodes that left, and the machines seen but not joined when those changed
+    (None: unchanged); `time` is the coordinator's clock (None where it sent none)."""
+
+    time: float | None = None
+    nodes: list[NodeView] = field(default_factory=list)
+    jobs: list[JobView] = field(default_factory=list)
+    removed_nodes: list[str] = field(default_factory=list)
+    unjoined: list[dict[str, Any]] | None = None
+
+    @classmethod
+    def decode(cls, data: dict[str, Any]) -> "ClusterUpdate":
+        data = visible_data(data)
+        at = data.get("time")
+        return cls(time=float(at) if isinstance(at, (int, float)) else None,
+                   nodes=[NodeView.from_json(node) for node in data.get("nodes", [])],
+                   jobs=[JobView.from_json(job) for job in data.get("jobs", [])],
+                   removed_nodes=list(data.get("removed_nodes", [])),
+                   unjoined=list(data["unjoined"]) if "unjoined" in data else None)
 
 
 # --- events ---------------------------------------------------------------------------------------
@@ -48,13 +88,13 @@ class NotFound:
 @dataclass(frozen=True)
 class Connected:
     where: str
-    snapshot: dict[str, Any]
+    snapshot: ClusterUpdate
     user: str = ""  # who the token proved this dashboard to be
 
 
 @dataclass(frozen=True)
 class Changed:
-    updates: list[dict[str, Any]]
+    updates: list[ClusterUpdate]
 
 
 @dataclass(frozen=True)
@@ -76,15 +116,15 @@ class Link(Protocol):
 
     def events(self) -> AsyncIterator[LinkEvent]: ...
 
-    async def submit(self, spec: JobSpec) -> dict[str, Any]: ...
+    async def submit(self, spec: JobSpec) -> JobView: ...
 
-    async def cancel(self, job: int, index: int | None = None) -> dict[str, Any]: ...
+    async def cancel(self, job: int, index: int | None = None) -> JobView: ...
 
-    async def drain(self, node: str, on: bool) -> dict[str, Any]: ...
+    async def drain(self, node: str, on: bool) -> NodeView: ...
 
     async def read_logs(self, job: int, attempt: int | None, offsets: dict[str, int]) -> dict[str, Any]: ...
 
-    async def usage(self, since: float) -> dict[str, Any]: ...
+    async def usage(self, since: float) -> UsageView: ...
 
 
 # --- the real thing -----------------------------------------------------------------------------------
@@ -135,9 +175,10 @@ class CoordinatorLink:
                         f" ({match[0].how})" if match else "")
                     failures = 0
                     connected_once = True
-                    yield Connected(self.where, snapshot, session.welcome.user if session.welcome else "")
+                    yield Connected(self.where, ClusterUpdate.decode(snapshot),
+                                    session.welcome.user if session.welcome else "")
                     async for batch in self._updates(session):
-                        yield Changed(batch)
+                        yield Changed([ClusterUpdate.decode(update) for update in batch])
             except (NoCoordinator, auth.TokenError, auth.PinMismatch, ValueError) as exc:
                 reason = str(exc)
             except Refused as exc:
@@ -177,22 +218,22 @@ class CoordinatorLink:
             raise NotConnected("not connected to the coordinator")
         return await self.session.request(kind, **fields)
 
-    async def submit(self, spec: JobSpec) -> dict[str, Any]:
-        return await self._request(Submit, spec=spec.to_wire())
+    async def submit(self, spec: JobSpec) -> JobView:
+        return job_view(await self._request(Submit, spec=spec.to_wire()))
 
-    async def cancel(self, job: int, index: int | None = None) -> dict[str, Any]:
+    async def cancel(self, job: int, index: int | None = None) -> JobView:
         """Cancel a job; with `index`, only that task of the array `job` (its id alone cancels it all)."""
-        return await self._request(Cancel, job=job, index=index)
+        return job_view(await self._request(Cancel, job=job, index=index))
 
-    async def drain(self, node: str, on: bool) -> dict[str, Any]:
-        return await self._request(Drain, node=node, on=on)
+    async def drain(self, node: str, on: bool) -> NodeView:
+        return node_view(await self._request(Drain, node=node, on=on))
 
     async def read_logs(self, job: int, attempt: int | None, offsets: dict[str, int]) -> dict[str, Any]:
         return await self._request(ReadLogs, job=job, attempt=attempt, rank=None, offsets=offsets)
 
-    async def usage(self, since: float) -> dict[str, Any]:
-        """Everyone's GPU time from `since` to now (a `UsageView`)."""
-        return await self._request(Usage, since=since)
+    async def usage(self, since: float) -> UsageView:
+        """Everyone's GPU time from `since` to now."""
+        return UsageView.from_json(visible_data(await self._request(Usage, since=since)))
 
 
 # --- recorded data ---------------------------------------------------------------------------------
@@ -224,12 +265,12 @@ class RecordedLink:
             yield NotFound(self.not_found, 3600.0)
             await asyncio.Event().wait()
         self.pushed = asyncio.Queue()
-        yield Connected(self.where, copy.deepcopy(self.snapshot))
+        yield Connected(self.where, ClusterUpdate.decode(self.snapshot))
         for update in self.updates:
             await asyncio.sleep(self.interval)
-            yield Changed([update])
+            yield Changed([ClusterUpdate.decode(update)])
         while True:
-            yield Changed([await self.pushed.get()])
+            yield Changed([ClusterUpdate.decode(await self.pushed.get())])
 
     def push(self, update: dict[str, Any]) -> None:
         """Send an update now (tests and benchmarks)."""
@@ -242,35 +283,36 @@ class RecordedLink:
                 return item
         raise Refused(f"there is no job {job}")
 
-    async def submit(self, spec: JobSpec) -> dict[str, Any]:
+    async def submit(self, spec: JobSpec) -> JobView:
         self.sent.append(spec)
         job_id = max((j["id"] for j in self.snapshot["jobs"]), default=0) + 1
         job = JobView.build(job_id, spec, state="pending", reason="waiting for the scheduler",
                             submitted_at=self.snapshot["time"]).to_json()
         self.snapshot["jobs"].append(job)
-        return copy.deepcopy(job)
+        return job_view(job)
 
-    async def cancel(self, job: int, index: int | None = None) -> dict[str, Any]:
+    async def cancel(self, job: int, index: int | None = None) -> JobView:
         item = self._job(job) if index is None else next(
             j for j in self.snapshot["jobs"] if (j.get("array_job"), j.get("array_index")) == (job, index))
         if item["state"] in ("succeeded", "failed", "cancelled"):
             raise Refused(f"job {job} already finished ({item['state']})")
         item.update(state="cancelled", reason="cancelled by a user", ended_at=self.snapshot["time"])
-        return copy.deepcopy(item)
+        return job_view(item)
 
-    async def drain(self, node: str, on: bool) -> dict[str, Any]:
+    async def drain(self, node: str, on: bool) -> NodeView:
         for item in self.snapshot["nodes"]:
             if item["name"] == node:
                 item["draining"] = on
-                return copy.deepcopy(item)
+                return node_view(item)
         raise Refused(f"there is no node {node}")
 
-    async def usage(self, since: float) -> dict[str, Any]:
+    async def usage(self, since: float) -> UsageView:
         if not self.recorded_usage:
             return UsageView(since=since, until=self.snapshot["time"], user=None, jobs=0, gpu_seconds=0.0,
                              gpu_hours=0.0, mean_wait_s=None, energy_j=None, energy_simulated=False, users=[],
-                             by_job=[]).to_json()
-        return copy.deepcopy(min(self.recorded_usage, key=lambda view: abs((view["since"] or 0.0) - since)))
+                             by_job=[])
+        recorded = min(self.recorded_usage, key=lambda view: abs((view["since"] or 0.0) - since))
+        return UsageView.from_json(visible_data(recorded))
 
     async def read_logs(self, job: int, attempt: int | None, offsets: dict[str, int]) -> dict[str, Any]:
         item = self._job(job)

@@ -1,7 +1,8 @@
 """The dashboard's state, without Textual: the cluster as the coordinator streams it, and what the
 screens derive from it (GPU history, traffic rates, the rank-to-rank matrix, request checks).
 
-`Cluster.reset` takes the `watch` reply and `Cluster.apply` each pushed update; both return a
+`Cluster.reset` takes the `watch` snapshot and `Cluster.apply` each pushed update (both read by the
+link into a `ClusterUpdate` of typed views); both return a
 `Changes` saying which rows changed, so a view repaints only those. Everything here is plain Python
 so it is unit-tested without a terminal.
 
@@ -16,20 +17,21 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol, Sequence, runtime_checkable
 
 from gpudeck.capacity import MAX_GPUS, MAX_GPUS_PER_NODE, MAX_NODES, impossible_reason
 from gpudeck.model import format_duration
-from gpudeck.text import human_bytes, visible_data
+from gpudeck.protocol.views import CordonView, GpuProcess, GpuReading, JobView, NodeView, UsageView, UserUsage
+from gpudeck.text import human_bytes
+
+if TYPE_CHECKING:
+    from gpudeck.tui.client import ClusterUpdate
 
 HISTORY = 60  # samples kept per GPU and per job (about a minute at one update a second)
 RATE_WINDOW = 3  # samples averaged for a displayed rate
 ACTIVE_STATES = ("starting", "running")
 FINISHED_STATES = ("succeeded", "failed", "cancelled")
 GIB = 1 << 30
-
-Node = dict[str, Any]
-Job = dict[str, Any]
 
 
 # --- what changed -----------------------------------------------------------------------------------
@@ -62,6 +64,22 @@ class Changes:
     def __bool__(self) -> bool:
         return bool(self.nodes or self.jobs or self.node_set or self.job_set or self.unjoined or self.traffic
                     or self.usage or self.reset)
+
+
+@runtime_checkable
+class FollowsCluster(Protocol):
+    """A screen that shows the cluster: after each batch of updates the app tells every such screen
+    on its stack what changed (the views under the tabs it calls by name)."""
+
+    def model_changed(self, changes: Changes) -> None: ...
+
+
+@runtime_checkable
+class Ticking(Protocol):
+    """A screen whose text moves on with the clock alone (runtimes, planned starts): the app calls
+    `tick` once a second while it is on top."""
+
+    def tick(self) -> None: ...
 
 
 # --- traffic ---------------------------------------------------------------------------------------
@@ -147,15 +165,15 @@ class RankPlace:
     gpu: int | None
 
 
-def rank_places(job: Job) -> list[RankPlace]:
+def rank_places(job: JobView) -> list[RankPlace]:
     """Where each rank runs. torchrun's static rendezvous numbers ranks node by node in node-rank
     order, each node taking as many ranks as it has GPUs: node 0 gets ranks 0..g0-1, node 1 the
     next g1, and so on; local rank i uses the node's i-th granted GPU."""
     places = []
     rank = 0
-    for place in sorted(job.get("placement") or [], key=lambda p: p["node_rank"]):
-        for local, gpu in enumerate(place["gpus"]):
-            places.append(RankPlace(rank, place["node"], place["node_rank"], local, gpu))
+    for place in sorted(job.placement, key=lambda p: p.node_rank):
+        for local, gpu in enumerate(place.gpus):
+            places.append(RankPlace(rank, place.node, place.node_rank, local, gpu))
             rank += 1
     return places
 
@@ -189,7 +207,7 @@ def rank_flows(kind: str, rank: int, world: int) -> list[tuple[int, float]]:
     return [((rank + 1) % world, 1.0)]
 
 
-def node_matrix(job: Job, rank_rates: dict[int, dict[str, float]]) -> tuple[list[str], list[list[float]]]:
+def node_matrix(job: JobView, rank_rates: dict[int, dict[str, float]]) -> tuple[list[str], list[list[float]]]:
     """Nodes in node-rank order and matrix[from][to] of bytes per second between them (see MATRIX_HELP)."""
     places = rank_places(job)
     names: list[str] = []
@@ -246,22 +264,22 @@ class Person:
     running_gpus: int
     running_jobs: int
     pending_jobs: int
-    day: dict[str, Any] | None
-    week: dict[str, Any] | None
+    day: UserUsage | None
+    week: UserUsage | None
     known: bool
 
 
 
-def job_sort_key(job: Job) -> tuple[int, float, int]:
+def job_sort_key(job: JobView) -> tuple[int, float, int]:
     """Running first, then the queue in the order it is served (priority score, or --priority from a
     coordinator that sends none, then submit order), then history, newest first."""
-    state = job["state"]
+    state = job.state
     if state in ACTIVE_STATES:
-        return (0, 0, -job["id"])
+        return (0, 0, -job.id)
     if state == "pending":
-        score = job.get("priority_score")
-        return (1, -(job["priority"] if score is None else score), job["id"])
-    return (2, 0, -job["id"])
+        score = job.priority_score
+        return (1, -(job.priority if score is None else score), job.id)
+    return (2, 0, -job.id)
 
 
 class Cluster:
@@ -275,10 +293,10 @@ class Cluster:
         self.clear()
 
     def clear(self) -> None:
-        self.nodes: dict[str, Node] = {}
+        self.nodes: dict[str, NodeView] = {}
         self.node_heard: dict[str, float] = {}  # local monotonic time each node view arrived
         self.unjoined: list[dict[str, Any]] = []
-        self.jobs: dict[int, Job] = {}
+        self.jobs: dict[int, JobView] = {}
         self.gpu_util: dict[tuple[str, int], deque[float]] = {}
         self.node_util: dict[str, deque[float]] = {}
         self.traffic: dict[int, JobTraffic] = {}
@@ -287,98 +305,95 @@ class Cluster:
         # Counters that change when a row's data does, so views redraw only what changed.
         self.node_version: dict[str, int] = {}
         self.job_version: dict[int, int] = {}
-        self.usage: dict[str, dict[str, Any]] = {}  # USAGE_WINDOWS name -> the coordinator's usage view
+        self.usage: dict[str, UsageView] = {}  # USAGE_WINDOWS name -> the coordinator's usage view
         self.clock_offset = 0.0  # coordinator time minus local wall time
         self.time = 0.0
         self.connected = False
 
     # --- input -----------------------------------------------------------------------------------
 
-    def reset(self, snapshot: dict[str, Any]) -> Changes:
-        """Replace everything with the `watch` reply."""
-        snapshot = visible_data(snapshot)  # what a peer wrote reaches the screen with its controls made visible
+    def reset(self, snapshot: ClusterUpdate) -> Changes:
+        """Replace everything with the `watch` snapshot."""
         self.clear()
         self.connected = True
-        self._set_time(snapshot.get("time"))
-        for node in snapshot.get("nodes", []):
+        self._set_time(snapshot.time)
+        for node in snapshot.nodes:
             self._put_node(node)
-        self.unjoined = list(snapshot.get("unjoined", []))
-        for job in snapshot.get("jobs", []):
+        self.unjoined = list(snapshot.unjoined or [])
+        for job in snapshot.jobs:
             self._put_job(job)
         self._index_gpu_jobs()
         return Changes(reset=True, node_set=True, job_set=True, unjoined=True, traffic=True,
                        nodes=set(self.nodes), jobs=set(self.jobs))
 
-    def apply(self, update: dict[str, Any]) -> Changes:
-        """Merge one pushed update (keys other than time appear only when they changed)."""
-        update = visible_data(update)
+    def apply(self, update: ClusterUpdate) -> Changes:
+        """Merge one pushed update (it carries only what changed)."""
         changes = Changes()
-        self._set_time(update.get("time"))
-        for node in update.get("nodes", []):
-            changes.node_set |= node["name"] not in self.nodes
-            changes.nodes.add(node["name"])
+        self._set_time(update.time)
+        for node in update.nodes:
+            changes.node_set |= node.name not in self.nodes
+            changes.nodes.add(node.name)
             self._put_node(node)
-        for name in update.get("removed_nodes", []):
+        for name in update.removed_nodes:
             if self.nodes.pop(name, None) is not None:
                 changes.node_set = True
                 self.node_heard.pop(name, None)
                 self.node_util.pop(name, None)
                 for key in [k for k in self.gpu_util if k[0] == name]:
                     del self.gpu_util[key]
-        if "unjoined" in update:
-            self.unjoined = list(update["unjoined"])
+        if update.unjoined is not None:
+            self.unjoined = list(update.unjoined)
             changes.unjoined = True
         seen = set()
-        for job in update.get("jobs", []):
-            old = self.jobs.get(job["id"])
-            changes.job_set |= old is None or old["state"] != job["state"] or old["priority"] != job["priority"]
-            changes.jobs.add(job["id"])
-            seen.add(job["id"])
+        for job in update.jobs:
+            old = self.jobs.get(job.id)
+            changes.job_set |= old is None or old.state != job.state or old.priority != job.priority
+            changes.jobs.add(job.id)
+            seen.add(job.id)
             self._put_job(job)
         for job in self.active_jobs():
-            if job["id"] not in seen and job["id"] in self.traffic:
-                self.traffic[job["id"]].repeat(self.time)
+            if job.id not in seen and job.id in self.traffic:
+                self.traffic[job.id].repeat(self.time)
         if changes.jobs:
             self._index_gpu_jobs()
-            changes.nodes |= {node for job_id in changes.jobs for node in self.jobs[job_id]["nodes"]}
-        rates = [self.traffic[j["id"]].series(points=1) for j in self.active_jobs() if j["id"] in self.traffic]
+            changes.nodes |= {node for job_id in changes.jobs for node in self.jobs[job_id].nodes}
+        rates = [self.traffic[j.id].series(points=1) for j in self.active_jobs() if j.id in self.traffic]
         self.cluster_rate.append(sum(s[-1] for s in rates if s))
         changes.traffic = True
         return changes
 
-    def upsert_job(self, job: Job) -> Changes:
+    def upsert_job(self, job: JobView) -> Changes:
         """A job this client just submitted or cancelled, before the stream reports it."""
-        job = visible_data(job)
         self._put_job(job)
         self._index_gpu_jobs()
-        return Changes(jobs={job["id"]}, job_set=True, nodes=set(job.get("nodes", [])))
+        return Changes(jobs={job.id}, job_set=True, nodes=set(job.nodes))
 
-    def set_usage(self, views: dict[str, dict[str, Any]]) -> Changes:
+    def set_usage(self, views: dict[str, UsageView]) -> Changes:
         """The usage views of the USAGE_WINDOWS, as the coordinator last answered them."""
-        self.usage = visible_data(views)
+        self.usage = dict(views)
         return Changes(usage=True)
 
     def disconnected(self) -> Changes:
         self.connected = False
         return Changes(nodes=set(self.nodes), jobs=set())
 
-    def _set_time(self, at: Any) -> None:
-        if isinstance(at, (int, float)):
-            self.time = float(at)
+    def _set_time(self, at: float | None) -> None:
+        if at is not None:
+            self.time = at
             self.clock_offset = self.time - self.wall()
 
-    def _put_node(self, node: Node) -> None:
-        name = node["name"]
+    def _put_node(self, node: NodeView) -> None:
+        name = node.name
         self.nodes[name] = node
         self._counter += 1
         self.node_version[name] = self._counter
         self.node_heard[name] = self.mono()
         utils = []
-        for gpu in node.get("gpus", []):
-            util = gpu.get("utilization")
-            history = self.gpu_util.get((name, gpu["index"]))
+        for gpu in node.gpus:
+            util = gpu.utilization
+            history = self.gpu_util.get((name, gpu.index))
             if history is None:
-                history = self.gpu_util[(name, gpu["index"])] = deque(maxlen=HISTORY)
+                history = self.gpu_util[(name, gpu.index)] = deque(maxlen=HISTORY)
             history.append(float(util) if util is not None else 0.0)
             if util is not None:
                 utils.append(util)
@@ -387,23 +402,23 @@ class Cluster:
             history = self.node_util[name] = deque(maxlen=HISTORY)
         history.append(sum(utils) / len(utils) if utils else 0.0)
 
-    def _put_job(self, job: Job) -> None:
-        self.jobs[job["id"]] = job
+    def _put_job(self, job: JobView) -> None:
+        self.jobs[job.id] = job
         self._counter += 1
-        self.job_version[job["id"]] = self._counter
-        traffic = job.get("traffic", {}).get("by_rank", {})
-        current = self.traffic.get(job["id"])
-        if current is None or current.attempt != job["attempt"]:
-            if not traffic and job["state"] not in ACTIVE_STATES:
-                self.traffic.pop(job["id"], None)
+        self.job_version[job.id] = self._counter
+        traffic = job.traffic.by_rank
+        current = self.traffic.get(job.id)
+        if current is None or current.attempt != job.attempt:
+            if not traffic and job.state not in ACTIVE_STATES:
+                self.traffic.pop(job.id, None)
                 return
-            current = self.traffic[job["id"]] = JobTraffic(job["attempt"])
+            current = self.traffic[job.id] = JobTraffic(job.attempt)
         current.add(self.time, traffic)
 
     def _index_gpu_jobs(self) -> None:
         self.placement_version += 1
-        self.gpu_jobs = {(place["node"], gpu): job["id"] for job in self.active_jobs()
-                         for place in job.get("placement", []) for gpu in place["gpus"]}
+        self.gpu_jobs = {(place.node, gpu): job.id for job in self.active_jobs()
+                         for place in job.placement for gpu in place.gpus}
 
     # --- derived ---------------------------------------------------------------------------------
 
@@ -413,60 +428,59 @@ class Cluster:
 
     def heartbeat_age(self, name: str) -> float:
         node = self.nodes[name]
-        return (float(node.get("last_heartbeat_age") or 0.0)
-                + max(0.0, self.mono() - self.node_heard.get(name, self.mono())))
+        return node.last_heartbeat_age + max(0.0, self.mono() - self.node_heard.get(name, self.mono()))
 
-    def active_jobs(self) -> list[Job]:
-        return [job for job in self.jobs.values() if job["state"] in ACTIVE_STATES]
+    def active_jobs(self) -> list[JobView]:
+        return [job for job in self.jobs.values() if job.state in ACTIVE_STATES]
 
-    def sorted_jobs(self) -> list[Job]:
+    def sorted_jobs(self) -> list[JobView]:
         return sorted(self.jobs.values(), key=job_sort_key)
 
     def node_names(self) -> list[str]:
         return sorted(self.nodes)
 
-    def runtime(self, job: Job) -> str:
-        if not job.get("started_at"):
+    def runtime(self, job: JobView) -> str:
+        if not job.started_at:
             return "-"
-        end = job.get("ended_at") or self.now()
-        return format_duration(max(0.0, end - job["started_at"]))
+        end = job.ended_at or self.now()
+        return format_duration(max(0.0, end - job.started_at))
 
     def people(self) -> list[Person]:
         """One row per user with jobs now or GPU time in the last week: most GPUs now first."""
         now: dict[str, list[int]] = {}  # user -> [GPUs held, jobs running, jobs pending]
         for job in self.jobs.values():
-            if job["state"] in ACTIVE_STATES or job["state"] == "pending":
-                counts = now.setdefault(job.get("owner", ""), [0, 0, 0])
-                running = job["state"] in ACTIVE_STATES
-                counts[0] += job.get("gpus", 0) if running else 0
+            if job.state in ACTIVE_STATES or job.state == "pending":
+                counts = now.setdefault(job.owner, [0, 0, 0])
+                running = job.state in ACTIVE_STATES
+                counts[0] += job.gpus if running else 0
                 counts[1 if running else 2] += 1
-        figures = {(window, user["user"]): user for window, view in self.usage.items() for user in view["users"]}
+        figures = {(window, user.user): user for window, view in self.usage.items() for user in view.users}
         names = set(now) | {name for _, name in figures}
         people = []
         for name in names:
             gpus, running_jobs, pending_jobs = now.get(name, [0, 0, 0])
             people.append(Person(name, gpus, running_jobs, pending_jobs, figures.get(("day", name)),
                                  figures.get(("week", name)), bool(self.usage)))
-        return sorted(people, key=lambda p: (-p.running_gpus, -(p.week or {}).get("gpu_seconds", 0.0), p.user))
+        return sorted(people, key=lambda p: (-p.running_gpus, -(p.week.gpu_seconds if p.week else 0.0), p.user))
 
     def totals(self) -> dict[str, int]:
         """Counts for the title bar."""
         nodes = list(self.nodes.values())
         return {
             "nodes": len(nodes),
-            "up": sum(1 for n in nodes if n["state"] == "up"),
-            "gpus": sum(len(n["gpus"]) for n in nodes),
-            "simulated": sum(len(n["gpus"]) for n in nodes if n["simulated"]),
+            "up": sum(1 for n in nodes if n.state == "up"),
+            "gpus": sum(len(n.gpus) for n in nodes),
+            "simulated": sum(len(n.gpus) for n in nodes if n.simulated),
             "busy": len(self.gpu_jobs),
-            "running": sum(1 for j in self.jobs.values() if j["state"] in ACTIVE_STATES),
-            "pending": sum(1 for j in self.jobs.values() if j["state"] == "pending"),
+            "running": sum(1 for j in self.jobs.values() if j.state in ACTIVE_STATES),
+            "pending": sum(1 for j in self.jobs.values() if j.state == "pending"),
         }
 
 
 # --- checking a request against the cluster ----------------------------------------------------------
 
 def request_problem(gpus: int | None, nodes: int | None, gpus_per_node: int | None,
-                    cluster: Iterable[Node]) -> str | None:
+                    cluster: Iterable[NodeView]) -> str | None:
     """Why a request could never run on these nodes (all GPUs free), in the coordinator's words, or None.
 
     The coordinator refuses such a submit anyway; checking here says why while the form is filled.
@@ -483,30 +497,27 @@ def request_problem(gpus: int | None, nodes: int | None, gpus_per_node: int | No
             return f"a job spans from 1 to {MAX_NODES} nodes"
         if not 1 <= gpus_per_node <= MAX_GPUS_PER_NODE:
             return f"a job takes from 1 to {MAX_GPUS_PER_NODE} GPUs on each node"
-    alive = [(n["name"], len(n["gpus"])) for n in cluster if n["state"] != "down"]
+    alive = [(n.name, len(n.gpus)) for n in cluster if n.state != "down"]
     return impossible_reason(gpus, nodes, gpus_per_node, alive)
 
 
 # --- filtering --------------------------------------------------------------------------------------
 
 
-def _haystack_job(job: Job) -> str:
-    return " ".join([str(job["id"]), job["name"], job.get("owner") or "", job["state"], ",".join(job.get("nodes", [])),
-                     job.get("reason") or "", " ".join(job.get("command", []))]).lower()
+def _haystack(item: NodeView | JobView) -> str:
+    if isinstance(item, JobView):
+        return " ".join([str(item.id), item.name, item.owner, item.state, ",".join(item.nodes), item.reason,
+                         " ".join(item.command)]).lower()
+    extra = ["sim" if item.simulated else "", "draining" if item.draining else ""]
+    return " ".join([item.name, item.state, item.address, item.hostname, *extra, *(str(j) for j in item.jobs)]).lower()
 
 
-def _haystack_node(node: Node) -> str:
-    extra = ["sim" if node.get("simulated") else "", "draining" if node.get("draining") else ""]
-    return " ".join([node["name"], node["state"], node.get("address", ""), node.get("hostname", ""), *extra,
-                     *(str(j) for j in node.get("jobs", []))]).lower()
-
-
-def matches(text: str, item: Node | Job, kind: str) -> bool:
+def matches(text: str, item: NodeView | JobView) -> bool:
     """Every word of `text` appears somewhere in the item (id, name, state, nodes, reason, command)."""
     words = text.lower().split()
     if not words:
         return True
-    hay = _haystack_job(item) if kind == "job" else _haystack_node(item)
+    hay = _haystack(item)
     return all(word in hay for word in words)
 
 
@@ -552,11 +563,11 @@ def age(seconds: float) -> str:
     return f"{seconds:.0f}s"
 
 
-def known_steps(job: Job) -> int | None:
+def known_steps(job: JobView) -> int | None:
     """How many steps a job that succeeded trained, where that is known: a built-in workload runs
     exactly its --steps. A script's arguments mean what the script says, so nothing is assumed."""
-    command = job.get("command") or []
-    if job.get("state") != "succeeded" or not command or not command[0].startswith("--workload "):
+    command = job.command
+    if job.state != "succeeded" or not command or not command[0].startswith("--workload "):
         return None
     args = command[1:]
     for number, arg in enumerate(args):
@@ -567,34 +578,33 @@ def known_steps(job: Job) -> int | None:
     return None
 
 
-def request_text(job: Job) -> str:
-    req = job.get("request") or {}
-    if req.get("gpus") is not None:
-        return str(req["gpus"])
-    if req.get("nodes") is not None:
-        return f"{req['nodes']}x{req['gpus_per_node']}"
-    return str(job.get("gpus", "?"))
+def request_text(job: JobView) -> str:
+    req = job.request
+    if req.gpus is not None:
+        return str(req.gpus)
+    if req.nodes is not None:
+        return f"{req.nodes}x{req.gpus_per_node}"
+    return str(job.gpus)
 
 
-def asked_text(job: Job) -> str:
+def asked_text(job: JobView) -> str:
     """What a job asked for, with its noun: '1 GPU', '4 GPUs', '2x4 GPUs', or 'no GPU' (gpudeck doctor's check)."""
-    req = job.get("request") or {}
-    if "gpus" in req and req.get("gpus") is None and req.get("nodes") is None:
+    if job.request.gpus is None and job.request.nodes is None:
         return "no GPU"
     asked = request_text(job)
     return f"{asked} GPU" if asked == "1" else f"{asked} GPUs"
 
 
-def cordon_of(node: dict[str, Any], index: int) -> dict[str, Any] | None:
+def cordon_of(node: NodeView, index: int) -> CordonView | None:
     """The cordon of GPU `index` of `node` (its cause and since when), or None."""
-    return next((c for c in node.get("cordoned", []) if c["gpu"] == index), None)
+    return next((c for c in node.cordoned if c.gpu == index), None)
 
 
-def foreign_processes(gpu: dict[str, Any]) -> list[dict[str, Any]]:
-    return [p for p in gpu.get("processes") or [] if p.get("foreign")]
+def foreign_processes(gpu: GpuReading) -> list[GpuProcess]:
+    return [p for p in gpu.processes if p.foreign]
 
 
-def describe_process(process: dict[str, Any]) -> str:
-    memory = process.get("memory_used")
+def describe_process(process: GpuProcess) -> str:
+    memory = process.memory_used
     size = f" {human_bytes(memory)}" if memory is not None else ""
-    return f"{process.get('name') or 'process'} pid {process.get('pid')}{size}"
+    return f"{process.name or 'process'} pid {process.pid}{size}"

@@ -12,9 +12,10 @@ import os
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 from gpudeck.model import MAX_SCRIPT_BYTES, JobSpec, parse_duration, parse_shape
+from gpudeck.protocol.views import NodeView
 from gpudeck.tui.model import request_problem
 
 SCRIPT = ""  # the workload choice that means "run a script"
@@ -67,7 +68,7 @@ def split_command(text: str) -> tuple[str, list[str]]:
     return words[0], words[1:]
 
 
-def check_form(form: Form, nodes: Iterable[dict[str, Any]], workloads: dict[str, str],
+def check_form(form: Form, nodes: Iterable[NodeView], workloads: dict[str, str],
                cwd: str | None = None, read: bool = False) -> Checked:
     """Check every field; with `read`, read the script's bytes into the spec (only when sending)."""
     cwd = cwd or os.getcwd()

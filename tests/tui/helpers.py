@@ -42,7 +42,7 @@ def app_state(app: GpudeckApp) -> str:
     """Where the dashboard is: its screens, the focused widget, the view and the selected job."""
     job = app.selected_job()
     return (f"screens {[type(s).__name__ for s in app.screen_stack]}, focus {app.focused!r}, view {app.active_tab}, "
-            f"selected job {job and (job['id'], job['state'])}, cancel applies: {app.check_action('cancel_job', ())}")
+            f"selected job {job and (job.id, job.state)}, cancel applies: {app.check_action('cancel_job', ())}")
 
 
 def rows(table: DeckTable, width: int = 200) -> list[str]:

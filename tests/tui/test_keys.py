@@ -12,7 +12,11 @@ from textual.widgets import Log
 
 from gpudeck.tui.app import GpudeckApp
 from gpudeck.tui.client import RecordedLink
-from gpudeck.tui.screens import ConfirmScreen, HelpScreen, JobScreen, NotFoundScreen, SubmitScreen
+from gpudeck.tui.screens.confirm import ConfirmScreen
+from gpudeck.tui.screens.help import HelpScreen
+from gpudeck.tui.screens.job import JobScreen
+from gpudeck.tui.screens.not_found import NotFoundScreen
+from gpudeck.tui.screens.submit import SubmitScreen
 from tests.conftest import SCRIPTS
 from tests.tui import recorded
 from tests.tui.helpers import screen_text, wait_for
@@ -108,7 +112,7 @@ async def test_drain_asks_then_marks_the_node(tmp_path):
         assert isinstance(question, ConfirmScreen)
         assert "Drain node node-a?" in question.question
         await pilot.press("y")
-        await wait_for(pilot, "node-a draining", lambda: app.cluster.nodes["node-a"]["draining"])
+        await wait_for(pilot, "node-a draining", lambda: app.cluster.nodes["node-a"].draining)
         assert app.nodes_view.table.row_text(("node", "node-a")).split()[2] == "draining"
 
 

@@ -13,8 +13,12 @@ from textual.widgets import Input, Log
 
 from gpudeck.tui.app import GpudeckApp
 from gpudeck.tui.client import CoordinatorLink
-from gpudeck.tui.screens import ConfirmScreen, JobScreen, KindRates, NotFoundScreen, SubmitScreen
-from gpudeck.tui.views import Banner
+from gpudeck.tui.screens.confirm import ConfirmScreen
+from gpudeck.tui.screens.job import JobScreen
+from gpudeck.tui.screens.not_found import NotFoundScreen
+from gpudeck.tui.screens.submit import SubmitScreen
+from gpudeck.tui.widgets.traffic import KindRates
+from gpudeck.tui.widgets.header import Banner
 from tests.cluster import Cluster, free_port
 from tests.tui.helpers import app_state, live_app, rows, screen_text, wait_for
 
@@ -47,8 +51,8 @@ async def test_nodes_submit_traffic_logs_cancel_and_filter(cluster: Cluster):
         await wait_for(pilot, "the form to close", lambda: not isinstance(app.screen, SubmitScreen))
         assert app.active_tab == "jobs"
         job_id = app.jobs_view.table.cursor_key
-        assert job_id is not None and app.cluster.jobs[job_id]["name"] == "slow_ddp", "the new job is selected"
-        await wait_for(pilot, "the job to run", lambda: app.cluster.jobs[job_id]["state"] == "running", 90)
+        assert job_id is not None and app.cluster.jobs[job_id].name == "slow_ddp", "the new job is selected"
+        await wait_for(pilot, "the job to run", lambda: app.cluster.jobs[job_id].state == "running", 90)
 
         # Its logs, live, then its traffic.
         await pilot.press("l")
@@ -70,12 +74,12 @@ async def test_nodes_submit_traffic_logs_cancel_and_filter(cluster: Cluster):
         # may take the "c" before the switch of views has happened).
         await pilot.press("2")
         await wait_for(pilot, "the jobs view with the job selected", lambda: app.active_tab == "jobs" and (
-            app.selected_job() or {}).get("id") == job_id)
+            getattr(app.selected_job(), "id", None) == job_id))
         await pilot.press("c")
         await wait_for(pilot, "the confirmation", lambda: isinstance(app.screen, ConfirmScreen),
                        seen=lambda: app_state(app))
         await pilot.press("y")
-        await wait_for(pilot, "the job to be cancelled", lambda: app.cluster.jobs[job_id]["state"] == "cancelled", 30)
+        await wait_for(pilot, "the job to be cancelled", lambda: app.cluster.jobs[job_id].state == "cancelled", 30)
         assert "cancelled" in rows(app.jobs_view.table)[0]
 
         # Filter: / and words; escape clears.
@@ -93,7 +97,7 @@ async def test_nodes_submit_traffic_logs_cancel_and_filter(cluster: Cluster):
         await pilot.press("1", "home", "d")
         await wait_for(pilot, "the drain question", lambda: isinstance(app.screen, ConfirmScreen))
         await pilot.press("y")
-        await wait_for(pilot, "node-a draining", lambda: app.cluster.nodes["node-a"]["draining"], 30)
+        await wait_for(pilot, "node-a draining", lambda: app.cluster.nodes["node-a"].draining, 30)
         assert cluster.nodes()[0]["draining"], "the coordinator has it"
         await pilot.press("q")
 
@@ -111,7 +115,7 @@ async def test_losing_the_coordinator_shows_a_banner_and_heals(cluster: Cluster)
         await asyncio.to_thread(cluster.start_coordinator)
         await wait_for(pilot, "the banner to go", lambda: not banner.has_class("-shown"), 60)
         await wait_for(pilot, "the nodes back up", lambda: len(app.cluster.nodes) == 2 and all(
-            n["state"] == "up" for n in app.cluster.nodes.values()), 60)
+            n.state == "up" for n in app.cluster.nodes.values()), 60)
 
 
 async def test_no_coordinator_says_what_to_do_and_connects_once_one_starts(tmp_path: Path, monkeypatch):

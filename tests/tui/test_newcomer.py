@@ -15,7 +15,11 @@ from gpudeck.model import JobSpec
 from gpudeck.protocol.payloads import JobView
 from gpudeck.tui.app import GpudeckApp
 from gpudeck.tui.client import RecordedLink
-from gpudeck.tui.screens import ConfirmScreen, HelpScreen, JobScreen, KindRates, SubmitScreen
+from gpudeck.tui.screens.confirm import ConfirmScreen
+from gpudeck.tui.screens.help import HelpScreen
+from gpudeck.tui.screens.job import JobScreen
+from gpudeck.tui.screens.submit import SubmitScreen
+from gpudeck.tui.widgets.traffic import KindRates
 from tests.conftest import SCRIPTS
 from tests.tui import recorded
 from tests.tui.helpers import rows, screen_text, type_text, wait_for

@@ -20,7 +20,7 @@ async def test_the_jobs_view_marks_and_filters_the_users_own_jobs(one_node: Clus
         table = app.jobs_view.table
         await wait_for(pilot, "the owners listed", lambda: any("ada" in r for r in rows(table)),
                        seen=lambda: str(rows(table)))
-        owners = {job["name"]: app.jobs_view._row(job["id"], table.palette)["owner"]
+        owners = {job.name: app.jobs_view._row(job.id, table.palette)["owner"]
                   for job in app.cluster.jobs.values()}
         assert isinstance(owners["adas-job"], Text) and owners["adas-job"].style
         assert owners["admins-job"].plain == "admin" and not owners["admins-job"].style

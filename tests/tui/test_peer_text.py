@@ -4,12 +4,13 @@ are shown as escapes (gpudeck.text.visible) instead of reaching the terminal. Re
 
 from __future__ import annotations
 
-from typing import Any
 
 from gpudeck.protocol.handshake import Refused
 from gpudeck.tui.app import GpudeckApp
-from gpudeck.tui.client import Lost, RecordedLink
-from gpudeck.tui.screens import ConfirmScreen, NotFoundScreen
+from gpudeck.protocol.views import JobView
+from gpudeck.tui.client import Lost, RecordedLink, job_view
+from gpudeck.tui.screens.confirm import ConfirmScreen
+from gpudeck.tui.screens.not_found import NotFoundScreen
 from tests.conftest import SCRIPTS
 from tests.tui import recorded
 from tests.tui.helpers import screen_text, wait_for
@@ -24,7 +25,7 @@ def app_on(tmp_path, link: RecordedLink) -> GpudeckApp:
 class RefusingLink(RecordedLink):
     """A coordinator whose refusal quotes what it was sent, as the real one quotes names."""
 
-    async def cancel(self, job: int, index: int | None = None) -> dict[str, Any]:
+    async def cancel(self, job: int, index: int | None = None) -> JobView:
         raise Refused(f"job {job} is held by [/]someone\x1b]0;pwned\x07")
 
 
@@ -40,7 +41,7 @@ async def test_a_job_name_with_brackets_is_asked_about_and_reported_as_written(t
         await wait_for(pilot, "the question", lambda: isinstance(app.screen, ConfirmScreen))
         assert f"Cancel job 8 {MARKUP_NAME}?" in screen_text(app)
         await pilot.press("y")
-        await wait_for(pilot, "job 8 cancelled", lambda: app.cluster.jobs[8]["state"] == "cancelled")
+        await wait_for(pilot, "job 8 cancelled", lambda: app.cluster.jobs[8].state == "cancelled")
         await wait_for(pilot, "the toast", lambda: "job 8 cancelled" in screen_text(app))
 
 
@@ -60,8 +61,8 @@ async def test_a_reply_merged_into_the_model_has_its_controls_made_visible(tmp_p
     app = app_on(tmp_path, RecordedLink(recorded.snapshot()))
     async with app.run_test(size=(100, 30), notifications=True) as pilot:
         await wait_for(pilot, "the snapshot", lambda: app.cluster.connected)
-        app.cluster.upsert_job(dict(recorded.snapshot()["jobs"][1], name="evil\x1b]0;pwned\x07"))
-        assert app.cluster.jobs[8]["name"] == "evil\\x1b]0;pwned\\x07"
+        app.cluster.upsert_job(job_view(dict(recorded.snapshot()["jobs"][1], name="evil\x1b]0;pwned\x07")))
+        assert app.cluster.jobs[8].name == "evil\\x1b]0;pwned\\x07"
 
 
 async def test_why_no_coordinator_answered_is_shown_as_text(tmp_path):

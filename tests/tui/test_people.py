@@ -46,7 +46,7 @@ async def test_the_people_view_shows_each_users_gpus_queue_and_usage(lab: Cluste
         assert (them.running_gpus, them.running_jobs, them.pending_jobs) == (2, 1, 1), them
         admin = people.rows["admin"]
         assert (admin.running_gpus, admin.pending_jobs) == (0, 0) and admin.day is not None, admin
-        assert admin.day["gpu_seconds"] > 0, admin
+        assert admin.day.gpu_seconds > 0, admin
         assert people.table.keys[0] == "ada", "most GPUs now first"
         shown = rows(people.table)
         assert shown[0].split()[:4] == ["ada", "2", "1", "1"], shown

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from gpudeck.tui.app import GpudeckApp
 from gpudeck.tui.client import RecordedLink
-from gpudeck.tui.screens import JobScreen
+from gpudeck.tui.screens.job import JobScreen
 from tests.conftest import SCRIPTS
 from tests.tui import recorded
 from tests.tui.helpers import screen_text, wait_for

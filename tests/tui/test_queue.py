@@ -4,11 +4,13 @@ its priority score is made of, and pending jobs are listed in the order they are
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from typing import Any
 
+from gpudeck.protocol.views import JobView
 from gpudeck.tui.client import RecordedLink
 from gpudeck.tui.model import job_sort_key
-from gpudeck.tui.screens import JobScreen
+from gpudeck.tui.screens.job import JobScreen
 from tests.tui import recorded
 from tests.tui.helpers import screen_text, wait_for
 from tests.tui.test_newcomer import app_on
@@ -42,8 +44,8 @@ async def test_a_pending_jobs_detail_shows_its_planned_start_and_score(tmp_path)
 
 
 def test_pending_jobs_sort_by_their_score_then_by_priority_from_an_older_coordinator() -> None:
-    scored = [{"id": 3, "state": "pending", "priority": 0, "priority_score": 9.0},
-              {"id": 2, "state": "pending", "priority": 5, "priority_score": 1.0}]
-    assert [job["id"] for job in sorted(scored, key=job_sort_key)] == [3, 2]
-    unscored = [{"id": 3, "state": "pending", "priority": 0}, {"id": 2, "state": "pending", "priority": 5}]
-    assert [job["id"] for job in sorted(unscored, key=job_sort_key)] == [2, 3]
+    unscored = [JobView.from_json(recorded.job(3, "a", "pending", priority=0)),
+                JobView.from_json(recorded.job(2, "b", "pending", priority=5))]
+    scored = [replace(unscored[0], priority_score=9.0), replace(unscored[1], priority_score=1.0)]
+    assert [job.id for job in sorted(scored, key=job_sort_key)] == [3, 2]
+    assert [job.id for job in sorted(unscored, key=job_sort_key)] == [2, 3]

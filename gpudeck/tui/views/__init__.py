@@ -1,0 +1,1 @@
+"""The dashboard's main views, one per tab (nodes, jobs, traffic, people)."""

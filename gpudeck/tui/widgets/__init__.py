@@ -1,0 +1,1 @@
+"""The dashboard's widgets: parts the views and screens are built from."""

@@ -66,3 +66,7 @@ class LogTail:
         if finished and not more:
             lines += self._lines.rest()
         return LogStep(reply["attempt"], reply["state"], lines, restarted, more, finished, finished and not more)
+
+    def rest(self) -> list[tuple[int, bytes]]:
+        """The unfinished last line of each rank, for a reader that stops before the job ends."""
+        return self._lines.rest()

@@ -11,7 +11,6 @@ import time
 from typing import TYPE_CHECKING, Any, TextIO
 
 from gpudeck.arrays import compress, job_label
-from gpudeck.logtail import LineSplitter
 from gpudeck.model import format_duration
 from gpudeck.text import counted, human_bytes, idle_note, safe_output, spoken_duration, visible, visible_data
 
@@ -352,23 +351,15 @@ class LogPrinter:
         self.out = out
         self.include_launcher = include_launcher
         self.raw = raw  # pass the job's bytes as they are, escape sequences and all (`logs --raw`)
-        self._lines = LineSplitter()
 
     @staticmethod
     def label(rank: int) -> str:
         return f"[rank {rank}]" if rank >= 0 else f"[node {-rank - 1}]"
 
-    def feed(self, rank: int, data: bytes) -> None:
-        for line in self._lines.feed(rank, data):
-            self._emit(rank, line)
-
-    def _emit(self, rank: int, line: bytes) -> None:
-        if rank < 0 and not self.include_launcher:
-            return
-        text = line.decode(errors="replace")
-        self.out.write(f"{self.label(rank)} {text if self.raw else safe_output(text)}\n")
-
-    def flush(self) -> None:
-        for rank, rest in self._lines.rest():
-            self._emit(rank, rest)
+    def write(self, lines: list[tuple[int, bytes]]) -> None:
+        for rank, line in lines:
+            if rank < 0 and not self.include_launcher:
+                continue
+            text = line.decode(errors="replace")
+            self.out.write(f"{self.label(rank)} {text if self.raw else safe_output(text)}\n")
         self.out.flush()

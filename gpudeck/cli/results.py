@@ -58,26 +58,25 @@ async def cmd_logs(args: argparse.Namespace) -> int:
     import asyncio
 
     from gpudeck import output
+    from gpudeck.logtail import LogTail
     from gpudeck.protocol.messages import ReadLogs
 
     async def work(session: ClientSession) -> int:
         printer = output.LogPrinter(sys.stdout,
                                     include_launcher=args.launcher or args.rank is not None and args.rank < 0,
                                     raw=args.raw)
-        offsets: dict[str, int] = {}
+        tail = LogTail()
         while True:
             reply = await session.request(ReadLogs, job=args.job[0], index=args.job[1], attempt=args.attempt,
-                                          rank=args.rank, offsets=offsets)
+                                          rank=args.rank, offsets=tail.offsets)
             printer.include_launcher |= reply["state"] == "failed" or reply["per_node"]
-            for rank, data in sorted(reply["chunks"].items(), key=lambda kv: int(kv[0])):
-                offsets[rank] = offsets.get(rank, 0) + len(data)
-                printer.feed(int(rank), data)
-            more = any(reply["chunks"].values())
-            if not more and (not args.follow or reply["finished"]):
+            step = tail.take(reply)
+            printer.write(step.lines)
+            if not step.more and (not args.follow or step.finished):
                 break
-            if not more:
+            if not step.more:
                 await asyncio.sleep(0.5)
-        printer.flush()
+        printer.write(tail.rest())
         if args.follow:
             print(f"gpudeck: {output.how_it_ended(ref_text(*args.job), reply['state'], reply.get('reason', ''))}",
                   file=sys.stderr)

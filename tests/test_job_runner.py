@@ -9,8 +9,9 @@ import asyncio
 import json
 from pathlib import Path
 
+from gpudeck.agent.attempts import RunningJob
 from gpudeck.agent.gpus import SimulatedBackend
-from gpudeck.agent.runner import JobRunner, RunningJob
+from gpudeck.agent.runner import JobRunner
 from gpudeck.agent.traffic_sink import TrafficSink
 from gpudeck.protocol.messages import Message
 from gpudeck.protocol.node_messages import JobExited, JobStarted, Launch, LogChunk

@@ -24,18 +24,18 @@ import importlib.util
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import socket
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Awaitable, Callable
 
 from gpudeck.agent import exits
 from gpudeck.agent.accounts import READ, RUN, Account, account_of, chown_tree, runs_as_agent, spawn_as
+from gpudeck.agent.attempts import RunningJob, load_job
 from gpudeck.agent.containers import (
     Runtime, container_command, container_name, find_runtime, remove_container, stop_container,
 )
@@ -43,7 +43,7 @@ from gpudeck.agent.environments import BuildFailed, Environments
 from gpudeck.agent.gpus import GpuBackend
 from gpudeck.agent.outputs import OutputKeeper
 from gpudeck.agent.overlay import AUTOCOUNT, overlay_env, write_overlay
-from gpudeck.agent.procs import MARKER, Leader, alive, run_bounded, run_marker, signal_all, wait_exit
+from gpudeck.agent.procs import MARKER, Leader, run_bounded, run_marker, wait_exit
 from gpudeck.agent.projects import ContentFetcher, FetchFailed, NodeCache
 from gpudeck.agent.traffic_sink import TrafficSink
 from gpudeck.agent.warm import WarmPool
@@ -55,7 +55,7 @@ from gpudeck.protocol.node_messages import (
     JobExited, JobPreparing, JobStarted, Launch, LogChunk, OutputChunk, Outputs, SendOutput, Traffic,
 )
 from gpudeck.protocol.payloads import JobReport, OutputFile
-from gpudeck.protocol.rank_end import open_left, read_left
+from gpudeck.protocol.rank_end import open_left
 
 log = logging.getLogger(__name__)
 KILL_GRACE = 5.0
@@ -69,7 +69,6 @@ PROBE_TIMEOUT = 60.0  # for the job's interpreter to say whether it has torch
 # others wait for it at torchrun's rendezvous up to this many seconds (torchrun's own default is 600).
 RENDEZVOUS_TIMEOUT = 1800
 OUTPUT_DIR = "gpudeck-outputs"  # in the working copy: $GPUDECK_OUTPUT_DIR
-_RANK_LOG = re.compile(r"^rank-(\d+)\.log$")
 # The shell stays the session leader, so its pid is the process group of every rank.
 _LAUNCHER = '"$@"; code=$?; echo $code > "$GPUDECK_EXIT_FILE"; exit $code'
 # One rank's exit recorder: it outlives the signals that stop its rank (a trap, unlike an ignored
@@ -78,81 +77,6 @@ _RECORDER = ('trap : TERM INT HUP; "$@"; code=$?; echo $code > "$GPUDECK_RANK_EX
              'mv "$GPUDECK_RANK_EXIT.partial" "$GPUDECK_RANK_EXIT"; exit $code')
 
 Send = Callable[[Message], Awaitable[bool]]
-
-
-@dataclass
-class RunningJob:
-    """One attempt of one job on this node; `pgid` is the launcher's process group."""
-
-    node: str
-    job: int
-    attempt: int
-    node_rank: int
-    gpus: list[int]
-    directory: str
-    pgid: int = 0
-    cluster: str = ""  # whose job: an agent adopts only its own cluster's (see procs)
-    exit_code: int | None = None
-    detail: str = ""
-    failed_at: float | None = None  # when its first failing rank ended (see exits)
-    retry: bool = False  # could not start for a reason of the moment: place the job again
-    kill_reason: str = ""
-    environment: str = ""  # the key of the built environment it runs in, "" for none
-    container: list[str] = field(default_factory=list)  # with --image: the runtime and the container's name
-    ranks: list[int] = field(default_factory=list)  # ranks the agent started itself (none under torchrun)
-    leaders: list[list[int]] = field(default_factory=list)  # their recorders: [pid, start time] each
-    forked: int = 0  # how many of them were forked from a warm interpreter
-    sent_offsets: dict[int, int] = field(default_factory=dict)
-
-    @property
-    def key(self) -> tuple[int, int]:
-        return self.job, self.attempt
-
-    @property
-    def marker(self) -> str:
-        return run_marker(self.cluster, self.node, self.job, self.attempt)
-
-    @property
-    def path(self) -> Path:
-        return Path(self.directory)
-
-    @property
-    def sessions(self) -> list[Leader]:
-        return [Leader(pid, started) for pid, started in self.leaders]
-
-    def alive(self) -> bool:
-        return alive(self.marker, self.sessions)
-
-    def signal(self, sig: int) -> None:
-        signal_all(self.marker, sig, self.sessions)
-
-    @property
-    def launcher_rank(self) -> int:
-        """Log channel of this node's torchrun: below zero, so it never collides with a rank."""
-        return -(self.node_rank + 1)
-
-    def log_files(self) -> dict[int, Path]:
-        files = {self.launcher_rank: self.path / "launcher.log"}
-        logs = self.path / "logs"
-        if logs.is_dir():
-            for path in logs.iterdir():
-                if match := _RANK_LOG.match(path.name):
-                    files[int(match.group(1))] = path
-        return files
-
-    def save(self) -> None:
-        record = {k: v for k, v in asdict(self).items()
-                  if k in ("node", "job", "attempt", "node_rank", "gpus", "pgid", "cluster", "environment",
-                           "container", "ranks", "leaders", "forked")}
-        (self.path / "job.json").write_text(json.dumps(record))
-
-
-def _load_job(directory: Path) -> RunningJob | None:
-    try:
-        record = json.loads((directory / "job.json").read_text())
-        return RunningJob(directory=str(directory), **record)
-    except (OSError, ValueError, TypeError):
-        return None
 
 
 def torch_available() -> bool:
@@ -542,7 +466,6 @@ class JobRunner:
         task.add_done_callback(self._followers.discard)
 
     async def _wait(self, job: RunningJob, process: asyncio.subprocess.Process | None) -> None:
-        stopped = f"stopped: {job.kill_reason}" if job.kill_reason else ""
         if job.ranks:
             await self._wait_ranks(job)
             ended = exits.ranks_outcome(job.path, job.ranks, time.time())
@@ -554,7 +477,7 @@ class JobRunner:
         else:
             while job.alive():
                 await asyncio.sleep(POLL)
-            code = _recorded_exit(job.path)
+            code = exits.recorded_exit(job.path)
         stopped = f"stopped: {job.kill_reason}" if job.kill_reason else ""
         ended = exits.outcome(job.path, -1 if code is None else code, time.time())
         missing = "the ranks ended while no agent was watching and left no exit code" if code is None else ""
@@ -566,17 +489,18 @@ class JobRunner:
         waiting = {asyncio.create_task(wait_exit(leader.pid)): rank
                    for rank, leader in zip(job.ranks, job.sessions) if leader.alive()}
         logs = job.path / "logs"
-        failed = any(_rank_failed(logs, rank) for rank in job.ranks if rank not in waiting.values())
+        failed = any(exits.rank_failed(logs, rank) for rank in job.ranks if rank not in waiting.values())
         if failed:
             job.signal(signal.SIGTERM)
         try:
             while waiting:
                 done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                 ended = [waiting.pop(task) for task in done]
-                first = next((rank for rank in ended if _rank_failed(logs, rank)), None)
+                first = next((rank for rank in ended if exits.rank_failed(logs, rank)), None)
                 if not failed and first is not None:
                     failed = True
-                    note = f"rank {first} failed ({_rank_status(logs, first)}); stopping the other ranks on {self.node}"
+                    note = (f"rank {first} failed ({exits.rank_status(logs, first)}); stopping the other ranks on "
+                            f"{self.node}")
                     log.info("job %d attempt %d: %s", job.job, job.attempt, note)
                     _append(job.path / "launcher.log", f"gpudeck: {note}\n")
                     job.signal(signal.SIGTERM)
@@ -751,7 +675,7 @@ class JobRunner:
         if not self.root.is_dir():
             return
         for directory in sorted(self.root.iterdir()):
-            job = _load_job(directory)
+            job = load_job(directory)
             if job is None or job.cluster != self.cluster or (directory / "exit.json").exists():
                 continue
             self.jobs[job.key] = job
@@ -825,25 +749,6 @@ async def _spawn_cold(command: list[str], env: dict[str, str], cwd: Path, log_fi
     return process.pid
 
 
-def _rank_failed(logs: Path, rank: int) -> bool:
-    """Whether a rank that ended failed: its recorder's status, or no status at all (killed with it)."""
-    return _recorded_status(logs, rank) != 0
-
-
-def _recorded_status(logs: Path, rank: int) -> int | None:
-    try:
-        return int(read_left(exits.rank_exit_file(logs, rank)).strip())
-    except (OSError, ValueError):
-        return None
-
-
-def _rank_status(logs: Path, rank: int) -> str:
-    code = _recorded_status(logs, rank)
-    if code is None:
-        return "it left no exit status"
-    return f"killed by {exits.signal_name(code - 128)}" if code > 128 else f"exit code {code}"
-
-
 def _append(path: Path, text: str) -> None:
     try:
         with open(path, "a") as handle:
@@ -859,11 +764,3 @@ def _usable_dir(path: str, account: Account | None = None) -> bool:
     if not (path and os.path.isdir(path)):
         return False
     return account.may(path, READ | RUN) if account is not None else os.access(path, os.R_OK | os.X_OK)
-
-
-def _recorded_exit(directory: Path) -> int | None:
-    try:
-        return int(read_left(directory / "exit_code").strip())
-    except (OSError, ValueError):
-        return None
-

@@ -20,7 +20,6 @@ away are reported when it is back.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import logging
 import os
@@ -29,46 +28,38 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Awaitable, Callable
+from typing import Awaitable, Callable
 
 from gpudeck.agent import exits
-from gpudeck.agent.accounts import READ, RUN, Account, account_of, chown_tree, runs_as_agent, spawn_as
+from gpudeck.agent.accounts import Account, spawn_as
 from gpudeck.agent.attempts import RunningJob, load_job
-from gpudeck.agent.containers import (
-    Runtime, container_command, container_name, find_runtime, remove_container, stop_container,
-)
-from gpudeck.agent.environments import BuildFailed, Environments
+from gpudeck.agent.containers import container_command, container_name, remove_container, stop_container
+from gpudeck.agent.environments import Environments
 from gpudeck.agent.gpus import GpuBackend
 from gpudeck.agent.outputs import OutputKeeper
 from gpudeck.agent.overlay import AUTOCOUNT, overlay_env, write_overlay
-from gpudeck.agent.procs import MARKER, Leader, run_bounded, run_marker, wait_exit
-from gpudeck.agent.projects import ContentFetcher, FetchFailed, NodeCache
+from gpudeck.agent.preparation import PrepareFailed, Preparer, RunSetup, usable_dir
+from gpudeck.agent.procs import MARKER, Leader, run_marker, wait_exit
+from gpudeck.agent.projects import ContentFetcher, NodeCache
+from gpudeck.agent.shipping import Shipper
 from gpudeck.agent.traffic_sink import TrafficSink
 from gpudeck.agent.warm import WarmPool
 from gpudeck.config import ENVIRONMENTS_KEPT, NODE_CACHE_LIMIT
 from gpudeck.model import DOCTOR, RESERVED_ENV
 from gpudeck.netif import interface_towards
 from gpudeck.protocol.messages import Message
-from gpudeck.protocol.node_messages import (
-    JobExited, JobPreparing, JobStarted, Launch, LogChunk, OutputChunk, Outputs, SendOutput, Traffic,
-)
-from gpudeck.protocol.payloads import JobReport, OutputFile
+from gpudeck.protocol.node_messages import JobExited, JobStarted, Launch
+from gpudeck.protocol.payloads import JobReport
 from gpudeck.protocol.rank_end import open_left
 
 log = logging.getLogger(__name__)
 KILL_GRACE = 5.0
 POLL = 0.5
-LOG_CHUNK = 64 * 1024
 KEEP_FINISHED = 50
-LOG_RESUME_WAIT = 5.0
-SAY_EVERY = 2.0  # seconds between reports of what a preparing attempt is doing
-PROBE_TIMEOUT = 60.0  # for the job's interpreter to say whether it has torch
 # Each node starts its ranks once it has prepared (copied the project, built the environment); the
 # others wait for it at torchrun's rendezvous up to this many seconds (torchrun's own default is 600).
 RENDEZVOUS_TIMEOUT = 1800
-OUTPUT_DIR = "gpudeck-outputs"  # in the working copy: $GPUDECK_OUTPUT_DIR
 # The shell stays the session leader, so its pid is the process group of every rank.
 _LAUNCHER = '"$@"; code=$?; echo $code > "$GPUDECK_EXIT_FILE"; exit $code'
 # One rank's exit recorder: it outlives the signals that stop its rank (a trap, unlike an ignored
@@ -79,32 +70,6 @@ _RECORDER = ('trap : TERM INT HUP; "$@"; code=$?; echo $code > "$GPUDECK_RANK_EX
 Send = Callable[[Message], Awaitable[bool]]
 
 
-def torch_available() -> bool:
-    return importlib.util.find_spec("torch") is not None
-
-
-class PrepareFailed(Exception):
-    """An attempt cannot start on this node; `detail` says why, as its exit does. `retry`: for a
-    reason of the moment (the coordinator's connection dropped), so the job is placed again."""
-
-    def __init__(self, code: int, detail: str, retry: bool = False) -> None:
-        super().__init__(detail)
-        self.code, self.detail, self.retry = code, detail, retry
-
-
-@dataclass(frozen=True)
-class RunSetup:
-    """Where and how an attempt runs on this node, once prepared."""
-
-    python: str
-    bin_dir: str
-    cwd: Path
-    script: str  # the script's path here, "" for a workload or a command
-    outputs: Path
-    container: Runtime | None = None  # with --image: the runtime that runs it
-    account: Account | None = None  # with --run-as-owner: the owner's account, None for the agent's user
-
-
 class JobRunner:
     def __init__(self, state_dir: Path, cluster: str, node: str, sink: TrafficSink, backend: GpuBackend,
                  send: Send, fetcher: ContentFetcher | None = None, outputs: OutputKeeper | None = None,
@@ -113,13 +78,14 @@ class JobRunner:
                  mdns_view: Callable[[], dict[str, list[str]]] | None = None) -> None:
         state_dir = state_dir.resolve()  # ranks run elsewhere: every path they are given is absolute
         self.root = state_dir / "jobs"
-        self.cache = NodeCache(state_dir / "cache", fetcher or ContentFetcher(send), cache_space)
         self.environments = Environments(state_dir / "environments", environments)
-        self.overlay = write_overlay(state_dir / "overlay")
-        self.outputs = outputs or OutputKeeper(state_dir / "outputs")
+        overlay = write_overlay(state_dir / "overlay")
+        self.preparer = Preparer(node, NodeCache(state_dir / "cache", fetcher or ContentFetcher(send), cache_space),
+                                 self.environments, overlay, state_dir / "checkpoints", send, run_as_owner)
+        self.overlay = overlay
         self.warm = warm
-        self.run_as_owner = run_as_owner  # see accounts
         self.mdns_view = mdns_view  # the adverts this node sees, by role (None: mDNS is off here)
+        self.shipper = Shipper(node, send, sink, outputs or OutputKeeper(state_dir / "outputs"), run_as_owner)
         self.cluster = cluster
         self.node = node
         self.sink = sink
@@ -127,10 +93,7 @@ class JobRunner:
         self.send = send
         self.jobs: dict[tuple[int, int], RunningJob] = {}
         self._preparing: dict[tuple[int, int], asyncio.Task[RunSetup]] = {}
-        self._runtime: tuple[Runtime | None, str] | None = None  # the container runtime, once looked for
         self._followers: set[asyncio.Task[None]] = set()
-        # Set once the coordinator said how much of each log it has; logs wait for it after a connect.
-        self.logs_resumed = asyncio.Event()
 
     # --- launching -----------------------------------------------------------------------------
 
@@ -151,7 +114,8 @@ class JobRunner:
         try:
             (directory / "logs").mkdir(parents=True, exist_ok=True)
             with open(directory / "launcher.log", "ab") as launcher_log:
-                preparing = self._preparing[key] = asyncio.create_task(self._prepare(order, job, launcher_log))
+                preparing = self._preparing[key] = asyncio.create_task(
+                    self.preparer.prepare(order, job, launcher_log))
                 try:
                     setup = await preparing
                 finally:
@@ -247,141 +211,6 @@ class JobRunner:
         await self.send(JobStarted(job=order.job, attempt=order.attempt, pid=job.pgid))
         self._follow(job, process)
 
-    # --- preparing -----------------------------------------------------------------------------
-
-    async def _prepare(self, order: Launch, job: RunningJob, launcher_log: IO[bytes]) -> RunSetup:
-        """Where and with which interpreter the attempt runs; PrepareFailed with a sentence otherwise."""
-        directory = job.path
-        account = self._account(order, launcher_log)
-        work = directory / "work" if order.project else None
-        if work is not None:
-            await self._say(job, f"copying the project to {self.node}")
-            try:
-                manifest = await self.cache.manifest(order.project)
-                await self.cache.working_copy(manifest, work)
-            except FetchFailed as exc:
-                raise PrepareFailed(1, f"could not copy the project to {self.node}: {exc}",
-                                    retry=exc.transient) from None
-            except OSError as exc:
-                raise PrepareFailed(1, f"could not copy the project to {self.node}: {exc.strerror or exc}") from None
-        python, bin_dir = await self._interpreter(order, job, launcher_log, account)
-        if work is not None:
-            cwd = work / order.subdir if order.subdir else work
-            if not cwd.is_dir():
-                raise PrepareFailed(1, f"the folder {order.subdir} that submit ran in is not in the project (an "
-                                       "ignore file leaves it out): submit from another folder")
-            target = str(work / order.script_name) if order.script_name else ""
-        else:
-            cwd = Path(order.workdir) if _usable_dir(order.workdir, account) else directory
-            target = str(self._write_script(order, directory)) if order.script_name else ""
-        outputs = (work or directory) / OUTPUT_DIR
-        outputs.mkdir(parents=True, exist_ok=True)
-        if account is not None:
-            self._hand_over(job, work or outputs, account)
-        container = await self._container(order) if order.image else None
-        return RunSetup(python=python, bin_dir=bin_dir, cwd=cwd, script=target, outputs=outputs, container=container,
-                        account=account)
-
-    def _account(self, order: Launch, launcher_log: IO[bytes]) -> Account | None:
-        """With --run-as-owner, the account the job's processes run as: its owner's, else none (the
-        agent's user), which the launcher log then says."""
-        if not self.run_as_owner:
-            return None
-        account = account_of(order.owner)
-        if account is None:
-            launcher_log.write(f"gpudeck: {runs_as_agent(order.owner, self.node)}\n".encode())
-            launcher_log.flush()
-        return account
-
-    def _hand_over(self, job: RunningJob, written: Path, account: Account) -> None:
-        """Give the account what the job's processes write: `written` (the working copy, or the
-        outputs folder without one), the logs folder (exit statuses and error files), the exit-code
-        file and the job's checkpoints. The job's folder, with the records the agent reads back, stays
-        the agent's, open to the account only to pass through, as is the launcher's log."""
-        exit_file = job.path / "exit_code"
-        exit_file.touch()
-        checkpoints = self._checkpoints(job.job)
-        checkpoints.mkdir(parents=True, exist_ok=True)
-        for path in (written, job.path / "logs", exit_file, checkpoints):
-            account.give(path)
-        os.chmod(job.path, 0o711)
-        os.chmod(job.path / "launcher.log", 0o600)
-
-    def _checkpoints(self, job_id: int) -> Path:
-        return self.root.parent / "checkpoints" / str(job_id)
-
-    async def _container(self, order: Launch) -> Runtime:
-        if self._runtime is None:
-            self._runtime = await find_runtime()
-        runtime, why = self._runtime
-        if runtime is None:
-            self._runtime = None  # looked for again next time: one may be installed meanwhile
-            raise PrepareFailed(127, f"{self.node} cannot run containers, which --image needs: {why}")
-        return runtime
-
-    async def _interpreter(self, order: Launch, job: RunningJob, launcher_log: IO[bytes],
-                           account: Account | None) -> tuple[str, str]:
-        """The interpreter of the attempt and the folder of its scripts (first on PATH)."""
-        if order.image:
-            return "python", ""  # the image's own
-        if order.requirements:
-            started = time.monotonic()
-            reporter = asyncio.create_task(self._say_while(
-                job, lambda: f"building the environment on {self.node} (uv, {time.monotonic() - started:.0f} s)"))
-            try:
-                env = await self.environments.get(order.requirements, launcher_log)
-                job.environment = env.key
-            except BuildFailed as exc:
-                raise PrepareFailed(1, f"the environment could not be built on {self.node}: {exc}") from None
-            except OSError as exc:
-                raise PrepareFailed(1, f"the environment could not be built on {self.node}: "
-                                       f"{exc.strerror or exc}") from None
-            finally:
-                reporter.cancel()
-            python, bin_dir = env.python, env.bin
-        elif order.venv:
-            python, bin_dir = str(Path(order.venv) / "bin" / "python"), str(Path(order.venv) / "bin")
-            if not os.access(python, os.X_OK):
-                raise PrepareFailed(127, f"--venv {order.venv} is not a virtual environment on {self.node} "
-                                         "(it has no bin/python)")
-        elif order.python:
-            python, bin_dir = order.python, str(Path(order.python).parent)
-            if not (os.path.isfile(python) and os.access(python, os.X_OK)):
-                raise PrepareFailed(127, f"--python {order.python} does not exist on {self.node}")
-        else:
-            python, bin_dir = sys.executable, str(Path(sys.executable).parent)
-        if account is not None and not order.command and not account.may(python, RUN):
-            raise PrepareFailed(126, f"the account {account.name} may not run {python} on {self.node} (a folder on "
-                                     "its way is closed to it): install the agent where every account can read it, "
-                                     "or submit with --python or --venv")
-        if not order.command and not await self._has_torch(python, account):
-            where = "the agent's environment: install gpudeck[train] there" if python == sys.executable else python
-            raise PrepareFailed(127, f"torch is not installed on {self.node} in {where}")
-        return python, bin_dir
-
-    async def _has_torch(self, python: str, account: Account | None) -> bool:
-        """Whether `python` can import torch; asked as the job's account, since the interpreter may be
-        theirs (--python) and the agent never runs a person's program with its own rights."""
-        if python == sys.executable:
-            return torch_available()
-        env = {**os.environ, **overlay_env(self.overlay, dict(os.environ)), **(account.env() if account else {})}
-        probe = [python, "-c", "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is None)"]
-        try:
-            code = await run_bounded(probe, PROBE_TIMEOUT, env, account)
-        except OSError as exc:
-            raise PrepareFailed(127, f"{python} cannot be run on {self.node}: {exc.strerror or exc}") from None
-        if code is None:
-            raise PrepareFailed(127, f"{python} on {self.node} did not start within {PROBE_TIMEOUT:.0f} s")
-        return code == 0
-
-    async def _say(self, job: RunningJob, doing: str) -> None:
-        await self.send(JobPreparing(job=job.job, attempt=job.attempt, doing=doing))
-
-    async def _say_while(self, job: RunningJob, doing: Callable[[], str]) -> None:
-        while True:
-            await self._say(job, doing())
-            await asyncio.sleep(SAY_EVERY)
-
     def _command(self, order: Launch, setup: RunSetup, env: dict[str, str]) -> list[str]:
         if order.command:
             inner = list(order.command)
@@ -404,12 +233,6 @@ class JobRunner:
                         | {"PYTHONUNBUFFERED"}) - {AUTOCOUNT})
         return container_command(setup.container, order.image, container_name(order, self.node), inner, str(setup.cwd),
                                  mounts, names, order.gpus, getattr(self.backend, "simulated", False))
-
-    @staticmethod
-    def _write_script(order: Launch, directory: Path) -> Path:
-        path = directory / os.path.basename(order.script_name)
-        path.write_bytes(order.script)
-        return path
 
     def _env(self, order: Launch, directory: Path, setup: RunSetup) -> dict[str, str]:
         """The agent's variables (less the join token, and with the login variables of the job's
@@ -437,7 +260,7 @@ class JobRunner:
             "GPUDECK_LOG_DIR": str(directory / "logs"),
             "GPUDECK_EXIT_FILE": str(directory / "exit_code"),
             "GPUDECK_OUTPUT_DIR": str(setup.outputs),
-            "GPUDECK_CHECKPOINT_DIR": str(self._checkpoints(order.job)),
+            "GPUDECK_CHECKPOINT_DIR": str(setup.checkpoints),
             **({"GPUDECK_PREEMPT_GRACE": f"{order.preempt_grace:g}"} if order.preempt_grace > 0 else {}),
             "PYTHONUNBUFFERED": "1",
         })
@@ -451,7 +274,7 @@ class JobRunner:
             env["GPUDECK_MDNS_SEEN"] = json.dumps(self.mdns_view())  # what gpudeck doctor reports as seen
         if order.command:
             env[AUTOCOUNT] = "1"
-        if not order.project and _usable_dir(order.workdir, setup.account):
+        if not order.project and usable_dir(order.workdir, setup.account):
             env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH", ""), order.workdir) if p)
         return env
 
@@ -535,63 +358,9 @@ class JobRunner:
                         exc.strerror)
         log.info("job %d attempt %d: ranks exited with code %d%s", job.job, job.attempt, code,
                  f" ({detail})" if detail else "")
-        self.sink.drain()
-        await self._keep_outputs(job)
-        await self.ship_traffic(job)
-        try:
-            await asyncio.wait_for(self.logs_resumed.wait(), LOG_RESUME_WAIT)
-        except asyncio.TimeoutError:
-            pass  # not connected: the logs go from the start once it is
-        await self.ship_logs(job)
+        await self.shipper.ship_ended(job)
         await self.send(JobExited(job=job.job, attempt=job.attempt, exit_code=code, detail=detail, retry=retry,
                                   failed_at=failed_at))
-
-    async def _keep_outputs(self, job: RunningJob) -> None:
-        """Keep what the attempt wrote to $GPUDECK_OUTPUT_DIR, drop the rest of its working copy, and
-        tell the coordinator what is kept (and what older outputs the keeper let go)."""
-        work = job.path / "work"
-        try:
-            files = await asyncio.to_thread(self._keep, job, (work if work.is_dir() else job.path) / OUTPUT_DIR)
-        except OSError as exc:
-            log.warning("job %d attempt %d: could not keep its outputs (%s)", job.job, job.attempt, exc.strerror)
-            files = []
-        await asyncio.to_thread(shutil.rmtree, work, True)
-        if files:
-            await self.send(Outputs(job=job.job, attempt=job.attempt, files=files))
-        try:
-            await self.prune_outputs()
-        except OSError as exc:
-            log.warning("could not remove old outputs (%s)", exc.strerror)
-
-    def _keep(self, job: RunningJob, written: Path) -> list[OutputFile]:
-        """Under --run-as-owner the agent first takes the outputs back from the job's account: what a
-        download reads later must not be the job's to change (a file swapped for a link meanwhile)."""
-        if self.run_as_owner and written.is_dir() and not written.is_symlink():
-            chown_tree(written, os.geteuid(), os.getegid())
-        return self.outputs.keep(job.job, job.attempt, written)
-
-    async def report_outputs(self) -> None:
-        """After a register: every kept attempt's outputs (the coordinator forgot what it knew of
-        this node's, so outputs removed while it was away are not named any more)."""
-        for job_id, attempt in self.outputs.held():
-            files = self.outputs.listing(job_id, attempt)
-            if files and not await self.send(Outputs(job=job_id, attempt=attempt, files=files)):
-                return
-
-    async def prune_outputs(self) -> None:
-        for job_id, attempt in await asyncio.to_thread(self.outputs.prune):
-            log.info("job %d attempt %d: its kept outputs were removed (past their time or space)", job_id, attempt)
-            await self.send(Outputs(job=job_id, attempt=attempt, files=[]))
-
-    async def send_output(self, order: SendOutput) -> None:
-        try:
-            data, size = self.outputs.read(order.job, order.attempt, order.path, order.offset)
-        except (LookupError, OSError) as exc:
-            await self.send(OutputChunk(ticket=order.ticket, data=b"", size=0,
-                                        error=str(exc) if isinstance(exc, LookupError) else
-                                        f"{self.node} could not read {order.path}: {exc.strerror}"))
-            return
-        await self.send(OutputChunk(ticket=order.ticket, data=data, size=size, error=""))
 
     async def kill(self, job_id: int, attempt: int, reason: str, grace: float = 0.0) -> None:
         job = self.jobs.get((job_id, attempt))
@@ -626,46 +395,13 @@ class JobRunner:
 
     def reconnected(self) -> None:
         """A new connection: the coordinator may have missed chunks, and says which (`resume_logs`)."""
-        self.logs_resumed.clear()
-        for job in self.jobs.values():
-            job.sent_offsets.clear()
+        self.shipper.reconnected(self.jobs.values())
 
     def resume_logs(self, sizes: dict[str, dict[int, int]]) -> None:
-        """Continue each log where the coordinator's copy ends (a chunk sent twice would only land on
-        the same bytes, but resending whole logs after every reconnect is a flood)."""
-        for key, ranks in sizes.items():
-            job_id, _, attempt = key.partition(":")
-            job = self.jobs.get((int(job_id), int(attempt))) if job_id.isdigit() and attempt.isdigit() else None
-            if job is not None:
-                job.sent_offsets = dict(ranks)
-        self.logs_resumed.set()
-
-    async def ship_logs(self, job: RunningJob) -> None:
-        for rank, path in job.log_files().items():
-            offset = job.sent_offsets.get(rank, 0)
-            try:
-                with open(open_left(path), "rb") as handle:  # a link the job put there is not followed
-                    handle.seek(offset)
-                    while data := handle.read(LOG_CHUNK):
-                        if not await self.send(LogChunk(job=job.job, attempt=job.attempt, rank=rank,
-                                                        offset=offset, data=data)):
-                            return
-                        offset += len(data)
-                        job.sent_offsets[rank] = offset
-            except OSError:  # gone, or not a plain file
-                continue
-
-    async def ship_traffic(self, job: RunningJob) -> None:
-        totals, sync = self.sink.totals(job.job, job.attempt), self.sink.sync(job.job, job.attempt)
-        if totals or sync:
-            await self.send(Traffic(job=job.job, attempt=job.attempt, by_rank=totals, sync=sync))
+        self.shipper.resume_logs(self.jobs, sizes)
 
     async def ship_all(self) -> None:
-        for job in list(self.jobs.values()):
-            if self.logs_resumed.is_set():
-                await self.ship_logs(job)
-            if job.exit_code is None:
-                await self.ship_traffic(job)
+        await self.shipper.ship_all(self.jobs.values())
 
     # --- the agent's own life ------------------------------------------------------------------
 
@@ -712,6 +448,7 @@ def _port_taken(port: int) -> bool:
     return False
 
 
+
 def rank_variables(order: Launch, local_rank: int, env: dict[str, str]) -> dict[str, str]:
     """What torchrun's static rendezvous gives each rank, so scripts run as under torchrun; rank 0
     hosts the rendezvous store on MASTER_PORT itself, where torchrun's launcher would."""
@@ -755,12 +492,3 @@ def _append(path: Path, text: str) -> None:
             handle.write(text)
     except OSError as exc:
         log.warning("could not write to %s (%s)", path, exc.strerror)
-
-
-def _usable_dir(path: str, account: Account | None = None) -> bool:
-    """Whether the submitter's directory exists here and the job's account (default: the agent's
-    user) may enter it (a home directory of mode 0700 on a shared file system exists but is closed
-    to the agent's user)."""
-    if not (path and os.path.isdir(path)):
-        return False
-    return account.may(path, READ | RUN) if account is not None else os.access(path, os.R_OK | os.X_OK)

@@ -1,20 +1,14 @@
-"""The job runner: starts this node's ranks of a job attempt and follows them.
+"""The job runner: the table of this node's attempts, from their launch to the coordinator's word
+that it recorded their exit.
 
-By default the agent starts each rank itself, with the variables torchrun would give it
-(`rank_variables`), so `init_process_group("env://")` scripts run unchanged and no launcher process
-imports torch first: forked from a warm interpreter where one is ready (gpudeck.agent.warm), else
-as `python -m gpudeck.train.run` under a small shell. Either way each rank runs under an exit
-recorder that leads a session of its own and leaves the rank's status in its log folder; the agent
-waits on the recorders (pidfds: no polling, also for those an earlier agent started), and when one
-rank fails it stops the others, as torchrun does. `submit --torchrun`, a command (`-- CMD`) and a
-container run one process per node instead (torchrun, the command) under a shell that records its
-exit code.
+An attempt is prepared (`preparation`), started by the launcher its order asks for (`launchers`),
+waited for, and finished: its GPUs freed, its exit recorded and reported, its logs, traffic and
+outputs shipped (`shipping`). The agent waits on the ranks' recorders (pidfds: no polling, also for
+those an earlier agent started), and when one rank fails it stops the others, as torchrun does.
 
-Every process of the attempt is found by its marker or its ranks' sessions (see `procs`), so a
-cancel, a time limit or the loss of another node of the job stops every rank. The ranks outlive the
-agent: a restarted agent adopts them from the job directory. The runner keeps each attempt until
-the coordinator says it recorded the exit (`forget`), so exits that happen while the coordinator is
-away are reported when it is back.
+The ranks outlive the agent: a restarted agent adopts them from the job directory. The runner keeps
+each attempt until the coordinator says it recorded the exit (`forget`), so exits that happen while
+the coordinator is away are reported when it is back.
 """
 
 from __future__ import annotations
@@ -22,50 +16,36 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import shutil
 import signal
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import Awaitable, Callable
 
 from gpudeck.agent import exits
-from gpudeck.agent.accounts import Account, spawn_as
 from gpudeck.agent.attempts import RunningJob, load_job
-from gpudeck.agent.containers import container_command, container_name, remove_container, stop_container
+from gpudeck.agent.containers import remove_container, stop_container
 from gpudeck.agent.environments import Environments
 from gpudeck.agent.gpus import GpuBackend
+from gpudeck.agent.launchers import LaunchFailed, Site, launcher_for
 from gpudeck.agent.outputs import OutputKeeper
-from gpudeck.agent.overlay import AUTOCOUNT, overlay_env, write_overlay
-from gpudeck.agent.preparation import PrepareFailed, Preparer, RunSetup, usable_dir
-from gpudeck.agent.procs import MARKER, Leader, run_marker, wait_exit
+from gpudeck.agent.overlay import write_overlay
+from gpudeck.agent.preparation import PrepareFailed, Preparer, RunSetup
+from gpudeck.agent.procs import wait_exit
 from gpudeck.agent.projects import ContentFetcher, NodeCache
 from gpudeck.agent.shipping import Shipper
 from gpudeck.agent.traffic_sink import TrafficSink
 from gpudeck.agent.warm import WarmPool
 from gpudeck.config import ENVIRONMENTS_KEPT, NODE_CACHE_LIMIT
-from gpudeck.model import DOCTOR, RESERVED_ENV
-from gpudeck.netif import interface_towards
 from gpudeck.protocol.messages import Message
 from gpudeck.protocol.node_messages import JobExited, JobStarted, Launch
 from gpudeck.protocol.payloads import JobReport
-from gpudeck.protocol.rank_end import open_left
 
 log = logging.getLogger(__name__)
 KILL_GRACE = 5.0
 POLL = 0.5
 KEEP_FINISHED = 50
-# Each node starts its ranks once it has prepared (copied the project, built the environment); the
-# others wait for it at torchrun's rendezvous up to this many seconds (torchrun's own default is 600).
-RENDEZVOUS_TIMEOUT = 1800
-# The shell stays the session leader, so its pid is the process group of every rank.
-_LAUNCHER = '"$@"; code=$?; echo $code > "$GPUDECK_EXIT_FILE"; exit $code'
-# One rank's exit recorder: it outlives the signals that stop its rank (a trap, unlike an ignored
-# signal, is not inherited) and writes the status the rank ended with.
-_RECORDER = ('trap : TERM INT HUP; "$@"; code=$?; echo $code > "$GPUDECK_RANK_EXIT.partial"; '
-             'mv "$GPUDECK_RANK_EXIT.partial" "$GPUDECK_RANK_EXIT"; exit $code')
 
 Send = Callable[[Message], Awaitable[bool]]
 
@@ -82,9 +62,7 @@ class JobRunner:
         overlay = write_overlay(state_dir / "overlay")
         self.preparer = Preparer(node, NodeCache(state_dir / "cache", fetcher or ContentFetcher(send), cache_space),
                                  self.environments, overlay, state_dir / "checkpoints", send, run_as_owner)
-        self.overlay = overlay
-        self.warm = warm
-        self.mdns_view = mdns_view  # the adverts this node sees, by role (None: mDNS is off here)
+        self.site = Site(node, cluster, overlay, sink.address, getattr(backend, "simulated", False), warm, mdns_view)
         self.shipper = Shipper(node, send, sink, outputs or OutputKeeper(state_dir / "outputs"), run_as_owner)
         self.cluster = cluster
         self.node = node
@@ -143,57 +121,12 @@ class JobRunner:
 
     async def _start(self, order: Launch, job: RunningJob, setup: RunSetup) -> None:
         self.sink.expect(order.job, order.attempt)
-        if not (order.command or order.launcher or setup.container):
-            await self._start_ranks(order, job, setup)
-            return
         try:
-            env = self._env(order, job.path, setup)
-            if setup.container is not None:
-                job.container = [setup.container.path, container_name(order, self.node)]
-            with open(job.path / "launcher.log", "ab") as launcher_log:
-                process = await asyncio.create_subprocess_exec(
-                    "/bin/sh", "-c", _LAUNCHER, "gpudeck-launch", *self._command(order, setup, env),
-                    cwd=setup.cwd, env=env,
-                    stdin=asyncio.subprocess.DEVNULL, stdout=launcher_log, stderr=asyncio.subprocess.STDOUT,
-                    start_new_session=True, **spawn_as(setup.account))
-        except OSError as exc:
-            await self._finish(job, 127, f"could not start {'the command' if order.command else 'torchrun'} on "
-                                         f"{self.node}: {exc}")
+            process = await launcher_for(order, setup, self.site).start(order, job, setup)
+        except LaunchFailed as exc:
+            await self._finish(job, 127, str(exc))
             return
-        job.pgid = process.pid
         await self._started(order, job, process)
-
-    async def _start_ranks(self, order: Launch, job: RunningJob, setup: RunSetup) -> None:
-        """Start each of this node's ranks under its own exit recorder: forked where the rank runs in
-        the agent's own interpreter and a warm one is ready, else cold (always for an owner's account:
-        a rank forked from the agent's interpreter would keep the agent's rights)."""
-        env = self._env(order, job.path, setup)
-        target = ["--workload", order.workload] if order.workload else [setup.script]
-        argv = [*target, *order.args]  # for gpudeck.train.run
-        warm = self.warm if setup.python == sys.executable and not order.requirements and not setup.account else None
-        logs = job.path / "logs"
-        for local_rank in range(max(1, len(order.gpus))):
-            rank_env = {**env, **rank_variables(order, local_rank, env)}
-            rank = int(rank_env["RANK"])
-            rank_env["GPUDECK_RANK_EXIT"] = str(exits.rank_exit_file(logs, rank))
-            rank_env["TORCHELASTIC_ERROR_FILE"] = str(logs / f"rank-{rank}.error.json")
-            log_file = logs / f"rank-{rank}.log"
-            pid = await warm.fork(argv, rank_env, setup.cwd, log_file) if warm is not None else None
-            if pid is not None:
-                job.forked += 1
-            else:
-                try:
-                    pid = await _spawn_cold([setup.python, "-m", "gpudeck.train.run", *argv], rank_env, setup.cwd,
-                                            log_file, setup.account)
-                except OSError as exc:
-                    job.signal(signal.SIGKILL)
-                    await self._finish(job, 127, f"could not start rank {rank} on {self.node}: {exc}")
-                    return
-            leader = Leader.of(pid) or Leader(pid, -1)  # -1: it has already ended
-            job.ranks.append(rank)
-            job.leaders.append([leader.pid, leader.started])
-        job.pgid = job.leaders[0][0]
-        await self._started(order, job)
 
     async def _started(self, order: Launch, job: RunningJob, process: asyncio.subprocess.Process | None = None) -> None:
         if job.kill_reason:  # killed while it was being started
@@ -210,73 +143,6 @@ class JobRunner:
                  order.node_rank, job.gpus, job.pgid, how)
         await self.send(JobStarted(job=order.job, attempt=order.attempt, pid=job.pgid))
         self._follow(job, process)
-
-    def _command(self, order: Launch, setup: RunSetup, env: dict[str, str]) -> list[str]:
-        if order.command:
-            inner = list(order.command)
-        else:
-            target = ["--workload", order.workload] if order.workload else [setup.script]
-            # In a container gpudeck is not installed: torchrun runs the script itself, uncounted.
-            wrapper = [] if setup.container else ["-m", "gpudeck.train.run"]
-            inner = [
-                setup.python, "-m", "torch.distributed.run",
-                "--nnodes", str(order.nnodes), "--node-rank", str(order.node_rank),
-                "--nproc-per-node", str(max(1, len(order.gpus))),
-                "--master-addr", order.master_addr, "--master-port", str(order.master_port),
-                "--max-restarts", "0", "--rdzv-conf", f"timeout={RENDEZVOUS_TIMEOUT}", "--rdzv-id", run_id(order),
-                *wrapper, *target, *order.args,
-            ]
-        if setup.container is None:
-            return inner
-        mounts = sorted({str(setup.cwd), str(setup.outputs.parent), env["GPUDECK_LOG_DIR"]})
-        names = sorted((set(order.env) | {k for k in env if k.startswith("GPUDECK_")} | RESERVED_ENV
-                        | {"PYTHONUNBUFFERED"}) - {AUTOCOUNT})
-        return container_command(setup.container, order.image, container_name(order, self.node), inner, str(setup.cwd),
-                                 mounts, names, order.gpus, getattr(self.backend, "simulated", False))
-
-    def _env(self, order: Launch, directory: Path, setup: RunSetup) -> dict[str, str]:
-        """The agent's variables (less the join token, and with the login variables of the job's
-        account where it runs as one), the user's, then everything gpudeck sets (which a job cannot
-        override: the marker is how its processes are found and stopped)."""
-        env = dict(os.environ)
-        if setup.account is not None:
-            env.pop("GPUDECK_TOKEN", None)  # an agent given its token so must not hand it to a person's code
-            env.update(setup.account.env())
-        env.update(order.env)
-        env.update(overlay_env(self.overlay, env))
-        env.update({
-            "PATH": os.pathsep.join(p for p in (setup.bin_dir, env.get("PATH", "")) if p),
-            "CUDA_VISIBLE_DEVICES": ",".join(map(str, order.gpus)),
-            "MASTER_ADDR": order.master_addr,
-            "MASTER_PORT": str(order.master_port),
-            "NNODES": str(order.nnodes),
-            "NODE_RANK": str(order.node_rank),
-            "GPUS_PER_NODE": str(max(1, len(order.gpus))),
-            "GPUDECK_JOB_ID": str(order.job),
-            "GPUDECK_ATTEMPT": str(order.attempt),
-            "GPUDECK_NODE": self.node,
-            MARKER: run_marker(self.cluster, self.node, order.job, order.attempt),
-            "GPUDECK_TRAFFIC_ADDR": self.sink.address,
-            "GPUDECK_LOG_DIR": str(directory / "logs"),
-            "GPUDECK_EXIT_FILE": str(directory / "exit_code"),
-            "GPUDECK_OUTPUT_DIR": str(setup.outputs),
-            "GPUDECK_CHECKPOINT_DIR": str(setup.checkpoints),
-            **({"GPUDECK_PREEMPT_GRACE": f"{order.preempt_grace:g}"} if order.preempt_grace > 0 else {}),
-            "PYTHONUNBUFFERED": "1",
-        })
-        if order.array_job is not None and order.array_index is not None:  # a task of an array (--array)
-            env.update(GPUDECK_ARRAY_JOB=str(order.array_job), GPUDECK_ARRAY_INDEX=str(order.array_index))
-        interface = interface_towards(order.master_addr)
-        if interface:
-            env.setdefault("GLOO_SOCKET_IFNAME", interface)
-            env.setdefault("NCCL_SOCKET_IFNAME", interface)
-        if order.workload == DOCTOR and self.mdns_view is not None:
-            env["GPUDECK_MDNS_SEEN"] = json.dumps(self.mdns_view())  # what gpudeck doctor reports as seen
-        if order.command:
-            env[AUTOCOUNT] = "1"
-        if not order.project and usable_dir(order.workdir, setup.account):
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH", ""), order.workdir) if p)
-        return env
 
     # --- following and ending ------------------------------------------------------------------
 
@@ -447,43 +313,6 @@ def _port_taken(port: int) -> bool:
             return True
     return False
 
-
-
-def rank_variables(order: Launch, local_rank: int, env: dict[str, str]) -> dict[str, str]:
-    """What torchrun's static rendezvous gives each rank, so scripts run as under torchrun; rank 0
-    hosts the rendezvous store on MASTER_PORT itself, where torchrun's launcher would."""
-    per_node = max(1, len(order.gpus))
-    world = order.world_size or per_node * order.nnodes
-    rank = (order.first_rank if order.world_size else order.node_rank * per_node) + local_rank
-    variables = {
-        "RANK": rank, "LOCAL_RANK": local_rank, "WORLD_SIZE": world, "LOCAL_WORLD_SIZE": per_node,
-        "GROUP_RANK": order.node_rank, "GROUP_WORLD_SIZE": order.nnodes, "ROLE_RANK": rank,
-        "ROLE_WORLD_SIZE": world, "ROLE_NAME": "default", "TORCHELASTIC_RUN_ID": run_id(order),
-        "TORCHELASTIC_RESTART_COUNT": 0, "TORCHELASTIC_MAX_RESTARTS": 0, "TORCHELASTIC_USE_AGENT_STORE": "False",
-        "TORCH_NCCL_ASYNC_ERROR_HANDLING": env.get("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1"),
-    }
-    if per_node > 1 and "OMP_NUM_THREADS" not in env:
-        variables["OMP_NUM_THREADS"] = 1  # as torchrun: one thread per rank unless the job says otherwise
-    return {key: str(value) for key, value in variables.items()}
-
-
-def run_id(order: Launch) -> str:
-    return f"gpudeck-{order.job}-{order.attempt}"
-
-
-async def _spawn_cold(command: list[str], env: dict[str, str], cwd: Path, log_file: Path,
-                      account: Account | None = None) -> int:
-    """Start a rank under its shell recorder in a session of its own, as `account` where given; the
-    pid is the recorder's. The log is opened only as a plain file (its folder may be the account's)
-    and is the account's, since the rank opens it again (gpudeck.train.run)."""
-    with open(open_left(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab") as output:
-        if account is not None:
-            os.fchown(output.fileno(), account.uid, account.gid)
-        process = await asyncio.create_subprocess_exec(
-            "/bin/sh", "-c", _RECORDER, "gpudeck-rank", *command, cwd=cwd, env=env,
-            stdin=asyncio.subprocess.DEVNULL, stdout=output, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
-            **spawn_as(account))
-    return process.pid
 
 
 def _append(path: Path, text: str) -> None:

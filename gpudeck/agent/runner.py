@@ -62,7 +62,7 @@ class JobRunner:
         overlay = write_overlay(state_dir / "overlay")
         self.preparer = Preparer(node, NodeCache(state_dir / "cache", fetcher or ContentFetcher(send), cache_space),
                                  self.environments, overlay, state_dir / "checkpoints", send, run_as_owner)
-        self.site = Site(node, cluster, overlay, sink.address, getattr(backend, "simulated", False), warm, mdns_view)
+        self.site = Site(node, cluster, overlay, sink.address, backend.simulated, warm, mdns_view)
         self.shipper = Shipper(node, send, sink, outputs or OutputKeeper(state_dir / "outputs"), run_as_owner)
         self.cluster = cluster
         self.node = node

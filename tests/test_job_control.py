@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from gpudeck.agent.runner import rank_variables
+from gpudeck.agent.launchers import rank_variables
 from gpudeck.coordinator.jobs import FENCE_DEADLINE, JobControl
 from gpudeck.coordinator.registry import DOWN_AFTER, SUSPECT_AFTER, AgentLink, Registry
 from gpudeck.coordinator.store import JobRow, Store

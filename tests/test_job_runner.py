@@ -9,8 +9,9 @@ import asyncio
 import json
 from pathlib import Path
 
+from gpudeck.agent.attempts import RunningJob
 from gpudeck.agent.gpus import SimulatedBackend
-from gpudeck.agent.runner import JobRunner, RunningJob
+from gpudeck.agent.runner import JobRunner
 from gpudeck.agent.traffic_sink import TrafficSink
 from gpudeck.protocol.messages import Message
 from gpudeck.protocol.node_messages import JobExited, JobStarted, Launch, LogChunk
@@ -31,7 +32,7 @@ class Recorder:
 def _runner(state: Path) -> tuple[JobRunner, Recorder, TrafficSink]:
     sent, sink = Recorder(), TrafficSink()
     runner = JobRunner(state, CLUSTER, "node-a", sink, SimulatedBackend(2, seed=1), sent)
-    runner.logs_resumed.set()
+    runner.shipper.logs_resumed.set()
     return runner, sent, sink
 
 
@@ -82,12 +83,12 @@ def test_logs_resume_where_the_coordinators_copy_ends(tmp_path: Path):
         runner.jobs[(7, 1)] = job = RunningJob("node-a", 7, 1, 0, [0], str(tmp_path / "jobs" / "7-1"),
                                                cluster=CLUSTER)
         runner.reconnected()
-        assert not runner.logs_resumed.is_set(), "logs wait until the coordinator says what it has"
+        assert not runner.shipper.logs_resumed.is_set(), "logs wait until the coordinator says what it has"
         runner.resume_logs({"7:1": {0: 4}, "9:9": {0: 1}})
-        await runner.ship_logs(job)
+        await runner.shipper.ship_logs(job)
         chunks = {(m.rank, m.offset): m.data for m in sent.sent if isinstance(m, LogChunk)}
         assert chunks == {(0, 4): b"456789", (1, 0): b"abc"}
-        await runner.ship_logs(job)
+        await runner.shipper.ship_logs(job)
         assert len([m for m in sent.sent if isinstance(m, LogChunk)]) == 2, "nothing new, nothing sent"
         sink.close()
 

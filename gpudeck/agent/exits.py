@@ -111,3 +111,30 @@ def ranks_outcome(job_dir: Path, ranks: list[int], now: float) -> Outcome:
         return Outcome(0, "", None)
     ended, _, code, detail = min(failures)
     return Outcome(code, detail, ended)
+
+
+def rank_failed(logs: Path, rank: int) -> bool:
+    """Whether a rank that ended failed: its recorder's status, or no status at all (killed with it)."""
+    return _recorded_status(logs, rank) != 0
+
+
+def _recorded_status(logs: Path, rank: int) -> int | None:
+    try:
+        return int(rank_end.read_left(rank_exit_file(logs, rank)).strip())
+    except (OSError, ValueError):
+        return None
+
+
+def rank_status(logs: Path, rank: int) -> str:
+    code = _recorded_status(logs, rank)
+    if code is None:
+        return "it left no exit status"
+    return f"killed by {signal_name(code - 128)}" if code > 128 else f"exit code {code}"
+
+
+def recorded_exit(job_dir: Path) -> int | None:
+    """The exit code the launcher's shell recorded (torchrun's, the command's), None without one."""
+    try:
+        return int(rank_end.read_left(job_dir / "exit_code").strip())
+    except (OSError, ValueError):
+        return None

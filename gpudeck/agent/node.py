@@ -173,8 +173,8 @@ class Agent:
                                  gpus=self._readings(), jobs=self.runner.report()))
         for job in list(self.runner.jobs.values()):
             # Totals of attempts that ended while the coordinator was away go right behind the report.
-            await self.runner.ship_traffic(job)
-        await self.runner.report_outputs()
+            await self.runner.shipper.ship_traffic(job)
+        await self.runner.shipper.report_outputs()
         log.info("joined the coordinator at %s as %s", conn.peer_host, self.config.name)
         try:
             while (message := await conn.recv()) is not None:
@@ -194,7 +194,7 @@ class Agent:
         elif isinstance(message, ContentChunk):
             self.fetcher.arrived(message)
         elif isinstance(message, SendOutput):
-            self._in_background(self.runner.send_output(message))
+            self._in_background(self.runner.shipper.send_output(message))
         elif isinstance(message, Forget):
             self.runner.forget(message.job, message.attempt)
         elif isinstance(message, LogOffsets):

@@ -69,7 +69,7 @@ class Lifecycle:
             self.store.transition(job_id, JobState.RUNNING, reason="")
 
     def exited(self, node: str, job_id: int, attempt: int, exit_code: int, detail: str,
-                     retry: bool = False, failed_at: float | None = None) -> None:
+               retry: bool = False, failed_at: float | None = None) -> None:
         newly = self.store.record_exit(job_id, attempt, node, exit_code)
         self.send(node, Forget(job=job_id, attempt=attempt))
         row = self._current(job_id, attempt) if newly else None
@@ -111,7 +111,7 @@ class Lifecycle:
         self.store.amend_job(job_id, exit_code=exit_code, reason=_failure(node, exit_code, detail), failed_at=failed_at)
 
     def _end(self, row: JobRow, state: JobState, reason: str, exit_code: int | None,
-                   failed_at: float | None = None) -> None:
+             failed_at: float | None = None) -> None:
         self.store.transition(row.id, state, reason=reason, exit_code=exit_code, ended_at=self.clock(),
                               failed_at=failed_at)
         log.info("job %d %s%s", row.id, state.value, f": {reason}" if reason else "")
@@ -133,7 +133,7 @@ class Lifecycle:
                 self.launcher.send_launch(share.job, share.attempt, node)
             else:
                 self._lost(share.job, share.attempt, node, f"{node} no longer runs its ranks (its agent restarted)",
-                                 confirmed=True)
+                           confirmed=True)
 
     def node_down(self, node: str) -> None:
         for share in self.store.open_attempt_nodes():

@@ -22,13 +22,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from gpudeck.arrays import parse_array
 from gpudeck.coordinator.dependencies import Upstream, Waiting, gate
 from gpudeck.coordinator.preemption import Candidate, victims
 from gpudeck.coordinator.priority import Policy
 from gpudeck.coordinator.scheduler import Decision, JobRequest, NodeSlots, Placement, RunningJob, schedule
-from gpudeck.coordinator.store import JobRow
+
+if TYPE_CHECKING:  # the rows are read, never written: planning imports nothing that does I/O
+    from gpudeck.coordinator.store import JobRow
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from types import MappingProxyType
 from typing import Callable
 
@@ -20,7 +19,7 @@ from gpudeck.coordinator.launching import Launcher, Send
 from gpudeck.coordinator.lifecycle import Lifecycle
 from gpudeck.coordinator.planning import Active, Cluster, Plan, Preemption, Scores, View, plan, waiting
 from gpudeck.coordinator.preemption import Candidate
-from gpudeck.coordinator.priority import Factor, Policy, decayed_usage, fair_shares
+from gpudeck.coordinator.priority import Factor, Ledger, Policy
 from gpudeck.coordinator.registry import Registry
 from gpudeck.coordinator.scheduler import (
     GpuSlot, JobRequest, NodeSlots, RunningJob, impossible_reason, limit_reason, validate_request,
@@ -56,17 +55,13 @@ class JobControl:
         self.preempt_grace = preempt_grace
         self.launcher = Launcher(store, registry, send, clock, job_ports, preempt_grace)
         self.lifecycle = Lifecycle(store, registry, send, clock, self.launcher, self.reconsider)
+        self.ledger = Ledger(policy, USAGE_HORIZON)  # priorities: decayed usage and fair shares
         self._stopping: set[tuple[int, int]] = set()  # preempted attempts whose ranks have not ended yet
         self._preempted_by: dict[int, int] = {}  # a preempted job -> the job it was stopped for, until that starts
         # What the last scheduling pass saw, so that the next can skip the jobs that already waited.
         self._context: object = None
         self._requests: dict[int, JobRequest] = {}  # built once per rescoring
         self._node_slots: dict[str, tuple[list[GpuReading], dict[int, int], dict[int, str], NodeSlots]] = {}
-        # Priorities: every pending job's score is as of `_scored_at`, so scores compare at one instant.
-        self._scored_at = -math.inf
-        self._usage: dict[str, float] = {}  # each owner's decayed GPU-seconds as of `_usage_at`
-        self._usage_at: float | None = None
-        self._shares: dict[str, float] = {}  # each owner's fair-share factor
         self._reserved: int | None = None  # the job the last pass reserved GPUs for
         self.estimated_start: dict[int, float] = {}  # pending jobs whose start is planned (epoch seconds)
 
@@ -207,7 +202,7 @@ class JobControl:
         return "full" if fresh else "none"
 
     def _view(self, pending: list[JobRow], cluster: Cluster, active: Active) -> View:
-        scores = Scores(self.policy, self._shares, self._scored_at)
+        scores = Scores(self.policy, self.ledger.shares, self.ledger.scored_at)
         return View(pending, self._upstream(pending), cluster, active, scores, MappingProxyType(self._requests))
 
     def _active(self, holding: list[AttemptNode]) -> Active:
@@ -304,15 +299,12 @@ class JobControl:
         """Recompute decayed usage and fair shares, at most every RESCORE_EVERY seconds and only while
         jobs wait; True when it did (every pending job's score is then due again). Usage is carried
         over from the last time, so each time reads only the attempts that held GPUs since."""
-        if now - self._scored_at < RESCORE_EVERY:
+        if now - self.ledger.scored_at < RESCORE_EVERY:
             return False
         pending = self.store.jobs((JobState.PENDING,))
         if not pending:
             return False
-        since = self._usage_at if self._usage_at is not None else now - USAGE_HORIZON * self.policy.half_life
-        self._usage = decayed_usage(self.store.held_gpus(since), now, self.policy.half_life, since, self._usage)
-        self._usage_at = self._scored_at = now
-        self._shares = fair_shares(self._usage, {row.owner for row in pending})
+        self.ledger.rescore(self.store.held_gpus(self.ledger.since(now)), {row.owner for row in pending}, now)
         self._requests = {}
         return True
 
@@ -321,7 +313,7 @@ class JobControl:
         estimated start; nothing for a job that does not wait."""
         if row.state is not JobState.PENDING:
             return (), None
-        factors = self.policy.explain(row.spec.priority, row.submitted_at, self._shares.get(row.owner, 1.0),
+        factors = self.policy.explain(row.spec.priority, row.submitted_at, self.ledger.shares.get(row.owner, 1.0),
                                       self.clock())
         return factors, self.estimated_start.get(row.id)
 

@@ -397,7 +397,7 @@ def _run_for(deck: Deck, job_id: int, seconds: float) -> None:
     deck.start_all(job_id)
     deck.clock.now += seconds
     for node_name, _ in deck.job(job_id).hosts:
-        deck.control.exited(node_name, job_id, 1, 0, "")
+        deck.control.lifecycle.exited(node_name, job_id, 1, 0, "")
 
 
 def test_fair_share_serves_the_person_who_used_less_first(tmp_path: Path) -> None:
@@ -469,7 +469,7 @@ def test_a_cancelled_reserved_job_lets_the_jobs_it_held_back_start(tmp_path: Pat
     waiting = deck.submit(gpus=1)
     deck.control.schedule()
     assert deck.job(waiting).state is JobState.PENDING
-    deck.control.cancel(wide)
+    deck.control.lifecycle.cancel(wide)
     assert deck.control.schedule() == "full"
     assert deck.job(waiting).state is JobState.STARTING and deck.control.estimated_start == {}
 

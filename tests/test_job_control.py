@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from gpudeck.agent.launchers import rank_variables
-from gpudeck.coordinator.jobs import FENCE_DEADLINE, JobControl
+from gpudeck.coordinator.jobs import JobControl
+from gpudeck.coordinator.lifecycle import FENCE_DEADLINE
 from gpudeck.coordinator.registry import DOWN_AFTER, SUSPECT_AFTER, AgentLink, Registry
 from gpudeck.coordinator.store import JobRow, Store
 from gpudeck.coordinator.views import node_view
@@ -84,7 +85,7 @@ class Deck:
     def start_all(self, job_id: int) -> None:
         row = self.job(job_id)
         for node, _ in row.hosts:
-            self.control.started(node, job_id, row.attempt)
+            self.control.lifecycle.started(node, job_id, row.attempt)
 
 
 def gpu_reading(index: int) -> GpuReading:
@@ -107,14 +108,14 @@ def test_submit_place_launch_start_and_succeed(deck: Deck):
     assert sorted((node, m.node_rank, m.nnodes, m.gpus) for node, m in launches) == [
         ("node-a", 0, 2, [0, 1]), ("node-b", 1, 2, [0, 1])]
     assert {m.master_addr for _, m in launches} == {"10.0.0.1"} and PORTS[0] <= launches[0][1].master_port <= PORTS[1]
-    deck.control.started("node-a", job, 1)
+    deck.control.lifecycle.started("node-a", job, 1)
     assert deck.job(job).state is JobState.STARTING, "running only once every node started"
-    deck.control.started("node-b", job, 1)
-    deck.control.started("node-b", job, 1)  # repeated after a reconnect: no second transition
+    deck.control.lifecycle.started("node-b", job, 1)
+    deck.control.lifecycle.started("node-b", job, 1)  # repeated after a reconnect: no second transition
     assert deck.job(job).state is JobState.RUNNING
-    deck.control.exited("node-a", job, 1, 0, "")
+    deck.control.lifecycle.exited("node-a", job, 1, 0, "")
     assert deck.job(job).state is JobState.RUNNING
-    deck.control.exited("node-b", job, 1, 0, "")
+    deck.control.lifecycle.exited("node-b", job, 1, 0, "")
     assert deck.job(job).state is JobState.SUCCEEDED and deck.job(job).exit_code == 0
     assert sorted(node for node, _ in deck.taken(Forget)) == ["node-a", "node-b"]
 
@@ -123,12 +124,12 @@ def test_a_failing_rank_fails_the_job_names_it_and_stops_the_others(deck: Deck):
     job = deck.submit(nodes=2, gpus_per_node=1)
     deck.control.schedule()
     deck.start_all(job)
-    deck.control.exited("node-b", job, 1, 3, "rank 1 exited with code 3", failed_at=deck.clock.now - 1)
+    deck.control.lifecycle.exited("node-b", job, 1, 3, "rank 1 exited with code 3", failed_at=deck.clock.now - 1)
     row = deck.job(job)
     assert row.state is JobState.FAILED and row.exit_code == 3
     assert row.reason == "rank 1 on node-b failed first: it exited with code 3"
     assert [node for node, _ in deck.taken(Kill)] == ["node-a"]
-    deck.control.exited("node-a", job, 1, 1, "rank 0 exited with code 1", failed_at=deck.clock.now - 5)
+    deck.control.lifecycle.exited("node-a", job, 1, 1, "rank 0 exited with code 1", failed_at=deck.clock.now - 5)
     assert deck.job(job).reason == "rank 0 on node-a failed first: it exited with code 1", \
         "the failure that happened first is the job's, whichever report came first"
 
@@ -140,7 +141,7 @@ def test_gpus_split_unevenly_over_nodes_number_the_ranks_node_by_node(tmp_path: 
     launches = sorted((m.node_rank, len(m.gpus), m.first_rank, m.world_size) for _, m in deck.taken(Launch))
     assert launches == [(0, 2, 0, 3), (1, 1, 2, 3)], launches
     deck.restart()
-    deck.control.send_launch(job, 1, "node-b")  # resent after a reconnect: the same numbering
+    deck.control.launcher.send_launch(job, 1, "node-b")  # resent after a reconnect: the same numbering
     ((_, again),) = deck.taken(Launch)
     variables = [rank_variables(again, 0, {})]
     assert (variables[0]["RANK"], variables[0]["WORLD_SIZE"], variables[0]["LOCAL_WORLD_SIZE"]) == ("2", "3", "1")
@@ -150,11 +151,11 @@ def test_a_taken_rendezvous_port_places_the_job_again(deck: Deck):
     job = deck.submit(nodes=2, gpus_per_node=1)
     deck.control.schedule()
     deck.taken(Launch)
-    deck.control.exited("node-a", job, 1, 1, "port 31000 is taken", retry=True)
+    deck.control.lifecycle.exited("node-a", job, 1, 1, "port 31000 is taken", retry=True)
     row = deck.job(job)
     assert row.state is JobState.PENDING and row.reason == "placing it again: port 31000 is taken"
     assert [node for node, _ in deck.taken(Kill)] == ["node-b"]
-    deck.control.exited("node-b", job, 1, -15, "killed")
+    deck.control.lifecycle.exited("node-b", job, 1, -15, "killed")
     deck.control.schedule()
     assert deck.job(job).attempt == 2 and len(deck.taken(Launch)) == 2
 
@@ -168,7 +169,7 @@ def _lose(deck: Deck, node: str) -> None:
         deck.registry.heard(name, deck.clock.now)
     for name, state in deck.registry.tick(deck.clock.now):
         if state is NodeState.DOWN:
-            deck.control.node_down(name)
+            deck.control.lifecycle.node_down(name)
 
 
 def test_a_lost_node_requeues_the_job_and_fences_its_gpus(deck: Deck):
@@ -222,7 +223,7 @@ def test_a_rank_that_fails_after_its_peer_node_went_silent_requeues_the_job(deck
     deck.registry.detach(deck.registry.links["node-b"])
     deck.clock.now += 1
     deck.registry.tick(deck.clock.now)
-    deck.control.exited("node-a", job, 1, 1, "rank 0 exited with code 1", failed_at=deck.clock.now)
+    deck.control.lifecycle.exited("node-a", job, 1, 1, "rank 0 exited with code 1", failed_at=deck.clock.now)
     row = deck.job(job)
     assert row.state is JobState.PENDING and row.restarts == 1, row
     assert row.reason == "requeued: node node-b stopped answering (restart 1 of 1)"
@@ -231,7 +232,7 @@ def test_a_rank_that_fails_after_its_peer_node_went_silent_requeues_the_job(deck
     deck.join("node-b", 1)
     deck.control.schedule()
     assert deck.job(job).state is JobState.PENDING, "node-b's GPU stays fenced until it says its ranks ended"
-    deck.control.reconcile("node-b", [JobReport(job=job, attempt=1, exit_code=-9, detail="killed")])
+    deck.control.lifecycle.reconcile("node-b", [JobReport(job=job, attempt=1, exit_code=-9, detail="killed")])
     deck.control.schedule()
     assert deck.job(job).state is JobState.STARTING and deck.job(job).attempt == 2
 
@@ -240,7 +241,7 @@ def test_a_failure_while_every_peer_answers_is_the_jobs_own(deck: Deck):
     job = deck.submit(nodes=2, gpus_per_node=1, max_restarts=1)
     deck.control.schedule()
     deck.start_all(job)
-    deck.control.exited("node-a", job, 1, 1, "rank 0 exited with code 1")
+    deck.control.lifecycle.exited("node-a", job, 1, 1, "rank 0 exited with code 1")
     assert deck.job(job).state is JobState.FAILED and deck.job(job).restarts == 0
 
 
@@ -249,10 +250,10 @@ def test_the_time_limit_fails_a_running_job(deck: Deck):
     deck.control.schedule()
     deck.start_all(job)
     deck.clock.now += 59
-    deck.control.enforce_time_limits()
+    deck.control.lifecycle.enforce_time_limits()
     assert deck.job(job).state is JobState.RUNNING
     deck.clock.now += 2
-    deck.control.enforce_time_limits()
+    deck.control.lifecycle.enforce_time_limits()
     assert deck.job(job).state is JobState.FAILED and deck.job(job).reason == "ran past its time limit of 1m00s"
     assert len(deck.taken(Kill)) == 1
 
@@ -263,14 +264,14 @@ def test_cancel_pending_running_and_finished(deck: Deck):
     running = deck.submit(gpus=1)
     deck.control.schedule()
     assert deck.job(waiting).state is JobState.STARTING and deck.job(running).state is JobState.PENDING
-    deck.control.cancel(running)
+    deck.control.lifecycle.cancel(running)
     assert deck.job(running).state is JobState.CANCELLED and not deck.taken(Kill)
-    deck.control.cancel(waiting)
+    deck.control.lifecycle.cancel(waiting)
     assert deck.job(waiting).reason == "cancelled by a user" and len(deck.taken(Kill)) == 2
     with pytest.raises(ValueError, match="already cancelled; nothing to cancel"):
-        deck.control.cancel(waiting)
+        deck.control.lifecycle.cancel(waiting)
     with pytest.raises(LookupError, match="there is no job 99"):
-        deck.control.cancel(99)
+        deck.control.lifecycle.cancel(99)
 
 
 def test_a_restarted_coordinator_adopts_running_ranks_and_resends_lost_launches(deck: Deck):
@@ -283,12 +284,12 @@ def test_a_restarted_coordinator_adopts_running_ranks_and_resends_lost_launches(
     deck.restart()
     ran_on = deck.job(running).hosts[0][0]
     waits_on = deck.job(unstarted).hosts[0][0]
-    deck.control.reconcile(ran_on, [JobReport(job=running, attempt=1)])
-    deck.control.reconcile(waits_on, [])
+    deck.control.lifecycle.reconcile(ran_on, [JobReport(job=running, attempt=1)])
+    deck.control.lifecycle.reconcile(waits_on, [])
     assert deck.job(running).state is JobState.RUNNING and not deck.taken(Kill)
     assert [(node, m.job) for node, m in deck.taken(Launch)] == [(waits_on, unstarted)], \
         "a launch the agent never received is sent again"
-    deck.control.reconcile(waits_on, [JobReport(job=77, attempt=3)])
+    deck.control.lifecycle.reconcile(waits_on, [JobReport(job=77, attempt=3)])
     assert [(node, m.job) for node, m in deck.taken(Kill)] == [(waits_on, 77)], "ranks nobody wants are killed"
 
 
@@ -297,14 +298,14 @@ def test_an_agent_that_restarted_lost_its_ranks(deck: Deck):
     deck.control.schedule()
     deck.start_all(job)
     node = deck.job(job).hosts[0][0]
-    deck.control.reconcile(node, [])
+    deck.control.lifecycle.reconcile(node, [])
     assert deck.job(job).state is JobState.FAILED
     assert deck.job(job).reason == f"{node} no longer runs its ranks (its agent restarted)"
 
 
 def test_the_store_refuses_a_transition_the_table_does_not_have(deck: Deck):
     job = deck.submit(gpus=1)
-    deck.control.cancel(job)
+    deck.control.lifecycle.cancel(job)
     with pytest.raises(IllegalTransition, match="cannot go from cancelled to running"):
         deck.store.transition(job, JobState.RUNNING)
     assert deck.job(job).state is JobState.CANCELLED, "nothing was written"
@@ -359,7 +360,7 @@ def test_a_pass_with_nothing_freed_schedules_only_new_jobs_and_reasons_stay_true
     assert deck.job(big).reason == ("needs 2 GPUs; none are free; it is next in line and starts when jobs 1 and "
                                     f"{small} end")
     deck.start_all(first)
-    deck.control.exited("node-a", first, 1, 0, "")
+    deck.control.lifecycle.exited("node-a", first, 1, 0, "")
     assert deck.control.schedule() == "full", "a GPU was freed"
     assert deck.job(big).reason == (f"needs 2 GPUs; 1 is free on 1 node (node-a 1); it is next in line and starts "
                                     f"when job {small} ends")
@@ -379,7 +380,7 @@ def test_a_pending_dependency_cancelled_fails_the_chain_waiting_for_it_on_the_ne
     assert deck.job(running).state is JobState.STARTING and deck.job(waits).reason == f"waits for job {held} to succeed"
     deck.control.schedule()  # the pass after a placement is a full one
     assert deck.control.schedule() == "none", "nothing changed since"
-    deck.control.cancel(held)  # frees no GPU: nothing else tells the next pass to look at the waiting jobs
+    deck.control.lifecycle.cancel(held)  # frees no GPU: nothing else tells the next pass to look at the waiting jobs
     deck.control.schedule()
     assert (deck.job(waits).state, deck.job(waits).reason) == (
         JobState.FAILED, f"job {held} was cancelled, and this job was to run after it succeeded")
@@ -399,7 +400,7 @@ def test_array_tasks_launch_with_their_index_one_at_a_time_under_a_throttle_of_o
         deck.start_all(task.id)
         deck.control.schedule()
         assert deck.taken(Launch) == [], "the throttle holds the others back while one runs"
-        deck.control.exited(node, task.id, 1, 0, "")
+        deck.control.lifecycle.exited(node, task.id, 1, 0, "")
     assert {row.state for row in deck.store.jobs()} == {JobState.SUCCEEDED}
 
 
@@ -414,7 +415,7 @@ def test_after_an_arrays_id_waits_for_every_task_and_after_a_task_for_that_one(d
         task = deck.store.task(array, index)
         assert task is not None
         deck.start_all(task.id)
-        deck.control.exited(task.hosts[0][0], task.id, 1, code, "rank 0 exited with code 3" if code else "")
+        deck.control.lifecycle.exited(task.hosts[0][0], task.id, 1, code, "rank 0 exited with code 3" if code else "")
     deck.control.schedule()
     assert (deck.job(whole).state, deck.job(whole).reason) == (
         JobState.FAILED, f"array {array} had 1 failed task, and this job was to run after it succeeded")

@@ -135,7 +135,7 @@ def test_a_preempted_job_waits_for_the_job_it_was_stopped_for_and_nobody_is_stop
     deck.control.schedule()
     deck.start_all(past)
     deck.clock.now += 3600
-    deck.control.exited("node-a", past, 1, 0, "")
+    deck.control.lifecycle.exited("node-a", past, 1, 0, "")
     low = deck.submit(owner="bob", gpus=2, preemptible=True)
     deck.control.schedule()
     deck.start_all(low)
@@ -150,7 +150,7 @@ def test_a_preempted_job_waits_for_the_job_it_was_stopped_for_and_nobody_is_stop
     deck.clock.now += 1
     deck.control.schedule()
     assert deck.taken(Kill) == [], "no second job is stopped while the first one's ranks stop"
-    deck.control.exited("node-a", low, 1, 143, "rank 0 was stopped by SIGTERM")
+    deck.control.lifecycle.exited("node-a", low, 1, 143, "rank 0 was stopped by SIGTERM")
     deck.clock.now += 10  # priorities are scored again: bob's share beats ada's higher --priority
     deck.control.schedule()
     assert deck.job(high).state is JobState.STARTING and deck.job(low).state is JobState.PENDING

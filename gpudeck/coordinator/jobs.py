@@ -1,60 +1,39 @@
-"""The life of jobs: submit, place, launch, follow, end, requeue.
+"""The scheduling side of jobs: submit, the scheduling pass and the one place that applies it.
 
-This is where the `JobState` transitions of `gpudeck.model` happen. Every change is stored before
-anything is sent, so a coordinator killed at any point restarts into a state the agents' reports can
-be reconciled with: a launch the agent never received is sent again, a launch it did receive is a
-no-op the second time, and ranks of an attempt the coordinator no longer wants are killed.
+A pass reads what it needs into a `planning.View`, lets `planning.plan` decide, and `apply` does
+every write and send the plan calls for. What happens to jobs once placed (agents' reports, lost
+nodes, cancels, time limits) is `coordinator.lifecycle`; the orders sent to nodes are
+`coordinator.launching`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-import random
-import re
+from types import MappingProxyType
 from typing import Callable
 
 from gpudeck.arrays import parse_array, parse_ref
-from gpudeck.coordinator.dependencies import Upstream, Waiting, gate
-from gpudeck.coordinator.preemption import Candidate, victims
-from gpudeck.coordinator.priority import Factor, Policy, decayed_usage, fair_shares
+from gpudeck.coordinator.dependencies import Upstream, gate
+from gpudeck.coordinator.launching import Launcher, Send
+from gpudeck.coordinator.lifecycle import Lifecycle
+from gpudeck.coordinator.planning import Active, Cluster, Plan, Preemption, Scores, View, plan, waiting
+from gpudeck.coordinator.preemption import Candidate
+from gpudeck.coordinator.priority import Factor, Ledger, Policy
 from gpudeck.coordinator.registry import Registry
 from gpudeck.coordinator.scheduler import (
-    Decision, GpuSlot, JobRequest, NodeSlots, Placement, RunningJob, impossible_reason, limit_reason, schedule,
-    validate_request,
+    GpuSlot, JobRequest, NodeSlots, RunningJob, impossible_reason, limit_reason, validate_request,
 )
 from gpudeck.coordinator.store import AttemptNode, JobRow, Store
-from gpudeck.model import DOCTOR, WORKLOADS, JobSpec, JobState, NodeState, format_duration
-from gpudeck.protocol.messages import Message
-from gpudeck.protocol.node_messages import Forget, Kill, Launch
-from gpudeck.protocol.payloads import GpuReading, JobReport
+from gpudeck.model import DOCTOR, WORKLOADS, JobSpec, JobState, NodeState
+from gpudeck.protocol.payloads import GpuReading
 
 log = logging.getLogger(__name__)
-_RANK_DETAIL = re.compile(r"^rank (\d+) (.+)$")
 JOB_PORTS = (29500, 29999)  # the rendezvous ports, first and last; the firewall must open them
-FENCE_DEADLINE = 120.0  # longest a lost node's GPUs wait for it to confirm its ranks are gone
-
-MAX_REASON = 300  # characters of a node's word on what it is doing
 DEFAULT_TIME_LIMIT = 86400.0  # how long a job without --time-limit is planned to run (not a stop)
 PREEMPT_GRACE = 30.0  # seconds a preempted job has between SIGTERM and SIGKILL
 RESCORE_EVERY = 5.0  # seconds between recomputing priorities (decayed usage, fair shares, ages)
 USAGE_HORIZON = 20  # half-lives of history read when the coordinator starts; older use counts under 1e-6
-Send = Callable[[str, Message], bool]  # queues the message for a node; never waits on it
-
-
-def request_of(row: JobRow, priority: float) -> JobRequest:
-    """What the scheduler sees of a pending job, with its priority score (`JobControl._score`)."""
-    spec = row.spec
-    return JobRequest(job_id=row.id, priority=priority, gpus=spec.gpus, nodes=spec.nodes,
-                      gpus_per_node=spec.gpus_per_node, owner=row.owner, time_limit=spec.time_limit,
-                      on_nodes=tuple(spec.on_nodes))
-
-
-def _waiting(row: JobRow) -> Waiting:
-    """What the dependency gate sees of a pending job."""
-    throttle = parse_array(row.spec.array).throttle if row.spec.array else 0
-    return Waiting(row.id, tuple(row.spec.after), tuple(row.spec.after_any), row.array_job, row.array_index, throttle)
 
 
 def _gpu_slot(gpu: GpuReading, busy: dict[int, int], cordoned: dict[int, str]) -> GpuSlot:
@@ -63,61 +42,26 @@ def _gpu_slot(gpu: GpuReading, busy: dict[int, int], cordoned: dict[int, str]) -
     return GpuSlot(index=gpu.index, busy_job=busy.get(gpu.index), foreign=described, cordoned=cordoned.get(gpu.index))
 
 
-def _launch_order(row: JobRow, attempt: int, node_rank: int, shape: list[int], gpus: list[int], master_addr: str,
-                  master_port: int, script: bytes, preempt_grace: float) -> Launch:
-    """`shape`: how many GPUs each node holds, in node-rank order; ranks go node by node, one per GPU
-    (and one on a node given none: gpudeck doctor's check)."""
-    spec = row.spec
-    ranks = [max(1, gpus_held) for gpus_held in shape]
-    return Launch(job=row.id, attempt=attempt, node_rank=node_rank, nnodes=len(shape), gpus=gpus,
-                  first_rank=sum(ranks[:node_rank]), world_size=sum(ranks),
-                  master_addr=master_addr, master_port=master_port, script_name=spec.script_name, script=script,
-                  workload=spec.workload, args=spec.args, workdir=spec.workdir, project=spec.project,
-                  subdir=spec.subdir, command=spec.command, env=spec.env, python=spec.python, venv=spec.venv,
-                  requirements=spec.requirements, image=spec.image, launcher=spec.launcher,
-                  array_job=row.array_job, array_index=row.array_index, owner=row.owner,
-                  preempt_grace=preempt_grace if spec.preemptible else 0.0)
-
-
-def _failure(node: str, exit_code: int, detail: str) -> str:
-    """Why a job failed, for a person: which rank on which node failed first, and with what."""
-    rank = _RANK_DETAIL.match(detail)
-    if rank:
-        return f"rank {rank.group(1)} on {node} failed first: it {rank.group(2)}"
-    return f"ranks on {node} exited with code {exit_code}" + (f": {detail}" if detail else "")
-
-
-def _explained(row: JobRow, reason: str, draining: list[str]) -> str:
-    """The scheduler's reason with what it cannot know: why the job was requeued, which nodes it
-    was not offered because they drain."""
-    if draining:
-        reason += f" ({', '.join(draining)} {'is' if len(draining) == 1 else 'are'} draining)"
-    return f"requeued: {row.requeued_because}; {reason}" if row.requeued_because else reason
-
-
 class JobControl:
     def __init__(self, store: Store, registry: Registry, send: Send, clock: Callable[[], float],
                  job_ports: tuple[int, int] = JOB_PORTS, policy: Policy = Policy(),
                  default_time_limit: float = DEFAULT_TIME_LIMIT, preempt_grace: float = PREEMPT_GRACE) -> None:
         self.store = store
         self.registry = registry
-        self.send = send
         self.clock = clock
         self.job_ports = job_ports
         self.policy = policy
         self.default_time_limit = default_time_limit
         self.preempt_grace = preempt_grace
+        self.launcher = Launcher(store, registry, send, clock, job_ports, preempt_grace)
+        self.lifecycle = Lifecycle(store, registry, send, clock, self.launcher, self.reconsider)
+        self.ledger = Ledger(policy, USAGE_HORIZON)  # priorities: decayed usage and fair shares
         self._stopping: set[tuple[int, int]] = set()  # preempted attempts whose ranks have not ended yet
         self._preempted_by: dict[int, int] = {}  # a preempted job -> the job it was stopped for, until that starts
         # What the last scheduling pass saw, so that the next can skip the jobs that already waited.
         self._context: object = None
         self._requests: dict[int, JobRequest] = {}  # built once per rescoring
         self._node_slots: dict[str, tuple[list[GpuReading], dict[int, int], dict[int, str], NodeSlots]] = {}
-        # Priorities: every pending job's score is as of `_scored_at`, so scores compare at one instant.
-        self._scored_at = -math.inf
-        self._usage: dict[str, float] = {}  # each owner's decayed GPU-seconds as of `_usage_at`
-        self._usage_at: float | None = None
-        self._shares: dict[str, float] = {}  # each owner's fair-share factor
         self._reserved: int | None = None  # the job the last pass reserved GPUs for
         self.estimated_start: dict[int, float] = {}  # pending jobs whose start is planned (epoch seconds)
 
@@ -186,9 +130,10 @@ class JobControl:
         now = self.clock()
         return [s for s in self.store.open_attempt_nodes() if s.fenced_until is None or s.fenced_until > now]
 
-    def slots(self) -> list[NodeSlots]:
+    def _slots(self, holding: list[AttemptNode]) -> list[NodeSlots]:
+        """The GPUs jobs may be placed on: those of nodes that are up and not draining."""
         busy: dict[str, dict[int, int]] = {}
-        for share in self.holding():
+        for share in holding:
             for index in share.gpus:
                 busy.setdefault(share.node, {})[index] = share.job
         draining = set(self.draining())
@@ -211,6 +156,12 @@ class JobControl:
     def draining(self) -> list[str]:
         return [node.name for node in self.store.nodes() if node.draining and node.state is not NodeState.DOWN]
 
+    def reconsider(self) -> None:
+        """Make the next pass a full one: something let waiting jobs move without freeing a GPU."""
+        self._context = None
+
+    # --- the pass ------------------------------------------------------------------------------
+
     def schedule(self) -> str:
         """One scheduling pass; says which kind ("full", "new jobs", "none").
 
@@ -226,100 +177,86 @@ class JobControl:
         and so does rescoring every RESCORE_EVERY seconds: ages and decayed usage change the order
         with time, and between rescorings the order is the one at the last."""
         now = self.clock()
-        slots, draining, fenced = self.slots(), self.draining(), self._fence_note()
-        running, limits = self._running(), self._limits()
-        context = (tuple(slots), tuple(draining), fenced, running, tuple(sorted(limits.items())))
+        holding = self.holding()
+        cluster = Cluster(tuple(self._slots(holding)), self._running(holding), self._limits(), tuple(self.draining()),
+                          self._fence_note(holding, now), now, self.default_time_limit)
         newly = self.store.take_newly_pending()
         rescored = self._rescore(now)
         reserved = self.store.job(self._reserved) if self._reserved is not None else None
         still_reserved = self._reserved is None or (reserved is not None and reserved.state is JobState.PENDING)
-        if context == self._context and not rescored and still_reserved:
+        active = None
+        if cluster.context == self._context and not rescored and still_reserved:
             if not newly:
                 return "none"
             ids = dict.fromkeys(([self._reserved] if self._reserved is not None else []) + newly)
             fresh = [row for job_id in ids if (row := self.store.job(job_id)) and row.state is JobState.PENDING]
-            decision = self._decide(fresh, slots, running, limits, now)
-            if (decision.reservation.job_id if decision.reservation else None) == self._reserved:
-                self._apply(fresh, decision, draining, fenced, context)
+            active = self._active(holding)
+            planned = plan(self._view(fresh, cluster, active))
+            if planned.reserved == self._reserved:
+                self.apply(planned, cluster.context)
                 return "new jobs"
         fresh = self.store.jobs((JobState.PENDING,))
         if len(self._requests) > 2 * len(fresh) + 1000:
             self._requests = {}
-        self._apply(fresh, self._decide(fresh, slots, running, limits, now), draining, fenced, context)
+        self.apply(plan(self._view(fresh, cluster, active or self._active(holding))), cluster.context)
         return "full" if fresh else "none"
 
-    def _decide(self, fresh: list[JobRow], slots: list[NodeSlots], running: tuple[RunningJob, ...],
-                limits: dict[str, int], now: float) -> Decision:
-        fresh = self._gated(fresh)  # --after, --after-any and array throttles first: coordinator.dependencies
-        fresh = self._behind_preemptors(fresh)
-        requests = []
-        for row in fresh:
-            if row.id not in self._requests:
-                self._requests[row.id] = request_of(row, self._score(row))
-            requests.append(self._requests[row.id])
-        return schedule(slots, requests, running, limits, now, self.default_time_limit)
+    def _view(self, pending: list[JobRow], cluster: Cluster, active: Active) -> View:
+        scores = Scores(self.policy, self.ledger.shares, self.ledger.scored_at)
+        return View(pending, self._upstream(pending), cluster, active, scores, MappingProxyType(self._requests))
 
-    def _apply(self, fresh: list[JobRow], decision: Decision, draining: list[str], fenced: str,
-               context: object) -> None:
-        """Store the pass's reasons and estimates and launch its placements."""
+    def _active(self, holding: list[AttemptNode]) -> Active:
+        """The running jobs as gating and preemption see them; forgets the preempted attempts that
+        gave their GPUs back and the preemptors that have started."""
+        self._stopping &= {(share.job, share.attempt) for share in holding}
+        self._preempted_by = {job: by for job, by in self._preempted_by.items()
+                              if (row := self.store.job(by)) is not None and row.state is JobState.PENDING}
+        array_running: dict[int, int] = {}
+        candidates = []
+        for row in self.store.jobs((JobState.STARTING, JobState.RUNNING)):
+            if row.array_job is not None:
+                array_running[row.array_job] = array_running.get(row.array_job, 0) + 1
+            if row.spec.preemptible and (row.id, row.attempt) not in self._stopping:
+                candidates.append(Candidate(row.id, row.spec.priority, row.started_at or 0.0,
+                                            tuple((node, tuple(gpus)) for node, gpus in row.hosts)))
+        return Active(array_running, tuple(candidates), bool(self._stopping), dict(self._preempted_by))
+
+    def apply(self, planned: Plan, context: object) -> None:
+        """Do what the pass decided: fail the jobs that can never run, store every reason and
+        estimate, launch the placements, then stop the jobs preempted for a waiting one."""
         self._context = context
-        rows = {row.id: row for row in fresh}
-        self.store.set_reasons({job_id: _explained(rows[job_id], reason, draining) + fenced
-                                for job_id, reason in decision.reasons.items()})
-        estimates = dict(decision.estimated_start)
+        self._fail_waiting(planned.failed)
+        self._requests.update(planned.requests)
+        self.store.set_reasons(planned.reasons)
+        estimates = dict(planned.decision.estimated_start)
         self.store.touch([job_id for job_id in set(estimates) | set(self.estimated_start)
                           if estimates.get(job_id) != self.estimated_start.get(job_id)])
         self.estimated_start = estimates
-        self._reserved = decision.reservation.job_id if decision.reservation else None
-        for placement in decision.placements:
-            self._launch(rows[placement.job_id], placement)
-        if decision.placements:
+        self._reserved = planned.reserved
+        launched = [self.launcher.launch(row, placement) for row, placement in planned.launches]
+        if launched:
             self._context = None  # GPUs were taken: every waiting job's reason is due again
-        if decision.reasons and self._preempt(rows, decision):
+        if planned.preemption is not None and all(launched):  # a launch short of a port: the next pass plans anew
+            self._stop_for(planned.preemption)
             self._context = None
 
-    # --- preemption (the choice is coordinator.preemption) ----------------------------------------
+    def _fail_waiting(self, failed: dict[int, str]) -> None:
+        """Fail these pending jobs, then every pending job that those failures leave unable to run,
+        until none is left: a chain of --after fails at once, whatever this pass looked at."""
+        while failed:
+            by_reason: dict[str, list[int]] = {}
+            for job_id, reason in failed.items():
+                by_reason.setdefault(reason, []).append(job_id)
+            for reason, ids in by_reason.items():
+                self.store.transition_all(ids, JobState.FAILED, reason=reason, ended_at=self.clock())
+                log.info("%d waiting jobs failed: %s", len(ids), reason)
+            rows = [row for row in self.store.jobs((JobState.PENDING,)) if row.spec.after]
+            failed = gate([waiting(row) for row in rows], self._upstream(rows), {}).failed
 
-    def _preempt(self, rows: dict[int, JobRow], decision: Decision) -> bool:
-        """Stop preemptible jobs for the first waiting job, by score, that stopping them lets start;
-        none while the jobs stopped for an earlier one still hold GPUs. True when it stopped any."""
-        holding = {(share.job, share.attempt) for share in self.holding()}
-        self._stopping &= holding
-        candidates = self._preemptible()
-        if self._stopping or not candidates:
-            return False
-        for job_id in sorted(decision.reasons, key=lambda job: -self._requests[job].priority
-                             if job in self._requests else 0):
-            row, request = rows[job_id], self._requests.get(job_id)
-            if request is None or job_id in decision.over_limit:
-                continue
-            chosen = victims(request, row.spec.priority, decision.free_after, candidates)
-            if chosen:
-                self._stop_for(row, chosen)
-                return True
-        return False
-
-    def _behind_preemptors(self, rows: list[JobRow]) -> list[JobRow]:
-        """The jobs that may be placed: a preempted job waits until the job it was stopped for has
-        started, or the GPUs it gave back could go straight back to it (its fair share may well
-        score higher) and the two would stop each other in turn."""
-        waiting = {job: by for job, by in self._preempted_by.items()
-                   if (row := self.store.job(by)) is not None and row.state is JobState.PENDING}
-        self._preempted_by = waiting
-        held = {row.id: f"preempted by job {waiting[row.id]}; it waits until job {waiting[row.id]} has started"
-                for row in rows if row.id in waiting}
-        self.store.set_reasons(held)
-        return [row for row in rows if row.id not in held]
-
-    def _preemptible(self) -> list[Candidate]:
-        return [Candidate(row.id, row.spec.priority, row.started_at or 0.0,
-                          tuple((node, tuple(gpus)) for node, gpus in row.hosts))
-                for row in self.store.jobs((JobState.STARTING, JobState.RUNNING))
-                if row.spec.preemptible and (row.id, row.attempt) not in self._stopping]
-
-    def _stop_for(self, row: JobRow, chosen: tuple[int, ...]) -> None:
+    def _stop_for(self, preemption: Preemption) -> None:
         """Send the chosen jobs back to the queue, without spending a restart, and stop their ranks:
         SIGTERM, then SIGKILL after the grace."""
+        row, chosen = preemption.by, preemption.victims
         why = f"preempted by job {row.id}"
         for job_id in chosen:
             victim = self.store.job(job_id)
@@ -327,7 +264,7 @@ class JobControl:
                 continue
             self.store.transition(job_id, JobState.PENDING, at=self.clock(), requeued_because=why,
                                   reason=f"{why}: its ranks have {self.preempt_grace:g} s to save and stop")
-            self._kill_open(job_id, victim.attempt, why, self.preempt_grace)
+            self.launcher.kill_open(job_id, victim.attempt, why, self.preempt_grace)
             self._stopping.add((job_id, victim.attempt))
             self._preempted_by[job_id] = row.id
             log.info("job %d %s (priority %d over %d)", job_id, why, row.spec.priority, victim.spec.priority)
@@ -336,12 +273,14 @@ class JobControl:
                                         f"{'they stop' if len(chosen) > 1 else 'it stops'} (within "
                                         f"{self.preempt_grace:g} s)"})
 
-    def _running(self) -> tuple[RunningJob, ...]:
+    # --- what a pass reads ---------------------------------------------------------------------
+
+    def _running(self, holding: list[AttemptNode]) -> tuple[RunningJob, ...]:
         """Every share that holds GPUs, with when it gives them back at the latest: a fenced one at
         its fence deadline, one of a running attempt when its time limit (or the default) ends it,
         one of an attempt that has ended (its ranks are being stopped) now."""
         shares = []
-        for share in self.holding():
+        for share in holding:
             row = self.store.job(share.job)
             if share.fenced_until is not None:
                 ends = share.fenced_until
@@ -360,54 +299,25 @@ class JobControl:
         """Recompute decayed usage and fair shares, at most every RESCORE_EVERY seconds and only while
         jobs wait; True when it did (every pending job's score is then due again). Usage is carried
         over from the last time, so each time reads only the attempts that held GPUs since."""
-        if now - self._scored_at < RESCORE_EVERY:
+        if now - self.ledger.scored_at < RESCORE_EVERY:
             return False
         pending = self.store.jobs((JobState.PENDING,))
         if not pending:
             return False
-        since = self._usage_at if self._usage_at is not None else now - USAGE_HORIZON * self.policy.half_life
-        self._usage = decayed_usage(self.store.held_gpus(since), now, self.policy.half_life, since, self._usage)
-        self._usage_at = self._scored_at = now
-        self._shares = fair_shares(self._usage, {row.owner for row in pending})
+        self.ledger.rescore(self.store.held_gpus(self.ledger.since(now)), {row.owner for row in pending}, now)
         self._requests = {}
         return True
-
-    def _score(self, row: JobRow) -> float:
-        return self.policy.total(row.spec.priority, row.submitted_at, self._shares.get(row.owner, 1.0),
-                                 self._scored_at)
 
     def standing(self, row: JobRow) -> tuple[tuple[Factor, ...], float | None]:
         """A pending job's priority factors as of now (what `gpudeck show` explains) and its
         estimated start; nothing for a job that does not wait."""
         if row.state is not JobState.PENDING:
             return (), None
-        factors = self.policy.explain(row.spec.priority, row.submitted_at, self._shares.get(row.owner, 1.0),
+        factors = self.policy.explain(row.spec.priority, row.submitted_at, self.ledger.shares.get(row.owner, 1.0),
                                       self.clock())
         return factors, self.estimated_start.get(row.id)
 
-    # --- dependencies and arrays (the policy is coordinator.dependencies) ------------------------
-
-    def _gated(self, rows: list[JobRow]) -> list[JobRow]:
-        """The pending jobs the scheduler may consider this pass. The others get their reason, and
-        those waiting for a job that failed or was cancelled fail, with the jobs waiting for them."""
-        verdict = gate([_waiting(row) for row in rows], self._upstream(rows), self._array_running())
-        self._fail_waiting(verdict.failed)
-        self.store.set_reasons(verdict.reasons)
-        by_id = {row.id: row for row in rows}
-        return [by_id[job_id] for job_id in verdict.offered]
-
-    def _fail_waiting(self, failed: dict[int, str]) -> None:
-        """Fail these pending jobs, then every pending job that those failures leave unable to run,
-        until none is left: a chain of --after fails at once, whatever this pass looked at."""
-        while failed:
-            by_reason: dict[str, list[int]] = {}
-            for job_id, reason in failed.items():
-                by_reason.setdefault(reason, []).append(job_id)
-            for reason, ids in by_reason.items():
-                self.store.transition_all(ids, JobState.FAILED, reason=reason, ended_at=self.clock())
-                log.info("%d waiting jobs failed: %s", len(ids), reason)
-            waiting = [row for row in self.store.jobs((JobState.PENDING,)) if row.spec.after]
-            failed = gate([_waiting(row) for row in waiting], self._upstream(waiting), {}).failed
+    # --- what the dependency gate reads (the policy is coordinator.dependencies) ---------------
 
     def _upstream(self, rows: list[JobRow]) -> dict[str, Upstream]:
         """The jobs these rows wait for, by the reference they name each by."""
@@ -426,214 +336,11 @@ class JobControl:
                                  else Upstream(f"job {ref}", {state: 1}))
         return upstream
 
-    def _array_running(self) -> dict[int, int]:
-        """How many tasks of each array are starting or running."""
-        running: dict[int, int] = {}
-        for row in self.store.jobs((JobState.STARTING, JobState.RUNNING)):
-            if row.array_job is not None:
-                running[row.array_job] = running.get(row.array_job, 0) + 1
-        return running
-
-    def _fence_note(self) -> str:
+    def _fence_note(self, holding: list[AttemptNode], now: float) -> str:
         """What a pending job cannot see in the free GPUs: those of a lost node kept back until it
         confirms the ranks it may still run are gone."""
-        now = self.clock()
         notes = [f"GPUs {','.join(map(str, s.gpus))} of {s.node} stay reserved until {s.node} confirms that job "
                  f"{s.job}'s ranks have stopped (at most {s.fenced_until - now:.0f} s more)"
-                 for s in self.holding()
+                 for s in holding
                  if s.fenced_until is not None and self.registry.states.get(s.node) is NodeState.UP]
         return "; " + "; ".join(notes) if notes else ""
-
-    def _free_port(self, master_addr: str) -> int | None:
-        """A rendezvous port no attempt of ours uses on that address, picked at random so that other
-        programs there (another cluster's jobs, a torchrun started by hand on 29500) rarely hold it."""
-        used = self.store.open_master_ports(master_addr)
-        first, last = self.job_ports
-        free = [port for port in range(first, last + 1) if port not in used]
-        return random.choice(free) if free else None
-
-    def _launch(self, row: JobRow, placement: Placement) -> None:
-        hosts = [(node, list(gpus)) for node, gpus in placement.hosts]
-        master = self.registry.links[hosts[0][0]].address
-        port = self._free_port(master)
-        if port is None:
-            first, last = self.job_ports
-            self.store.set_reasons({row.id: f"every rendezvous port ({first}-{last}) on {master} is in use by "
-                                            "running jobs; it starts when one ends"})
-            return
-        attempt = row.attempt + 1
-        self.store.start_attempt(row.id, attempt, hosts, master, port, self.clock())
-        log.info("job %d attempt %d placed on %s", row.id, attempt, ", ".join(n for n, _ in hosts))
-        script = self.store.script(row.id)
-        for node_rank, (node, gpus) in enumerate(hosts):
-            self.send(node, _launch_order(row, attempt, node_rank, [len(g) for _, g in hosts], gpus, master, port,
-                                          script, self.preempt_grace))
-
-    def send_launch(self, job_id: int, attempt: int, node: str) -> None:
-        """Send a stored launch again (its agent reconnected without having started it)."""
-        row = self.store.job(job_id)
-        shares = self.store.attempt_nodes(job_id, attempt)
-        share = next((s for s in shares if s.node == node), None)
-        if row is None or share is None:
-            return
-        master_addr, master_port = self.store.master(job_id, attempt)
-        shape = [len(s.gpus) for s in sorted(shares, key=lambda s: s.node_rank)]
-        self.send(node, _launch_order(row, attempt, share.node_rank, shape, share.gpus, master_addr,
-                                      master_port, self.store.script(job_id), self.preempt_grace))
-
-    # --- reports from agents -------------------------------------------------------------------
-
-    def _current(self, job_id: int, attempt: int) -> JobRow | None:
-        """The job if `attempt` is its current, still active attempt."""
-        row = self.store.job(job_id)
-        if row is None or row.attempt != attempt or not row.state.active:
-            return None
-        return row
-
-    def preparing(self, node: str, job_id: int, attempt: int, doing: str) -> None:
-        """A node's word on what it does before the attempt can start, as the starting job's reason."""
-        row = self._current(job_id, attempt)
-        if row is not None and row.state is JobState.STARTING:
-            self.store.set_reasons({job_id: doing[:MAX_REASON]})
-
-    def started(self, node: str, job_id: int, attempt: int) -> None:
-        row = self._current(job_id, attempt)
-        if row is None:
-            self.send(node, Kill(job=job_id, attempt=attempt, reason="this attempt is no longer wanted"))
-            return
-        self.store.mark_started(job_id, attempt, node)
-        if row.state is JobState.STARTING and all(s.started for s in self.store.attempt_nodes(job_id, attempt)):
-            self.store.transition(job_id, JobState.RUNNING, reason="")
-
-    def exited(self, node: str, job_id: int, attempt: int, exit_code: int, detail: str,
-                     retry: bool = False, failed_at: float | None = None) -> None:
-        newly = self.store.record_exit(job_id, attempt, node, exit_code)
-        self.send(node, Forget(job=job_id, attempt=attempt))
-        row = self._current(job_id, attempt) if newly else None
-        if row is None:
-            if newly and exit_code != 0 and failed_at is not None:
-                self._earlier_failure(job_id, attempt, node, exit_code, detail, failed_at)
-            return
-        shares = self.store.attempt_nodes(job_id, attempt)
-        if retry:
-            self._kill_open(job_id, attempt, f"placing the job again: {detail}")
-            self.store.transition(job_id, JobState.PENDING, at=self.clock(), reason=f"placing it again: {detail}")
-            log.info("job %d attempt %d could not start on %s (%s); placing it again", job_id, attempt, node, detail)
-        elif exit_code != 0 and (silent := self._silent_peer(shares, node)):
-            self._lost(job_id, attempt, silent, f"node {silent} stopped answering", confirmed=False)
-        elif exit_code != 0:
-            self._end(row, JobState.FAILED, _failure(node, exit_code, detail), exit_code, failed_at)
-        elif all(s.exit_code == 0 for s in shares):
-            self._end(row, JobState.SUCCEEDED, "", 0)
-
-    def _silent_peer(self, shares: list[AttemptNode], reporter: str) -> str | None:
-        """A node of the attempt that stopped answering without saying its ranks ended. A dead
-        machine's peers see their sockets close and fail within a second, well before the node is
-        judged down: their failure is then that node's loss, which requeues the job."""
-        for share in shares:
-            if (share.node != reporter and share.exit_code is None
-                    and (self.registry.link(share.node) is None
-                         or self.registry.states.get(share.node) is not NodeState.UP)):
-                return share.node
-        return None
-
-    def _earlier_failure(self, job_id: int, attempt: int, node: str, exit_code: int, detail: str,
-                         failed_at: float) -> None:
-        """A node whose report came second may have failed first (the others then only lost their
-        peer): the job's code and reason are those of the failure that happened first."""
-        row = self.store.job(job_id)
-        if (row is None or row.attempt != attempt or row.state is not JobState.FAILED or row.failed_at is None
-                or failed_at >= row.failed_at):
-            return
-        self.store.amend_job(job_id, exit_code=exit_code, reason=_failure(node, exit_code, detail), failed_at=failed_at)
-
-    def _end(self, row: JobRow, state: JobState, reason: str, exit_code: int | None,
-                   failed_at: float | None = None) -> None:
-        self.store.transition(row.id, state, reason=reason, exit_code=exit_code, ended_at=self.clock(),
-                              failed_at=failed_at)
-        log.info("job %d %s%s", row.id, state.value, f": {reason}" if reason else "")
-        self._kill_open(row.id, row.attempt, reason or state.value)
-
-    def _kill_open(self, job_id: int, attempt: int, reason: str, grace: float = 0.0) -> None:
-        for share in self.store.attempt_nodes(job_id, attempt):
-            if share.exit_code is None:
-                self.send(share.node, Kill(job=job_id, attempt=attempt, reason=reason, grace=grace))
-
-    def reconcile(self, node: str, reported: list[JobReport]) -> None:
-        """Adopt what a (re)connecting agent still runs; resend lost launches; count lost ranks."""
-        held = set()
-        for job in reported:
-            held.add((job.job, job.attempt))
-            if job.exit_code is not None:
-                self.exited(node, job.job, job.attempt, job.exit_code, job.detail, job.retry, job.failed_at)
-            else:
-                self.started(node, job.job, job.attempt)
-        for share in self.store.open_attempt_nodes():
-            if share.node != node or (share.job, share.attempt) in held:
-                continue
-            if not share.started and self._current(share.job, share.attempt):
-                self.send_launch(share.job, share.attempt, node)
-            else:
-                self._lost(share.job, share.attempt, node, f"{node} no longer runs its ranks (its agent restarted)",
-                                 confirmed=True)
-
-    def node_down(self, node: str) -> None:
-        for share in self.store.open_attempt_nodes():
-            if share.node == node:
-                self._lost(share.job, share.attempt, node, f"node {node} stopped answering", confirmed=False)
-
-    def _lost(self, job_id: int, attempt: int, node: str, why: str, confirmed: bool) -> None:
-        """A node's share of an attempt is gone: stop the other ranks, then requeue or fail the job.
-        A node that only stopped answering may still run its ranks: its GPUs are fenced (kept from
-        other jobs) until it says they ended or FENCE_DEADLINE passes."""
-        if confirmed:
-            self.store.record_exit(job_id, attempt, node, -1)
-        else:
-            self.store.fence(job_id, attempt, node, self.clock() + FENCE_DEADLINE)
-        row = self._current(job_id, attempt)
-        if row is None:
-            return
-        self._kill_open(job_id, attempt, why)
-        if row.restarts < row.spec.max_restarts:
-            restarts = row.restarts + 1
-            note = f"{why} (restart {restarts} of {row.spec.max_restarts})"
-            self.store.transition(job_id, JobState.PENDING, at=self.clock(), restarts=restarts, requeued_because=note,
-                                  reason=f"requeued: {note}")
-            log.info("job %d requeued: %s", job_id, why)
-        else:
-            extra = " and it has no restarts left (--max-restarts)" if row.spec.max_restarts else ""
-            self.store.transition(job_id, JobState.FAILED, reason=f"{why}{extra}", ended_at=self.clock())
-            log.info("job %d failed: %s", job_id, why)
-
-    # --- user actions and the clock ------------------------------------------------------------
-
-    def cancel(self, job_id: int, reason: str = "cancelled by a user") -> JobRow:
-        row = self.store.job(job_id)
-        if row is None:
-            raise LookupError(f"there is no job {job_id}")
-        if row.state.finished:
-            raise ValueError(f"job {job_id} already {row.state.value}; nothing to cancel")
-        self.store.transition(job_id, JobState.CANCELLED, reason=reason, ended_at=self.clock())
-        self._kill_open(job_id, row.attempt, reason)
-        self._context = None  # a pending job's cancel frees no GPU, but the jobs waiting for it are due again
-        return self.store.job(job_id)  # type: ignore[return-value]
-
-    def cancel_array(self, array_job: int, reason: str = "cancelled by a user") -> JobRow:
-        """Cancel every task of an array that has not ended, in one transaction; the array's first task."""
-        tasks = self.store.unfinished_tasks(array_job)
-        if not tasks:
-            raise ValueError(f"every task of array {array_job} has already ended; nothing to cancel")
-        self.store.transition_all([task.id for task in tasks], JobState.CANCELLED, reason=reason, ended_at=self.clock())
-        for task in tasks:
-            if task.attempt:
-                self._kill_open(task.id, task.attempt, reason)
-        self._context = None
-        log.info("array %d: %d tasks cancelled", array_job, len(tasks))
-        return self.store.job(array_job)  # type: ignore[return-value]
-
-    def enforce_time_limits(self) -> None:
-        now = self.clock()
-        for row in self.store.jobs((JobState.STARTING, JobState.RUNNING)):
-            limit = row.spec.time_limit
-            if limit and row.started_at and now - row.started_at > limit:
-                self._end(row, JobState.FAILED, f"ran past its time limit of {format_duration(limit)}", None)

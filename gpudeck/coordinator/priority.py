@@ -132,3 +132,29 @@ def decayed_usage(held: Iterable[Held], now: float, half_life: float, since: flo
         weight = (math.exp(-rate * (now - end)) - math.exp(-rate * (now - start))) / rate
         usage[record.owner] = usage.get(record.owner, 0.0) + record.gpus * weight
     return usage
+
+
+class Ledger:
+    """Decayed usage and fair shares as of the last rescoring, carried to the next so that each
+    reads only the attempts that held GPUs since (`decayed_usage` continues an earlier result).
+    The caller decides when to rescore; every pending job's score is as of `scored_at`, so that
+    scores compare at one instant."""
+
+    def __init__(self, policy: Policy, horizon: float) -> None:
+        """`horizon`: half-lives of history read the first time."""
+        self.policy = policy
+        self.horizon = horizon
+        self.usage: dict[str, float] = {}  # each owner's decayed GPU-seconds as of `usage_at`
+        self.usage_at: float | None = None
+        self.shares: dict[str, float] = {}  # each owner's fair-share factor
+        self.scored_at = -math.inf
+
+    def since(self, now: float) -> float:
+        """Where the records the next rescoring reads begin."""
+        return self.usage_at if self.usage_at is not None else now - self.horizon * self.policy.half_life
+
+    def rescore(self, held: Iterable[Held], people: Collection[str], now: float) -> None:
+        """Continue the usage with `held` (the attempts since `since(now)`); `people`: who waits."""
+        self.usage = decayed_usage(held, now, self.policy.half_life, self.since(now), self.usage)
+        self.usage_at = self.scored_at = now
+        self.shares = fair_shares(self.usage, people)

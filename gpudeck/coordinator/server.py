@@ -191,8 +191,8 @@ class Coordinator:
             self.store.set_node_state(name, state, last_seen=self.registry.last_heard.get(name))
             log.info("node %s is %s", name, state.value)
             if state is NodeState.DOWN:
-                self.jobs.node_down(name)
-        self.jobs.enforce_time_limits()
+                self.jobs.lifecycle.node_down(name)
+        self.jobs.lifecycle.enforce_time_limits()
         self._watch_idle()
         self._watch_progress()
         self.events.timed_pass(self.jobs.schedule)
@@ -212,7 +212,7 @@ class Coordinator:
             return
         for job_id, since in self.idle.overdue():
             reason = f"its GPUs were idle for {spoken_duration(now - since)}"
-            self.jobs.cancel(job_id, reason=reason)
+            self.jobs.lifecycle.cancel(job_id, reason=reason)
             log.info("job %d cancelled: %s", job_id, reason)
             self.wake.set()
 
@@ -226,7 +226,7 @@ class Coordinator:
                 hang = self.progress.view(row.id, rank_nodes(row))
                 reason = f"hung for {spoken_duration(stalled)}, past its --hang-timeout" + (
                     f": {hang.hung.sentence}" if hang and hang.hung else "")
-                self.jobs.cancel(row.id, reason=reason)
+                self.jobs.lifecycle.cancel(row.id, reason=reason)
                 log.info("job %d cancelled: %s", row.id, reason)
                 self.wake.set()
 
@@ -396,7 +396,7 @@ class Coordinator:
         log.info("node %s joined from %s with %d GPUs%s", name, address, len(register.gpus),
                  " (simulated)" if register.simulated else "")
         conn.post(LogOffsets(sizes=self._log_sizes(register.jobs)))
-        self.jobs.reconcile(name, register.jobs)
+        self.jobs.lifecycle.reconcile(name, register.jobs)
         self.wake.set()
         return link
 
@@ -419,9 +419,9 @@ class Coordinator:
             if self.health.observe(link.name, link.gpus, self.clock()):
                 self.wake.set()
         elif isinstance(message, JobStarted):
-            self.jobs.started(link.name, message.job, message.attempt)
+            self.jobs.lifecycle.started(link.name, message.job, message.attempt)
         elif isinstance(message, JobExited):
-            self.jobs.exited(link.name, message.job, message.attempt, message.exit_code, message.detail,
+            self.jobs.lifecycle.exited(link.name, message.job, message.attempt, message.exit_code, message.detail,
                              message.retry, message.failed_at)
             row = self.store.job(message.job)
             self.traffic.persist_job(message.job, finished=row is None or row.state.finished)
@@ -438,7 +438,7 @@ class Coordinator:
         elif isinstance(message, FetchContent):
             link.conn.post(self._content_chunk(message))
         elif isinstance(message, JobPreparing):
-            self.jobs.preparing(link.name, message.job, message.attempt, message.doing)
+            self.jobs.lifecycle.preparing(link.name, message.job, message.attempt, message.doing)
         elif isinstance(message, Outputs):
             self._kept_outputs(link.name, message)
         elif isinstance(message, OutputChunk):
@@ -515,7 +515,7 @@ class Coordinator:
             row = self._job(message.job, message.index)
             may_touch(caller, row, "cancel")
             whole = message.index is None and row.array_job == row.id  # `cancel 12`: every task of array 12
-            row = self.jobs.cancel_array(row.id) if whole else self.jobs.cancel(row.id)
+            row = self.jobs.lifecycle.cancel_array(row.id) if whole else self.jobs.lifecycle.cancel(row.id)
             self.wake.set()
             return self._job_views([row])[0]
         if isinstance(message, ListNodes):

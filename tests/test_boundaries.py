@@ -94,3 +94,83 @@ def test_submit_runs_without_asyncio():
             "print('asyncio' in sys.modules)")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == "False"
+
+
+def _module_of(path: Path, root: Path) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports_named(path: Path) -> set[str]:
+    """What a module imports, `from package import submodule` included, wherever the import is
+    (inside a function or under TYPE_CHECKING, a circle is still a circle to a reader)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def import_graph(folder: Path) -> dict[str, set[str]]:
+    """Each module of `folder` and the modules of `folder` it imports (its own packages left out: a
+    module's package is imported before the module, whatever it says)."""
+    modules = {_module_of(path, folder.parent): path for path in sorted(folder.rglob("*.py"))}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        graph[name] = set()
+        for imported in _imports_named(path):
+            while imported and imported not in modules:
+                imported = imported.rpartition(".")[0]
+            if imported and imported != name and not name.startswith(imported + "."):
+                graph[name].add(imported)
+    return graph
+
+
+def a_circle(graph: dict[str, set[str]]) -> list[str]:
+    """One import circle of the graph, as the modules along it; [] for none."""
+    done: set[str] = set()
+
+    def walk(module: str, path: list[str]) -> list[str]:
+        if module in path:
+            return path[path.index(module):] + [module]
+        if module in done:
+            return []
+        for imported in sorted(graph[module]):
+            circle = walk(imported, [*path, module])
+            if circle:
+                return circle
+        done.add(module)
+        return []
+
+    for module in sorted(graph):
+        circle = walk(module, [])
+        if circle:
+            return circle
+    return []
+
+
+def test_no_module_imports_itself_through_others():
+    """Modules import in one direction (issue 26: cli.py and local.py imported each other, the dashboard's
+    app and its login screen, a rank's wrapper and its counting hook): a circle makes the order of
+    imports matter and the two modules one."""
+    circle = a_circle(import_graph(ROOT / "gpudeck"))
+    assert not circle, " imports ".join(circle)
+
+
+def test_the_circle_finder_finds_circles(tmp_path):
+    package = tmp_path / "gpudeck"
+    (package / "part").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "part" / "__init__.py").write_text("from gpudeck.part import b\n")
+    (package / "part" / "a.py").write_text("def late():\n    from gpudeck.part.b import thing\n")
+    (package / "part" / "b.py").write_text("from gpudeck.part import a\n")
+    (package / "c.py").write_text("import gpudeck.part.b\n")
+    graph = import_graph(package)
+    assert graph["gpudeck.part.a"] == {"gpudeck.part.b"} and graph["gpudeck.c"] == {"gpudeck.part.b"}
+    circle = a_circle(graph)
+    assert circle[0] == circle[-1] and sorted(circle[1:]) == ["gpudeck.part.a", "gpudeck.part.b"], circle
+    (package / "part" / "a.py").write_text("")
+    assert a_circle(import_graph(package)) == []

@@ -20,7 +20,10 @@ import importlib.machinery
 import os
 import sys
 import types
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
+
+if TYPE_CHECKING:
+    from gpudeck.train.counter import TrafficCounter
 
 WATCHED = "torch"  # torch's own start imports torch.distributed: counting goes in once torch is whole
 ENABLED = "GPUDECK_AUTOCOUNT"  # set by the agent for command jobs only: its own wrapper counts the rest
@@ -64,6 +67,16 @@ def after_torch(callback: Callable[[], None]) -> None:
         sys.meta_path.insert(0, _AfterImport(callback))
 
 
+def install_counting(counter: TrafficCounter) -> None:
+    """Install the counting wrappers; if this torch lacks what they wrap, warn and run uncounted."""
+    try:
+        from gpudeck.train import counting
+
+        counting.install(counter)
+    except Exception as exc:  # noqa: BLE001 - counting is an extra; it must never stop the job
+        print(f"gpudeck: traffic counting disabled ({type(exc).__name__}: {exc})", file=sys.stderr)
+
+
 def arm() -> None:
     if os.environ.get(ENABLED) and "RANK" in os.environ and WATCHED not in sys.modules:
         after_torch(_start)
@@ -74,7 +87,6 @@ def _start() -> None:
     try:
         from gpudeck.train.counter import TrafficCounter
         from gpudeck.train.reporter import reporter_from_env
-        from gpudeck.train.run import install_counting
 
         counter = TrafficCounter()
         install_counting(counter)

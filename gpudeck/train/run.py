@@ -33,7 +33,7 @@ from typing import cast
 
 from gpudeck.protocol import rank_end
 from gpudeck.protocol.rank_end import RankEnd, exit_status
-from gpudeck.train.autocount import after_torch
+from gpudeck.train.autocount import after_torch, install_counting
 from gpudeck.train.counter import TrafficCounter
 from gpudeck.train.reporter import reporter_from_env
 
@@ -119,16 +119,6 @@ def redirect_output(env: Mapping[str, str]) -> None:
     os.dup2(fd, 2)
     os.close(fd)
     cast(io.TextIOWrapper, sys.stdout).reconfigure(line_buffering=True)  # typeshed says TextIO; it is the interpreter's
-
-
-def install_counting(counter: TrafficCounter) -> None:
-    """Install the counting wrappers; if this torch lacks what they wrap, warn and run uncounted."""
-    try:
-        from gpudeck.train import counting
-
-        counting.install(counter)
-    except Exception as exc:  # noqa: BLE001 - counting is an extra; it must never stop the job
-        print(f"gpudeck: traffic counting disabled ({type(exc).__name__}: {exc})", file=sys.stderr)
 
 
 def run_script(path: str, args: list[str]) -> int:

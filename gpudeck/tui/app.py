@@ -32,6 +32,7 @@ from gpudeck.text import counted, visible
 from gpudeck.tui.client import (
     Changed, ClusterUpdate, Connected, CoordinatorLink, Link, Lost, NotConnected, NotFound,
 )
+from gpudeck.tui.deck import Deck
 from gpudeck.tui.login import LoginScreen, TokenCheck
 from gpudeck.tui.model import ACTIVE_STATES, FINISHED_STATES, USAGE_WINDOWS, Changes, Cluster, FollowsCluster, Ticking
 from gpudeck.tui.screens.confirm import ConfirmScreen
@@ -595,3 +596,7 @@ def run_dashboard(coordinator: str | None = None, token: str | None = None, toke
     with quiet_logging(None):
         app.run()
     return app.return_code or 0
+
+
+# The screens read the app they are pushed on as a Deck (gpudeck.tui.deck); mypy checks here that it is one.
+_APP_IS_A_DECK: type[Deck] = GpudeckApp

@@ -58,7 +58,7 @@ SECURITY_HEADERS = {
 def session_command(coordinator: str | None, mdns_interfaces: list[str] | None = None) -> list[str]:
     """What each browser session runs: the dashboard behind the token prompt, told where the
     coordinator is and nothing secret."""
-    argv = [sys.executable, "-m", "gpudeck.tui.login"]
+    argv = [sys.executable, "-m", "gpudeck.tui.web_session"]
     if coordinator:
         argv += ["--coordinator", coordinator]
     for interface in mdns_interfaces or []:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rich.text import Text
 from textual import work
@@ -21,6 +21,7 @@ from gpudeck.protocol.handshake import Refused
 from gpudeck.protocol.views import JobView
 from gpudeck.text import human_bytes, rate, safe_output
 from gpudeck.tui.client import NotConnected
+from gpudeck.tui.deck import Deck
 from gpudeck.tui.model import (
     ACTIVE_STATES, FINISHED_STATES, Changes, asked_text, known_steps, node_matrix, rank_health, rank_places,
 )
@@ -29,8 +30,6 @@ from gpudeck.tui.widgets.header import Banner, DeckHeader
 from gpudeck.tui.widgets.job_log import JobLog
 from gpudeck.tui.widgets.traffic import KindRates, NodeMatrix
 
-if TYPE_CHECKING:
-    from gpudeck.tui.app import GpudeckApp
 
 
 LOG_LINES = 20000
@@ -92,8 +91,8 @@ class JobScreen(Screen):
                                selectable=False)
 
     @property
-    def deck(self) -> "GpudeckApp":
-        return self.app  # type: ignore[return-value]
+    def deck(self) -> Deck:
+        return self.app  # type: ignore[return-value]  # the app the screen was pushed on: GpudeckApp, a Deck
 
     def compose(self) -> ComposeResult:
         yield DeckHeader(show_clock=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rich.text import Text
 from textual import work
@@ -20,11 +20,10 @@ from gpudeck.protocol.handshake import Refused
 from gpudeck.protocol.views import JobView
 from gpudeck.text import visible
 from gpudeck.tui.client import NotConnected
+from gpudeck.tui.deck import Deck
 from gpudeck.tui.model import Changes
 from gpudeck.tui.spec import SCRIPT, Form, check_form
 
-if TYPE_CHECKING:
-    from gpudeck.tui.app import GpudeckApp
 
 
 class PathSuggester(Suggester):
@@ -77,8 +76,8 @@ class SubmitScreen(ModalScreen[JobView | None]):
         self.sending = False
 
     @property
-    def deck(self) -> "GpudeckApp":
-        return self.app  # type: ignore[return-value]
+    def deck(self) -> Deck:
+        return self.app  # type: ignore[return-value]  # the app the screen was pushed on: GpudeckApp, a Deck
 
     def compose(self) -> ComposeResult:
         with Vertical(id="submit-form"):

@@ -33,13 +33,17 @@ COMPOSITION_ROOT = ROOT / "gpudeck" / "cli"
 EXEMPT = {pattern for pattern, codes in _part_rules("gpudeck")["per-file-ignores"].items() if "TID251" in codes}
 
 
-def imported_modules(path: Path) -> set[str]:
+def imported_modules(path: Path, names_too: bool = False) -> set[str]:
+    """What a module imports, wherever the import is (inside a function, under TYPE_CHECKING);
+    `names_too`: with each `from X import name` as `X.name`, which may be a submodule."""
     names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
+            if names_too:
+                names.update(f"{node.module}.{alias.name}" for alias in node.names)
     return names
 
 
@@ -101,19 +105,6 @@ def _module_of(path: Path, root: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imports_named(path: Path) -> set[str]:
-    """What a module imports, `from package import submodule` included, wherever the import is
-    (inside a function or under TYPE_CHECKING, a circle is still a circle to a reader)."""
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-            names.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return names
-
-
 def import_graph(folder: Path) -> dict[str, set[str]]:
     """Each module of `folder` and the modules of `folder` it imports (its own packages left out: a
     module's package is imported before the module, whatever it says)."""
@@ -121,7 +112,7 @@ def import_graph(folder: Path) -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         graph[name] = set()
-        for imported in _imports_named(path):
+        for imported in imported_modules(path, names_too=True):
             while imported and imported not in modules:
                 imported = imported.rpartition(".")[0]
             if imported and imported != name and not name.startswith(imported + "."):

@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from gpudeck.client import connect  # noqa: E402
 from gpudeck.config import Endpoint  # noqa: E402
-from gpudeck.model import JobSpec  # noqa: E402
+from gpudeck.model import JobSpec, RunSpec  # noqa: E402
 from gpudeck.protocol.auth import JoinToken  # noqa: E402
 from gpudeck.protocol.messages import ListNodes, Submit  # noqa: E402
 from tests.cluster import free_port, wait_until  # noqa: E402
@@ -139,7 +139,7 @@ async def _session(run: Run):  # noqa: ANN202 - an async context manager
 
 
 async def _submit_many(run: Run, count: int, gpus: int) -> None:
-    spec = JobSpec(name="queued", gpus=gpus, workload="data-parallel").to_wire()
+    spec = JobSpec(name="queued", gpus=gpus, run=RunSpec(workload="data-parallel")).to_wire()
     async with await _session(run) as session:
         remaining = iter(range(count))
 
@@ -158,7 +158,7 @@ async def _nodes_up(run: Run) -> int:
 
 async def _steady_submits(run: Run, seconds: float) -> list[float]:
     """SUBMITS_PER_SECOND submits for `seconds`, on one connection; the latency of each, in ms."""
-    spec = JobSpec(name="steady", gpus=GPUS, workload="data-parallel").to_wire()
+    spec = JobSpec(name="steady", gpus=GPUS, run=RunSpec(workload="data-parallel")).to_wire()
     latencies: list[float] = []
     async with await _session(run) as session:
         async def one() -> None:

@@ -23,7 +23,8 @@ MAX_RESTARTS = 100
 MAX_PRIORITY = 1000  # either way
 DOCTOR = "doctor"  # the built-in workload of `gpudeck doctor` (not one for `submit --workload`)
 MAX_DOCTOR_NODES = 64
-_DOCTOR_FIELDS = frozenset({"name", "workload", "on_nodes", "args"})  # all a check may set
+_DOCTOR_FIELDS = frozenset({"name", "run", "on_nodes"})  # all a check may set, and of its run:
+_DOCTOR_RUN_FIELDS = frozenset({"workload", "args"})
 
 
 class JobState(str, Enum):
@@ -159,25 +160,18 @@ def format_duration(seconds: float) -> str:
 
 
 @dataclass(frozen=True)
-class JobSpec:
-    """What a user asked for. Exactly one of a script or a built-in workload."""
+class RunSpec:
+    """What runs, wherever and whenever the scheduler places it: the code, its arguments and what it
+    runs in. Exactly one of a script, a built-in workload or a command. A launch carries it whole to
+    every node (as torch elastic keeps a worker's spec apart from the run), so a new run option is a
+    field here, a flag of `gpudeck submit` and the agent code that reads it, and nothing between."""
 
-    name: str
-    gpus: int | None = None
-    nodes: int | None = None
-    gpus_per_node: int | None = None
-    priority: int = 0
-    time_limit: float | None = None
-    max_restarts: int = 0
     script_name: str = ""
     script: bytes = b""
     workload: str = ""
     args: list[str] = field(default_factory=list)
     workdir: str = ""  # without a project: the submitter's directory
     project: str = ""  # the manifest digest of the shipped project (see gpudeck.project)
-    project_files: int = 0  # filled in by the coordinator from the manifest
-    project_bytes: int = 0
-    project_uploaded: int = 0  # of which the submitting client uploaded (the rest was already there)
     subdir: str = ""  # where in the project the job runs (the folder submit ran from)
     command: list[str] = field(default_factory=list)  # a command run once per node instead of a script
     env: dict[str, str] = field(default_factory=dict)
@@ -186,23 +180,6 @@ class JobSpec:
     requirements: dict[str, bytes] = field(default_factory=dict)  # what the job's environment is built from
     image: str = ""  # a container image to run the job in (podman or docker on the nodes)
     launcher: str = ""  # "torchrun": torchrun starts each node's ranks; "": the agent starts them itself
-    preemptible: bool = False  # may be stopped (and requeued) for a pending job of higher --priority
-    after: list[str] = field(default_factory=list)  # jobs ('7', or a task '12.3') that must succeed first
-    after_any: list[str] = field(default_factory=list)  # jobs that must end first, however they end
-    array: str = ""  # --array as given ('0-31%4'): one job per index (see gpudeck.arrays)
-    hang_timeout: float | None = None  # cancel it once its ranks completed no collective this long
-    on_nodes: list[str] = field(default_factory=list)  # one rank on each and no GPU: gpudeck doctor's check only
-
-    @property
-    def total_gpus(self) -> int:
-        """The GPUs the job holds in all, one rank on each: --gpus, or --nodes x --gpus-per-node."""
-        return self.gpus if self.gpus is not None else (self.nodes or 0) * (self.gpus_per_node or 0)
-
-    @property
-    def ranks(self) -> int:
-        """The ranks it runs in all: one per GPU, one per node gpudeck doctor's check names, none
-        for a command (it runs once per node, and its output is each node's own)."""
-        return 0 if self.command else len(self.on_nodes) or self.total_gpus
 
     @property
     def what(self) -> list[str]:
@@ -211,92 +188,12 @@ class JobSpec:
             return ["--", *self.command]
         return [self.script_name or f"--workload {self.workload}", *self.args]
 
-    def to_wire(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_wire(cls, data: dict[str, Any]) -> "JobSpec":
-        """Build and check a spec from a peer; ValueError with a sentence on anything wrong."""
-        known = set(cls.__dataclass_fields__)
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown job field {sorted(unknown)[0]!r}")
-        try:
-            spec = cls(**data)
-        except TypeError as exc:
-            raise ValueError(f"malformed job: {exc}") from None
-        spec.check()
-        return spec
-
     def check(self) -> None:
-        _check_types(self)
-        problem = name_problem(self.name, "job") or self._placement_problem()
-        if problem:
-            raise ValueError(problem)
-        if self.time_limit is not None and not 0 < self.time_limit <= MAX_TIME_LIMIT:
-            raise ValueError(f"a time limit must be more than zero and at most {MAX_TIME_LIMIT // 86400} days")
-        if self.hang_timeout is not None and not 0 < self.hang_timeout <= MAX_TIME_LIMIT:
-            raise ValueError(f"a hang timeout must be more than zero and at most {MAX_TIME_LIMIT // 86400} days")
+        """ValueError with a sentence on anything wrong; the types are checked first (`_check_types`)."""
         if [bool(self.script_name), bool(self.workload), bool(self.command)].count(True) != 1:
             raise ValueError("give one of a script, a built-in workload (--workload) or a command (-- CMD)")
         self._check_code()
         self._check_environment()
-        self._check_order()
-        if not 0 <= self.max_restarts <= MAX_RESTARTS:
-            raise ValueError(f"--max-restarts must be from 0 to {MAX_RESTARTS}, not {self.max_restarts}")
-        if not -MAX_PRIORITY <= self.priority <= MAX_PRIORITY:
-            raise ValueError(f"--priority must be from -{MAX_PRIORITY} to {MAX_PRIORITY}, not {self.priority}")
-
-    def _placement_problem(self) -> str | None:
-        """Why the GPUs or nodes asked for cannot be, or None. Only the built-in check of `gpudeck
-        doctor` may name its nodes and take no GPU, and it runs gpudeck's own code and nothing else:
-        a job that holds no GPU and bypasses the queue's limits can be nobody's training script (no
-        project, folder, interpreter, image, environment or variables of theirs)."""
-        if self.workload != DOCTOR and not self.on_nodes:
-            return validate_request(self.gpus, self.nodes, self.gpus_per_node)
-        if self.workload != DOCTOR or not self.on_nodes:
-            return "only gpudeck doctor runs its check, on the nodes it names"
-        if (self.gpus, self.nodes, self.gpus_per_node) != (None, None, None):
-            return "gpudeck doctor's check takes no GPU"
-        if len(self.on_nodes) > MAX_DOCTOR_NODES or len(set(self.on_nodes)) != len(self.on_nodes):
-            return f"gpudeck doctor checks 1 to {MAX_DOCTOR_NODES} different nodes"
-        extra = next((f.name for f in fields(self) if f.name not in _DOCTOR_FIELDS
-                      and getattr(self, f.name)
-                      != (f.default if f.default_factory is MISSING else f.default_factory())), None)
-        if extra is not None:
-            return f"gpudeck doctor's check runs gpudeck's own code as it is: it takes no {extra}"
-        return next(filter(None, (name_problem(node, "node") for node in self.on_nodes)), None) \
-            or check_args_problem(self.args)
-
-    def _check_order(self) -> None:
-        """--after, --after-any and --array: well formed, and an array that keeps at most
-        MAX_ARRAY_BYTES of specs in the coordinator's memory (every task is a row of its own)."""
-        if len(self.after) + len(self.after_any) > MAX_DEPENDENCIES:
-            raise ValueError(f"a job may wait for at most {MAX_DEPENDENCIES} jobs (--after and --after-any together)")
-        for flag, refs in (("--after", self.after), ("--after-any", self.after_any)):
-            for ref in refs:
-                try:
-                    parse_ref(ref)
-                except ValueError as exc:
-                    raise ValueError(f"{flag}: {exc}") from None
-        if not self.array:
-            return
-        try:
-            tasks = len(parse_array(self.array).indices)
-        except ValueError as exc:
-            raise ValueError(f"--array {self.array}: {exc}") from None
-        if tasks * self.kept_bytes > MAX_ARRAY_BYTES:
-            raise ValueError(f"an array of {tasks} tasks of this job would keep {tasks * self.kept_bytes >> 20} MiB "
-                             f"in the coordinator's memory, more than the {MAX_ARRAY_BYTES >> 20} MiB an array may: "
-                             "use fewer tasks, or fewer or shorter environment variables, requirements and arguments")
-
-    @property
-    def kept_bytes(self) -> int:
-        """About what one stored row of this spec holds in the coordinator's memory (its script is
-        loaded only to be sent): its texts, and the objects around them."""
-        texts = [self.name, self.workdir, self.subdir, *self.args, *self.command, *self.after, *self.after_any,
-                 *self.env, *self.env.values(), *self.on_nodes]
-        return ROW_BYTES + sum(map(len, texts)) + sum(len(data) * 4 // 3 for data in self.requirements.values())
 
     def _check_code(self) -> None:
         if self.project:
@@ -342,14 +239,141 @@ class JobSpec:
                              f"with its pyproject.toml, of at most {MAX_SETUP_BYTES // 1024} KiB")
 
 
+@dataclass(frozen=True)
+class JobSpec:
+    """What a user asked for: what runs (`run`), and how the scheduler is to place it (GPUs, nodes,
+    priority, limits, order)."""
+
+    name: str
+    run: RunSpec
+    gpus: int | None = None
+    nodes: int | None = None
+    gpus_per_node: int | None = None
+    priority: int = 0
+    time_limit: float | None = None
+    max_restarts: int = 0
+    project_files: int = 0  # of the run's project: filled in by the coordinator from the manifest
+    project_bytes: int = 0
+    project_uploaded: int = 0  # of which the submitting client uploaded (the rest was already there)
+    preemptible: bool = False  # may be stopped (and requeued) for a pending job of higher --priority
+    after: list[str] = field(default_factory=list)  # jobs ('7', or a task '12.3') that must succeed first
+    after_any: list[str] = field(default_factory=list)  # jobs that must end first, however they end
+    array: str = ""  # --array as given ('0-31%4'): one job per index (see gpudeck.arrays)
+    hang_timeout: float | None = None  # cancel it once its ranks completed no collective this long
+    on_nodes: list[str] = field(default_factory=list)  # one rank on each and no GPU: gpudeck doctor's check only
+
+    @property
+    def total_gpus(self) -> int:
+        """The GPUs the job holds in all, one rank on each: --gpus, or --nodes x --gpus-per-node."""
+        return self.gpus if self.gpus is not None else (self.nodes or 0) * (self.gpus_per_node or 0)
+
+    @property
+    def ranks(self) -> int:
+        """The ranks it runs in all: one per GPU, one per node gpudeck doctor's check names, none
+        for a command (it runs once per node, and its output is each node's own)."""
+        return 0 if self.run.command else len(self.on_nodes) or self.total_gpus
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> "JobSpec":
+        """Build and check a spec from a peer; ValueError with a sentence on anything wrong."""
+        run = data.get("run")
+        unknown = (set(data) - set(cls.__dataclass_fields__)) \
+            | (set(run) - set(RunSpec.__dataclass_fields__) if isinstance(run, dict) else set())
+        if unknown:
+            raise ValueError(f"unknown job field {sorted(unknown)[0]!r}")
+        try:
+            spec = cls(**{**data, **({"run": RunSpec(**run)} if isinstance(run, dict) else {})})
+        except TypeError as exc:
+            raise ValueError(f"malformed job: {exc}") from None
+        spec.check()
+        return spec
+
+    def check(self) -> None:
+        _check_types(self)
+        problem = name_problem(self.name, "job") or self._placement_problem()
+        if problem:
+            raise ValueError(problem)
+        if self.time_limit is not None and not 0 < self.time_limit <= MAX_TIME_LIMIT:
+            raise ValueError(f"a time limit must be more than zero and at most {MAX_TIME_LIMIT // 86400} days")
+        if self.hang_timeout is not None and not 0 < self.hang_timeout <= MAX_TIME_LIMIT:
+            raise ValueError(f"a hang timeout must be more than zero and at most {MAX_TIME_LIMIT // 86400} days")
+        self.run.check()
+        self._check_order()
+        if not 0 <= self.max_restarts <= MAX_RESTARTS:
+            raise ValueError(f"--max-restarts must be from 0 to {MAX_RESTARTS}, not {self.max_restarts}")
+        if not -MAX_PRIORITY <= self.priority <= MAX_PRIORITY:
+            raise ValueError(f"--priority must be from -{MAX_PRIORITY} to {MAX_PRIORITY}, not {self.priority}")
+
+    def _placement_problem(self) -> str | None:
+        """Why the GPUs or nodes asked for cannot be, or None. Only the built-in check of `gpudeck
+        doctor` may name its nodes and take no GPU, and it runs gpudeck's own code and nothing else:
+        a job that holds no GPU and bypasses the queue's limits can be nobody's training script (no
+        project, folder, interpreter, image, environment or variables of theirs)."""
+        if self.run.workload != DOCTOR and not self.on_nodes:
+            return validate_request(self.gpus, self.nodes, self.gpus_per_node)
+        if self.run.workload != DOCTOR or not self.on_nodes:
+            return "only gpudeck doctor runs its check, on the nodes it names"
+        if (self.gpus, self.nodes, self.gpus_per_node) != (None, None, None):
+            return "gpudeck doctor's check takes no GPU"
+        if len(self.on_nodes) > MAX_DOCTOR_NODES or len(set(self.on_nodes)) != len(self.on_nodes):
+            return f"gpudeck doctor checks 1 to {MAX_DOCTOR_NODES} different nodes"
+        extra = next(iter([*_set_fields(self, _DOCTOR_FIELDS), *_set_fields(self.run, _DOCTOR_RUN_FIELDS)]), None)
+        if extra is not None:
+            return f"gpudeck doctor's check runs gpudeck's own code as it is: it takes no {extra}"
+        return next(filter(None, (name_problem(node, "node") for node in self.on_nodes)), None) \
+            or check_args_problem(self.run.args)
+
+    def _check_order(self) -> None:
+        """--after, --after-any and --array: well formed, and an array that keeps at most
+        MAX_ARRAY_BYTES of specs in the coordinator's memory (every task is a row of its own)."""
+        if len(self.after) + len(self.after_any) > MAX_DEPENDENCIES:
+            raise ValueError(f"a job may wait for at most {MAX_DEPENDENCIES} jobs (--after and --after-any together)")
+        for flag, refs in (("--after", self.after), ("--after-any", self.after_any)):
+            for ref in refs:
+                try:
+                    parse_ref(ref)
+                except ValueError as exc:
+                    raise ValueError(f"{flag}: {exc}") from None
+        if not self.array:
+            return
+        try:
+            tasks = len(parse_array(self.array).indices)
+        except ValueError as exc:
+            raise ValueError(f"--array {self.array}: {exc}") from None
+        if tasks * self.kept_bytes > MAX_ARRAY_BYTES:
+            raise ValueError(f"an array of {tasks} tasks of this job would keep {tasks * self.kept_bytes >> 20} MiB "
+                             f"in the coordinator's memory, more than the {MAX_ARRAY_BYTES >> 20} MiB an array may: "
+                             "use fewer tasks, or fewer or shorter environment variables, requirements and arguments")
+
+    @property
+    def kept_bytes(self) -> int:
+        """About what one stored row of this spec holds in the coordinator's memory (its script is
+        loaded only to be sent): its texts, and the objects around them."""
+        run = self.run
+        texts = [self.name, run.workdir, run.subdir, *run.args, *run.command, *self.after, *self.after_any,
+                 *run.env, *run.env.values(), *self.on_nodes]
+        return ROW_BYTES + sum(map(len, texts)) + sum(len(data) * 4 // 3 for data in run.requirements.values())
+
+
+def _set_fields(spec: Any, allowed: frozenset[str]) -> list[str]:
+    """The fields of a spec, other than `allowed`, that hold something besides their default."""
+    return [f.name for f in fields(spec) if f.name not in allowed
+            and getattr(spec, f.name) != (f.default if f.default_factory is MISSING else f.default_factory())]
+
+
 _SPEC_TYPES: dict[str, tuple[type, ...]] = {
-    "name": (str,), "gpus": (int, type(None)), "nodes": (int, type(None)),
+    "name": (str,), "run": (RunSpec,), "gpus": (int, type(None)), "nodes": (int, type(None)),
     "gpus_per_node": (int, type(None)), "priority": (int,), "time_limit": (int, float, type(None)),
-    "max_restarts": (int,), "script_name": (str,), "script": (bytes,), "workload": (str,),
-    "args": (list,), "workdir": (str,), "project": (str,), "project_files": (int,), "project_bytes": (int,),
-    "project_uploaded": (int,), "subdir": (str,), "command": (list,), "env": (dict,), "python": (str,), "venv": (str,),
-    "requirements": (dict,), "image": (str,), "launcher": (str,), "preemptible": (bool,), "after": (list,),
-    "after_any": (list,), "array": (str,), "on_nodes": (list,),
+    "max_restarts": (int,), "project_files": (int,), "project_bytes": (int,), "project_uploaded": (int,),
+    "preemptible": (bool,), "after": (list,), "after_any": (list,), "array": (str,), "on_nodes": (list,),
+}
+_RUN_TYPES: dict[str, tuple[type, ...]] = {
+    "script_name": (str,), "script": (bytes,), "workload": (str,), "args": (list,), "workdir": (str,),
+    "project": (str,), "subdir": (str,), "command": (list,), "env": (dict,), "python": (str,), "venv": (str,),
+    "requirements": (dict,), "image": (str,), "launcher": (str,),
 }
 
 
@@ -367,17 +391,19 @@ _IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$")
 
 
 def _check_types(spec: JobSpec) -> None:
-    for name, allowed in _SPEC_TYPES.items():
-        value = getattr(spec, name)
-        if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
-            raise ValueError(f"job field {name!r} has the wrong type ({type(value).__name__})")
-    if not all(isinstance(a, str) for a in [*spec.args, *spec.command]):
+    for fields_of, types in ((spec, _SPEC_TYPES), (spec.run, _RUN_TYPES)):
+        for name, allowed in types.items():
+            value = getattr(fields_of, name)
+            if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
+                raise ValueError(f"job field {name!r} has the wrong type ({type(value).__name__})")
+    run = spec.run
+    if not all(isinstance(a, str) for a in [*run.args, *run.command]):
         raise ValueError("job arguments must be strings")
     if not all(isinstance(ref, str) for ref in [*spec.after, *spec.after_any, *spec.on_nodes]):
         raise ValueError("jobs and nodes must be named by strings")
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in spec.env.items()):
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in run.env.items()):
         raise ValueError("environment variables must be strings")
-    if not all(isinstance(k, str) and isinstance(v, bytes) for k, v in spec.requirements.items()):
+    if not all(isinstance(k, str) and isinstance(v, bytes) for k, v in run.requirements.items()):
         raise ValueError("requirement files must be bytes")
 
 

@@ -10,7 +10,7 @@ from typing import Iterator
 
 import pytest
 
-from gpudeck.model import JobSpec
+from gpudeck.model import JobSpec, RunSpec
 from gpudeck.protocol.auth import JoinToken
 from gpudeck.protocol.blocking import BlockingSession
 from gpudeck.protocol.handshake import Refused
@@ -33,7 +33,7 @@ def _open(cluster: Cluster, token: str | None = None) -> BlockingSession:
 
 
 def test_answers_reach_their_requests_in_any_order(coordinator: Cluster):
-    spec = JobSpec(name="queued", gpus=1, workload="data-parallel")
+    spec = JobSpec(name="queued", gpus=1, run=RunSpec(workload="data-parallel"))
     with _open(coordinator) as session:
         assert session.welcome is not None and session.welcome.admin
         listed = session.send(ListJobs, after=0, limit=10)

@@ -18,7 +18,7 @@ import pytest
 from gpudeck.cli import build_parser, named_command, parse_command_line
 from gpudeck.cli.submit import spec_from_args
 from gpudeck.coordinator.store import JobFilter, Store
-from gpudeck.model import JobSpec, JobState
+from gpudeck.model import JobSpec, JobState, RunSpec
 from gpudeck.output import job_detail, jobs_table, nodes_table
 from gpudeck.protocol.views import GpuReading, JobView, NodeView
 from gpudeck.text import human_bytes, rate
@@ -230,7 +230,8 @@ def history(tmp_path: Path) -> Iterator[Cluster]:
     store = Store(cluster.coordinator_dir / "gpudeck.db")
     now = time.time()
     for index in range(1, 29):
-        job_id = store.add_job(JobSpec(name=f"j{index}", gpus=1, workload="pipeline"), now - 30 * HOUR, "admin")
+        spec = JobSpec(name=f"j{index}", gpus=1, run=RunSpec(workload="pipeline"))
+        job_id = store.add_job(spec, now - 30 * HOUR, "admin")
         if index <= 25:
             store.transition(job_id, JobState.CANCELLED, reason="cancelled by a user",
                              ended_at=now - (26 - index) * HOUR)
@@ -274,7 +275,7 @@ def test_jobs_filters_apply_to_the_table_and_to_json(history: Cluster):
 def test_the_store_filters_and_pages_newest_first(tmp_path: Path):
     store = Store(tmp_path / "g.db")
     for index in range(1, 8):
-        job_id = store.add_job(JobSpec(name=f"j{index}", gpus=1, workload="pipeline"), 0.0, "admin")
+        job_id = store.add_job(JobSpec(name=f"j{index}", gpus=1, run=RunSpec(workload="pipeline")), 0.0, "admin")
         if index % 2:
             store.transition(job_id, JobState.CANCELLED, reason="x", ended_at=float(index))
     cancelled = JobFilter(states=(JobState.CANCELLED,))
@@ -291,7 +292,7 @@ def test_the_store_filters_and_pages_newest_first(tmp_path: Path):
 
 
 def test_one_gpu_is_one_gpu_in_every_table():
-    job = JobView.build(1, JobSpec(name="a", gpus=1, command=["a.py"]), state="running", submitted_at=0.0,
+    job = JobView.build(1, JobSpec(name="a", gpus=1, run=RunSpec(command=["a.py"])), state="running", submitted_at=0.0,
                         hosts=[("n", [0])], attempt=1).to_json()
     assert "1 GPU " in jobs_table([job]) + " " and "1 GPUs" not in jobs_table([job])
     node = NodeView(name="n", state="up", draining=False, simulated=True, hostname="n", address="10.0.0.1",
@@ -314,7 +315,7 @@ def test_rates_and_sizes_use_the_largest_unit_they_are_at_least_one_of():
 
 def test_limits_are_said_with_the_option_they_belong_to():
     with pytest.raises(ValueError, match=r"^--max-restarts must be from 0 to 100, not 101$"):
-        JobSpec(name="a", gpus=1, workload="pipeline", max_restarts=101).check()
+        JobSpec(name="a", gpus=1, run=RunSpec(workload="pipeline"), max_restarts=101).check()
     with pytest.raises(ValueError, match=r"^--priority must be from -1000 to 1000, not 5000$"):
-        JobSpec(name="a", gpus=1, workload="pipeline", priority=5000).check()
+        JobSpec(name="a", gpus=1, run=RunSpec(workload="pipeline"), priority=5000).check()
 

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from gpudeck.model import JobSpec
+from gpudeck.model import JobSpec, RunSpec
 from gpudeck.output import jobs_table
 from gpudeck.protocol.views import JobView
 from tests.cluster import Cluster
@@ -76,8 +76,9 @@ def test_an_escape_in_a_node_name_is_shown_not_obeyed(cluster: Cluster):
 
 
 def test_tables_show_control_characters_of_stored_names_as_escapes():
-    job = JobView.build(1, JobSpec(name="evil\x1b]0;pwned\x07\rX", gpus=1, command=["true"]), state="failed",
-                        submitted_at=0.0, reason="why\x1b[2J", hosts=[("n", [0])], attempt=1, exit_code=1).to_json()
+    spec = JobSpec(name="evil\x1b]0;pwned\x07\rX", gpus=1, run=RunSpec(command=["true"]))
+    job = JobView.build(1, spec, state="failed", submitted_at=0.0, reason="why\x1b[2J", hosts=[("n", [0])],
+                        attempt=1, exit_code=1).to_json()
     text = jobs_table([job])
     assert ESC not in text and "\x07" not in text and "\r" not in text
     assert "evil\\x1b]0;pwned\\x07\\rX" in text and "why\\x1b[2J" in text

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from gpudeck.arrays import MAX_ARRAY_TASKS, compress, job_label, parse_array, parse_ref
 from gpudeck.coordinator.dependencies import Upstream, Waiting, gate
-from gpudeck.model import JobSpec
+from gpudeck.model import JobSpec, RunSpec
 
 STATES = ("pending", "starting", "running", "succeeded", "failed", "cancelled")
 
@@ -169,6 +169,6 @@ def test_references_and_labels():
 
 def test_an_array_that_would_cost_the_coordinator_too_much_memory_is_refused():
     env = {f"V{i}": "x" * 250 for i in range(1000)}  # 250 KB, under --env's own limit
-    JobSpec(name="a", gpus=1, workload="pipeline", env=env, array="0-9").check()
+    JobSpec(name="a", gpus=1, run=RunSpec(workload="pipeline", env=env), array="0-9").check()
     with pytest.raises(ValueError, match=r"^an array of 1000 tasks of this job would keep \d+ MiB in the "):
-        JobSpec(name="a", gpus=1, workload="pipeline", env=env, array="0-999").check()
+        JobSpec(name="a", gpus=1, run=RunSpec(workload="pipeline", env=env), array="0-999").check()

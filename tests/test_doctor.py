@@ -11,7 +11,7 @@ import pytest
 
 from gpudeck import doctor
 from gpudeck.doctor import AllReduce, NodeSeen, Route
-from gpudeck.model import DOCTOR, JobSpec
+from gpudeck.model import DOCTOR, JobSpec, RunSpec
 from tests.cluster import Cluster
 
 GB = 1e9
@@ -85,37 +85,42 @@ def test_the_report_reads_back_from_its_json() -> None:
 
 
 def test_only_the_doctor_check_names_its_nodes_and_it_takes_no_gpu() -> None:
-    check = JobSpec(name="doctor", workload=DOCTOR, on_nodes=["a", "b"])
+    check = JobSpec(name="doctor", run=RunSpec(workload=DOCTOR), on_nodes=["a", "b"])
     check.check()
     refused = {
         "only gpudeck doctor runs its check, on the nodes it names": [
-            JobSpec(name="x", workload="data-parallel", gpus=1, on_nodes=["a"]),
-            JobSpec(name="x", script_name="t.py", script=b"1", on_nodes=["a"]),
-            JobSpec(name="x", workload=DOCTOR, gpus=1),
+            JobSpec(name="x", run=RunSpec(workload="data-parallel"), gpus=1, on_nodes=["a"]),
+            JobSpec(name="x", run=RunSpec(script_name="t.py", script=b"1"), on_nodes=["a"]),
+            JobSpec(name="x", run=RunSpec(workload=DOCTOR), gpus=1),
         ],
-        "gpudeck doctor's check takes no GPU": [JobSpec(name="x", workload=DOCTOR, gpus=1, on_nodes=["a"])],
-        "gpudeck doctor checks 1 to 64 different nodes": [JobSpec(name="x", workload=DOCTOR, on_nodes=["a", "a"])],
+        "gpudeck doctor's check takes no GPU": [
+            JobSpec(name="x", run=RunSpec(workload=DOCTOR), gpus=1, on_nodes=["a"])],
+        "gpudeck doctor checks 1 to 64 different nodes": [
+            JobSpec(name="x", run=RunSpec(workload=DOCTOR), on_nodes=["a", "a"])],
         "gpudeck doctor's check takes --bytes 4 to": [
-            JobSpec(name="x", workload=DOCTOR, on_nodes=["a"], args=["--bytes", str(1 << 30)]),
-            JobSpec(name="x", workload=DOCTOR, on_nodes=["a"], args=["--reps", "1000"])],
+            JobSpec(name="x", run=RunSpec(workload=DOCTOR, args=["--bytes", str(1 << 30)]), on_nodes=["a"]),
+            JobSpec(name="x", run=RunSpec(workload=DOCTOR, args=["--reps", "1000"]), on_nodes=["a"])],
         "gpudeck doctor's check: unrecognized arguments: --evil": [
-            JobSpec(name="x", workload=DOCTOR, on_nodes=["a"], args=["--evil"])],
+            JobSpec(name="x", run=RunSpec(workload=DOCTOR, args=["--evil"]), on_nodes=["a"])],
     }
     # nothing of a user's may come with it: it would run their code on any node, outside the queue
-    extras: tuple[tuple[str, Any], ...] = (
+    run_extras: tuple[tuple[str, Any], ...] = (
         ("python", "/usr/bin/python3"), ("venv", "/opt/v"), ("image", "busybox"),
         ("workdir", "/home/ada"), ("project", "a" * 64), ("env", {"PYTHONPATH": "/tmp"}),
-        ("requirements", {"requirements.txt": b"evil"}), ("launcher", "torchrun"),
-        ("array", "0-3"), ("time_limit", 5.0), ("preemptible", True))
-    for extra, value in extras:
+        ("requirements", {"requirements.txt": b"evil"}), ("launcher", "torchrun"))
+    for extra, value in run_extras:
         refused.setdefault(f"it takes no {extra}$", []).append(
-            JobSpec(name="x", workload=DOCTOR, on_nodes=["a"], **{extra: value}))
+            JobSpec(name="x", run=RunSpec(workload=DOCTOR, **{extra: value}), on_nodes=["a"]))
+    job_extras: tuple[tuple[str, Any], ...] = (("array", "0-3"), ("time_limit", 5.0), ("preemptible", True))
+    for extra, value in job_extras:
+        refused.setdefault(f"it takes no {extra}$", []).append(
+            JobSpec(name="x", run=RunSpec(workload=DOCTOR), on_nodes=["a"], **{extra: value}))
     for reason, specs in refused.items():
         for spec in specs:
             with pytest.raises(ValueError, match=reason):
                 spec.check()
     with pytest.raises(ValueError, match="printable"):
-        JobSpec(name="x", workload=DOCTOR, on_nodes=["a\x1b[2J"]).check()
+        JobSpec(name="x", run=RunSpec(workload=DOCTOR), on_nodes=["a\x1b[2J"]).check()
 
 
 def test_chosen_nodes_default_to_those_taking_jobs_and_refuse_what_cannot_take_the_check() -> None:

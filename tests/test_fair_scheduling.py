@@ -29,7 +29,7 @@ from gpudeck.coordinator.scheduler import (
 from gpudeck.cli import build_parser
 from gpudeck.cli.services import coordinator_config
 from gpudeck.coordinator.store import UserRow
-from gpudeck.model import JobSpec, JobState
+from gpudeck.model import JobSpec, JobState, RunSpec
 from gpudeck.output import job_detail, jobs_table, starts_text
 from gpudeck.protocol.payloads import FactorView, JobView
 from tests.cluster import Cluster
@@ -478,7 +478,8 @@ def test_a_cancelled_reserved_job_lets_the_jobs_it_held_back_start(tmp_path: Pat
 
 
 def test_show_explains_a_pending_jobs_factors_like_sprio_and_jobs_says_when_it_starts() -> None:
-    view = JobView.build(7, JobSpec(name="big", gpus=4, command=["true"]), state="pending", submitted_at=0.0,
+    view = JobView.build(7, JobSpec(name="big", gpus=4, run=RunSpec(command=["true"])), state="pending",
+                         submitted_at=0.0,
                          reason="needs 4 GPUs; none are free", estimated_start=time.time() + 200,
                          priority_factors=[FactorView(f.name, f.value, f.weight, f.contribution)
                                            for f in Policy().explain(0, 0.0, 0.25, 3600.0)]).to_json()

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from gpudeck.coordinator.idle import IdleTracker, held_utilizations
 from gpudeck.coordinator.store import JobRow
-from gpudeck.model import JobSpec, JobState
+from gpudeck.model import JobSpec, JobState, RunSpec
 from gpudeck.protocol.payloads import GpuReading
 
 
@@ -49,7 +49,7 @@ def test_only_the_gpus_a_job_holds_count():
         return GpuReading(index=index, name="g", uuid=f"u{index}", memory_total=None, memory_used=None,
                           utilization=utilization, temperature=None, power=None, power_limit=None)
 
-    spec = JobSpec(name="j", nodes=2, gpus_per_node=1, workload="w")
+    spec = JobSpec(name="j", nodes=2, gpus_per_node=1, run=RunSpec(workload="w"))
     job = JobRow(id=4, spec=spec, state=JobState.RUNNING, reason="", submitted_at=0, started_at=1, ended_at=None,
                  attempt=3, exit_code=None, restarts=0, requeued_because="", failed_at=None,
                  hosts=[("a", [1]), ("b", [0])])

@@ -19,7 +19,7 @@ from gpudeck.coordinator.lifecycle import FENCE_DEADLINE
 from gpudeck.coordinator.registry import DOWN_AFTER, SUSPECT_AFTER, AgentLink, Registry
 from gpudeck.coordinator.store import JobRow, Store
 from gpudeck.coordinator.views import node_view
-from gpudeck.model import IllegalTransition, JobSpec, JobState, NodeState
+from gpudeck.model import IllegalTransition, JobSpec, JobState, NodeState, RunSpec
 from gpudeck.protocol.messages import Message
 from gpudeck.protocol.node_messages import Forget, Kill, Launch
 from gpudeck.protocol.payloads import GpuReading, JobReport
@@ -68,8 +68,7 @@ class Deck:
         self.control = JobControl(self.store, self.registry, self.send, self.clock, PORTS)
 
     def submit(self, owner: str = "ada", **fields: Any) -> int:
-        fields.setdefault("workload", "data-parallel")
-        return self.control.submit(JobSpec(name="job", **fields), owner).id
+        return self.control.submit(JobSpec(name="job", run=RunSpec(workload="data-parallel"), **fields), owner).id
 
     def job(self, job_id: int) -> JobRow:
         row = self.store.job(job_id)
@@ -425,11 +424,12 @@ def test_after_an_arrays_id_waits_for_every_task_and_after_a_task_for_that_one(d
 def test_the_doctor_check_launches_one_rank_per_node_beside_full_gpus_one_check_at_a_time(deck: Deck):
     holder = deck.submit(nodes=2, gpus_per_node=2)
     with pytest.raises(ValueError, match="ghost is not a node of this cluster that is up"):
-        deck.control.submit(JobSpec(name="doctor", workload="doctor", on_nodes=["ghost"]), "bob")
-    check = deck.control.submit(JobSpec(name="doctor", workload="doctor", on_nodes=["node-b", "node-a"]), "ada")
-    assert check.spec.args == ["--nodes", "node-a,node-b", "--job-ports", f"{PORTS[0]}-{PORTS[1]}"]
+        deck.control.submit(JobSpec(name="doctor", run=RunSpec(workload="doctor"), on_nodes=["ghost"]), "bob")
+    check = deck.control.submit(JobSpec(name="doctor", run=RunSpec(workload="doctor"),
+                                                on_nodes=["node-b", "node-a"]), "ada")
+    assert check.spec.run.args == ["--nodes", "node-a,node-b", "--job-ports", f"{PORTS[0]}-{PORTS[1]}"]
     with pytest.raises(ValueError, match=f"already running as job {check.id}"):
-        deck.control.submit(JobSpec(name="doctor", workload="doctor", on_nodes=["node-a"]), "bob")
+        deck.control.submit(JobSpec(name="doctor", run=RunSpec(workload="doctor"), on_nodes=["node-a"]), "bob")
     deck.control.schedule()
     assert deck.job(holder).state is JobState.STARTING and deck.job(check.id).state is JobState.STARTING
     launches = sorted((node, m.gpus, m.node_rank, m.first_rank, m.world_size) for node, m in deck.taken(Launch)

@@ -14,6 +14,7 @@ from gpudeck.agent.gpus import SimulatedBackend
 from gpudeck.agent.runner import JobRunner
 from gpudeck.agent.traffic_sink import TrafficSink
 from gpudeck.protocol.messages import Message
+from gpudeck.model import RunSpec
 from gpudeck.protocol.node_messages import JobExited, JobStarted, Launch, LogChunk
 from gpudeck.protocol.payloads import JobReport
 
@@ -100,8 +101,7 @@ def test_a_repeated_launch_of_a_running_attempt_only_says_it_started(tmp_path: P
         runner, sent, sink = _runner(tmp_path)
         runner.jobs[(3, 2)] = RunningJob("node-a", 3, 2, 0, [0], str(tmp_path / "x"), pgid=4242, cluster=CLUSTER)
         await runner.launch(Launch(job=3, attempt=2, node_rank=0, nnodes=1, gpus=[0], master_addr="127.0.0.1",
-                                   master_port=29500, script_name="t.py", script=b"print()", workload="", args=[],
-                                   workdir=""))
+                                   master_port=29500, run=RunSpec(script_name="t.py", script=b"print()")))
         assert sent.sent == [JobStarted(job=3, attempt=2, pid=4242)]
         assert not (tmp_path / "jobs").exists(), "nothing was started again"
         sink.close()

@@ -17,14 +17,14 @@ from gpudeck.coordinator.preemption import Candidate
 from gpudeck.coordinator.priority import Policy
 from gpudeck.coordinator.scheduler import GpuSlot, NodeSlots
 from gpudeck.coordinator.store import JobRow
-from gpudeck.model import JobSpec, JobState
+from gpudeck.model import JobSpec, JobState, RunSpec
 
 NOW = 1_000_000.0
 
 
 def row(job_id: int, **spec: Any) -> JobRow:
-    spec.setdefault("workload", "data-parallel")
-    return JobRow(id=job_id, spec=JobSpec(name="job", **spec), state=JobState.PENDING, reason="",
+    return JobRow(id=job_id, spec=JobSpec(name="job", run=RunSpec(workload="data-parallel"), **spec),
+                  state=JobState.PENDING, reason="",
                   submitted_at=NOW - 100 + job_id, started_at=None, ended_at=None, attempt=0, exit_code=None,
                   restarts=0, requeued_because="", failed_at=None, hosts=[], owner="ada")
 

@@ -12,7 +12,7 @@ import pytest
 
 from gpudeck.client import connect
 from gpudeck.config import Endpoint
-from gpudeck.model import JobSpec
+from gpudeck.model import JobSpec, RunSpec
 from gpudeck.project import Manifest, ProjectFile
 from gpudeck.protocol.auth import JoinToken
 from gpudeck.protocol.messages import ContentPut, ListJobs, ProjectOffer, Submit
@@ -40,7 +40,7 @@ def _entry(path: str, data: bytes) -> ProjectFile:
 async def test_wrong_uploads_are_refused_and_only_a_whole_project_runs(one_node: Cluster):
     script = b"print('hello')\n"
     manifest = Manifest((_entry("train.py", script),))
-    spec = JobSpec(name="shipped", gpus=1, script_name="train.py", project=manifest.digest)
+    spec = JobSpec(name="shipped", gpus=1, run=RunSpec(script_name="train.py", project=manifest.digest))
     escaping = json.dumps({"version": 1, "files": [["../../etc/cron.d/x", 1, "a" * 64, False]]}).encode()
     async with connect([Endpoint("127.0.0.1", one_node.port, "test")], JoinToken.parse(one_node.token)) as session:
         with pytest.raises(Refused, match="not asked for: offer the project first"):

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from gpudeck.protocol import auth
 from gpudeck.protocol.framing import MAX_DEPTH, MAX_FRAME, FrameDecoder, FrameError, decode_body, encode_frame
 from gpudeck.protocol.messages import REGISTRY, Error, Hello, ListJobs, ProtocolError, decode
+from gpudeck.model import JobSpec, RunSpec
 from gpudeck.protocol.node_messages import Launch, LogChunk, Register, Telemetry, Traffic
 from gpudeck.protocol.payloads import GpuProcess, GpuReading, JobReport, WarmStatus
 
@@ -28,7 +29,7 @@ SAMPLES = [
     Traffic(job=3, attempt=2, by_rank={0: {"all_reduce": 8320}, 11: {"send": 1}},
             sync={0: {"entered": 9, "ops": 8, "wait_us": 1200, "span_us": 90000}}),
     Launch(job=1, attempt=1, node_rank=0, nnodes=2, gpus=[0, 1], master_addr="10.0.0.1", master_port=29500,
-           script_name="t.py", script=b"print()", workload="", args=["--steps", "5"], workdir="/tmp"),
+           run=RunSpec(script_name="t.py", script=b"print()", args=["--steps", "5"], workdir="/tmp")),
 ]
 
 
@@ -107,6 +108,8 @@ def test_a_frame_too_big_to_send_is_refused_at_the_sender():
       "jobs": [{"job": 1, "attempt": "1", "exit_code": None, "detail": "", "retry": False, "failed_at": None}]},
      "field 'jobs[0].attempt' has the wrong type (str)"),
     ({"kind": "launch", **{k: 0 for k in Launch.__dataclass_fields__}}, "wrong type"),
+    ({**SAMPLES[-1].to_wire(), "run": {"script_name": 5}}, "field 'run.script_name' has the wrong type (int)"),
+    ({**SAMPLES[-1].to_wire(), "run": {"shell": "rm -rf /"}}, "unknown field 'run.shell'"),
 ])
 def test_wrong_messages_are_protocol_errors_with_a_reason(body, problem):
     with pytest.raises(ProtocolError, match=re.escape(problem)):
@@ -121,6 +124,37 @@ def test_fields_added_to_a_message_later_may_be_absent_so_the_version_before_sta
     assert isinstance(filtered, ListJobs) and filtered.states == ["failed"]
     with pytest.raises(ProtocolError, match="missing field 'limit'"):
         decode({"kind": "list_jobs", "req": 1, "after": 0})
+
+
+def test_fields_a_nested_value_gained_later_may_be_absent_too():
+    """A run option added to `RunSpec` needs nothing between submit and the agent: a launch from a
+    coordinator without it still decodes, with the option's default."""
+    launch = SAMPLES[-1]
+    assert isinstance(launch, Launch)
+    body = launch.to_wire()
+    del body["run"]["launcher"], body["run"]["env"]
+    decoded, again = decode(body), decode(body)
+    assert decoded == launch and isinstance(decoded, Launch) and isinstance(again, Launch)
+    assert decoded.run.env == {} and decoded.run.env is not again.run.env, "every decode gets a map of its own"
+
+
+def test_a_job_spec_travels_with_its_run_nested_and_is_checked_with_the_same_sentences():
+    spec = JobSpec(name="t", gpus=2, priority=3, run=RunSpec(script_name="t.py", script=b"print()",
+                                                             env={"A": "1"}, requirements={"uv.lock": b"x"}))
+    wire = spec.to_wire()
+    assert wire["run"]["script"] == b"print()" and "script" not in wire
+    assert JobSpec.from_wire(wire) == spec
+    refusals = [
+        ({**wire, "colour": "red"}, "unknown job field 'colour'"),
+        ({**wire, "run": {**wire["run"], "shell": "sh"}}, "unknown job field 'shell'"),
+        ({**wire, "run": ["t.py"]}, "job field 'run' has the wrong type (list)"),
+        ({**wire, "run": {**wire["run"], "script": "print()"}}, "job field 'script' has the wrong type (str)"),
+        ({k: v for k, v in wire.items() if k != "run"}, "malformed job: "),
+        ({**wire, "run": {**wire["run"], "workload": "pipeline"}}, "give one of a script, a built-in workload"),
+    ]
+    for data, problem in refusals:
+        with pytest.raises(ValueError, match=re.escape(problem)):
+            JobSpec.from_wire(data)
 
 
 def test_every_message_kind_is_registered_once_under_its_own_name():

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import sqlite3
 
 from gpudeck.coordinator.store import Store
 from gpudeck.coordinator.traffic import PERSIST_EVERY, TrafficBook
-from gpudeck.model import JobSpec, JobState, NodeState
+from gpudeck.model import JobSpec, JobState, NodeState, RunSpec
 from gpudeck.protocol.payloads import GpuReading
 
 
-def _spec(**fields) -> JobSpec:
-    return JobSpec(**{"name": "t", "script_name": "t.py", "script": b"print()\n", "gpus": 2, **fields})
+def _spec(script: bytes = b"print()\n", **fields) -> JobSpec:
+    return JobSpec(**{"name": "t", "run": RunSpec(script_name="t.py", script=script), "gpus": 2, **fields})
 
 
 def _gpu(index: int) -> GpuReading:
@@ -37,7 +39,7 @@ def test_a_job_attempt_from_placement_to_exits(tmp_path):
     job_id = store.add_job(_spec(script=b"\x00\xff binary is kept"), 1.0, "ada")
     assert store.script(job_id) == b"\x00\xff binary is kept"
     row = store.job(job_id)
-    assert row is not None and row.spec.script == b"", "rows never carry the script"
+    assert row is not None and row.spec.run.script == b"", "rows never carry the script"
     store.start_attempt(job_id, 1, [("a", [0]), ("b", [1])], "10.0.0.1", 29500, 2.0)
     row = store.job(job_id)
     assert row is not None
@@ -132,3 +134,33 @@ def test_a_state_dir_from_before_arrays_keeps_its_jobs(tmp_path):
     assert row is not None
     assert (row.state, row.array_job, row.array_index, row.spec.after, row.spec.array) == (
         JobState.PENDING, None, None, [], "")
+
+
+def test_a_job_stored_before_its_run_was_nested_reads_back_with_the_same_values(tmp_path):
+    """Before issue 26 a stored spec kept its run's fields at its top, beside the scheduling ones:
+    an upgraded coordinator reads them into the spec's run, and the job keeps every value."""
+    path = tmp_path / "g.db"
+    store = Store(path)
+    job_id = store.add_job(_spec(), 1.0, "ada")
+    store.close()
+    flat = {"name": "t", "gpus": None, "nodes": 2, "gpus_per_node": 1, "priority": 3, "time_limit": 60.0,
+            "max_restarts": 1, "script_name": "t.py", "workload": "", "args": ["--steps", "5"], "workdir": "",
+            "project": "a" * 64, "project_files": 2, "project_bytes": 10, "project_uploaded": 4, "subdir": "src",
+            "command": [], "env": {"SEED": "1"}, "python": "", "venv": "",
+            "requirements": {"requirements.txt": base64.b64encode(b"numpy\n").decode()}, "image": "",
+            "launcher": "torchrun", "preemptible": True, "after": ["7"], "after_any": [], "array": "",
+            "hang_timeout": 30.0, "on_nodes": []}
+    old = sqlite3.connect(path)
+    old.execute("UPDATE jobs SET spec = ? WHERE id = ?", [json.dumps(flat), job_id])
+    old.commit()
+    old.close()
+    store = Store(path)
+    row = store.job(job_id)
+    assert row is not None and row.spec == JobSpec(
+        name="t", nodes=2, gpus_per_node=1, priority=3, time_limit=60.0, max_restarts=1, project_files=2,
+        project_bytes=10, project_uploaded=4, preemptible=True, after=["7"], hang_timeout=30.0,
+        run=RunSpec(script_name="t.py", args=["--steps", "5"], project="a" * 64, subdir="src", env={"SEED": "1"},
+                    requirements={"requirements.txt": b"numpy\n"}, launcher="torchrun"))
+    assert store.script(job_id) == b"print()\n"
+    fresh = store.job(store.add_job(row.spec, 2.0, "ada"))
+    assert fresh is not None and fresh.spec == row.spec, "stored again, now nested, it reads back the same"

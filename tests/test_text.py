@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from gpudeck.model import JobSpec
+from gpudeck.model import JobSpec, RunSpec
 from gpudeck.text import MAX_NAME, safe_output, visible
 
 ESC = "\x1b"
@@ -23,7 +23,7 @@ def test_a_jobs_output_keeps_its_colours_and_nothing_else_a_terminal_acts_on():
 
 
 def _spec(name: str) -> JobSpec:
-    return JobSpec(name=name, gpus=1, workload="data-parallel")
+    return JobSpec(name=name, gpus=1, run=RunSpec(workload="data-parallel"))
 
 
 @pytest.mark.parametrize("name", ["ddp", "crème brûlée", "東京-run", "🚀 launch", "a[/]b", "x" * MAX_NAME])

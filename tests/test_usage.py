@@ -11,14 +11,15 @@ from hypothesis import strategies as st
 
 from gpudeck.coordinator.store import HeldGpus, JobRow, Store
 from gpudeck.coordinator.usage import EnergyMeter, usage_view
-from gpudeck.model import JobSpec, JobState
+from gpudeck.model import JobSpec, JobState, RunSpec
 from gpudeck.protocol.payloads import GpuReading, UsageView
 
 NOW = 100_000.0
 
 
 def row(job_id: int, owner: str, submitted_at: float, state: JobState = JobState.SUCCEEDED) -> JobRow:
-    return JobRow(id=job_id, spec=JobSpec(name=f"job{job_id}", gpus=1, workload="w"), state=state, reason="",
+    return JobRow(id=job_id, spec=JobSpec(name=f"job{job_id}", gpus=1, run=RunSpec(workload="w")), state=state,
+                  reason="",
                   submitted_at=submitted_at, started_at=None, ended_at=None, attempt=1, exit_code=None, restarts=0,
                   requeued_because="", failed_at=None, hosts=[], owner=owner)
 

@@ -31,8 +31,9 @@ async def test_watch_gets_a_snapshot_then_only_changes(cluster: Cluster):
         snapshot = await session.request(Watch)
         assert sorted(n["name"] for n in snapshot["nodes"]) == ["node-a", "node-b"]
         assert snapshot["jobs"] == [] and all(n["simulated"] for n in snapshot["nodes"])
-        spec = {"name": "w", "gpus": 1, "script_name": "ddp_linear.py",
-                "script": (SCRIPTS / "ddp_linear.py").read_bytes(), "args": ["--steps", "3"]}
+        spec = {"name": "w", "gpus": 1, "run": {"script_name": "ddp_linear.py",
+                                                "script": (SCRIPTS / "ddp_linear.py").read_bytes(),
+                                                "args": ["--steps", "3"]}}
         job = await session.request(Submit, spec=spec)
         done = await _next_with(session.updates, "jobs", lambda j: j["id"] == job["id"] and j["state"] == "succeeded")
         finished = next(j for j in done["jobs"] if j["id"] == job["id"])

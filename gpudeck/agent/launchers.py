@@ -78,13 +78,13 @@ def launcher_for(order: Launch, setup: RunSetup, site: Site) -> Launcher:
     account always starts cold (a rank forked from the agent's interpreter would keep the agent's
     rights)."""
     if setup.container is not None:
-        inner = CommandLauncher(site) if order.command else TorchrunLauncher(site, counted=False)
+        inner = CommandLauncher(site) if order.run.command else TorchrunLauncher(site, counted=False)
         return ContainerLauncher(site, setup.container, inner)
-    if order.command:
+    if order.run.command:
         return CommandLauncher(site)
-    if order.launcher:
+    if order.run.launcher:
         return TorchrunLauncher(site)
-    if site.warm is not None and setup.python == sys.executable and not order.requirements and not setup.account:
+    if site.warm is not None and setup.python == sys.executable and not order.run.requirements and not setup.account:
         return ForkedLauncher(site, site.warm)
     return ColdLauncher(site)
 
@@ -97,8 +97,8 @@ class ColdLauncher:
 
     async def start(self, order: Launch, job: RunningJob, setup: RunSetup) -> asyncio.subprocess.Process | None:
         env = job_env(order, job.path, setup, self.site)
-        target = ["--workload", order.workload] if order.workload else [setup.script]
-        argv = [*target, *order.args]  # for gpudeck.train.run
+        target = ["--workload", order.run.workload] if order.run.workload else [setup.script]
+        argv = [*target, *order.run.args]  # for gpudeck.train.run
         logs = job.path / "logs"
         for local_rank in range(max(1, len(order.gpus))):
             rank_env = {**env, **rank_variables(order, local_rank, env)}
@@ -182,7 +182,7 @@ class TorchrunLauncher(_OneProcessLauncher):
         self.counted = counted
 
     def command(self, order: Launch, setup: RunSetup, env: dict[str, str]) -> list[str]:
-        target = ["--workload", order.workload] if order.workload else [setup.script]
+        target = ["--workload", order.run.workload] if order.run.workload else [setup.script]
         wrapper = ["-m", "gpudeck.train.run"] if self.counted else []
         return [
             setup.python, "-m", "torch.distributed.run",
@@ -190,7 +190,7 @@ class TorchrunLauncher(_OneProcessLauncher):
             "--nproc-per-node", str(max(1, len(order.gpus))),
             "--master-addr", order.master_addr, "--master-port", str(order.master_port),
             "--max-restarts", "0", "--rdzv-conf", f"timeout={RENDEZVOUS_TIMEOUT}", "--rdzv-id", run_id(order),
-            *wrapper, *target, *order.args,
+            *wrapper, *target, *order.run.args,
         ]
 
 
@@ -200,7 +200,7 @@ class CommandLauncher(_OneProcessLauncher):
     what = "the command"
 
     def command(self, order: Launch, setup: RunSetup, env: dict[str, str]) -> list[str]:
-        return list(order.command)
+        return list(order.run.command)
 
 
 class ContainerLauncher(_OneProcessLauncher):
@@ -217,9 +217,9 @@ class ContainerLauncher(_OneProcessLauncher):
 
     def command(self, order: Launch, setup: RunSetup, env: dict[str, str]) -> list[str]:
         mounts = sorted({str(setup.cwd), str(setup.outputs.parent), env["GPUDECK_LOG_DIR"]})
-        names = sorted((set(order.env) | {k for k in env if k.startswith("GPUDECK_")} | RESERVED_ENV
+        names = sorted((set(order.run.env) | {k for k in env if k.startswith("GPUDECK_")} | RESERVED_ENV
                         | {"PYTHONUNBUFFERED"}) - {AUTOCOUNT})
-        return container_command(self.runtime, order.image, container_name(order, self.site.node),
+        return container_command(self.runtime, order.run.image, container_name(order, self.site.node),
                                  self.inner.command(order, setup, env), str(setup.cwd), mounts, names, order.gpus,
                                  self.site.simulated)
 
@@ -232,7 +232,7 @@ def job_env(order: Launch, directory: Path, setup: RunSetup, site: Site) -> dict
     if setup.account is not None:
         env.pop("GPUDECK_TOKEN", None)  # an agent given its token so must not hand it to a person's code
         env.update(setup.account.env())
-    env.update(order.env)
+    env.update(order.run.env)
     env.update(overlay_env(site.overlay, env))
     env.update({
         "PATH": os.pathsep.join(p for p in (setup.bin_dir, env.get("PATH", "")) if p),
@@ -260,12 +260,12 @@ def job_env(order: Launch, directory: Path, setup: RunSetup, site: Site) -> dict
     if interface:
         env.setdefault("GLOO_SOCKET_IFNAME", interface)
         env.setdefault("NCCL_SOCKET_IFNAME", interface)
-    if order.workload == DOCTOR and site.mdns_view is not None:
+    if order.run.workload == DOCTOR and site.mdns_view is not None:
         env["GPUDECK_MDNS_SEEN"] = json.dumps(site.mdns_view())  # what gpudeck doctor reports as seen
-    if order.command:
+    if order.run.command:
         env[AUTOCOUNT] = "1"
-    if not order.project and usable_dir(order.workdir, setup.account):
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH", ""), order.workdir) if p)
+    if not order.run.project and usable_dir(order.run.workdir, setup.account):
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH", ""), order.run.workdir) if p)
     return env
 
 

@@ -90,11 +90,11 @@ class Preparer:
         """Where and with which interpreter the attempt runs; PrepareFailed with a sentence otherwise."""
         directory = job.path
         account = self._account(order, launcher_log)
-        work = directory / "work" if order.project else None
+        work = directory / "work" if order.run.project else None
         if work is not None:
             await self._say(job, f"copying the project to {self.node}")
             try:
-                manifest = await self.cache.manifest(order.project)
+                manifest = await self.cache.manifest(order.run.project)
                 await self.cache.working_copy(manifest, work)
             except FetchFailed as exc:
                 raise PrepareFailed(1, f"could not copy the project to {self.node}: {exc}",
@@ -103,20 +103,20 @@ class Preparer:
                 raise PrepareFailed(1, f"could not copy the project to {self.node}: {exc.strerror or exc}") from None
         python, bin_dir = await self._interpreter(order, job, launcher_log, account)
         if work is not None:
-            cwd = work / order.subdir if order.subdir else work
+            cwd = work / order.run.subdir if order.run.subdir else work
             if not cwd.is_dir():
-                raise PrepareFailed(1, f"the folder {order.subdir} that submit ran in is not in the project (an "
+                raise PrepareFailed(1, f"the folder {order.run.subdir} that submit ran in is not in the project (an "
                                        "ignore file leaves it out): submit from another folder")
-            target = str(work / order.script_name) if order.script_name else ""
+            target = str(work / order.run.script_name) if order.run.script_name else ""
         else:
-            cwd = Path(order.workdir) if usable_dir(order.workdir, account) else directory
-            target = str(_write_script(order, directory)) if order.script_name else ""
+            cwd = Path(order.run.workdir) if usable_dir(order.run.workdir, account) else directory
+            target = str(_write_script(order, directory)) if order.run.script_name else ""
         outputs = (work or directory) / OUTPUT_DIR
         outputs.mkdir(parents=True, exist_ok=True)
         checkpoints = self.checkpoints / str(order.job)
         if account is not None:
             _hand_over(job, work or outputs, checkpoints, account)
-        container = await self._container() if order.image else None
+        container = await self._container() if order.run.image else None
         return RunSetup(python=python, bin_dir=bin_dir, cwd=cwd, script=target, outputs=outputs,
                         checkpoints=checkpoints, container=container, account=account)
 
@@ -143,14 +143,14 @@ class Preparer:
     async def _interpreter(self, order: Launch, job: RunningJob, launcher_log: IO[bytes],
                            account: Account | None) -> tuple[str, str]:
         """The interpreter of the attempt and the folder of its scripts (first on PATH)."""
-        if order.image:
+        if order.run.image:
             return "python", ""  # the image's own
-        if order.requirements:
+        if order.run.requirements:
             started = time.monotonic()
             reporter = asyncio.create_task(self._say_while(
                 job, lambda: f"building the environment on {self.node} (uv, {time.monotonic() - started:.0f} s)"))
             try:
-                env = await self.environments.get(order.requirements, launcher_log)
+                env = await self.environments.get(order.run.requirements, launcher_log)
                 job.environment = env.key
             except BuildFailed as exc:
                 raise PrepareFailed(1, f"the environment could not be built on {self.node}: {exc}") from None
@@ -160,22 +160,22 @@ class Preparer:
             finally:
                 reporter.cancel()
             python, bin_dir = env.python, env.bin
-        elif order.venv:
-            python, bin_dir = str(Path(order.venv) / "bin" / "python"), str(Path(order.venv) / "bin")
+        elif order.run.venv:
+            python, bin_dir = str(Path(order.run.venv) / "bin" / "python"), str(Path(order.run.venv) / "bin")
             if not os.access(python, os.X_OK):
-                raise PrepareFailed(127, f"--venv {order.venv} is not a virtual environment on {self.node} "
+                raise PrepareFailed(127, f"--venv {order.run.venv} is not a virtual environment on {self.node} "
                                          "(it has no bin/python)")
-        elif order.python:
-            python, bin_dir = order.python, str(Path(order.python).parent)
+        elif order.run.python:
+            python, bin_dir = order.run.python, str(Path(order.run.python).parent)
             if not (os.path.isfile(python) and os.access(python, os.X_OK)):
-                raise PrepareFailed(127, f"--python {order.python} does not exist on {self.node}")
+                raise PrepareFailed(127, f"--python {order.run.python} does not exist on {self.node}")
         else:
             python, bin_dir = sys.executable, str(Path(sys.executable).parent)
-        if account is not None and not order.command and not account.may(python, RUN):
+        if account is not None and not order.run.command and not account.may(python, RUN):
             raise PrepareFailed(126, f"the account {account.name} may not run {python} on {self.node} (a folder on "
                                      "its way is closed to it): install the agent where every account can read it, "
                                      "or submit with --python or --venv")
-        if not order.command and not await self._has_torch(python, account):
+        if not order.run.command and not await self._has_torch(python, account):
             where = "the agent's environment: install gpudeck[train] there" if python == sys.executable else python
             raise PrepareFailed(127, f"torch is not installed on {self.node} in {where}")
         return python, bin_dir
@@ -219,6 +219,6 @@ def _hand_over(job: RunningJob, written: Path, checkpoints: Path, account: Accou
 
 
 def _write_script(order: Launch, directory: Path) -> Path:
-    path = directory / os.path.basename(order.script_name)
-    path.write_bytes(order.script)
+    path = directory / os.path.basename(order.run.script_name)
+    path.write_bytes(order.run.script)
     return path

@@ -15,7 +15,7 @@ from gpudeck.cli.connection import with_session
 from gpudeck.cli.exits import Failure, UsageError
 from gpudeck.cli.parsers import client_flags, command
 from gpudeck.cli.registry import Command
-from gpudeck.model import DOCTOR, JobSpec, JobState
+from gpudeck.model import DOCTOR, JobSpec, JobState, RunSpec
 from gpudeck.text import visible_data
 
 if TYPE_CHECKING:
@@ -52,8 +52,8 @@ async def cmd_doctor(args: argparse.Namespace) -> int:
 
     async def work(session: ClientSession) -> int:
         names = doctor.chosen_nodes((await session.request(ListNodes))["nodes"], args.nodes)
-        spec = JobSpec(name="doctor", workload=DOCTOR, on_nodes=names,
-                       args=["--bytes", str(args.size), "--timeout", f"{args.timeout:g}"])
+        spec = JobSpec(name="doctor", on_nodes=names, run=RunSpec(
+            workload=DOCTOR, args=["--bytes", str(args.size), "--timeout", f"{args.timeout:g}"]))
         job = await session.request(Submit, spec=spec.to_wire())
         print(f"gpudeck: checking {', '.join(names)} (job {job['id']})", file=sys.stderr)
         rounds = len(names) + 1  # the pairs' rounds (n - 1, or n when odd), then all of them

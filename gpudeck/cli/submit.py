@@ -22,7 +22,9 @@ from gpudeck.cli.arguments import duration, gpu_shape, job_array, job_list
 from gpudeck.cli.exits import Failure, UsageError
 from gpudeck.cli.parsers import client_flags
 from gpudeck.cli import registry
-from gpudeck.model import MAX_PRIORITY, MAX_RESTARTS, MAX_TIME_LIMIT, WORKLOADS, JobSpec, parse_duration
+from gpudeck.model import (
+    MAX_PRIORITY, MAX_RESTARTS, MAX_TIME_LIMIT, WORKLOADS, JobSpec, RunSpec, parse_duration,
+)
 from gpudeck.project import DEFAULT_CAP
 
 
@@ -269,16 +271,18 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
     except ValueError as exc:
         raise UsageError(f"--time-limit: {exc}") from None
     named = Path(args.script).stem if args.script else workload or Path(args.command_line[0]).name
-    spec = JobSpec(
-        name=args.name or named,
-        gpus=None if nodes is not None else (gpus if gpus is not None else 1),
-        nodes=nodes, gpus_per_node=per_node, priority=args.priority, time_limit=time_limit,
-        max_restarts=args.max_restarts, script_name=script_name, script=script, workload=workload,
+    run = RunSpec(
+        script_name=script_name, script=script, workload=workload, args=run_args,
         # A shipped project's digest is known once it is shipped (cmd_submit); this one only marks it.
-        args=run_args, workdir="" if root else os.getcwd(), project="0" * 64 if root else "", subdir=subdir,
+        workdir="" if root else os.getcwd(), project="0" * 64 if root else "", subdir=subdir,
         command=list(args.command_line), env=_environment(args), python=args.python or "",
         venv=args.venv or "", requirements=_requirements(args.requirements), image=args.image or "",
-        launcher="torchrun" if args.torchrun else "", preemptible=args.preemptible, after=args.after,
+        launcher="torchrun" if args.torchrun else "")
+    spec = JobSpec(
+        name=args.name or named, run=run,
+        gpus=None if nodes is not None else (gpus if gpus is not None else 1),
+        nodes=nodes, gpus_per_node=per_node, priority=args.priority, time_limit=time_limit,
+        max_restarts=args.max_restarts, preemptible=args.preemptible, after=args.after,
         after_any=args.after_any, array=args.array or "", hang_timeout=args.hang_timeout)
     try:
         spec.check()
@@ -307,8 +311,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     with connect_blocking(args.coordinator, config.find_token(args.token, args.token_file)) as session:
         if root is not None:
             cap = session.welcome.project_cap if session.welcome else DEFAULT_CAP
-            digest = ship(session, root, cap, [spec.script_name] if spec.script_name else [])
-            spec = dataclasses.replace(spec, project=digest)
+            digest = ship(session, root, cap, [spec.run.script_name] if spec.run.script_name else [])
+            spec = dataclasses.replace(spec, run=dataclasses.replace(spec.run, project=digest))
         job = session.request(Submit, spec=spec.to_wire())
     print(json.dumps(job, indent=2) if args.json else job["id"])
     return 0

@@ -70,9 +70,10 @@ class JobControl:
     def submit(self, spec: JobSpec, owner: str) -> JobRow:
         """Store `owner`'s job, or raise ValueError with the reason it can never run."""
         spec.check()
-        if spec.workload and spec.workload not in WORKLOADS and spec.workload != DOCTOR:
+        workload = spec.run.workload
+        if workload and workload not in WORKLOADS and workload != DOCTOR:
             known = ", ".join(sorted(WORKLOADS)) or "none in this version"
-            raise ValueError(f"there is no built-in workload {spec.workload!r} (built-in workloads: {known})")
+            raise ValueError(f"there is no built-in workload {workload!r} (built-in workloads: {known})")
         if spec.on_nodes:
             spec = self._doctor_check(spec)
         else:
@@ -107,7 +108,8 @@ class JobControl:
                              "cluster that is up (gpudeck nodes lists them)")
         first, last = self.job_ports
         nodes = ",".join(sorted(spec.on_nodes))  # the node-rank order (the scheduler lists hosts by name)
-        return dataclasses.replace(spec, args=[*spec.args, "--nodes", nodes, "--job-ports", f"{first}-{last}"])
+        args = [*spec.run.args, "--nodes", nodes, "--job-ports", f"{first}-{last}"]
+        return dataclasses.replace(spec, run=dataclasses.replace(spec.run, args=args))
 
     def _named(self, ref: str) -> JobRow | None:
         """The job a reference names: '7', or the task '12.3' (see gpudeck.arrays)."""

@@ -7,6 +7,7 @@ between the two sends it again (`send_launch`) instead of losing it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from typing import Callable
@@ -25,16 +26,13 @@ def _launch_order(row: JobRow, attempt: int, node_rank: int, shape: list[int], g
                   master_port: int, script: bytes, preempt_grace: float) -> Launch:
     """`shape`: how many GPUs each node holds, in node-rank order; ranks go node by node, one per GPU
     (and one on a node given none: gpudeck doctor's check)."""
-    spec = row.spec
     ranks = [max(1, gpus_held) for gpus_held in shape]
     return Launch(job=row.id, attempt=attempt, node_rank=node_rank, nnodes=len(shape), gpus=gpus,
                   first_rank=sum(ranks[:node_rank]), world_size=sum(ranks),
-                  master_addr=master_addr, master_port=master_port, script_name=spec.script_name, script=script,
-                  workload=spec.workload, args=spec.args, workdir=spec.workdir, project=spec.project,
-                  subdir=spec.subdir, command=spec.command, env=spec.env, python=spec.python, venv=spec.venv,
-                  requirements=spec.requirements, image=spec.image, launcher=spec.launcher,
+                  master_addr=master_addr, master_port=master_port,
+                  run=dataclasses.replace(row.spec.run, script=script),
                   array_job=row.array_job, array_index=row.array_index, owner=row.owner,
-                  preempt_grace=preempt_grace if spec.preemptible else 0.0)
+                  preempt_grace=preempt_grace if row.spec.preemptible else 0.0)
 
 
 class Launcher:

@@ -552,15 +552,15 @@ class Coordinator:
     def _with_project(self, spec: JobSpec, client: int) -> JobSpec:
         """The spec with its project's size from the stored manifest and what this client uploaded of
         it; refused while any of it is missing."""
-        if not spec.project:
+        if not spec.run.project:
             return spec
-        manifest = self.projects.complete(spec.project)
+        manifest = self.projects.complete(spec.run.project)
         return dataclasses.replace(spec, project_files=len(manifest.files), project_bytes=manifest.bytes,
-                                   project_uploaded=self.projects.uploaded(client, spec.project))
+                                   project_uploaded=self.projects.uploaded(client, spec.run.project))
 
     def _projects_in_use(self) -> set[str]:
         unfinished = self.store.jobs((JobState.PENDING, JobState.STARTING, JobState.RUNNING))
-        return {row.spec.project for row in unfinished if row.spec.project}
+        return {row.spec.run.project for row in unfinished if row.spec.run.project}
 
     def _job_views(self, rows: list[JobRow]) -> list[dict[str, Any]]:
         traffic = self.traffic.totals([row.id for row in rows])
@@ -674,7 +674,7 @@ class Coordinator:
                 raise LookupError(problem)
         chunks = self.logs.read(row.id, attempt, message.offsets, message.rank)
         return {"attempt": attempt, "state": row.state.value, "finished": row.state.finished, "reason": row.reason,
-                "per_node": bool(row.spec.command),  # a command's output is each node's own channel
+                "per_node": bool(row.spec.run.command),  # a command's output is each node's own channel
                 "chunks": {str(rank): data for rank, data in chunks.items()}}
 
 

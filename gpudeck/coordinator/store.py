@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 import sqlite_utils
 
-from gpudeck.model import JobSpec, JobState, NodeState, check_transition
+from gpudeck.model import JobSpec, JobState, NodeState, RunSpec, check_transition
 from gpudeck.protocol.payloads import GpuReading, OutputFile
 from gpudeck.protocol.values import ShapeError, plain, typed
 
@@ -57,7 +57,7 @@ class JobRow:
     owner: str = ""  # the user who submitted it ("" for jobs stored before there were users)
     array_job: int | None = None  # of a task of an array: the array's id (its first task's)
     array_index: int | None = None  # and its index in the array
-    # `spec.script` is always b"" here: the bytes are loaded only to be sent (`Store.script`).
+    # `spec.run.script` is always b"" here: the bytes are loaded only to be sent (`Store.script`).
 
 
 @dataclass(frozen=True)
@@ -795,22 +795,30 @@ def _inserted_id(table: sqlite_utils.db.Table) -> int:
 
 def _new_job(spec: JobSpec, now: float, owner: str) -> dict[str, Any]:
     """The row of a job just submitted."""
-    return {"name": spec.name, "spec": _spec_json(spec), "script": spec.script, "state": JobState.PENDING.value,
+    return {"name": spec.name, "spec": _spec_json(spec), "script": spec.run.script, "state": JobState.PENDING.value,
             "reason": "waiting for the scheduler", "priority": spec.priority, "submitted_at": now, "attempt": 0,
             "restarts": 0, "owner": owner}
 
 
 def _spec_json(spec: JobSpec) -> str:
     data = spec.to_wire()
-    del data["script"]
-    data["requirements"] = {name: base64.b64encode(text).decode() for name, text in spec.requirements.items()}
+    del data["run"]["script"]
+    data["run"]["requirements"] = {name: base64.b64encode(text).decode()
+                                   for name, text in spec.run.requirements.items()}
     return json.dumps(data)
 
 
 def _spec_of(text: str) -> JobSpec:
+    """A stored spec. One stored before issue 26 keeps its run's fields at the top, beside the
+    scheduling ones: they are gathered into its run as they are read, so an upgraded coordinator
+    keeps its jobs without rewriting every row of its history."""
     data = json.loads(text)
-    data["requirements"] = {name: base64.b64decode(text) for name, text in data.get("requirements", {}).items()}
-    return JobSpec(**data)
+    run = data.pop("run") if "run" in data else {name: data.pop(name) for name in _RUN_FIELDS if name in data}
+    run["requirements"] = {name: base64.b64decode(text) for name, text in run.get("requirements", {}).items()}
+    return JobSpec(**data, run=RunSpec(**run))
+
+
+_RUN_FIELDS = tuple(RunSpec.__dataclass_fields__)
 
 
 _JOB_FIELDS = ("id", "spec", "state", "reason", "submitted_at", "started_at", "ended_at", "attempt", "exit_code",

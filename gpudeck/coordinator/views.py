@@ -30,7 +30,7 @@ def job_view(row: JobRow, traffic: TrafficByRank, outputs: dict[str, list[Output
 def rank_nodes(row: JobRow) -> Callable[[int], str]:
     """The node each rank of the job's current attempt runs on: ranks are numbered node by node, one
     per GPU (a command: one per node)."""
-    nodes = [node for node, gpus in row.hosts for _ in range(1 if row.spec.command else max(1, len(gpus)))]
+    nodes = [node for node, gpus in row.hosts for _ in range(1 if row.spec.run.command else max(1, len(gpus)))]
     return lambda rank: nodes[rank] if 0 <= rank < len(nodes) else "an unknown node"
 
 

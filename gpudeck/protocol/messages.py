@@ -11,7 +11,6 @@ its shape. Anything else is a `ProtocolError`, answered to the peer, never a cra
 from __future__ import annotations
 
 import dataclasses
-import functools
 import typing
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
@@ -24,7 +23,8 @@ else:
 
 from gpudeck.protocol.values import ShapeError, plain, typed_fields
 
-PROTOCOL_VERSION = 7  # 7: GPU health and cordons, foreign processes' first sighting, doctor, stragglers (issue 14)
+PROTOCOL_VERSION = 8  # 8: a job's run (`RunSpec`) nested whole in its spec and its launches (issue 26)
+# 7: GPU health and cordons, foreign processes' first sighting, doctor, stragglers (issue 14)
 # 6: users, owners, arrays, preemption, energy readings (issue 13)
 
 
@@ -66,26 +66,10 @@ def decode(body: dict[str, Any]) -> Message:
     cls = REGISTRY.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise ProtocolError(f"unknown message kind {kind!r}")
-    defaults = _defaults(cls)  # type: ignore[arg-type]  # a class is hashable; mypy says not (mypy#20409)
-    fields = {**defaults, **{k: v for k, v in body.items() if k != "kind"}}
     try:
-        return cls(**typed_fields(cls, fields, ""))
+        return cls(**typed_fields(cls, {k: v for k, v in body.items() if k != "kind"}, ""))
     except ShapeError as exc:
         raise ProtocolError(f"{kind}: {exc}") from None
-
-
-@functools.lru_cache(maxsize=None)
-def _defaults(cls: type[Message]) -> dict[str, Any]:
-    """The plain values of a message's fields that have defaults: fields added to a message after it
-    first shipped have one, so a peer of the version before still sends a valid message without them.
-    Worked out once per kind (decoding is hot); `typed` builds fresh values from these."""
-    found: dict[str, Any] = {}
-    for spec in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if spec.default is not dataclasses.MISSING:
-            found[spec.name] = plain(spec.default)
-        elif spec.default_factory is not dataclasses.MISSING:
-            found[spec.name] = plain(spec.default_factory())
-    return found
 
 
 # --- handshake -------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from gpudeck.model import RunSpec
 from gpudeck.protocol.messages import Message, message
 from gpudeck.protocol.payloads import GpuReading, JobReport, OutputFile, TrafficByRank, WarmStatus
 
@@ -125,20 +126,7 @@ class Launch(Message):
     gpus: list[int]
     master_addr: str
     master_port: int
-    script_name: str  # file name of the user's script, "" for a built-in workload
-    script: bytes  # the script's contents, copied to every node of the job
-    workload: str  # built-in workload name, "" for a script or a command
-    args: list[str]
-    workdir: str  # without a project: the submitter's directory, used when it exists on the node
-    project: str = ""  # the project's manifest digest, "" for none
-    subdir: str = ""  # the folder of the working copy to run in
-    command: list[str] = dataclasses.field(default_factory=list)  # run once on the node instead of ranks
-    env: dict[str, str] = dataclasses.field(default_factory=dict)
-    python: str = ""  # the interpreter to run ranks with, "" for the agent's
-    venv: str = ""
-    requirements: dict[str, bytes] = dataclasses.field(default_factory=dict)  # file name -> content
-    image: str = ""  # a container image to run in, "" for none
-    launcher: str = ""  # "torchrun": one torchrun per node starts the ranks; "": the agent starts them
+    run: RunSpec  # what runs, as submitted; its script's bytes included (the store keeps them apart)
     # This node's first global rank and the job's ranks in all: nodes may hold different numbers of
     # them (3 GPUs as 2 + 1). world_size 0: a coordinator from before, for which every node held as many.
     first_rank: int = 0

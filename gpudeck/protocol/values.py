@@ -51,25 +51,42 @@ def hints(cls: type) -> dict[str, Any]:
 
 
 def typed_fields(cls: type, body: dict[str, Any], where: str) -> dict[str, Any]:
-    """The fields of `cls` from a map, each converted; every field present, none unknown."""
+    """The fields of `cls` from a map, each converted; none unknown, and every field present but those
+    with a default (fields added after a type first shipped, at any depth: a peer of the version before
+    still sends a valid value without them)."""
     fields, names = _fields(cls)
     extra = body.keys() - names
     if extra:
         raise ShapeError(f"unknown field {where + sorted(map(str, extra))[0]!r}")
     values = {}
-    for name, annotation in fields:
-        if name not in body:
+    for name, annotation, default in fields:
+        if name in body:
+            values[name] = typed(body[name], annotation, where + name)
+        elif default is not _NO_DEFAULT:
+            values[name] = typed(default, annotation, where + name)  # a fresh value of each list and map
+        else:
             raise ShapeError(f"missing field {where + name!r}")
-        values[name] = typed(body[name], annotation, where + name)
     return values
 
 
+_NO_DEFAULT = object()
+
+
 @functools.lru_cache(maxsize=None)
-def _fields(cls: type) -> tuple[tuple[tuple[str, Any], ...], frozenset[str]]:
-    """A dataclass's fields in order with their types, and their names, worked out once per class
-    (clients decode every job and node they are sent; agents' telemetry comes every second)."""
-    names = tuple(f.name for f in dataclasses.fields(cls))
-    return tuple((name, hints(cls)[name]) for name in names), frozenset(names)
+def _fields(cls: type) -> tuple[tuple[tuple[str, Any, Any], ...], frozenset[str]]:
+    """A dataclass's fields in order with their types and plain defaults (`_NO_DEFAULT` for none), and
+    their names, worked out once per class (clients decode every job and node they are sent; agents'
+    telemetry comes every second)."""
+    found = []
+    for spec in dataclasses.fields(cls):
+        if spec.default is not dataclasses.MISSING:
+            default = plain(spec.default)
+        elif spec.default_factory is not dataclasses.MISSING:
+            default = plain(spec.default_factory())
+        else:
+            default = _NO_DEFAULT
+        found.append((spec.name, hints(cls)[spec.name], default))
+    return tuple(found), frozenset(spec.name for spec in dataclasses.fields(cls))
 
 
 def typed(value: Any, annotation: Any, where: str) -> Any:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from gpudeck.model import MAX_SCRIPT_BYTES, JobSpec, parse_duration, parse_shape
+from gpudeck.model import MAX_SCRIPT_BYTES, JobSpec, RunSpec, parse_duration, parse_shape
 from gpudeck.protocol.views import NodeView
 from gpudeck.tui.model import request_problem
 
@@ -139,8 +139,8 @@ def check_form(form: Form, nodes: Iterable[NodeView], workloads: dict[str, str],
     if problems:
         return Checked(None, problems, summary)
     spec = JobSpec(name=name, gpus=gpus, nodes=nodes_count, gpus_per_node=per_node, priority=priority,
-                   time_limit=time_limit, max_restarts=max_restarts, script_name=script_name, script=script,
-                   workload=form.workload, args=args, workdir=cwd)
+                   time_limit=time_limit, max_restarts=max_restarts,
+                   run=RunSpec(script_name=script_name, script=script, workload=form.workload, args=args, workdir=cwd))
     try:
         spec.check()
     except ValueError as exc:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from gpudeck.model import JobSpec
+from gpudeck.model import JobSpec, RunSpec
 from gpudeck.protocol.payloads import GpuProcess, GpuReading, JobView, NodeView
 from gpudeck.protocol.values import plain
 
@@ -40,7 +40,7 @@ def job(job_id: int, name: str, state: str, placement: list[tuple[str, list[int]
     """A job's view as the coordinator builds it (`JobView.build`), from a spec like the one submitted."""
     script, *args = command or [f"{name}.py", "--epochs", "3"]
     spec = JobSpec(name=name, gpus=gpus, nodes=nodes, gpus_per_node=per_node, priority=priority,
-                   script_name=script, script=b"#", args=args)
+                   run=RunSpec(script_name=script, script=b"#", args=args))
     return JobView.build(job_id, spec, state=state, submitted_at=T0 - 600 + job_id, reason=reason,
                          hosts=placement or [], attempt=attempt, exit_code=exit_code, started_at=started,
                          ended_at=ended,

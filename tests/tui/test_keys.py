@@ -96,7 +96,7 @@ async def test_submit_over_the_keyboard_selects_the_new_job(tmp_path):
         spec = link.sent[0]
         assert (spec.name, spec.nodes, spec.gpus_per_node, spec.priority, spec.time_limit, spec.max_restarts) == (
             "ddp_linear", 2, 2, 3, 600, 2)
-        assert spec.script == (SCRIPTS / "ddp_linear.py").read_bytes() and spec.args == ["--steps", "3"]
+        assert spec.run.script == (SCRIPTS / "ddp_linear.py").read_bytes() and spec.run.args == ["--steps", "3"]
         assert app.active_tab == "jobs" and app.jobs_view.table.cursor_key == 10
         await pilot.press("enter")
         await wait_for(pilot, "the job's detail", lambda: isinstance(app.screen, JobScreen) and app.screen.job_id == 10)
@@ -125,7 +125,8 @@ async def test_the_form_offers_built_in_workloads(tmp_path):
         await pilot.press("tab", "tab", *"--steps 5", "tab", "2", "enter")
         await wait_for(pilot, "the form to close", lambda: not isinstance(app.screen, SubmitScreen))
         spec = link.sent[0]
-        assert (spec.workload, spec.args, spec.gpus, spec.script_name) == ("data-parallel", ["--steps", "5"], 2, "")
+        assert (spec.run.workload, spec.run.args, spec.gpus, spec.run.script_name) == (
+            "data-parallel", ["--steps", "5"], 2, "")
 
 
 async def test_a_screen_closed_at_once_while_the_title_changes_does_not_crash(tmp_path):

@@ -132,14 +132,14 @@ def test_form_checks_as_you_type_and_reads_the_script_when_sent(tmp_path):
     nodes = [NodeView.from_json(n) for n in recorded.snapshot()["nodes"]]
     checked = check_form(Form(script="train.py --epochs 3", gpus="2x2"), nodes, {}, str(tmp_path))
     assert not checked.problems and checked.spec is not None
-    assert checked.spec.script == b"#", "typing only stats the file"
+    assert checked.spec.run.script == b"#", "typing only stats the file"
     checked = check_form(Form(script="train.py --epochs 3", gpus="2x2", time_limit="10m"), nodes, {}, str(tmp_path),
                          read=True)
     spec = checked.spec
     assert spec is not None
-    assert spec.script == script.read_bytes() and spec.name == "train" and spec.args == ["--epochs", "3"]
+    assert spec.run.script == script.read_bytes() and spec.name == "train" and spec.run.args == ["--epochs", "3"]
     assert (spec.nodes, spec.gpus_per_node, spec.gpus, spec.time_limit) == (2, 2, None, 600)
-    assert spec.workdir == str(tmp_path)
+    assert spec.run.workdir == str(tmp_path)
     problems = check_form(Form(script="missing.py", gpus="9", priority="x", time_limit="soon"), nodes, {},
                           str(tmp_path)).problems
     assert set(problems) == {"script", "gpus", "priority", "time_limit"}
@@ -151,7 +151,8 @@ def test_form_offers_built_in_workloads_when_there_are_some(tmp_path):
     workloads = {"mnist": "a small DDP MNIST"}
     checked = check_form(Form(workload="mnist", script="--epochs 2"), [], workloads, str(tmp_path), read=True)
     spec = checked.spec
-    assert spec is not None and spec.workload == "mnist" and spec.args == ["--epochs", "2"] and spec.name == "mnist"
+    assert spec is not None and spec.run.workload == "mnist" and spec.run.args == ["--epochs", "2"] \
+        and spec.name == "mnist"
     assert "workload" in check_form(Form(workload="nope"), [], workloads, str(tmp_path)).problems
 
 

@@ -11,7 +11,7 @@ from typing import Any
 from textual.binding import Binding
 from textual.widgets import Input, Static
 
-from gpudeck.model import JobSpec
+from gpudeck.model import JobSpec, RunSpec
 from gpudeck.protocol.payloads import JobView
 from gpudeck.tui.app import GpudeckApp
 from gpudeck.tui.client import RecordedLink
@@ -63,7 +63,7 @@ async def test_a_detail_opened_before_the_first_report_shows_every_kind_once_the
 
 
 def finished_workload(steps: int) -> dict[str, Any]:
-    spec = JobSpec(name="dp", gpus=2, workload="data-parallel", args=["--steps", str(steps)])
+    spec = JobSpec(name="dp", gpus=2, run=RunSpec(workload="data-parallel", args=["--steps", str(steps)]))
     by_rank = {rank: {"all_reduce": 4096 * steps, "broadcast": 1024} for rank in (0, 1)}
     return JobView.build(11, spec, state="succeeded", submitted_at=recorded.T0 - 60, hosts=[("node-a", [2, 3])],
                          attempt=1, exit_code=0, started_at=recorded.T0 - 50, ended_at=recorded.T0 - 10,

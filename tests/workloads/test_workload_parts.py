@@ -161,7 +161,7 @@ def test_submit_passes_the_options_after_the_workload_name_to_it():
     args = build_parser().parse_args(["submit", "--nodes", "2", "--gpus-per-node", "1", "--workload", "pipeline",
                                       "--steps", "5", "--micro-batches", "2"])
     spec = spec_from_args(args)
-    assert spec.workload == "pipeline" and spec.args == ["--steps", "5", "--micro-batches", "2"]
+    assert spec.run.workload == "pipeline" and spec.run.args == ["--steps", "5", "--micro-batches", "2"]
 
 
 def test_doctor_rounds_meet_every_pair_once_and_no_node_twice_in_a_round():

@@ -18,7 +18,10 @@ from typing import Any
 import pyte
 
 from gpudeck.agent.procs import Leader, job_pids, pids_with_env, run_marker, signal_pids
-from gpudeck.protocol.auth import JoinToken
+from gpudeck.protocol.auth import JoinToken, PinMismatch
+from gpudeck.protocol.blocking import BlockingSession
+from gpudeck.protocol.handshake import Refused
+from gpudeck.protocol.messages import ListNodes, Message, ShowJob
 
 ROOT = Path(__file__).resolve().parent.parent
 # A user's install has none of these; one in the developer's shell would hide, as it once did, that the
@@ -162,8 +165,18 @@ class Cluster:
     def json(self, *args: str) -> Any:
         return json.loads(self.cli(*args, "--json").stdout)
 
+    def request(self, kind: type[Message], **fields: Any) -> Any:
+        """One request on a connection of the harness's own, answered as `gpudeck ... --json` prints the
+        reply. The waits below ask several times a second, and a `gpudeck` process for each ask was most
+        of a waiting test's own CPU; what tests check of the command line goes through `cli`."""
+        try:
+            with BlockingSession.open("127.0.0.1", self.port, JoinToken.parse(self.token), "tests") as session:
+                return json.loads(json.dumps(session.request(kind, **fields)))
+        except (OSError, Refused, PinMismatch) as exc:
+            raise AssertionError(f"the coordinator did not answer {kind.__name__}: {exc}") from None
+
     def nodes(self) -> list[dict[str, Any]]:
-        return self.json("nodes")
+        return self.request(ListNodes)["nodes"]
 
     def wait_nodes(self, state: str, count: int, timeout: float = 30) -> list[dict[str, Any]]:
         def reached() -> list[dict[str, Any]] | None:
@@ -173,7 +186,7 @@ class Cluster:
         return wait_until(reached, timeout, f"{count} nodes {state}")
 
     def job(self, job_id: int) -> dict[str, Any]:
-        return self.json("show", str(job_id))
+        return self.request(ShowJob, job=job_id)
 
     def wait_job(self, job_id: int, states: tuple[str, ...], timeout: float = 90) -> dict[str, Any]:
         def reached() -> dict[str, Any] | None:

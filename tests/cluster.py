@@ -47,6 +47,12 @@ def worker_job_ports() -> str:
     return f"{first + index * share}-{first + (index + 1) * share - 1}"
 
 
+# How often the waits for a node's or a job's state ask the coordinator: an ask is one request on a
+# connection of the harness's own (`Cluster.request`), a few milliseconds of CPU, so a wait ends
+# within a tenth of a second of the state it waits for.
+ASK_EVERY = 0.1
+
+
 def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.3) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -183,7 +189,7 @@ class Cluster:
             nodes = [n for n in self.nodes() if n["state"] == state]
             return nodes if len(nodes) == count else None
 
-        return wait_until(reached, timeout, f"{count} nodes {state}")
+        return wait_until(reached, timeout, f"{count} nodes {state}", interval=ASK_EVERY)
 
     def job(self, job_id: int) -> dict[str, Any]:
         return self.request(ShowJob, job=job_id)
@@ -193,7 +199,7 @@ class Cluster:
             job = self.job(job_id)
             return job if job["state"] in states else None
 
-        return wait_until(reached, timeout, f"job {job_id} to be {' or '.join(states)}", interval=0.5)
+        return wait_until(reached, timeout, f"job {job_id} to be {' or '.join(states)}", interval=ASK_EVERY)
 
     def submit(self, *args: str) -> int:
         return self.submit_json(*args)["id"]

@@ -16,6 +16,8 @@ from gpudeck.protocol.messages import REGISTRY, Error, Hello, ListJobs, Protocol
 from gpudeck.model import JobSpec, RunSpec
 from gpudeck.protocol.node_messages import Launch, LogChunk, Register, Telemetry, Traffic
 from gpudeck.protocol.payloads import GpuProcess, GpuReading, JobReport, WarmStatus
+from gpudeck.protocol.values import ShapeError
+from gpudeck.protocol.views import JobView, OutputFile, PlacementView
 
 SAMPLES = [
     Hello(secret="s", role="agent", name="node-a", version=1),
@@ -155,6 +157,46 @@ def test_a_job_spec_travels_with_its_run_nested_and_is_checked_with_the_same_sen
     for data, problem in refusals:
         with pytest.raises(ValueError, match=re.escape(problem)):
             JobSpec.from_wire(data)
+
+
+def _job_wire() -> dict:
+    view = JobView.build(1, JobSpec(name="t", gpus=3, run=RunSpec(script_name="t.py", script=b"")), "running",
+                         submitted_at=1.0, hosts=[("n1", [0, 1]), ("n2", [0])], traffic={0: {"send": 1}},
+                         outputs={"n1": [OutputFile(path="a.txt", size=1)]})
+    return view.to_json()
+
+
+@pytest.mark.parametrize("path, value, delete, problem", [
+    (["placement", 1, "gpus", 0], "0", False, "field 'job.placement[1].gpus[0]' has the wrong type (str)"),
+    (["outputs", "n1", 0, "size"], "1", False, "field \"job.outputs['n1'][0].size\" has the wrong type (str)"),
+    (["traffic", "by_rank", "x"], {}, False, "field 'job.traffic.by_rank' has a key that is not a number ('x')"),
+    (["traffic", "by_kind", 1], 2, False, "field 'job.traffic.by_kind key' has the wrong type (int)"),
+    (["placement", 0, "colour"], "red", False, "unknown field 'job.placement[0].colour'"),
+    (["request", "gpus"], None, True, "missing field 'job.request.gpus'"),
+    (["progress"], {"bucket_seconds": "x", "wait": {}}, False, "field 'job.progress' has the wrong type (dict)"),
+])
+def test_a_wrong_value_deep_in_a_view_is_named_by_its_whole_location(path, value, delete, problem):
+    """Locations are put together only once something is wrong, level by level on the way out."""
+    wire = _job_wire()
+    parent = wire
+    for step in path[:-1]:
+        parent = parent[step]
+    if delete:
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = value
+    with pytest.raises(ShapeError) as refused:
+        JobView.from_json(wire)
+    assert str(refused.value) == problem
+
+
+def test_a_view_decodes_to_what_was_sent_whatever_the_order_of_its_fields():
+    wire = _job_wire()
+    view = JobView.from_json(wire)
+    assert view.to_json() == wire and view.placement == [PlacementView(node="n1", node_rank=0, gpus=[0, 1]),
+                                                         PlacementView(node="n2", node_rank=1, gpus=[0])]
+    assert JobView.from_json(dict(reversed(wire.items()))) == view
+    assert view.placement is not JobView.from_json(wire).placement, "every decode gets lists of its own"
 
 
 def test_every_message_kind_is_registered_once_under_its_own_name():

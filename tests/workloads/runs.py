@@ -70,15 +70,17 @@ def _free_port() -> int:
 
 def run_and_kill(workload: str, ranks: int, args: list[str], cwd: Path, checkpoint_dir: Path, after_step: int,
                  timeout: float = 60) -> None:
-    """Start a workload and SIGKILL every one of its processes once a checkpoint of ``after_step`` or
-    later is on disk, as when a node is lost; fails if the run ends before that."""
+    """Start a workload and SIGKILL every one of its processes once a whole checkpoint of ``after_step``
+    or later is on disk (every piece of it: a pipeline's stages each save their own, and the run
+    resumes from the newest step all of them hold), as when a node is lost; fails if the run ends
+    before that."""
     marker = uuid.uuid4().hex
     process = subprocess.Popen(command(workload, ranks, args), env=env(**{MARKER: marker}), cwd=cwd,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert process.stdout is not None  # stdout=PIPE
     deadline = time.monotonic() + timeout
     try:
-        while not any(step >= after_step for step in checkpoint_steps(checkpoint_dir)):
+        while not any(step >= after_step for step in whole_checkpoint_steps(checkpoint_dir)):
             assert process.poll() is None, "the run ended before it could be killed: " + process.stdout.read().decode()
             assert time.monotonic() < deadline, "no checkpoint appeared in time"
             time.sleep(0.02)
@@ -126,6 +128,17 @@ def kill_marked(marker: str) -> None:
 
 def checkpoint_steps(directory: Path) -> list[int]:
     return [int(path.stem.rsplit("-", 1)[1]) for path in directory.glob("*.pt")] if directory.is_dir() else []
+
+
+def whole_checkpoint_steps(directory: Path) -> list[int]:
+    """The steps every piece has a checkpoint of (a piece: the model, the server, a pipeline stage;
+    its files are named alike but for the step), as far as the pieces that saved any step show."""
+    pieces_of: dict[int, set[str]] = {}
+    for path in directory.glob("*.pt") if directory.is_dir() else []:
+        piece, step = path.stem.rsplit("-", 1)
+        pieces_of.setdefault(int(step), set()).add(piece)
+    pieces = set().union(*pieces_of.values())
+    return [step for step, held in pieces_of.items() if held == pieces]
 
 
 def final_model(directory: Path, steps: int) -> dict[str, torch.Tensor]:

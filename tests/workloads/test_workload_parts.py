@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from gpudeck.model import DOCTOR, WORKLOADS
 from gpudeck.train.workloads import MODULES, load, options, parameter_server, task
+from tests.workloads.runs import whole_checkpoint_steps
 from gpudeck.train.workloads.checkpoint import Checkpoints
 from gpudeck.train.workloads.session import Session
 
@@ -174,3 +175,13 @@ def test_doctor_rounds_meet_every_pair_once_and_no_node_twice_in_a_round():
         assert sorted(met) == [(a, b) for a in ranks for b in ranks if a < b]
         assert all(len({r for pair in round_ for r in pair}) == 2 * len(round_) for round_ in plan)
         assert len(plan) == (count - 1 if count % 2 == 0 else count)
+
+
+def test_a_step_one_pipeline_stage_has_saved_is_not_a_whole_checkpoint(tmp_path: Path):
+    """The killed-run test waited for any file of step 100 and once killed the run between the two
+    stages' saves: it then resumed from step 50."""
+    for name in ("stage-0-00000050", "stage-1-00000050", "stage-0-00000100"):
+        (tmp_path / f"pipeline-f00d-{name}.pt").write_bytes(b"")
+    assert whole_checkpoint_steps(tmp_path) == [50]
+    (tmp_path / "pipeline-f00d-stage-1-00000100.pt").write_bytes(b"")
+    assert sorted(whole_checkpoint_steps(tmp_path)) == [50, 100]

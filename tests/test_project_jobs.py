@@ -417,8 +417,12 @@ def test_kept_outputs_give_way_to_newer_ones_and_are_named_again_after_an_agent_
         wait_until(lambda: cluster.job(first)["outputs"] == {}, 30, "the older outputs to be let go")
         assert cluster.job(second)["outputs"] == {"node-a": [{"path": "second.bin", "size": 2000}]}
         cluster.kill("node-a")
+        # The node stays "up" and its outputs named for a moment after its agent is gone: wait until
+        # the coordinator has seen it go, or the waits below would be answered by the killed agent.
+        wait_until(lambda: not cluster.nodes()[0]["connected"], 30, "the coordinator to see node-a gone")
         cluster.start_agent("node-a", 2, "--outputs-space", "3K")
-        cluster.wait_nodes("up", 1)
+        wait_until(lambda: (node := cluster.nodes()[0])["connected"] and node["state"] == "up", 30,
+                   "the restarted node-a to be connected")
         wait_until(lambda: cluster.job(second)["outputs"] != {}, 30, "the restarted agent to name its outputs")
         cluster.cli("outputs", str(second), "--to", str(tmp_path / "got"))
         assert (tmp_path / "got" / "second.bin").read_bytes() == b"\0" * 2000

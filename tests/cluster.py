@@ -122,13 +122,24 @@ class Cluster:
         return env
 
     def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        self._keep_out_of_projects(f"{name}.log", f"{name}/")
         log = open(self.root / f"{name}.log", "ab")
         proc = subprocess.Popen([sys.executable, "-m", "gpudeck", *args], stdout=log, stderr=subprocess.STDOUT,
                                 env=self.env, cwd=self.root)
         self.procs[name] = proc
         return proc
 
+    def _keep_out_of_projects(self, *patterns: str) -> None:
+        """A submit from the cluster's folder ships that folder as the job's project, and the processes'
+        state folders and logs are there: they stay out of it (.gpudeckignore), as a user's would not
+        be in their project. A live SQLite WAL shipped this way failed a submit ("changed while it was
+        uploaded")."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".gpudeckignore", "a") as ignore:
+            ignore.write("".join(f"{pattern}\n" for pattern in patterns))
+
     def start_coordinator(self, *extra: str) -> None:
+        self._keep_out_of_projects("coord/")
         self.spawn("coordinator", "coordinator", "--host", "127.0.0.1", "--port", str(self.port),
                    "--state-dir", str(self.coordinator_dir), "--no-mdns", "--job-ports", worker_job_ports(), *extra)
         self.token = wait_until(self._read_token, 20, "the coordinator's token")

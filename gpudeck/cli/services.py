@@ -128,27 +128,27 @@ def _token_parser(sub: Any) -> None:
                        help="the coordinator's state dir (default: the data dir's coordinator/)")
 
 
-def coordinator_config(args: argparse.Namespace) -> CoordinatorConfig:
-    """The coordinator the command line asks for, made here alone for `gpudeck coordinator` (every setting
-    has its flag) and `gpudeck up` (its port and the scheduling flags; it keeps to this machine unless --lan,
-    with its state in the data dir and the other settings at their defaults)."""
+def scheduling_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The CoordinatorConfig settings of the scheduling flags, which `gpudeck coordinator` and `gpudeck up`
+    both take (`scheduling_flags`)."""
     from gpudeck.coordinator.priority import Policy, Weights
-    from gpudeck.coordinator.server import CoordinatorConfig
 
-    policy = Policy(Weights(**args.priority_weights), args.fair_share_half_life, args.priority_age_cap)
     if args.preempt_grace > 3600:
         raise UsageError("--preempt-grace is at most 1h: a stopped job's GPUs stay idle for that long")
-    scheduling: dict[str, Any] = {"priority": policy, "default_time_limit": args.default_time_limit,
-                                  "preempt_grace": args.preempt_grace}
-    if args.command == "up":
-        return CoordinatorConfig(config.coordinator_dir(), "0.0.0.0" if args.lan else "127.0.0.1", args.port,
-                                 mdns_interfaces=None if args.lan else ["127.0.0.1"], **scheduling)
+    return {"priority": Policy(Weights(**args.priority_weights), args.fair_share_half_life, args.priority_age_cap),
+            "default_time_limit": args.default_time_limit, "preempt_grace": args.preempt_grace}
+
+
+def coordinator_config(args: argparse.Namespace) -> CoordinatorConfig:
+    """The coordinator `gpudeck coordinator` asks for: every setting has its flag."""
+    from gpudeck.coordinator.server import CoordinatorConfig
+
     return CoordinatorConfig(args.state_dir or config.coordinator_dir(), args.host, args.port,
                              mdns_interfaces=args.mdns_interface, use_mdns=not args.no_mdns,
                              job_ports=args.job_ports, project_cap=args.project_cap,
                              project_store=args.project_store, idle_after=args.idle_after,
                              idle_cancel=args.idle_cancel, metrics=args.metrics, hang_after=args.hang_after,
-                             **scheduling)
+                             **scheduling_settings(args))
 
 
 async def until_signalled(main: Awaitable[Any]) -> None:

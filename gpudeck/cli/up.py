@@ -12,7 +12,7 @@ from gpudeck.capacity import MAX_GPUS_PER_NODE
 from gpudeck.cli.arguments import port_number, simulated_gpus
 from gpudeck.cli.parsers import command
 from gpudeck.cli.registry import Command
-from gpudeck.cli.services import coordinator_config, scheduling_flags
+from gpudeck.cli.services import scheduling_flags, scheduling_settings
 
 if TYPE_CHECKING:
     import asyncio
@@ -41,9 +41,11 @@ async def cmd_up(args: argparse.Namespace) -> int:
     from gpudeck.agent.gpus import open_backend
     from gpudeck.agent.health import SIMULATED_GPUS
     from gpudeck.agent.node import Agent, AgentConfig
-    from gpudeck.coordinator.server import Coordinator
+    from gpudeck.coordinator.server import Coordinator, CoordinatorConfig
 
-    settings = coordinator_config(args)
+    # This machine alone unless --lan, its state in the data dir, the other settings at their defaults.
+    settings = CoordinatorConfig(config.coordinator_dir(), "0.0.0.0" if args.lan else "127.0.0.1", args.port,
+                                 mdns_interfaces=None if args.lan else ["127.0.0.1"], **scheduling_settings(args))
     host, interfaces = settings.host, settings.mdns_interfaces
     coordinator = Coordinator(settings)
     try:
